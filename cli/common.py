@@ -1,0 +1,74 @@
+"""Shared CLI pieces: option types, help panels, run-directory choice. Nothing here imports torch."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from core.errors import UserError
+
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+DATA = "Data"
+MODEL = "Model"
+OPTIM = "Optimisation"
+HARDWARE = "Hardware"
+OUTPUT = "Output"
+
+Dataset = Annotated[
+    str, typer.Option("--dataset", "-d", help="world (alias toy), cub or folder.", rich_help_panel=DATA)
+]
+DataDir = Annotated[
+    Path | None,
+    typer.Option(
+        help="Existing dataset copy (CUB folder, class-folder root), or where the world is generated.",
+        rich_help_panel=DATA,
+    ),
+]
+World = Annotated[str, typer.Option(help="Synthetic world preset: default or small.", rich_help_panel=DATA)]
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", rich_help_panel=HARDWARE)]
+Workers = Annotated[
+    int | None,
+    typer.Option(help="DataLoader workers (default: 0 on CPU, up to 8 on CUDA).", rich_help_panel=HARDWARE),
+]
+Amp = Annotated[bool, typer.Option("--amp/--no-amp", help="bf16 autocast on CUDA.", rich_help_panel=HARDWARE)]
+Out = Annotated[
+    Path | None, typer.Option(help="Run directory (default runs/<command>/<name>).", rich_help_panel=OUTPUT)
+]
+Name = Annotated[
+    str | None,
+    typer.Option(help="Run name under runs/<command>/ (default: a timestamp).", rich_help_panel=OUTPUT),
+]
+Overwrite = Annotated[
+    bool, typer.Option(help="Replace a run already in the output directory.", rich_help_panel=OUTPUT)
+]
+Show = Annotated[bool, typer.Option(help="Also open the figures in a window.", rich_help_panel=OUTPUT)]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.", rich_help_panel=OUTPUT)]
+
+
+def run_dir_for(command: str, out: Path | None, name: str | None) -> Path:
+    """`--out`, else runs/<command>/<name>; without a name, one shared by all ranks of a job."""
+    from core.rundir import default_run_dir
+
+    if out is not None:
+        return out
+    if name is None:
+        job = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID")
+        if job and os.environ.get("WORLD_SIZE", "1") != "1":
+            name = f"job-{job}"
+    return default_run_dir(command, name)
+
+
+def is_main_process() -> bool:
+    from core.distributed import dist_env
+
+    return dist_env().is_main
+
+
+def check_choice(value: str, choices: tuple[str, ...], option: str) -> str:
+    if value not in choices:
+        raise UserError(f"{option} must be one of {', '.join(choices)}, got {value!r}")
+    return value

@@ -1,0 +1,52 @@
+"""`prefetch`: fill the caches on a machine with internet (a login node) before jobs run offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli.common import CONTEXT
+
+app = typer.Typer(
+    help="Download datasets and weights into their caches (run on a login node).",
+    no_args_is_help=True,
+    context_settings=CONTEXT,
+)
+
+
+@app.command("cub")
+def cub(force: Annotated[bool, typer.Option(help="Download again even if cached.")] = False) -> None:
+    """CUB-200-2011 (pinned Kaggle version) into the kagglehub cache ($KAGGLEHUB_CACHE)."""
+    from datasets.cub import find_cub_root, read_cub_meta
+    from datasets.kaggle import cub_handle, download_cub
+
+    root = find_cub_root(download_cub(force=force))
+    meta = read_cub_meta(root)
+    typer.echo(f"{cub_handle()}: {len(meta.paths)} images, {meta.num_classes} classes at {root}")
+
+
+@app.command("world")
+def world(
+    preset: Annotated[str, typer.Option(help="World preset: default or small.")] = "default",
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Data root (default $BIOVIS_DATA or ~/.cache/biovis/data).")
+    ] = None,
+) -> None:
+    """Generate the synthetic species world (deterministic; done once per preset)."""
+    from datasets.cub import read_cub_meta
+    from datasets.registry import ensure_world_root
+
+    root = ensure_world_root(preset, data_dir)
+    meta = read_cub_meta(root)
+    typer.echo(f"world '{preset}': {len(meta.paths)} images, {meta.num_classes} species at {root}")
+
+
+@app.command("weights")
+def weights(arch: Annotated[str, typer.Argument(help="resnet18, resnet34 or resnet50.")]) -> None:
+    """torchvision ImageNet weights into the torch hub cache ($TORCH_HOME)."""
+    from models.classifiers import imagenet_state_dict
+
+    state = imagenet_state_dict(arch)
+    typer.echo(f"{arch}: {len(state)} tensors cached")

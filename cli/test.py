@@ -1,0 +1,86 @@
+"""`test`: evaluate a trained model on a split and save metrics, tables and figures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli.common import (
+    CONTEXT,
+    DATA,
+    MODEL,
+    Amp,
+    DataDir,
+    Device,
+    Name,
+    Out,
+    Overwrite,
+    Quiet,
+    Show,
+    Workers,
+    run_dir_for,
+)
+
+app = typer.Typer(help="Evaluate a trained model.", no_args_is_help=True, context_settings=CONTEXT)
+
+
+@app.command("classifier")
+def classifier(
+    checkpoint: Annotated[
+        Path,
+        typer.Option(
+            "--checkpoint",
+            "-c",
+            exists=True,
+            help="Classifier .safetensors, or a training run directory (uses best).",
+            rich_help_panel=MODEL,
+        ),
+    ],
+    split: Annotated[str, typer.Option(help="test, val, train or trainval.", rich_help_panel=DATA)] = "test",
+    dataset: Annotated[
+        str | None,
+        typer.Option(
+            "--dataset", "-d", help="Dataset (default: the one it was trained on).", rich_help_panel=DATA
+        ),
+    ] = None,
+    data_dir: DataDir = None,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.", rich_help_panel=DATA)] = 64,
+    device: Device = "auto",
+    amp: Amp = True,
+    num_workers: Workers = None,
+    out: Out = None,
+    name: Name = None,
+    overwrite: Overwrite = False,
+    show: Show = False,
+    quiet: Quiet = False,
+) -> None:
+    """Top-1/top-5 accuracy, per-class accuracy CSV and confusion matrix of a classifier."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from core.rundir import prepare_run_dir
+    from datasets.registry import canonical_name
+    from testing.classifier import run_classifier_test
+
+    overrides = {
+        "dataset": canonical_name(dataset) if dataset else None,
+        "data_dir": str(data_dir) if data_dir else None,
+    }
+    run_dir = prepare_run_dir(
+        run_dir_for("test-classifier", out, name), "test classifier", overwrite=overwrite
+    )
+    metrics = run_classifier_test(
+        checkpoint, run_dir, split=split, data_overrides=overrides, batch_size=batch_size, device=device,
+        num_workers=num_workers, amp=amp, show=show, quiet=quiet,
+    )  # fmt: skip
+    table = Table(title=f"{metrics['dataset']} / {split}: {metrics['n']} images")
+    for column in ("top-1", "top-5", "mean per-class", "loss", "skipped"):
+        table.add_column(column, justify="right")
+    table.add_row(
+        f"{metrics['top1']:.4f}", f"{metrics['top5']:.4f}", f"{metrics['mean_per_class_accuracy']:.4f}",
+        f"{metrics['loss']:.4f}", str(metrics["skipped"]),
+    )  # fmt: skip
+    Console().print(table)
+    typer.echo(f"results: {run_dir}")

@@ -1,0 +1,51 @@
+"""Device choice (`--device auto|cpu|cuda|cuda:N`) and the mixed-precision context used on CUDA."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+
+from core.errors import UserError
+
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+
+
+def resolve_device(name: str = "auto", local_rank: int | None = None):
+    """Return a torch.device; `auto` picks CUDA (the local rank's GPU under DDP) when available."""
+    import torch
+
+    if not DEVICE_PATTERN.match(name):
+        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name} asked for, but no CUDA device is visible (use --device cpu)")
+        if name == "cuda":
+            name = f"cuda:{local_rank or 0}"
+        index = int(name.split(":")[1])
+        if index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        torch.cuda.set_device(index)
+    return torch.device(name)
+
+
+def autocast(device, enabled: bool = True):
+    """bf16 autocast on CUDA when enabled; a no-op context elsewhere."""
+    import torch
+
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def loader_settings(device, num_workers: int | None) -> dict:
+    """DataLoader keywords for a device: pinned memory and workers on CUDA."""
+    import os
+
+    if num_workers is None:
+        num_workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
+    settings = {"num_workers": num_workers, "pin_memory": device.type == "cuda"}
+    if num_workers > 0:
+        settings["persistent_workers"] = True
+    return settings

@@ -1,0 +1,84 @@
+"""Run logs as JSON Lines: one object per event with `step`, `split`, wall time and metrics.
+
+One writer (rank 0 only) appends whole lines; the reader tolerates a half-written last line, so a run
+that is still going, or one that was killed mid-write, can always be read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from core.errors import UserError
+
+SPLITS = ("train", "val", "test")
+
+
+def _plain(value: Any) -> Any:
+    """Turn tensors and numpy scalars into JSON numbers; non-finite floats become null."""
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class RunLog:
+    """Appends events to `log.jsonl`. Disabled (a no-op) on non-zero ranks."""
+
+    def __init__(self, path: str | os.PathLike, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+        self.start = time.time()
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, step: int, split: str, **metrics: Any) -> dict:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        event = {"step": int(step), "split": split, "time": round(time.time(), 3)}
+        event.update({k: _plain(v) for k, v in metrics.items()})
+        if self.enabled:
+            line = json.dumps(event, allow_nan=False) + "\n"
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line)
+                f.flush()
+        return event
+
+
+def read_events(path: str | os.PathLike) -> list[dict]:
+    """Read every complete event; a trailing partial line (run still writing or killed) is ignored."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "log.jsonl"
+    if not path.is_file():
+        raise UserError(f"no run log at {path}: pass a run directory or its log.jsonl")
+    events = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines):
+                break
+            raise UserError(f"{path}:{number} is not a JSON object ({err.msg})") from None
+        if not isinstance(event, dict) or "step" not in event or "split" not in event:
+            raise UserError(f"{path}:{number} lacks 'step' or 'split': not a run log of this toolkit")
+        events.append(event)
+    return events
+
+
+def read_log(path: str | os.PathLike):
+    """The run log as a pandas DataFrame (one row per event)."""
+    import pandas as pd
+
+    events = read_events(path)
+    if not events:
+        raise UserError(f"the run log {path} holds no events yet")
+    return pd.DataFrame(events)

@@ -1,0 +1,131 @@
+"""Dataset names -> data. `world` (alias `toy`) is the synthetic species world, generated on first use;
+`cub` is CUB-200-2011 (kagglehub or `--data-dir`); `folder` is an image folder with class sub-folders.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.errors import UserError
+
+DATASETS = ("world", "cub", "folder")
+ALIASES = {"toy": "world"}
+WORLD_PRESETS = {
+    "default": {},
+    "small": dict(
+        n_orders=2,
+        families_per_order=2,
+        genera_per_family=1,
+        species_per_genus=2,
+        images_per_species=16,
+        image_size=32,
+    ),
+}
+
+
+def canonical_name(name: str) -> str:
+    name = ALIASES.get(name, name)
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset {name!r}; choices: {', '.join(DATASETS)} (toy = world)")
+    return name
+
+
+def data_root() -> Path:
+    """Where generated and downloaded data live: $BIOVIS_DATA, else ~/.cache/biovis/data."""
+    return Path(os.environ.get("BIOVIS_DATA") or Path.home() / ".cache" / "biovis" / "data")
+
+
+def world_config(preset: str = "default", seed: int = 0):
+    from datasets.world import WorldConfig
+
+    if preset not in WORLD_PRESETS:
+        raise UserError(f"unknown world preset {preset!r}; choices: {', '.join(WORLD_PRESETS)}")
+    return WorldConfig(seed=seed, **WORLD_PRESETS[preset])
+
+
+def ensure_world_root(
+    preset: str = "default", data_dir: str | os.PathLike | None = None, quiet: bool = False
+) -> Path:
+    """The synthetic world's CUB-layout folder, generated (once) under `data_dir` or the data root."""
+    from core.progress import Progress
+    from datasets.world import ensure_world
+
+    config = world_config(preset)
+    target = Path(data_dir) if data_dir else data_root()
+    with Progress(None, f"generating world {config.key()}", enabled=not quiet) as bar:
+
+        def report(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.count)
+
+        return ensure_world(target, config, progress=report)
+
+
+@dataclass
+class DataSpec:
+    """What the data loaders need to know; fields mirror the CLI's data options."""
+
+    dataset: str = "world"
+    data_dir: str | None = None
+    world: str = "default"
+    image_size: int = 64
+    val_fraction: float = 0.1
+    seed: int = 0
+    bbox_crop: bool = False
+    skip_bad_images: bool = False
+
+
+def resolve_meta(spec: DataSpec, quiet: bool = False):
+    """Parse (and, for the world, generate; for CUB, download) the dataset's files."""
+    from datasets.cub import find_cub_root, read_cub_meta
+    from datasets.folder import read_folder_meta
+
+    name = canonical_name(spec.dataset)
+    if name == "world":
+        return read_cub_meta(ensure_world_root(spec.world, spec.data_dir, quiet=quiet))
+    if name == "folder":
+        if not spec.data_dir:
+            raise UserError("--dataset folder needs --data-dir pointing at ROOT/<class>/<image> files")
+        return read_folder_meta(spec.data_dir)
+    if spec.data_dir:
+        return read_cub_meta(find_cub_root(spec.data_dir))
+    from datasets.kaggle import download_cub
+
+    return read_cub_meta(find_cub_root(download_cub()))
+
+
+def build_dataset(
+    spec: DataSpec, split: str, train_transform: bool, meta=None, attributes: bool | None = False
+):
+    """A split of the dataset with the train (augmenting) or eval transform, images in [-1, 1]."""
+    from datasets.cub import CUBDataset
+    from datasets.transforms import build_transform
+
+    if spec.image_size < 8:
+        raise UserError(f"--image-size must be at least 8, got {spec.image_size}")
+    if not 0 <= spec.val_fraction < 1:
+        raise UserError(f"--val-fraction must be in [0, 1), got {spec.val_fraction}")
+    meta = meta if meta is not None else resolve_meta(spec)
+    transform = build_transform(spec.image_size, train=train_transform)
+    return CUBDataset(
+        meta,
+        split,
+        transform,
+        val_fraction=spec.val_fraction,
+        seed=spec.seed,
+        bbox_crop=spec.bbox_crop,
+        attributes=attributes,
+        skip_bad_images=spec.skip_bad_images,
+    )
+
+
+def collate_skipping(batch: list):
+    """Default collation that drops unreadable images (None) and counts them in `skipped`."""
+    from torch.utils.data import default_collate
+
+    kept = [item for item in batch if item is not None]
+    out = default_collate(kept) if kept else {}
+    out["skipped"] = len(batch) - len(kept)
+    return out

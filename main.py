@@ -1,0 +1,48 @@
+"""Command-line entry point: `python main.py <command>`. Registers the commands of cli/; nothing else.
+
+Importing this module must stay cheap (no torch): every command imports its heavy modules inside.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from cli import demo, logs, prefetch, test, train
+from cli.common import CONTEXT
+from core.errors import UserError
+
+app = typer.Typer(
+    help="Interpretable, biodiversity-minded computer vision: classifiers, VisCoIN, Visual DNA, retrieval, generation.",
+    no_args_is_help=True,
+    context_settings=CONTEXT,
+    pretty_exceptions_show_locals=False,
+    rich_markup_mode="rich",
+)
+app.add_typer(train.app, name="train")
+app.add_typer(test.app, name="test")
+app.command("logs")(logs.logs)
+app.add_typer(prefetch.app, name="prefetch")
+app.command("demo")(demo.demo)
+
+
+def one_line(error: UserError) -> str:
+    """The message of a UserError, also when a DataLoader worker re-raised it with its traceback inside."""
+    message = error.message.strip()
+    if "Traceback" in message:
+        last = message.splitlines()[-1]
+        message = last.split(": ", 1)[1] if ": " in last and "Error" in last.split(": ", 1)[0] else last
+    return message
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as error:
+        typer.secho(f"error: {one_line(error)}", err=True, fg="red")
+        sys.exit(error.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""Classifier training: one function over (config, run directory).
+
+Per epoch: shuffled (DistributedSampler) batches with fresh augmentation, cross-entropy, AMP bf16 and
+channels_last on CUDA, then validation on the held-out part of train. `last.*` is written every epoch,
+`best.*` when validation top-1 improves. Resume restores model, optimiser, schedule and counters, and
+every epoch's randomness derives from (seed, epoch), so a resumed run reaches the same weights as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, DistributedSampler
+
+from core import checkpoint
+from core.atomic import write_text
+from core.config import require_positive, to_dict, to_yaml
+from core.device import autocast, loader_settings, resolve_device
+from core.distributed import barrier, dist_env, init_distributed
+from core.errors import UserError
+from core.progress import Progress
+from core.rundir import mark_run
+from core.runlog import RunLog
+from core.seeding import derive_seed, seed_everything
+from datasets.registry import DataSpec, build_dataset, collate_skipping, resolve_meta
+from models.classifiers import build_classifier
+from testing.metrics import evaluate_classifier
+from training.optim import build_optimizer, build_schedule
+
+PRESETS = Path(__file__).parent / "presets" / "classifier.yaml"
+DEFAULT_PRESET = {"world": "tiny", "cub": "cub", "folder": "folder"}
+
+
+@dataclass
+class ClassifierConfig:
+    # data
+    dataset: str = "world"
+    data_dir: str | None = None
+    world: str = "default"
+    image_size: int = 64
+    val_fraction: float = 0.1
+    bbox_crop: bool = False
+    skip_bad_images: bool = False
+    # model
+    arch: str = "tiny"
+    weights: str = "none"
+    # optimisation
+    batch_size: int = 32
+    epochs: int = 10
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    step_size: int = 30
+    gamma: float = 0.1
+    label_smoothing: float = 0.0
+    # hardware and bookkeeping
+    device: str = "auto"
+    amp: bool = True
+    num_workers: int | None = None
+    seed: int = 0
+    log_every: int = 20
+
+    def validate(self) -> None:
+        require_positive(self, "batch_size", "epochs", "lr", "image_size", "log_every")
+        if not 0 <= self.label_smoothing < 1:
+            raise UserError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+
+    def data_spec(self) -> DataSpec:
+        return DataSpec(
+            self.dataset, self.data_dir, self.world, self.image_size, self.val_fraction, self.seed,
+            self.bbox_crop, self.skip_bad_images,
+        )  # fmt: skip
+
+
+def _loader(dataset, cfg: ClassifierConfig, device, env, train: bool) -> DataLoader:
+    sampler = DistributedSampler(
+        dataset, num_replicas=env.world_size, rank=env.rank, shuffle=train, seed=cfg.seed, drop_last=False
+    )
+    per_rank = len(dataset) // env.world_size
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        drop_last=train and per_rank > cfg.batch_size,  # no size-1 batch for BatchNorm
+        collate_fn=collate_skipping,
+        **loader_settings(device, cfg.num_workers),
+    )
+
+
+def _weights_meta(cfg: ClassifierConfig, model, meta, epoch: int, metrics: dict) -> dict:
+    return {
+        "kind": "classifier",
+        "model": model.config,
+        "image_size": cfg.image_size,
+        "dataset": {"name": cfg.dataset, "root": str(meta.root), "num_classes": meta.num_classes},
+        "class_names": meta.class_names,
+        "epoch": epoch,
+        "metrics": metrics,
+        "config": to_dict(cfg),
+    }
+
+
+def train_classifier(cfg: ClassifierConfig, run_dir: Path, resume: bool = False, quiet: bool = False) -> dict:
+    """Train, validate every epoch, keep best and last; returns the summary written to summary.json."""
+    cfg.validate()
+    env = dist_env()
+    device = resolve_device(cfg.device, env.local_rank)
+    init_distributed(env, device)
+    main = env.is_main
+    spec = cfg.data_spec()
+    if main:
+        meta = resolve_meta(spec, quiet=quiet)
+    barrier()
+    if not main:
+        meta = resolve_meta(spec, quiet=True)
+    train_set = build_dataset(spec, "train", train_transform=True, meta=meta)
+    val_set = build_dataset(spec, "val", train_transform=False, meta=meta)
+    if len(train_set) == 0 or len(val_set) == 0:
+        raise UserError(f"dataset {cfg.dataset}: the train or val split is empty (check --val-fraction)")
+    train_loader = _loader(train_set, cfg, device, env, train=True)
+    val_loader = _loader(val_set, cfg, device, env, train=False)
+
+    seed_everything(cfg.seed)
+    model = build_classifier(cfg.arch, meta.num_classes, cfg.weights).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    net = model
+    if env.enabled:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    optimizer = build_optimizer(model.parameters(), cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
+    schedule = build_schedule(optimizer, cfg.schedule, cfg.epochs, cfg.step_size, cfg.gamma)
+
+    start_epoch, step, best = 0, 0, {"top1": -1.0, "epoch": None}
+    if resume and (run_dir / "last.pt").is_file():
+        state = checkpoint.load_state(run_dir / "last.pt", device=str(device))
+        checkpoint.load_state_dict_checked(model, state["model"], str(run_dir / "last.pt"))
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        start_epoch, step, best = state["epoch"], state["step"], state["best"]
+    if main:
+        write_text(run_dir / "config.yaml", to_yaml(cfg))
+        mark_run(run_dir, status="running", world_size=env.world_size, device=str(device))
+    log = RunLog(run_dir / "log.jsonl", enabled=main)
+
+    for epoch in range(start_epoch, cfg.epochs):
+        torch.manual_seed(derive_seed(cfg.seed, epoch, env.rank))  # augmentation and worker seeds
+        train_loader.sampler.set_epoch(epoch)
+        net.train()
+        seen, tick = 0, time.time()
+        with Progress(
+            len(train_loader), f"epoch {epoch + 1}/{cfg.epochs}", enabled=main and not quiet
+        ) as bar:
+            for batch in train_loader:
+                if "image" not in batch:
+                    bar.update(1)
+                    continue
+                images = batch["image"].to(device, non_blocking=True)
+                labels = batch["label"].to(device, non_blocking=True)
+                if device.type == "cuda":
+                    images = images.contiguous(memory_format=torch.channels_last)
+                with autocast(device, cfg.amp):
+                    logits, _ = net(images)
+                loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite training loss at step {step}: lower --lr")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                seen += len(labels) * env.world_size
+                acc = float((logits.argmax(1) == labels).float().mean())
+                bar.update(1, loss=float(loss), acc=acc)
+                if step % cfg.log_every == 0:
+                    rate = seen / max(time.time() - tick, 1e-9)
+                    log.write(step, "train", epoch=epoch + 1, loss=loss, acc=acc, lr=optimizer.param_groups[0]["lr"],
+                              images_per_s=round(rate, 2), skipped=batch["skipped"])  # fmt: skip
+        schedule.step()
+        result = evaluate_classifier(net, val_loader, device, meta.num_classes, amp=cfg.amp, progress=False)
+        val = {k: result[k] for k in ("loss", "top1", "top5", "n", "skipped")}
+        log.write(step, "val", epoch=epoch + 1, **val)
+        if main and not quiet:
+            print(
+                f"epoch {epoch + 1}: val top-1 {val['top1']:.4f} top-5 {val['top5']:.4f} loss {val['loss']:.4f}"
+            )
+        improved = val["top1"] > best["top1"]
+        if improved:
+            best = {"top1": val["top1"], "epoch": epoch + 1}
+        if main:
+            weights_meta = _weights_meta(cfg, model, meta, epoch + 1, {"val": val})
+            checkpoint.save_weights(run_dir / "last.safetensors", model.state_dict(), weights_meta)
+            if improved:
+                checkpoint.save_weights(run_dir / "best.safetensors", model.state_dict(), weights_meta)
+            checkpoint.save_state(run_dir / "last.pt", {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                "epoch": epoch + 1, "step": step, "best": best, "config": to_dict(cfg),
+            })  # fmt: skip
+        barrier()
+
+    summary = {"best": best, "epochs": cfg.epochs, "steps": step, "run_dir": str(run_dir)}
+    if main:
+        write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+        mark_run(run_dir, status="finished")
+    return summary
+
+
+def config_from_saved(run_dir: Path) -> dict:
+    """The config a run was started with (for --resume)."""
+    import yaml
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"--resume: {run_dir} has no config.yaml")
+    with open(path, encoding="utf-8") as f:
+        values = yaml.safe_load(f) or {}
+    names = {f.name for f in dataclasses.fields(ClassifierConfig)}
+    return {k: v for k, v in values.items() if k in names}
