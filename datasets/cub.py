@@ -118,15 +118,25 @@ def read_attributes(root: str | os.PathLike, n_images: int) -> tuple[list[str], 
     if not names_file.is_file() or labels_file is None:
         return None
     names = [" ".join(r[1:]) for r in _read_table(folder, "attributes.txt")]
-    table = pd.read_csv(
-        labels_file,
-        sep=r"\s+",
-        header=None,
-        names=list(range(7)),
-        usecols=[0, 1, 2],
-        engine="c",
-        dtype="Int64",
-    )
+    # Only the first three fields are used. The official file has a few lines with an extra field, which
+    # the C parser accepts only when told the widest line's width: widen until it parses.
+    with open(labels_file, encoding="utf-8") as f:
+        width = len(f.readline().split())
+    for extra in range(4):
+        try:
+            table = pd.read_csv(
+                labels_file,
+                sep=r"\s+",
+                header=None,
+                names=list(range(width + extra)),
+                usecols=[0, 1, 2],
+                dtype=np.int64,
+            )
+            break
+        except pd.errors.ParserError:
+            continue
+    else:
+        raise UserError(f"{labels_file} has lines of very uneven width; is it a CUB attribute file?")
     matrix = np.zeros((n_images, len(names)), dtype=np.uint8)
     img = table[0].to_numpy(dtype=np.int64) - 1
     att = table[1].to_numpy(dtype=np.int64) - 1

@@ -9,7 +9,7 @@ from pathlib import Path
 from core.errors import UserError
 from core.plotting import pyplot, save_figure, save_table, show_or_close
 
-BOOKKEEPING = {"step", "split", "time", "epoch"}
+BOOKKEEPING = {"step", "split", "time", "epoch", "n", "skipped"}
 HIGHER_IS_BETTER = ("acc", "top1", "top5", "auc", "fidelity", "agreement", "images_per_s")
 
 

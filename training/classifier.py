@@ -158,6 +158,7 @@ def train_classifier(cfg: ClassifierConfig, run_dir: Path, resume: bool = False,
         train_loader.sampler.set_epoch(epoch)
         net.train()
         seen, tick = 0, time.time()
+        epoch_sums = [0.0, 0.0, 0]  # loss * n, correct, n (this rank)
         with Progress(
             len(train_loader), f"epoch {epoch + 1}/{cfg.epochs}", enabled=main and not quiet
         ) as bar:
@@ -179,12 +180,19 @@ def train_classifier(cfg: ClassifierConfig, run_dir: Path, resume: bool = False,
                 optimizer.step()
                 step += 1
                 seen += len(labels) * env.world_size
-                acc = float((logits.argmax(1) == labels).float().mean())
-                bar.update(1, loss=float(loss), acc=acc)
+                loss_value = loss.item()
+                acc = (logits.argmax(1) == labels).float().mean().item()
+                epoch_sums[0] += loss_value * len(labels)
+                epoch_sums[1] += acc * len(labels)
+                epoch_sums[2] += len(labels)
+                bar.update(1, loss=loss_value, acc=acc)
                 if step % cfg.log_every == 0:
                     rate = seen / max(time.time() - tick, 1e-9)
-                    log.write(step, "train", epoch=epoch + 1, loss=loss, acc=acc, lr=optimizer.param_groups[0]["lr"],
+                    log.write(step, "train", epoch=epoch + 1, loss=loss_value, acc=acc, lr=optimizer.param_groups[0]["lr"],
                               images_per_s=round(rate, 2), skipped=batch["skipped"])  # fmt: skip
+        if epoch_sums[2]:
+            log.write(step, "train", epoch=epoch + 1, epoch_loss=epoch_sums[0] / epoch_sums[2],
+                      epoch_acc=epoch_sums[1] / epoch_sums[2])  # fmt: skip
         schedule.step()
         result = evaluate_classifier(net, val_loader, device, meta.num_classes, amp=cfg.amp, progress=False)
         val = {k: result[k] for k in ("loss", "top1", "top5", "n", "skipped")}
