@@ -29,7 +29,9 @@ def small_world(data_root) -> Path:
     return ensure_world_root("small", quiet=True)
 
 
-def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, env: dict | None = None, cwd: Path | None = None, timeout: int = 300
+) -> subprocess.CompletedProcess:
     """`python main.py ARGS` in a subprocess, as a user runs it."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(

@@ -39,7 +39,9 @@ def make_mini_cub(root: Path, attributes: bool = True, n_per_class: int = 6) -> 
     (root / "bounding_boxes.txt").write_text("\n".join(boxes) + "\n")
     if attributes:
         (root / "attributes").mkdir()
-        (root / "attributes" / "attributes.txt").write_text("1 has_bill_shape::curved\n2 has_wing_color::blue\n")
+        (root / "attributes" / "attributes.txt").write_text(
+            "1 has_bill_shape::curved\n2 has_wing_color::blue\n"
+        )
         lines = []
         for i in range(1, image_id + 1):
             lines.append(f"{i} 1 {i % 2} 3 2.5")

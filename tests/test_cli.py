@@ -16,7 +16,18 @@ from conftest import ROOT, run_cli, snapshot
 from helpers_cub import make_mini_cub
 from safetensors.torch import load_file
 
-TRAIN = ["train", "classifier", "--dataset", "world", "--world", "small", "--image-size", "32", "--no-amp", "--quiet"]
+TRAIN = [
+    "train",
+    "classifier",
+    "--dataset",
+    "world",
+    "--world",
+    "small",
+    "--image-size",
+    "32",
+    "--no-amp",
+    "--quiet",
+]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +48,15 @@ def test_help_is_fast_and_does_not_import_torch():
 
 
 def test_train_test_logs_end_to_end(trained, tmp_path):
-    for name in ("best.safetensors", "best.yaml", "last.safetensors", "last.pt", "config.yaml", "log.jsonl", "summary.json"):
+    for name in (
+        "best.safetensors",
+        "best.yaml",
+        "last.safetensors",
+        "last.pt",
+        "config.yaml",
+        "log.jsonl",
+        "summary.json",
+    ):
         assert (trained / name).is_file(), name
     assert yaml.safe_load((trained / "run.yaml").read_text())["status"] == "finished"
     events = [json.loads(line) for line in (trained / "log.jsonl").read_text().splitlines()]
@@ -46,7 +65,9 @@ def test_train_test_logs_end_to_end(trained, tmp_path):
     assert any(e["split"] == "train" and "loss" in e for e in events)
 
     out = tmp_path / "test"
-    result = run_cli("test", "classifier", "--checkpoint", str(trained), "--out", str(out), "--no-amp", "--quiet")
+    result = run_cli(
+        "test", "classifier", "--checkpoint", str(trained), "--out", str(out), "--no-amp", "--quiet"
+    )
     assert result.returncode == 0, result.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     confusion = pd.read_csv(out / "confusion.csv").to_numpy()
@@ -105,7 +126,11 @@ def test_unknown_dataset_lists_choices():
 
 
 def test_cub_missing_offline_says_prefetch(tmp_path):
-    offline = {"KAGGLEHUB_CACHE": str(tmp_path), "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}
+    offline = {
+        "KAGGLEHUB_CACHE": str(tmp_path),
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+        "HTTP_PROXY": "http://127.0.0.1:9",
+    }
     _fails(run_cli("train", "classifier", "--dataset", "cub", "--out", str(tmp_path / "r"), env=offline),
            "prefetch cub", "--data-dir")  # fmt: skip
     assert not (tmp_path / "r" / "best.safetensors").exists()
@@ -128,9 +153,11 @@ def test_truncated_image_named_then_skipped(tmp_path):
     result = run_cli(*args, "--out", str(tmp_path / "b"), "--skip-bad-images")
     assert result.returncode == 0, result.stderr
     events = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
-    assert sum(e.get("skipped", 0) for e in events if e["split"] == "train" and "loss" in e) + sum(
-        e.get("skipped", 0) for e in events if e["split"] == "val"
-    ) == 1
+    assert (
+        sum(e.get("skipped", 0) for e in events if e["split"] == "train" and "loss" in e)
+        + sum(e.get("skipped", 0) for e in events if e["split"] == "val")
+        == 1
+    )
 
 
 def test_weights_of_another_architecture_names_keys(trained, tmp_path):
@@ -154,3 +181,18 @@ def test_resume_refuses_changed_settings(trained):
     before = snapshot(trained)
     _fails(run_cli(*TRAIN, "--lr", "0.5", "--out", str(trained), "--resume"), "cannot change lr")
     assert snapshot(trained) == before
+
+
+def test_ddp_two_processes_gloo(small_world, tmp_path):
+    """torchrun with two CPU processes: one writer, every val image counted once."""
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(ROOT / "main.py"),
+           *TRAIN, "--epochs", "1", "--batch-size", "8", "--log-every", "1", "--device", "cpu", "--out", str(run)]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert yaml.safe_load((run / "run.yaml").read_text())["world_size"] == 2
+    events = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    steps = [e["step"] for e in events if e["split"] == "train" and "loss" in e]
+    assert steps == list(range(1, len(steps) + 1))  # one line per step: only rank 0 writes
+    val = [e for e in events if e["split"] == "val"]
+    assert len(val) == 1 and val[0]["n"] == 8  # the small world's val split: one image per species

@@ -52,12 +52,17 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
 
 def test_weights_round_trip_and_mismatch_names_keys(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
-    path = checkpoint.save_weights(tmp_path / "w.safetensors", model.state_dict(), {"kind": "test", "width": 4})
+    path = checkpoint.save_weights(
+        tmp_path / "w.safetensors", model.state_dict(), {"kind": "test", "width": 4}
+    )
     state, meta = checkpoint.load_weights(path)
     assert meta["kind"] == "test" and meta["width"] == 4
     other = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
     checkpoint.load_state_dict_checked(other, state, "w")
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values(), strict=True))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(model.state_dict().values(), other.state_dict().values(), strict=True)
+    )
     wrong = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2))
     with pytest.raises(UserError, match=r"shape mismatch 0.weight \(4, 3\) vs \(5, 3\)"):
         checkpoint.load_state_dict_checked(wrong, state, "w")
@@ -68,7 +73,9 @@ def test_resume_state_loads_weights_only(tmp_path):
     opt = torch.optim.Adam(model.parameters())
     model(torch.ones(1, 2)).sum().backward()
     opt.step()
-    checkpoint.save_state(tmp_path / "s.pt", {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 3})
+    checkpoint.save_state(
+        tmp_path / "s.pt", {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 3}
+    )
     state = checkpoint.load_state(tmp_path / "s.pt")
     assert state["epoch"] == 3 and torch.equal(state["model"]["weight"], model.weight)
 

@@ -82,9 +82,14 @@ class ClassifierConfig:
 
 
 def _loader(dataset, cfg: ClassifierConfig, device, env, train: bool) -> DataLoader:
-    sampler = DistributedSampler(
-        dataset, num_replicas=env.world_size, rank=env.rank, shuffle=train, seed=cfg.seed, drop_last=False
-    )
+    """Train: DistributedSampler (shuffled per epoch). Eval: each rank takes every world_size-th image, so
+    every image is counted exactly once (DistributedSampler would pad with repeats)."""
+    if train:
+        sampler = DistributedSampler(
+            dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=cfg.seed
+        )
+    else:
+        sampler = list(range(env.rank, len(dataset), env.world_size))
     per_rank = len(dataset) // env.world_size
     return DataLoader(
         dataset,
