@@ -22,7 +22,7 @@ def test_float_boxes_modes_and_attributes(tmp_path):
     items = [data[i] for i in range(len(data))]
     for item in items:  # RGB, grayscale, palette and CMYK files all come out as 3 channels in [-1, 1]
         assert item["image"].shape == (3, 32, 32)
-        assert -1.0 <= float(item["image"].min()) and float(item["image"].max()) <= 1.0
+        assert float(item["image"].min()) >= -1.0 and float(item["image"].max()) <= 1.0
     # attribute labels land on the right image, including the line with an extra field
     assert data.attribute_names == ["has_bill_shape::curved", "has_wing_color::blue"]
     by_index = {int(data.indices[i]): items[i]["attributes"].tolist() for i in range(len(data))}
