@@ -131,3 +131,25 @@ def test_folder_dataset_split_is_stable(tmp_path):
     again = read_folder_meta(tmp_path)
     old = dict(zip(meta.paths, meta.is_train, strict=True))
     assert all(old[p] == t for p, t in zip(again.paths, again.is_train, strict=True) if p in old)
+
+
+def test_imagenet_weights_offline_says_what_to_do(tmp_path, monkeypatch):
+    from models.classifiers import build_classifier
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    for var in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    with pytest.raises(UserError, match="prefetch weights resnet18"):
+        build_classifier("resnet18", 10, "imagenet")
+
+
+def test_local_torchvision_weights_load_backbone_and_keep_head(tmp_path):
+    import torchvision
+
+    from models.classifiers import build_classifier
+
+    reference = torchvision.models.resnet18(weights=None)  # ImageNet layout: 1000-class head
+    torch.save(reference.state_dict(), tmp_path / "resnet18.pth")
+    model = build_classifier("resnet18", 10, str(tmp_path / "resnet18.pth"))
+    assert torch.equal(model.net.layer3[0].conv1.weight, reference.layer3[0].conv1.weight)
+    assert model.net.fc.weight.shape == (10, 512)
