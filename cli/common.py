@@ -72,3 +72,27 @@ def check_choice(value: str, choices: tuple[str, ...], option: str) -> str:
     if value not in choices:
         raise UserError(f"{option} must be one of {', '.join(choices)}, got {value!r}")
     return value
+
+
+def resolve_config(
+    cls, presets, preset: str, overrides: dict, run_dir: Path, resume: bool, resumable: set[str]
+):
+    """The run's config: preset + overrides for a new run; the saved config.yaml for `--resume`, where only
+    the `resumable` settings may change (anything else given differently is refused)."""
+    import yaml
+
+    from core.config import build, from_preset
+
+    if not resume:
+        return from_preset(cls, presets, preset, overrides)
+    saved_path = Path(run_dir) / "config.yaml"
+    if not saved_path.is_file():
+        raise UserError(f"--resume: {run_dir} holds no run to resume (no config.yaml)")
+    saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
+    changed = sorted(
+        k for k, v in overrides.items() if v is not None and k not in resumable and saved.get(k) != v
+    )
+    if changed:
+        raise UserError(f"--resume continues {run_dir} as configured; it cannot change {', '.join(changed)}")
+    kept = {k: v for k, v in saved.items() if k in {f.name for f in cls.__dataclass_fields__.values()}}
+    return build(cls, {**kept, **{k: v for k, v in overrides.items() if k in resumable and v is not None}})

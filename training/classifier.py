@@ -9,7 +9,6 @@ uninterrupted one.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -225,16 +224,3 @@ def train_classifier(cfg: ClassifierConfig, run_dir: Path, resume: bool = False,
         write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
         mark_run(run_dir, status="finished")
     return summary
-
-
-def config_from_saved(run_dir: Path) -> dict:
-    """The config a run was started with (for --resume)."""
-    import yaml
-
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise UserError(f"--resume: {run_dir} has no config.yaml")
-    with open(path, encoding="utf-8") as f:
-        values = yaml.safe_load(f) or {}
-    names = {f.name for f in dataclasses.fields(ClassifierConfig)}
-    return {k: v for k, v in values.items() if k in names}

@@ -1,0 +1,236 @@
+"""VisCoIN commands: `train viscoin`, `test viscoin` and `to-pickle` (registered by main.py / cli groups)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli.common import (
+    DATA,
+    MODEL,
+    OPTIM,
+    OUTPUT,
+    Amp,
+    DataDir,
+    Device,
+    Name,
+    Out,
+    Overwrite,
+    Quiet,
+    Show,
+    Workers,
+    is_main_process,
+    resolve_config,
+    run_dir_for,
+)
+from core.errors import UserError
+
+RESUMABLE = {"iterations", "device", "num_workers", "amp", "log_every", "eval_every", "checkpoint_every"}
+Bundle = Annotated[
+    Path,
+    typer.Option(
+        "--bundle",
+        "-b",
+        exists=True,
+        help="to-pickle bundle, VisCoIN checkpoint or training run directory.",
+        rich_help_panel=MODEL,
+    ),
+]
+
+
+def train_viscoin_command(
+    dataset: Annotated[
+        str, typer.Option("--dataset", "-d", help="world (alias toy), cub or folder.", rich_help_panel=DATA)
+    ] = "world",
+    data_dir: DataDir = None,
+    world: Annotated[
+        str | None, typer.Option(help="Synthetic world preset: default or small.", rich_help_panel=DATA)
+    ] = None,
+    classifier: Annotated[
+        Path | None,
+        typer.Option(
+            help="Trained classifier (.safetensors or run dir); default checkpoints/<dataset>/classifier.safetensors.",
+            rich_help_panel=MODEL,
+        ),
+    ] = None,
+    generator: Annotated[
+        Path | None,
+        typer.Option(
+            help="Pretrained StyleGAN2 (.safetensors or train-gan run dir); default checkpoints/<dataset>/gan.safetensors.",
+            rich_help_panel=MODEL,
+        ),
+    ] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(
+            help="Recipe from training/presets/viscoin.yaml (world->tiny, cub->cub).", rich_help_panel=MODEL
+        ),
+    ] = None,
+    n_concepts: Annotated[
+        int | None, typer.Option("--n-concepts", "-k", help="Number of concepts K.", rich_help_panel=MODEL)
+    ] = None,
+    learn_w_avg: Annotated[
+        bool | None,
+        typer.Option(
+            "--learn-w-avg", help="Learn the W offset instead of keeping G's w_avg.", rich_help_panel=MODEL
+        ),
+    ] = None,
+    lpips_weights: Annotated[
+        str | None,
+        typer.Option(help="VGG-16 weights for LPIPS: imagenet, a path, or none.", rich_help_panel=MODEL),
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(help="Real images per step (as many generated ones are added).", rich_help_panel=OPTIM),
+    ] = None,
+    iterations: Annotated[int | None, typer.Option(help="Optimiser steps.", rich_help_panel=OPTIM)] = None,
+    grad_accum: Annotated[
+        int | None, typer.Option(help="Micro-batches per optimiser step.", rich_help_panel=OPTIM)
+    ] = None,
+    lr: Annotated[
+        float | None, typer.Option("--lr", help="Learning rate of both optimisers.", rich_help_panel=OPTIM)
+    ] = None,
+    alpha: Annotated[
+        float | None, typer.Option(help="Output-fidelity weight.", rich_help_panel=OPTIM)
+    ] = None,
+    beta: Annotated[float | None, typer.Option(help="LPIPS weight.", rich_help_panel=OPTIM)] = None,
+    gamma: Annotated[
+        float | None, typer.Option(help="Reconstruction-classification weight.", rich_help_panel=OPTIM)
+    ] = None,
+    delta: Annotated[float | None, typer.Option(help="Sparsity weight.", rich_help_panel=OPTIM)] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.", rich_help_panel=OPTIM)] = None,
+    eval_every: Annotated[
+        int | None, typer.Option(help="Optimiser steps between evaluations.", rich_help_panel=OUTPUT)
+    ] = None,
+    eval_images: Annotated[
+        int | None, typer.Option(help="Size of the fixed validation subset.", rich_help_panel=OUTPUT)
+    ] = None,
+    checkpoint_every: Annotated[
+        int | None, typer.Option(help="Optimiser steps between resume checkpoints.", rich_help_panel=OUTPUT)
+    ] = None,
+    log_every: Annotated[
+        int | None, typer.Option(help="Optimiser steps between log lines.", rich_help_panel=OUTPUT)
+    ] = None,
+    device: Device = "auto",
+    amp: Amp = True,
+    num_workers: Workers = None,
+    out: Out = None,
+    name: Name = None,
+    overwrite: Overwrite = False,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the run in --out from its last checkpoint.", rich_help_panel=OUTPUT)
+    ] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Train VisCoIN's concept extractor, explainer and concept decoder around a classifier and a StyleGAN2."""
+    from core.rundir import prepare_run_dir
+    from datasets.registry import canonical_name
+    from training.viscoin import DEFAULT_PRESET, PRESETS, VisCoINConfig, train_viscoin
+
+    dataset = canonical_name(dataset)
+    overrides = dict(
+        dataset=dataset, data_dir=str(data_dir) if data_dir else None, world=world,
+        classifier=str(classifier) if classifier else None, generator=str(generator) if generator else None,
+        n_concepts=n_concepts, learn_w_avg=learn_w_avg, lpips_weights=lpips_weights, batch_size=batch_size,
+        iterations=iterations, grad_accum=grad_accum, lr=lr, alpha=alpha, beta=beta, gamma=gamma, delta=delta,
+        seed=seed, eval_every=eval_every, eval_images=eval_images, checkpoint_every=checkpoint_every,
+        log_every=log_every, device=device, amp=amp, num_workers=num_workers,
+    )  # fmt: skip
+    run_dir = run_dir_for("train-viscoin", out, name)
+    cfg = resolve_config(
+        VisCoINConfig, PRESETS, preset or DEFAULT_PRESET[dataset], overrides, run_dir, resume, RESUMABLE
+    )
+    cfg.validate()
+    if is_main_process():
+        prepare_run_dir(run_dir, "train viscoin", overwrite=overwrite, resume=resume)
+    summary = train_viscoin(cfg, Path(run_dir), resume=resume, quiet=quiet)
+    if is_main_process():
+        typer.echo(
+            f"finished {summary['steps']} steps; best at step {summary['best']['step']}; run: {run_dir}"
+        )
+
+
+def test_viscoin_command(
+    bundle: Bundle,
+    split: Annotated[str, typer.Option(help="test, val, train or trainval.", rich_help_panel=DATA)] = "test",
+    dataset: Annotated[
+        str | None,
+        typer.Option("--dataset", "-d", help="Dataset (default: the bundle's).", rich_help_panel=DATA),
+    ] = None,
+    data_dir: DataDir = None,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.", rich_help_panel=DATA)] = 32,
+    max_images: Annotated[
+        int | None, typer.Option(help="Evaluate only the first N images of the split.", rich_help_panel=DATA)
+    ] = None,
+    top_k: Annotated[int, typer.Option(help="Concepts removed for faithfulness.", rich_help_panel=MODEL)] = 5,
+    lpips_weights: Annotated[
+        str | None,
+        typer.Option(
+            help="VGG-16 weights for LPIPS: imagenet, a path or none (default: as trained).",
+            rich_help_panel=MODEL,
+        ),
+    ] = None,
+    fid_weights: Annotated[
+        str,
+        typer.Option(
+            help="Inception-v3 weights for FID: imagenet (torchvision), a path, or none.",
+            rich_help_panel=MODEL,
+        ),
+    ] = "none",
+    device: Device = "auto",
+    amp: Amp = True,
+    num_workers: Workers = None,
+    out: Out = None,
+    name: Name = None,
+    overwrite: Overwrite = False,
+    show: Show = False,
+    quiet: Quiet = False,
+) -> None:
+    """Accuracy of f and Theta, fidelity, reconstruction, faithfulness, sparsity (and attribute alignment)."""
+    from core.rundir import prepare_run_dir
+    from datasets.registry import canonical_name
+    from testing.viscoin_report import run_viscoin_test
+
+    dataset = canonical_name(dataset) if dataset else None
+    run_dir = prepare_run_dir(run_dir_for("test-viscoin", out, name), "test viscoin", overwrite=overwrite)
+    m = run_viscoin_test(bundle, run_dir, split=split, dataset=dataset, data_dir=str(data_dir) if data_dir else None,
+                         batch_size=batch_size, max_images=max_images, top_k=top_k, lpips_weights=lpips_weights,
+                         fid_weights=fid_weights, device=device, num_workers=num_workers, amp=amp, show=show, quiet=quiet)  # fmt: skip
+    typer.echo(f"{m['dataset']}/{split}, {m['n']} images, K={m['n_concepts']}")
+    typer.echo(
+        f"  accuracy f {m['accuracy_f']:.4f}   accuracy Theta {m['accuracy_theta']:.4f}   fidelity {m['fidelity']:.4f}"
+    )
+    rec = f"  reconstruction L1 {m['l1']:.4f}   L2 {m['l2']:.4f}"
+    if "lpips" in m:
+        rec += f"   LPIPS {m['lpips']:.4f} (VGG-16 {m['lpips_backbone']})"
+    typer.echo(rec)
+    if "fid" in m:
+        typer.echo(
+            f"  FID {m['fid']:.2f}  [{m['fid_extractor']}, {m['fid_images']} images, {m['fid_resize']}]"
+        )
+    typer.echo(f"  faithfulness (top-{m['faithfulness_k']} removed vs random) {m['faithfulness']:.4f}"
+               f"   drop top {m['drop_top']:.4f}   drop random {m['drop_random']:.4f}")  # fmt: skip
+    typer.echo(f"  active concepts per image {m['active_concepts']:.2f}")
+    if "alignment_mean_best_auc" in m:
+        typer.echo(f"  concept-attribute alignment: mean best AUC {m['alignment_mean_best_auc']:.3f}")
+    typer.echo(f"results: {run_dir}")
+
+
+def to_pickle(
+    source: Annotated[
+        Path, typer.Argument(exists=True, help="VisCoIN training run directory or checkpoint.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Bundle file to write (.pt).")],
+    overwrite: Overwrite = False,
+) -> None:
+    """Export a trained ensemble (classifier, Psi, Theta, Omega + configs) as one file, loadable with
+    torch.load(weights_only=True)."""
+    from models.viscoin_io import load_viscoin, save_bundle
+
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} exists; pass --overwrite to replace it")
+    models = load_viscoin(source)
+    save_bundle(models, out)
+    typer.echo(f"bundle: {out} (K={models.n_concepts}, {models.num_classes} classes, {models.image_size} px)")
