@@ -9,7 +9,7 @@ import sys
 
 import typer
 
-from cli import demo, logs, prefetch, test, train
+from cli import amplify, concepts, demo, gan, logs, prefetch, test, train, vdna, viscoin
 from cli.common import CONTEXT
 from core.errors import UserError
 
@@ -25,6 +25,12 @@ app.add_typer(test.app, name="test")
 app.command("logs")(logs.logs)
 app.add_typer(prefetch.app, name="prefetch")
 app.command("demo")(demo.demo)
+app.command("import-gan")(gan.import_gan)
+app.add_typer(gan.generate_app, name="generate")
+app.command("to-pickle")(viscoin.to_pickle)
+app.add_typer(concepts.app, name="concepts")
+app.command("amplify")(amplify.amplify)
+app.add_typer(vdna.app, name="vdna")
 
 
 def one_line(error: UserError) -> str:

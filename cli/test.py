@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from cli import viscoin
 from cli.common import (
     CONTEXT,
     DATA,
@@ -60,7 +61,6 @@ def classifier(
     from rich.console import Console
     from rich.table import Table
 
-    from core.rundir import prepare_run_dir
     from datasets.registry import canonical_name
     from testing.classifier import run_classifier_test
 
@@ -68,12 +68,10 @@ def classifier(
         "dataset": canonical_name(dataset) if dataset else None,
         "data_dir": str(data_dir) if data_dir else None,
     }
-    run_dir = prepare_run_dir(
-        run_dir_for("test-classifier", out, name), "test classifier", overwrite=overwrite
-    )
+    run_dir = run_dir_for("test-classifier", out, name)
     metrics = run_classifier_test(
         checkpoint, run_dir, split=split, data_overrides=overrides, batch_size=batch_size, device=device,
-        num_workers=num_workers, amp=amp, show=show, quiet=quiet,
+        num_workers=num_workers, amp=amp, show=show, quiet=quiet, overwrite=overwrite,
     )  # fmt: skip
     table = Table(title=f"{metrics['dataset']} / {split}: {metrics['n']} images")
     for column in ("top-1", "top-5", "mean per-class", "loss", "skipped"):
@@ -84,3 +82,6 @@ def classifier(
     )  # fmt: skip
     Console().print(table)
     typer.echo(f"results: {run_dir}")
+
+
+app.command("viscoin")(viscoin.test_viscoin_command)

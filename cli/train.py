@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from cli import gan, viscoin
 from cli.common import (
     CONTEXT,
     DATA,
@@ -22,9 +23,9 @@ from cli.common import (
     Quiet,
     Workers,
     is_main_process,
+    resolve_config,
     run_dir_for,
 )
-from core.errors import UserError
 
 app = typer.Typer(help="Train a model.", no_args_is_help=True, context_settings=CONTEXT)
 
@@ -101,14 +102,13 @@ def classifier(
     quiet: Quiet = False,
 ) -> None:
     """Train an image classifier (best/last checkpoints, log.jsonl, resume, DDP under torchrun/srun)."""
-    from core.config import build, from_preset, to_dict
+    from core.config import to_dict
     from core.rundir import prepare_run_dir
     from datasets.registry import canonical_name
     from training.classifier import (
         DEFAULT_PRESET,
         PRESETS,
         ClassifierConfig,
-        config_from_saved,
         train_classifier,
     )
 
@@ -120,21 +120,9 @@ def classifier(
         weight_decay=weight_decay, seed=seed, log_every=log_every, device=device, amp=amp, num_workers=num_workers,
     )  # fmt: skip
     run_dir = run_dir_for("train-classifier", out, name)
-    if resume:
-        saved = config_from_saved(run_dir)
-        changed = sorted(
-            k for k, v in overrides.items()
-            if v is not None and k not in RESUMABLE and k != "dataset" and saved.get(k) != v
-        )  # fmt: skip
-        if changed or saved.get("dataset") != dataset:
-            what = ", ".join(changed) or "dataset"
-            raise UserError(f"--resume continues {run_dir} as configured; it cannot change {what}")
-        cfg = build(
-            ClassifierConfig,
-            {**saved, **{k: v for k, v in overrides.items() if k in RESUMABLE and v is not None}},
-        )
-    else:
-        cfg = from_preset(ClassifierConfig, PRESETS, preset or DEFAULT_PRESET[dataset], overrides)
+    cfg = resolve_config(
+        ClassifierConfig, PRESETS, preset or DEFAULT_PRESET[dataset], overrides, run_dir, resume, RESUMABLE
+    )
     cfg.validate()
     if is_main_process():
         prepare_run_dir(run_dir, "train classifier", overwrite=overwrite, resume=resume)
@@ -145,3 +133,7 @@ def classifier(
         typer.echo(
             f"weights: {Path(run_dir) / 'best.safetensors'}  (config: {to_dict(cfg)['arch']}, {cfg.image_size} px)"
         )
+
+
+app.command("gan")(gan.train_gan)
+app.command("viscoin")(viscoin.train_viscoin_command)

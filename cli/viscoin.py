@@ -77,6 +77,13 @@ def train_viscoin_command(
             "--learn-w-avg", help="Learn the W offset instead of keeping G's w_avg.", rich_help_panel=MODEL
         ),
     ] = None,
+    decoder_lr_multiplier: Annotated[
+        float | None,
+        typer.Option(
+            help="Equalised-LR multiplier of Omega's heads (reference 0.01; larger learns faster).",
+            rich_help_panel=MODEL,
+        ),
+    ] = None,
     lpips_weights: Annotated[
         str | None,
         typer.Option(help="VGG-16 weights for LPIPS: imagenet, a path, or none.", rich_help_panel=MODEL),
@@ -133,7 +140,7 @@ def train_viscoin_command(
     overrides = dict(
         dataset=dataset, data_dir=str(data_dir) if data_dir else None, world=world,
         classifier=str(classifier) if classifier else None, generator=str(generator) if generator else None,
-        n_concepts=n_concepts, learn_w_avg=learn_w_avg, lpips_weights=lpips_weights, batch_size=batch_size,
+        n_concepts=n_concepts, learn_w_avg=learn_w_avg, decoder_lr_multiplier=decoder_lr_multiplier, lpips_weights=lpips_weights, batch_size=batch_size,
         iterations=iterations, grad_accum=grad_accum, lr=lr, alpha=alpha, beta=beta, gamma=gamma, delta=delta,
         seed=seed, eval_every=eval_every, eval_images=eval_images, checkpoint_every=checkpoint_every,
         log_every=log_every, device=device, amp=amp, num_workers=num_workers,
@@ -189,15 +196,15 @@ def test_viscoin_command(
     quiet: Quiet = False,
 ) -> None:
     """Accuracy of f and Theta, fidelity, reconstruction, faithfulness, sparsity (and attribute alignment)."""
-    from core.rundir import prepare_run_dir
     from datasets.registry import canonical_name
     from testing.viscoin_report import run_viscoin_test
 
     dataset = canonical_name(dataset) if dataset else None
-    run_dir = prepare_run_dir(run_dir_for("test-viscoin", out, name), "test viscoin", overwrite=overwrite)
+    run_dir = run_dir_for("test-viscoin", out, name)
     m = run_viscoin_test(bundle, run_dir, split=split, dataset=dataset, data_dir=str(data_dir) if data_dir else None,
                          batch_size=batch_size, max_images=max_images, top_k=top_k, lpips_weights=lpips_weights,
-                         fid_weights=fid_weights, device=device, num_workers=num_workers, amp=amp, show=show, quiet=quiet)  # fmt: skip
+                         fid_weights=fid_weights, device=device, num_workers=num_workers, amp=amp, show=show, quiet=quiet,
+                         overwrite=overwrite)  # fmt: skip
     typer.echo(f"{m['dataset']}/{split}, {m['n']} images, K={m['n_concepts']}")
     typer.echo(
         f"  accuracy f {m['accuracy_f']:.4f}   accuracy Theta {m['accuracy_theta']:.4f}   fidelity {m['fidelity']:.4f}"

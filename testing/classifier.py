@@ -58,8 +58,12 @@ def run_classifier_test(
     amp: bool = True,
     show: bool = False,
     quiet: bool = False,
+    overwrite: bool = False,
 ) -> dict:
+    """Evaluate and write the results into `run_dir`, which is created only once every input checked out."""
     import pandas as pd
+
+    from core.rundir import prepare_run_dir
 
     if batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {batch_size}")
@@ -75,6 +79,7 @@ def run_classifier_test(
     dataset = build_dataset(spec, split, train_transform=False, meta=data_meta)
     if len(dataset) == 0:
         raise UserError(f"split {split} of dataset {spec.dataset} is empty")
+    run_dir = prepare_run_dir(run_dir, "test classifier", overwrite=overwrite)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_skipping,
                         **loader_settings(dev, num_workers))  # fmt: skip
     with torch.inference_mode():

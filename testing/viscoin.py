@@ -117,7 +117,6 @@ def evaluate_viscoin(
             x_hat, _ = decoder(concepts, support, noise_mode="const")
             for key, value in vm.prediction_counts(logits_f, logits_theta, labels).items():
                 counts[key] += value
-            n = len(x)
             sums["l1"] += float((x_hat - x).abs().mean(dim=(1, 2, 3)).sum())
             sums["l2"] += float((x_hat - x).pow(2).mean(dim=(1, 2, 3)).sum())
             if lpips is not None:
@@ -125,13 +124,14 @@ def evaluate_viscoin(
             sums["active"] += float(vm.active_concepts(concepts).sum())
             # faithfulness: remove the k most relevant concepts of Theta's class vs k random ones
             explained = logits_theta.argmax(1)
-            top = vm.top_relevant(concepts, explainer.linear.weight, explained, k)
-            rand = vm.random_concepts(n, models.n_concepts, k, top, g)
+            top = vm.top_k_mask(concepts, explainer.linear.weight, explained, k)
+            scores = torch.rand(top.shape, generator=g).to(top.device)
+            rand = vm.random_baseline(top, scores, vm.concept_activations(concepts) > 0)
             probs = []
             for variant in (
                 concepts,
-                vm.scale_concepts(concepts, top, 0.0),
-                vm.scale_concepts(concepts, rand, 0.0),
+                vm.scale_selected(concepts, top, 0.0),
+                vm.scale_selected(concepts, rand, 0.0),
             ):
                 image, _ = decoder(variant, support, noise_mode="const")
                 with autocast(device, amp):

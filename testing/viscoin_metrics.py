@@ -37,20 +37,32 @@ def top_relevant(concepts: torch.Tensor, weight: torch.Tensor, classes: torch.Te
     return relevance(concepts, weight, classes).topk(k, dim=1).indices
 
 
-def random_concepts(
-    batch: int, n_concepts: int, k: int, exclude: torch.Tensor, generator: torch.Generator
+def top_k_mask(concepts: torch.Tensor, weight: torch.Tensor, classes: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask (B, K) of the k most relevant concepts for each image's class."""
+    mask = torch.zeros(concepts.shape[:2], dtype=torch.bool, device=concepts.device)
+    return mask.scatter_(1, top_relevant(concepts, weight, classes, k), True)
+
+
+def random_baseline(
+    selected: torch.Tensor, scores: torch.Tensor, active: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """(B, k) random concept indices per image, drawn without replacement among those not in `exclude`."""
-    scores = torch.rand(batch, n_concepts, generator=generator).to(exclude.device)
-    scores.scatter_(1, exclude, -1.0)  # never pick an excluded concept
-    return scores.topk(k, dim=1).indices
+    """As many concepts per image as `selected` holds, drawn by `scores` (B, K in [0, 1)) among the others.
+
+    Concepts that fire (`active`) are drawn first: removing or scaling a concept that is zero on the image
+    changes nothing, and drawing such concepts would flatter the explanation it is compared with. When more
+    than half the concepts are selected, all the unselected ones are taken (fewer than selected).
+    """
+    key = scores.float()
+    if active is not None:
+        key = key + (~active).float()
+    ranks = key.masked_fill(selected, 3.0).argsort(dim=1).argsort(dim=1)
+    return (ranks < selected.sum(dim=1, keepdim=True)) & ~selected
 
 
-def scale_concepts(concepts: torch.Tensor, indices: torch.Tensor, factor: float) -> torch.Tensor:
-    """Copy of the concept maps with the selected concepts (B, k indices) multiplied by `factor`."""
-    scale = torch.ones(concepts.shape[:2], device=concepts.device, dtype=concepts.dtype)
-    scale.scatter_(1, indices, factor)
-    return concepts * scale[:, :, None, None]
+def scale_selected(concepts: torch.Tensor, mask: torch.Tensor, factor: float) -> torch.Tensor:
+    """Concept maps (B, K, g, g) with the masked concepts multiplied by `factor` (the others untouched)."""
+    factors = torch.tensor([1.0, factor], dtype=concepts.dtype, device=concepts.device)
+    return concepts * factors[mask.long()][:, :, None, None]
 
 
 def faithfulness(

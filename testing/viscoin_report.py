@@ -90,8 +90,12 @@ def run_viscoin_test(
     amp: bool = True,
     show: bool = False,
     quiet: bool = False,
+    overwrite: bool = False,
 ) -> dict:
+    """Evaluate and write the results into `run_dir`, which is created only once every input checked out."""
     import pandas as pd
+
+    from core.rundir import prepare_run_dir
 
     if batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {batch_size}")
@@ -109,6 +113,7 @@ def run_viscoin_test(
     lpips_weights = lpips_weights or (models.meta.get("config") or {}).get("lpips_weights", "imagenet")
     lpips = load_lpips(lpips_weights, dev)
     fid = None if fid_weights == "none" else InceptionFeatures(fid_weights).to(dev)
+    run_dir = prepare_run_dir(run_dir, "test viscoin", overwrite=overwrite)
     result = evaluate_viscoin(models, loader, dev, lpips=lpips, fid=fid, top_k=top_k, amp=amp,
                               attributes=data.attributes is not None, progress=not quiet)  # fmt: skip
     metrics = {

@@ -109,10 +109,16 @@ def test_metric_formulas_on_constructed_cases():
     assert vm.active_concepts(concepts).tolist() == [2]
     weight = torch.tensor([[1.0, 3.0, -1.0, 5.0]])
     assert vm.top_relevant(concepts, weight, torch.tensor([0]), 2).tolist() == [[1, 0]]
-    g = torch.Generator().manual_seed(0)
-    rand = vm.random_concepts(50, 4, 2, torch.tensor([[1, 0]] * 50), g)
-    assert set(rand.flatten().tolist()) == {2, 3}
-    scaled = vm.scale_concepts(concepts, torch.tensor([[0]]), 0.0)
+    top = vm.top_k_mask(concepts, weight, torch.tensor([0]), 2)
+    assert top.tolist() == [[True, True, False, False]]
+    # the random baseline prefers concepts that fire: concept 2 (0.05) before concept 3 (0.0)
+    rand = vm.random_baseline(top, torch.tensor([[0.1, 0.2, 0.9, 0.0]]), vm.concept_activations(concepts) > 0)
+    assert rand.tolist() == [[False, False, True, True]]
+    one = vm.random_baseline(
+        top[:, :3].clone(), torch.tensor([[0.1, 0.2, 0.9]]), torch.tensor([[True, True, True]])
+    )
+    assert one.tolist() == [[False, False, True]]
+    scaled = vm.scale_selected(concepts, torch.tensor([[True, False, False, False]]), 0.0)
     assert scaled[0, 0].abs().sum() == 0 and torch.equal(scaled[0, 1], concepts[0, 1])
     f = vm.faithfulness(torch.tensor([0.9, 0.8]), torch.tensor([0.3, 0.4]), torch.tensor([0.85, 0.8]))
     assert f["drop_top"] == pytest.approx(0.5) and f["drop_random"] == pytest.approx(0.025)

@@ -51,6 +51,7 @@ class VisCoINConfig:
     grid: int = 3
     concept_slots: list[int] | None = None
     learn_w_avg: bool = False
+    decoder_lr_multiplier: float = 0.01  # equalised-LR multiplier of Omega's heads (the reference's 0.01)
     batch_size: int = 8
     iterations: int = 100000
     grad_accum: int = 1
@@ -75,6 +76,7 @@ class VisCoINConfig:
 
     def validate(self) -> None:
         require_positive(self, "batch_size", "iterations", "grad_accum", "lr", "n_concepts", "latent_channels",
+                         "decoder_lr_multiplier",
                          "eval_every", "eval_images", "checkpoint_every", "log_every", "lr_decay_every")  # fmt: skip
         for name in ("alpha", "beta", "gamma", "delta", "warmup"):
             if getattr(self, name) < 0:

@@ -1,0 +1,135 @@
+"""`amplify`: scale the concepts that explain chosen images, regenerate them, and see what f makes of it."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli.common import DATA, MODEL, DataDir, Device, Name, Out, Overwrite, Quiet, Show, run_dir_for
+from core.errors import UserError
+
+SELECT = "Concept selection"
+
+Bundle = Annotated[
+    Path,
+    typer.Option("--bundle", "-b", exists=True, rich_help_panel=MODEL,
+                 help="to-pickle bundle (.pt), VisCoIN .safetensors checkpoint, or a training run directory."),
+]  # fmt: skip
+DatasetOpt = Annotated[
+    str | None,
+    typer.Option("--dataset", "-d", rich_help_panel=DATA, help="Dataset (default: the bundle's; another is refused)."),
+]  # fmt: skip
+Split = Annotated[str, typer.Option(help="test, val, train or trainval.", rich_help_panel=DATA)]
+ImageIndices = Annotated[
+    str | None,
+    typer.Option(rich_help_panel=DATA,
+                 help="Comma-separated indices into the split, e.g. 0,5,9 (default: 5 drawn with --seed)."),
+]  # fmt: skip
+Seed = Annotated[
+    int, typer.Option(help="Seed of the default images and the random baseline.", rich_help_panel=DATA)
+]
+BatchSize = Annotated[int, typer.Option(help="Images per batch.", rich_help_panel=DATA)]
+
+
+def parse_list(text: str | None, option: str, kind: type = int) -> list | None:
+    """'0,5,9' -> [0, 5, 9] (or floats); None stays None; anything else is a one-line UserError."""
+    if text is None:
+        return None
+    try:
+        values = [kind(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise UserError(
+            f"{option} takes comma-separated {kind.__name__}s such as 0,5,9, got {text!r}"
+        ) from None
+    if not values:
+        raise UserError(f"{option} is empty: give comma-separated values such as 0,5,9")
+    return values
+
+
+def check_batch_size(batch_size: int) -> None:
+    if batch_size <= 0:
+        raise UserError(f"--batch-size must be positive, got {batch_size}")
+
+
+def amplify(
+    bundle: Bundle,
+    dataset: DatasetOpt = None,
+    data_dir: DataDir = None,
+    split: Split = "test",
+    image_indices: ImageIndices = None,
+    concept_threshold: Annotated[
+        float | None,
+        typer.Option(
+            rich_help_panel=SELECT,
+            help="Select concepts with relevance / max|relevance| above T (T in [0, 1]).",
+        ),
+    ] = None,  # fmt: skip
+    concept_top_k: Annotated[
+        int | None,
+        typer.Option(help="Select the K most relevant concepts (default 3).", rich_help_panel=SELECT),
+    ] = None,
+    concept_indices: Annotated[
+        str | None, typer.Option(help="Select these concepts, e.g. 1,2.", rich_help_panel=SELECT)
+    ] = None,
+    multipliers: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated factors applied to the selected concepts.", rich_help_panel=SELECT
+        ),
+    ] = "0,1,2,4",
+    seed: Seed = 0,
+    batch_size: BatchSize = 16,
+    device: Device = "auto",
+    out: Out = None,
+    name: Name = None,
+    overwrite: Overwrite = False,
+    show: Show = False,
+    quiet: Quiet = False,
+) -> None:
+    """Scale the concepts that explain Theta's prediction by each multiplier, regenerate the image and record
+    f's probability of that class, against scaling as many random concepts. Grid figure, CSV, summary.json."""
+    import yaml
+
+    from core.atomic import write_text
+    from core.rundir import mark_run, prepare_run_dir
+    from testing.amplify import (
+        check_selection_options,
+        choose_images,
+        plan_amplify,
+        resolve_selection,
+        run_amplify,
+    )
+    from testing.concepts import open_analysis
+
+    factors = parse_list(multipliers, "--multipliers", float)
+    if not all(math.isfinite(m) and m >= 0 for m in factors):
+        raise UserError(
+            f"--multipliers must be finite and >= 0 (concept maps are non-negative), got {multipliers}"
+        )
+    check_batch_size(batch_size)
+    indices = parse_list(image_indices, "--image-indices")
+    chosen_concepts = parse_list(concept_indices, "--concept-indices")
+    check_selection_options(concept_threshold, concept_top_k, chosen_concepts)
+    analysis = open_analysis(bundle, dataset, data_dir, split, device, quiet=quiet)
+    selection = resolve_selection(
+        analysis.models.n_concepts, concept_threshold, concept_top_k, chosen_concepts
+    )
+    image_ids = choose_images(len(analysis.data), indices, seed, split=f"the {split}")
+    plan = plan_amplify(analysis, image_ids, selection, factors, seed, batch_size)
+    for line in plan.empty_lines():
+        typer.echo(line)
+    run_dir = prepare_run_dir(run_dir_for("amplify", out, name), "amplify", overwrite=overwrite)
+    config = {"bundle": str(bundle), "bundle_hash": analysis.models.content_hash, "dataset": analysis.spec.dataset,
+              "split": split, "images": image_ids, "selection": selection.describe(), "multipliers": factors,
+              "seed": seed}  # fmt: skip
+    write_text(Path(run_dir) / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+    summary = run_amplify(plan, analysis, Path(run_dir), batch_size, show=show, quiet=quiet)
+    mark_run(run_dir, status="finished")
+    for m in summary["mean_p_selected"]:
+        typer.echo(
+            f"x{m}: mean p selected {summary['mean_p_selected'][m]:.3f}  random {summary['mean_p_random'][m]:.3f}"
+        )
+    typer.echo(f"results: {run_dir}")

@@ -1,0 +1,127 @@
+"""`concepts`: concept analytics of a VisCoIN ensemble over a split; `concepts heatmaps`: where concepts fire."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli.amplify import BatchSize, Bundle, DatasetOpt, ImageIndices, Seed, Split, check_batch_size, parse_list
+from cli.common import CONTEXT, MODEL, OUTPUT, DataDir, Device, Name, Out, Overwrite, Quiet, Show, run_dir_for
+from core.errors import UserError
+
+app = typer.Typer(
+    help="Concept analytics of a VisCoIN ensemble over a split: activation profile, per-concept totals and "
+    "dead concepts, class x concept and concept x class importance, concept entropy, co-activation and "
+    "Theta's top concepts per class (figures, CSVs, summary.json; per-image activations cached under the "
+    "bundle's hash and the data, --force recomputes). `concepts heatmaps`: where the top concepts fire.",
+    no_args_is_help=True,
+    invoke_without_command=True,
+    context_settings=CONTEXT,
+)
+
+
+def _save_config(run_dir: Path, values: dict) -> None:
+    import yaml
+
+    from core.atomic import write_text
+
+    write_text(run_dir / "config.yaml", yaml.safe_dump(values, sort_keys=False))
+
+
+@app.callback(invoke_without_command=True)
+def concepts(
+    ctx: typer.Context,
+    bundle: Annotated[
+        Path | None,
+        typer.Option(
+            "--bundle",
+            "-b",
+            exists=True,
+            rich_help_panel=MODEL,
+            help="to-pickle bundle (.pt), VisCoIN .safetensors checkpoint, or a training run directory.",
+        ),
+    ] = None,  # fmt: skip
+    dataset: DatasetOpt = None,
+    data_dir: DataDir = None,
+    split: Split = "test",
+    batch_size: BatchSize = 64,
+    device: Device = "auto",
+    out: Out = None,
+    name: Name = None,
+    overwrite: Overwrite = False,
+    force: Annotated[
+        bool, typer.Option(help="Recompute the per-image activations even if cached.", rich_help_panel=OUTPUT)
+    ] = False,
+    show: Show = False,
+    quiet: Quiet = False,
+) -> None:
+    """Activation profile, per-concept totals and dead concepts, class x concept and concept x class
+    importance, concept entropy, co-activation and Theta's top concepts per class: figures, CSVs and
+    summary.json. The per-image activations are cached under the bundle's hash, the data and the split."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if bundle is None:
+        raise UserError("concepts needs --bundle PATH (a to-pickle bundle or a VisCoIN run directory)")
+    from core.rundir import mark_run, prepare_run_dir
+    from testing.concepts import open_analysis, run_concepts
+
+    check_batch_size(batch_size)
+    analysis = open_analysis(bundle, dataset, data_dir, split, device, quiet=quiet)
+    run_dir = Path(prepare_run_dir(run_dir_for("concepts", out, name), "concepts", overwrite=overwrite))
+    _save_config(run_dir, {"bundle": str(bundle), "bundle_hash": analysis.models.content_hash,
+                           "dataset": analysis.spec.dataset, "split": split, "force": force})  # fmt: skip
+    summary = run_concepts(analysis, run_dir, batch_size, force=force, show=show, quiet=quiet)
+    mark_run(run_dir, status="finished")
+    cache = summary["cache"]
+    typer.echo(
+        f"activations: {'used the cache' if cache['hit'] else 'computed and cached'} ({cache['path']})"
+    )
+    typer.echo(
+        f"{summary['n_images']} images: accuracy f {summary['accuracy_f']:.4f}, Theta {summary['accuracy_theta']:.4f}, "
+        f"fidelity {summary['fidelity']:.4f}; {summary['n_dead']}/{summary['n_concepts']} concepts dead, "
+        f"{summary['mean_active']:.1f} active per image"
+    )
+    typer.echo(f"results: {run_dir}")
+
+
+@app.command("heatmaps", context_settings=CONTEXT)
+def heatmaps(
+    bundle: Bundle,
+    dataset: DatasetOpt = None,
+    data_dir: DataDir = None,
+    split: Split = "test",
+    image_indices: ImageIndices = None,
+    top: Annotated[
+        int,
+        typer.Option(help="Concepts per image, by relevance to Theta's prediction.", rich_help_panel=MODEL),
+    ] = 3,
+    seed: Seed = 0,
+    batch_size: BatchSize = 16,
+    device: Device = "auto",
+    out: Out = None,
+    name: Name = None,
+    overwrite: Overwrite = False,
+    show: Show = False,
+    quiet: Quiet = False,
+) -> None:
+    """For chosen images, each top concept's map upsampled and overlaid on the image: grid PNG + CSV."""
+    from core.rundir import mark_run, prepare_run_dir
+    from testing.amplify import choose_images
+    from testing.concepts import open_analysis
+    from testing.heatmaps import check_top, run_heatmaps
+
+    check_batch_size(batch_size)
+    indices = parse_list(image_indices, "--image-indices")
+    analysis = open_analysis(bundle, dataset, data_dir, split, device, quiet=quiet)
+    check_top(top, analysis.models.n_concepts)
+    image_ids = choose_images(len(analysis.data), indices, seed, split=f"the {split}")
+    run_dir = Path(
+        prepare_run_dir(run_dir_for("concept-heatmaps", out, name), "concepts heatmaps", overwrite=overwrite)
+    )
+    _save_config(run_dir, {"bundle": str(bundle), "bundle_hash": analysis.models.content_hash,
+                           "dataset": analysis.spec.dataset, "split": split, "images": image_ids, "top": top})  # fmt: skip
+    run_heatmaps(analysis, image_ids, run_dir, top, batch_size, show=show)
+    mark_run(run_dir, status="finished")
+    typer.echo(f"heat maps of {len(image_ids)} images: {run_dir / 'heatmaps.png'}")

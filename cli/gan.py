@@ -1,0 +1,230 @@
+"""StyleGAN2 commands: `train gan`, `import-gan` (NVlabs snapshot -> safetensors) and `generate gan`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli.common import (
+    CONTEXT,
+    DATA,
+    MODEL,
+    OPTIM,
+    OUTPUT,
+    Amp,
+    DataDir,
+    Device,
+    Name,
+    Out,
+    Overwrite,
+    Quiet,
+    Workers,
+    is_main_process,
+    resolve_config,
+    run_dir_for,
+)
+from core.errors import UserError
+
+generate_app = typer.Typer(
+    help="Sample from a trained generator.", no_args_is_help=True, context_settings=CONTEXT
+)
+
+# Settings a resumed run may change; everything else must match the run's saved config.
+RESUMABLE = {"kimg", "device", "num_workers", "amp", "log_every", "snapshot_kimg"}
+
+
+def train_gan(
+    dataset: Annotated[
+        str, typer.Option("--dataset", "-d", help="world (alias toy), cub or folder.", rich_help_panel=DATA)
+    ] = "world",
+    data_dir: DataDir = None,
+    world: Annotated[
+        str | None, typer.Option(help="Synthetic world preset: default or small.", rich_help_panel=DATA)
+    ] = None,
+    image_size: Annotated[
+        int | None, typer.Option(help="Resolution in pixels, a power of two.", rich_help_panel=DATA)
+    ] = None,
+    mirror: Annotated[
+        bool | None,
+        typer.Option("--mirror/--no-mirror", help="Random left-right flips.", rich_help_panel=DATA),
+    ] = None,
+    skip_bad_images: Annotated[
+        bool | None, typer.Option("--skip-bad-images", help="Skip unreadable images.", rich_help_panel=DATA)
+    ] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(
+            help="Recipe from training/presets/gan.yaml: tiny, world, cub (default per dataset: world->world, "
+            "cub and folder->cub).",
+            rich_help_panel=MODEL,
+        ),
+    ] = None,
+    channel_base: Annotated[int | None, typer.Option(help="Channel budget.", rich_help_panel=MODEL)] = None,
+    channel_max: Annotated[int | None, typer.Option(help="Channels cap.", rich_help_panel=MODEL)] = None,
+    mapping_layers: Annotated[int | None, typer.Option(help="Mapping depth.", rich_help_panel=MODEL)] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Images per step over all processes.", rich_help_panel=OPTIM)
+    ] = None,
+    kimg: Annotated[
+        float | None, typer.Option(help="Training length in kimg.", rich_help_panel=OPTIM)
+    ] = None,
+    lr: Annotated[
+        float | None, typer.Option("--lr", help="Adam learning rate.", rich_help_panel=OPTIM)
+    ] = None,
+    gamma: Annotated[float | None, typer.Option(help="R1 weight.", rich_help_panel=OPTIM)] = None,
+    pl_weight: Annotated[
+        float | None, typer.Option(help="Path-length weight (0 = off).", rich_help_panel=OPTIM)
+    ] = None,
+    style_mixing: Annotated[
+        float | None, typer.Option(help="Style-mixing probability.", rich_help_panel=OPTIM)
+    ] = None,
+    ema_kimg: Annotated[
+        float | None, typer.Option(help="G EMA half-life, kimg.", rich_help_panel=OPTIM)
+    ] = None,
+    mbstd_group: Annotated[
+        int | None, typer.Option(help="Minibatch-stddev group.", rich_help_panel=MODEL)
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.", rich_help_panel=OPTIM)] = None,
+    snapshot_kimg: Annotated[
+        float | None, typer.Option(help="kimg between grids, metric and checkpoints.", rich_help_panel=OUTPUT)
+    ] = None,
+    metric_images: Annotated[
+        int | None, typer.Option(help="Real/fake images for the Fréchet distance.", rich_help_panel=OUTPUT)
+    ] = None,
+    metric_classifier: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            help="Classifier checkpoint whose features the Fréchet distance uses (default: random ResNet-18).",
+            rich_help_panel=OUTPUT,
+        ),
+    ] = None,
+    log_every: Annotated[
+        int | None, typer.Option(help="Steps between log lines.", rich_help_panel=OUTPUT)
+    ] = None,
+    device: Device = "auto",
+    amp: Amp = True,
+    num_workers: Workers = None,
+    out: Out = None,
+    name: Name = None,
+    overwrite: Overwrite = False,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the run in --out from its last.pt.", rich_help_panel=OUTPUT)
+    ] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Train a StyleGAN2 (G_ema.safetensors, sample grids, Fréchet distance in log.jsonl, resume, DDP)."""
+    from core.checkpoint import read_meta
+    from core.rundir import prepare_run_dir
+    from datasets.registry import canonical_name
+    from training.gan import DEFAULT_PRESET, PRESETS, GanConfig
+    from training.gan import train_gan as run_training
+
+    dataset = canonical_name(dataset)
+    overrides = dict(
+        dataset=dataset, data_dir=str(data_dir) if data_dir else None, world=world, image_size=image_size,
+        mirror=mirror, skip_bad_images=skip_bad_images, channel_base=channel_base, channel_max=channel_max,
+        mapping_layers=mapping_layers, batch_size=batch_size, kimg=kimg, lr=lr, gamma=gamma, pl_weight=pl_weight,
+        style_mixing=style_mixing, ema_kimg=ema_kimg, mbstd_group=mbstd_group, seed=seed,
+        snapshot_kimg=snapshot_kimg, metric_images=metric_images,
+        metric_classifier=str(metric_classifier) if metric_classifier else None, log_every=log_every,
+        device=device, amp=amp, num_workers=num_workers,
+    )  # fmt: skip
+    run_dir = run_dir_for("train-gan", out, name)
+    cfg = resolve_config(
+        GanConfig, PRESETS, preset or DEFAULT_PRESET[dataset], overrides, run_dir, resume, RESUMABLE
+    )
+    cfg.validate()
+    if cfg.metric_classifier:  # checked before the run directory is touched
+        clf = Path(cfg.metric_classifier)
+        if read_meta(clf / "best.safetensors" if clf.is_dir() else clf).get("kind") != "classifier":
+            raise UserError(f"--metric-classifier {clf} is not a classifier checkpoint")
+    if is_main_process():
+        prepare_run_dir(run_dir, "train gan", overwrite=overwrite, resume=resume)
+    summary = run_training(cfg, Path(run_dir), resume=resume, quiet=quiet)
+    if is_main_process():
+        best = summary["best"]
+        if best.get("fd") is not None:
+            typer.echo(f"best {best['metric']} {best['fd']:.4f} at {best['kimg']:.1f} kimg")
+        typer.echo(f"generator: {Path(run_dir) / 'G_ema.safetensors'}  ({cfg.image_size} px); run: {run_dir}")
+
+
+def import_gan(
+    snapshot: Annotated[
+        Path, typer.Argument(help="NVlabs stylegan2-ada-pytorch snapshot (.pkl); no code in it is executed.")
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Output .safetensors (default checkpoints/stylegan2/<snapshot name>.safetensors)."),
+    ] = None,
+    dataset: Annotated[
+        str | None, typer.Option("--dataset", "-d", help="Dataset name recorded as provenance.")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
+) -> None:
+    """Convert an NVlabs StyleGAN2-ADA snapshot's G_ema into a safetensors + YAML generator checkpoint."""
+    from core.checkpoint import file_hash, sidecar_path
+    from models.stylegan2.checkpoint import save_generator
+    from models.stylegan2.nvlabs_import import load_nvlabs_generator
+
+    out = out or Path("checkpoints") / "stylegan2" / f"{snapshot.stem}.safetensors"
+    if out.suffix != ".safetensors":
+        raise UserError(f"--out must end in .safetensors, got {out}")
+    if not overwrite and (out.exists() or sidecar_path(out).exists()):
+        raise UserError(f"{out} already exists; pass --overwrite to replace it, or another --out")
+    G = load_nvlabs_generator(snapshot)
+    digest = file_hash(snapshot, length=64)
+    meta = {"source": f"import-gan {digest}", "snapshot": snapshot.name, "snapshot_sha256": digest}
+    if dataset:
+        meta["dataset"] = {"name": dataset}
+    save_generator(out, G, meta)
+    typer.echo(f"generator {G.img_resolution} px, z {G.z_dim}, w {G.w_dim}, {G.num_ws} ws -> {out}")
+
+
+@generate_app.command("gan")
+def generate_gan(
+    checkpoint: Annotated[
+        Path,
+        typer.Option(
+            "--checkpoint",
+            "-c",
+            exists=True,
+            help="Generator .safetensors or a train gan run.",
+            rich_help_panel=MODEL,
+        ),
+    ],
+    n: Annotated[int, typer.Option("--n", help="Number of images.", rich_help_panel=MODEL)] = 64,
+    seed: Annotated[
+        int, typer.Option(help="Seed of image 0; image i uses seed + i.", rich_help_panel=MODEL)
+    ] = 0,
+    truncation: Annotated[
+        float, typer.Option(help="Truncation psi in [0, 1] (1 = none).", rich_help_panel=MODEL)
+    ] = 1.0,
+    noise_mode: Annotated[str, typer.Option(help="const or random.", rich_help_panel=MODEL)] = "const",
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.", rich_help_panel=MODEL)] = 16,
+    device: Device = "auto",
+    out: Out = None,
+    name: Name = None,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Write DIR/images/NNNNNN.png (one per seed), DIR/grid.png and DIR/manifest.jsonl."""
+    from core.checkpoint import file_hash
+    from core.device import resolve_device
+    from core.rundir import mark_run, prepare_run_dir
+    from models.stylegan2.checkpoint import load_generator, resolve_generator_path
+    from testing.sampling import check_sampling_args, generate_folder
+
+    check_sampling_args(n, seed, truncation, batch_size, noise_mode)
+    torch_device = resolve_device(device)
+    weights = resolve_generator_path(checkpoint)
+    G, _ = load_generator(weights, device=torch_device)
+    run_dir = prepare_run_dir(run_dir_for("generate-gan", out, name), "generate gan", overwrite=overwrite)
+    summary = generate_folder(
+        G, run_dir, n, seed=seed, truncation=truncation, batch_size=batch_size, noise_mode=noise_mode,
+        checkpoint_hash=file_hash(weights), quiet=quiet,
+    )  # fmt: skip
+    mark_run(run_dir, status="finished", checkpoint=str(weights), n=n, seed=seed, truncation=truncation)
+    typer.echo(f"{summary['n']} images: {summary['images']}  grid: {summary['grid']}")

@@ -1,0 +1,95 @@
+"""Concept heat maps (`concepts heatmaps`): where each of an image's top concepts fires.
+
+For each chosen image, the concepts most relevant to Theta's predicted class (activation x weight) are
+taken; each one's g x g map is upsampled bilinearly to the image size, divided by its own maximum (so every
+panel spans [0, 1] and a silent map stays 0) and overlaid on the image with a colormap.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from core.errors import UserError
+
+
+def check_top(top: int, n_concepts: int) -> int:
+    """`--top` must name between 1 and K concepts."""
+    if not 1 <= top <= n_concepts:
+        raise UserError(f"--top must be in 1..{n_concepts} (the bundle's K), got {top}")
+    return top
+
+
+def top_concept_maps(concepts: torch.Tensor, relevance: torch.Tensor, top: int, size: int) -> dict:
+    """The `top` most relevant concepts per image and their maps, raw (B, top, g, g) and upsampled (B, top, S, S)."""
+    k = min(top, concepts.shape[1])
+    ranked = relevance.topk(k, dim=1)
+    maps = concepts.gather(1, ranked.indices[:, :, None, None].expand(-1, -1, *concepts.shape[2:]))
+    heat = F.interpolate(maps, size=(size, size), mode="bilinear", align_corners=False)
+    peak = heat.amax(dim=(2, 3), keepdim=True)
+    heat = torch.where(peak > 0, heat / peak.clamp_min(1e-30), torch.zeros_like(heat))
+    return {"concepts": ranked.indices, "relevance": ranked.values, "activation": maps.amax(dim=(2, 3)),
+            "maps": maps, "heat": heat}  # fmt: skip
+
+
+def heatmap_table(image_ids: list[int], found: dict):
+    """CSV rows (image, rank): concept, relevance, activation and the g x g map flattened (map_0 ...)."""
+    import pandas as pd
+
+    n, k = found["concepts"].shape
+    flat = found["maps"].flatten(2).reshape(n * k, -1).numpy()
+    table = pd.DataFrame({"image": np.repeat(image_ids, k), "rank": np.tile(np.arange(k), n),
+                          "concept": found["concepts"].reshape(-1).numpy(),
+                          "relevance": found["relevance"].reshape(-1).numpy(),
+                          "activation": found["activation"].reshape(-1).numpy()})  # fmt: skip
+    return pd.concat([table, pd.DataFrame(flat, columns=[f"map_{i}" for i in range(flat.shape[1])])], axis=1)
+
+
+def plot_heatmaps(
+    images: torch.Tensor, image_ids: list[int], found: dict, titles: list[str], path: Path, show: bool = False
+) -> Path:
+    """One row per image: the image, then each top concept's heat map over it."""
+    from core.plotting import pyplot, save_figure, show_or_close
+    from datasets.transforms import to_uint8_images
+
+    plt = pyplot()
+    pictures = to_uint8_images(images)
+    n, k = found["concepts"].shape
+    fig, axes = plt.subplots(n, k + 1, figsize=(1.8 * (k + 1), 1.9 * n), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for i in range(n):
+        axes[i, 0].imshow(pictures[i])
+        axes[i, 0].set_title(f"image {image_ids[i]}\n{titles[i]}", fontsize=7)
+        for j in range(k):
+            axes[i, j + 1].imshow(pictures[i])
+            axes[i, j + 1].imshow(found["heat"][i, j].numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+            concept, relevance = int(found["concepts"][i, j]), float(found["relevance"][i, j])
+            axes[i, j + 1].set_title(f"concept {concept}\nr={relevance:.3g}", fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+    show_or_close(fig, show)
+    return path
+
+
+@torch.no_grad()
+def run_heatmaps(
+    analysis, image_ids: list[int], run_dir: Path, top: int = 3, batch_size: int = 16, show: bool = False
+) -> dict:
+    """Top concepts of Theta's predicted class for each image: `heatmaps.png` and `heatmaps.csv`."""
+    from core.plotting import save_table
+    from testing.amplify import encode_images
+
+    models = analysis.models
+    check_top(top, models.n_concepts)
+    images, concepts, _, logits = encode_images(analysis, image_ids, batch_size)
+    predicted = logits.argmax(dim=1)
+    relevance = models.explainer.relevance(concepts.to(analysis.device), predicted.to(analysis.device)).cpu()
+    found = top_concept_maps(concepts, relevance.float(), top, images.shape[-1])
+    names = [analysis.class_names[int(c)].split(".")[-1][:16] for c in predicted]
+    save_table(heatmap_table(image_ids, found), run_dir / "heatmaps.csv")
+    plot_heatmaps(images, image_ids, found, names, run_dir / "heatmaps.png", show=show)
+    return {"images": image_ids, "top": int(found["concepts"].shape[1]), "predicted": predicted.tolist()}

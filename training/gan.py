@@ -1,0 +1,492 @@
+"""StyleGAN2 training: one function over (config, run directory), in the manner of NVlabs stylegan2-ada.
+
+Every step runs four phases, each with its own optimiser step: G main (non-saturating loss), G reg
+(path-length, every `pl_interval` steps when `pl_weight` > 0), D main (logistic loss), D reg (R1 on reals,
+every `r1_interval` steps when `gamma` > 0); then the EMA generator follows G. Gradients are averaged over DDP
+ranks by hand (one flat all-reduce per phase), which keeps R1's double backward simple. bf16 autocast covers
+the main phases on CUDA; both regularisers run in float32. Each step's randomness derives from
+(seed, step, rank) and the data order from (seed, epoch), so a run resumed from `last.pt` reaches the same
+weights as an uninterrupted one. Every `snapshot_kimg`: a sample grid from fixed seeds, the Fréchet distance
+on a fixed real subset, `G_ema.safetensors`, `last.pt` (and `G_ema_best.safetensors` when the distance improves).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+
+from core import checkpoint
+from core.atomic import write_text
+from core.config import require_positive, to_dict, to_yaml
+from core.device import autocast, loader_settings, resolve_device
+from core.distributed import barrier, dist_env, init_distributed
+from core.errors import UserError
+from core.progress import Progress
+from core.rundir import mark_run
+from core.runlog import RunLog
+from core.seeding import derive_seed, seed_everything
+from datasets.registry import DataSpec, build_dataset, collate_skipping, resolve_meta
+from models.stylegan2 import Discriminator, Generator
+from models.stylegan2.checkpoint import save_generator
+from testing import gan_metrics
+from testing.sampling import render, save_grid, z_from_seeds
+from training.losses_gan import (
+    d_logistic,
+    ema_beta,
+    g_nonsaturating,
+    lazy_regularization,
+    path_length_penalty,
+    path_lengths,
+    r1_penalty,
+    update_ema,
+)
+
+PRESETS = Path(__file__).parent / "presets" / "gan.yaml"
+DEFAULT_PRESET = {"world": "world", "cub": "cub", "folder": "cub"}
+ADAM_BETAS = (0.0, 0.99)
+METRIC_SEED = 1_000_000  # latents of the metric's fakes: seeds METRIC_SEED, METRIC_SEED + 1, ...
+
+
+@dataclass
+class GanConfig:
+    # data
+    dataset: str = "world"
+    data_dir: str | None = None
+    world: str = "default"
+    image_size: int = 64
+    mirror: bool = True
+    skip_bad_images: bool = False
+    # networks
+    z_dim: int = 512
+    w_dim: int = 512
+    mapping_layers: int = 8
+    channel_base: int = 16384
+    channel_max: int = 512
+    conv_clamp: float | None = 256.0
+    mbstd_group: int = 4
+    # optimisation (batch_size counts images per step over all processes, as NVlabs --batch)
+    batch_size: int = 32
+    kimg: float = 1000.0
+    lr: float = 0.0025
+    gamma: float = 1.0
+    r1_interval: int = 16
+    pl_weight: float = 0.0
+    pl_interval: int = 4
+    pl_batch_shrink: int = 2
+    pl_decay: float = 0.01
+    style_mixing: float = 0.0
+    ema_kimg: float = 10.0
+    ema_rampup: float | None = 0.05
+    # bookkeeping
+    snapshot_kimg: float = 50.0
+    log_every: int = 50
+    metric_images: int = 1000
+    metric_classifier: str | None = None
+    grid_size: int = 64
+    device: str = "auto"
+    amp: bool = True
+    num_workers: int | None = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        require_positive(self, "batch_size", "kimg", "lr", "image_size", "log_every", "snapshot_kimg")
+        require_positive(self, "z_dim", "w_dim", "mapping_layers", "channel_base", "channel_max", "ema_kimg")
+        require_positive(self, "r1_interval", "pl_interval", "pl_batch_shrink", "metric_images", "grid_size")
+        if self.image_size < 8 or self.image_size & (self.image_size - 1):
+            raise UserError(
+                f"--image-size must be a power of two >= 8 for StyleGAN2 (e.g. 32, 64, 256), got {self.image_size}"
+            )
+        if self.gamma < 0 or self.pl_weight < 0:
+            raise UserError("--gamma and --pl-weight must be >= 0")
+        if not 0 <= self.style_mixing <= 1:
+            raise UserError(f"--style-mixing must be in [0, 1], got {self.style_mixing}")
+        if self.ema_rampup is not None and self.ema_rampup <= 0:
+            raise UserError(f"ema_rampup must be positive or null, got {self.ema_rampup}")
+        world = dist_env().world_size
+        if self.batch_size % world:
+            raise UserError(f"--batch-size {self.batch_size} is not divisible by the {world} processes")
+        per_rank = self.batch_size // world
+        if per_rank % min(self.mbstd_group, per_rank):
+            raise UserError(
+                f"images per process ({per_rank}) must be a multiple of --mbstd-group ({self.mbstd_group})"
+            )
+
+    def data_spec(self) -> DataSpec:
+        return DataSpec(
+            self.dataset, self.data_dir, self.world, self.image_size, val_fraction=0.0, seed=self.seed,
+            skip_bad_images=self.skip_bad_images,
+        )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------
+# Data: the train split, resized and centre-cropped to a square; mirroring happens on the batch.
+
+
+def square_transform(size: int):
+    """Short side to `size`, centre crop: the whole image as the GAN should learn it (no zoom-in crops)."""
+    from torchvision.transforms import v2
+
+    from datasets.transforms import to_tensor_pm1
+
+    return v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size), to_tensor_pm1()])
+
+
+class StepBatches(Sampler):
+    """Index batches of one rank for steps `start`, `start+1`, ... without end.
+
+    Step s is batch `s % per_epoch` of epoch `s // per_epoch`, shuffled by `DistributedSampler(seed).set_epoch`:
+    where a run resumes depends on its step counter only.
+    """
+
+    def __init__(self, dataset, batch_size: int, rank: int, world_size: int, seed: int, start: int = 0):
+        self.sampler = DistributedSampler(
+            dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed
+        )
+        self.batch_size = batch_size
+        self.per_epoch = self.sampler.num_samples // batch_size
+        if self.per_epoch == 0:
+            raise UserError(
+                f"the training set has {len(dataset)} images, fewer than one batch of {batch_size} per process; "
+                "lower --batch-size"
+            )
+        self.start = start
+
+    def __iter__(self):
+        step, epoch, order = self.start, None, []
+        while True:
+            if step // self.per_epoch != epoch:
+                epoch = step // self.per_epoch
+                self.sampler.set_epoch(epoch)
+                order = list(self.sampler)
+            k = step % self.per_epoch
+            yield order[k * self.batch_size : (k + 1) * self.batch_size]
+            step += 1
+
+
+def mirror(images: torch.Tensor) -> torch.Tensor:
+    """Flip each image left-right with probability 1/2 (global RNG)."""
+    flip = torch.rand(images.shape[0], device=images.device) < 0.5
+    return torch.where(flip[:, None, None, None], images.flip(3), images)
+
+
+# ----------------------------------------------------------------------------
+# Networks and optimisation.
+
+
+def build_networks(cfg: GanConfig) -> tuple[Generator, Discriminator]:
+    G = Generator(
+        z_dim=cfg.z_dim,
+        c_dim=0,
+        w_dim=cfg.w_dim,
+        img_resolution=cfg.image_size,
+        img_channels=3,
+        mapping_kwargs={"num_layers": cfg.mapping_layers},
+        synthesis_kwargs={
+            "channel_base": cfg.channel_base,
+            "channel_max": cfg.channel_max,
+            "conv_clamp": cfg.conv_clamp,
+        },
+    )
+    D = Discriminator(
+        c_dim=0,
+        img_resolution=cfg.image_size,
+        img_channels=3,
+        channel_base=cfg.channel_base,
+        channel_max=cfg.channel_max,
+        mbstd_group_size=cfg.mbstd_group,
+        conv_clamp=cfg.conv_clamp,
+    )
+    return G, D
+
+
+def adam(params, lr: float, interval: int, lazy: bool) -> torch.optim.Adam:
+    """Adam(0, 0.99), with the lazy-regularisation correction when a regulariser runs every `interval` steps."""
+    betas = ADAM_BETAS
+    if lazy:
+        lr, betas = lazy_regularization(lr, betas, interval)
+    return torch.optim.Adam(params, lr=lr, betas=betas, eps=1e-8)
+
+
+def generate(G: Generator, z: torch.Tensor, style_mixing: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, ws) from the training G; with probability `style_mixing` ws after a random cutoff come from
+    a second latent (mixing regularisation). The mapping runs in float32 even inside autocast: its w_avg
+    update mixes dtypes otherwise, and NVlabs keeps it in float32 too."""
+    with torch.autocast(z.device.type, enabled=False):
+        ws = G.mapping(z)
+        if style_mixing > 0:
+            cutoff = int(torch.randint(1, ws.shape[1], ()).item())
+            if torch.rand(()).item() < style_mixing:
+                ws[:, cutoff:] = G.mapping(torch.randn_like(z), skip_w_avg_update=True)[:, cutoff:]
+    return G.synthesis(ws), ws
+
+
+def optimiser_step(
+    opt: torch.optim.Optimizer, module: torch.nn.Module, loss: torch.Tensor, world: int
+) -> None:
+    """Backward, average gradients over ranks (one flat all-reduce), clean non-finite values, step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for p in module.parameters() if p.grad is not None]
+    if params:
+        flat = torch.cat([p.grad.flatten() for p in params])
+        if world > 1:
+            dist.all_reduce(flat)
+            flat /= world
+        torch.nan_to_num(flat, nan=0.0, posinf=1e5, neginf=-1e5, out=flat)
+        for p, g in zip(params, flat.split([p.numel() for p in params]), strict=True):
+            p.grad.copy_(g.view_as(p))
+    opt.step()
+
+
+# ----------------------------------------------------------------------------
+# Training state and one step.
+
+
+@dataclass
+class GanState:
+    """Everything a resumed run needs: networks, optimisers, the path-length mean and the counters."""
+
+    G: Generator
+    D: Discriminator
+    G_ema: Generator
+    opt_G: torch.optim.Optimizer
+    opt_D: torch.optim.Optimizer
+    pl_mean: torch.Tensor
+    step: int = 0
+    nimg: int = 0
+    best: dict = dataclasses.field(default_factory=lambda: {"fd": None, "kimg": None})
+
+    def to_resume_state(self, cfg: GanConfig) -> dict:
+        """Tensors and plain values only (loadable with weights_only=True)."""
+        return {
+            "G": self.G.state_dict(), "D": self.D.state_dict(), "G_ema": self.G_ema.state_dict(),
+            "opt_G": self.opt_G.state_dict(), "opt_D": self.opt_D.state_dict(),
+            "pl_mean": self.pl_mean.detach().cpu(), "step": self.step, "nimg": self.nimg, "best": self.best,
+            "config": to_dict(cfg),
+        }  # fmt: skip
+
+    def load(self, path: Path, device: torch.device) -> None:
+        state = checkpoint.load_state(path, device=str(device))
+        for key in ("G", "D", "G_ema"):
+            checkpoint.load_state_dict_checked(getattr(self, key), state[key], f"{path} [{key}]")
+        self.opt_G.load_state_dict(state["opt_G"])
+        self.opt_D.load_state_dict(state["opt_D"])
+        self.pl_mean = state["pl_mean"].to(device)
+        self.step, self.nimg, self.best = state["step"], state["nimg"], state["best"]
+
+
+def new_state(cfg: GanConfig, device: torch.device) -> GanState:
+    """Networks initialised from `cfg.seed` (identical on every rank) and their Adam optimisers."""
+    seed_everything(cfg.seed)
+    G, D = build_networks(cfg)
+    G, D = G.to(device).train(), D.to(device).train()
+    G_ema = copy.deepcopy(G).eval().requires_grad_(False)
+    opt_G = adam(G.parameters(), cfg.lr, cfg.pl_interval, cfg.pl_weight > 0)
+    opt_D = adam(D.parameters(), cfg.lr, cfg.r1_interval, cfg.gamma > 0)
+    return GanState(G, D, G_ema, opt_G, opt_D, torch.zeros([], device=device))
+
+
+def train_step(s: GanState, real: torch.Tensor, cfg: GanConfig, world: int, amp: bool) -> dict:
+    """G main, G reg, D main, D reg, EMA; returns detached tensors for the log (losses, D scores, penalties)."""
+    n, device = real.shape[0], real.device
+    out = {}
+    s.G.requires_grad_(True)
+    s.D.requires_grad_(False)
+    with autocast(device, amp):
+        fake, _ = generate(s.G, torch.randn(n, cfg.z_dim, device=device), cfg.style_mixing)
+        loss_G = g_nonsaturating(s.D(fake))
+    optimiser_step(s.opt_G, s.G, loss_G, world)
+    if cfg.pl_weight > 0 and s.step % cfg.pl_interval == 0:
+        images, ws = generate(s.G, torch.randn(max(1, n // cfg.pl_batch_shrink), cfg.z_dim, device=device),
+                              cfg.style_mixing)  # fmt: skip
+        penalty, pl_mean = path_length_penalty(path_lengths(images, ws), s.pl_mean, cfg.pl_decay)
+        s.pl_mean = pl_mean.detach()
+        optimiser_step(s.opt_G, s.G, penalty.mean() * cfg.pl_weight * cfg.pl_interval, world)
+        out["pl"], out["pl_mean"] = penalty.detach().mean(), s.pl_mean
+
+    s.G.requires_grad_(False)
+    s.D.requires_grad_(True)
+    with autocast(device, amp):
+        with torch.no_grad():
+            fake, _ = generate(s.G, torch.randn(n, cfg.z_dim, device=device), cfg.style_mixing)
+        fake_logits, real_logits = s.D(fake), s.D(real)
+        loss_D = d_logistic(real_logits, fake_logits)
+    optimiser_step(s.opt_D, s.D, loss_D, world)
+    if cfg.gamma > 0 and s.step % cfg.r1_interval == 0:
+        real_in = real.detach().requires_grad_(True)
+        penalty = r1_penalty(real_in, s.D(real_in))
+        optimiser_step(s.opt_D, s.D, penalty.mean() * (cfg.gamma / 2) * cfg.r1_interval, world)
+        out["r1"] = penalty.detach().mean()
+
+    update_ema(s.G_ema, s.G, ema_beta(cfg.batch_size, s.nimg, cfg.ema_kimg, cfg.ema_rampup))
+    s.nimg += cfg.batch_size
+    s.step += 1
+    scores = torch.stack([real_logits.detach().float().mean(), fake_logits.detach().float().mean()])
+    return {"window": torch.stack([loss_G.detach(), loss_D.detach(), *scores]).double(), **out}
+
+
+# ----------------------------------------------------------------------------
+# Snapshots: sample grid, metric, weights, resume state.
+
+
+class Evaluator:
+    """The fixed-subset Fréchet distance: real statistics computed once, fakes from fixed seeds."""
+
+    def __init__(self, cfg: GanConfig, dataset, device: torch.device, batch_size: int):
+        self.extractor = gan_metrics.build_extractor(cfg.metric_classifier, device)
+        self.key = f"fd_{self.extractor.name}"
+        self.batch_size = batch_size
+        n = min(cfg.metric_images, len(dataset))
+        indices = np.unique(np.linspace(0, len(dataset) - 1, n).round().astype(int)).tolist()
+        settings = {**loader_settings(device, cfg.num_workers), "persistent_workers": False}
+        subset = torch.utils.data.Subset(dataset, indices)
+        loader = DataLoader(subset, batch_size=batch_size, collate_fn=collate_skipping, **settings)
+        reals = (b["image"].to(device) for b in loader if "image" in b)
+        self.real_stats = gan_metrics.feature_statistics(gan_metrics.extract_features(self.extractor, reals))
+        self.n = len(indices)
+        self.z = z_from_seeds(list(range(METRIC_SEED, METRIC_SEED + self.n)), cfg.z_dim)
+        self.seed = derive_seed(cfg.seed, "metric")
+
+    def __call__(self, G_ema: Generator) -> dict:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            fakes = gan_metrics.generated_batches(
+                lambda z: render(G_ema, z, noise_mode="random"), self.z, self.batch_size
+            )
+            stats = gan_metrics.feature_statistics(gan_metrics.extract_features(self.extractor, fakes))
+        return {self.key: gan_metrics.frechet_distance(*self.real_stats, *stats), "fd_images": self.n}
+
+
+def _weights_meta(cfg: GanConfig, meta, s: GanState, metrics: dict) -> dict:
+    return {
+        "source": "train gan",
+        "dataset": {"name": cfg.dataset, "root": str(meta.root), "image_size": cfg.image_size},
+        "kimg": s.nimg / 1000,
+        "step": s.step,
+        "metrics": metrics,
+        "config": to_dict(cfg),
+    }
+
+
+def snapshot(cfg: GanConfig, run_dir: Path, meta, s: GanState, evaluator: Evaluator, log: RunLog,
+             batch: int, quiet: bool) -> None:  # fmt: skip
+    """Rank 0: sample grid (+ its seeds), metric (logged), G_ema (+ best), then last.pt."""
+    grid = run_dir / "samples" / f"fakes_{s.step:07d}.png"
+    seeds = list(range(cfg.grid_size))  # `generate gan --seed 0` renders the same images
+    save_grid(torch.cat([render(s.G_ema, z) for z in z_from_seeds(seeds, cfg.z_dim).split(batch)]), grid)
+    info = {"step": s.step, "kimg": s.nimg / 1000, "seeds": seeds, "truncation": 1.0, "noise_mode": "const"}
+    write_text(grid.with_suffix(".json"), json.dumps(info, indent=2))
+
+    metrics = evaluator(s.G_ema)
+    log.write(s.step, "val", kimg=s.nimg / 1000, **metrics)
+    value = metrics[evaluator.key]
+    if not quiet:
+        print(f"kimg {s.nimg / 1000:.1f}: {evaluator.key} {value:.4f} ({evaluator.n} images)", flush=True)
+    weights_meta = _weights_meta(cfg, meta, s, metrics)
+    save_generator(run_dir / "G_ema.safetensors", s.G_ema, weights_meta)
+    if s.best["fd"] is None or value < s.best["fd"]:
+        s.best = {"fd": value, "kimg": s.nimg / 1000, "metric": evaluator.key}
+        save_generator(run_dir / "G_ema_best.safetensors", s.G_ema, weights_meta)
+    checkpoint.save_state(run_dir / "last.pt", s.to_resume_state(cfg))
+
+
+# ----------------------------------------------------------------------------
+# The training loop.
+
+
+def train_gan(cfg: GanConfig, run_dir: Path, resume: bool = False, quiet: bool = False) -> dict:
+    """Train G and D, snapshot every `snapshot_kimg`; returns the summary written to summary.json."""
+    cfg.validate()
+    env = dist_env()
+    device = resolve_device(cfg.device, env.local_rank)
+    init_distributed(env, device)
+    main, world = env.is_main, env.world_size
+    per_rank = cfg.batch_size // world
+    group = min(cfg.mbstd_group, per_rank)
+
+    spec = cfg.data_spec()
+    if main:
+        meta = resolve_meta(spec, quiet=quiet)
+    barrier()
+    if not main:
+        meta = resolve_meta(spec, quiet=True)
+    dataset = build_dataset(spec, "train", train_transform=False, meta=meta)
+    dataset.transform = square_transform(cfg.image_size)
+
+    s = new_state(cfg, device)
+    if resume and (run_dir / "last.pt").is_file():
+        s.load(run_dir / "last.pt", device)
+    if world > 1:  # one set of weights for all ranks, whatever each rank's initialisation did
+        for module in (s.G, s.D, s.G_ema):
+            for tensor in module.state_dict().values():
+                dist.broadcast(tensor, 0)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=StepBatches(dataset, per_rank, env.rank, world, cfg.seed, start=s.step),
+        collate_fn=collate_skipping,
+        **loader_settings(device, cfg.num_workers),
+    )
+    batches = iter(loader)
+    evaluator = Evaluator(cfg, dataset, device, per_rank) if main else None
+    if main:
+        write_text(run_dir / "config.yaml", to_yaml(cfg))
+        mark_run(run_dir, status="running", world_size=world, device=str(device))
+        if s.step == 0:
+            reals = [dataset[i]["image"] for i in range(min(cfg.grid_size, len(dataset)))]
+            save_grid(torch.stack(reals), run_dir / "samples" / "reals.png")
+    log = RunLog(run_dir / "log.jsonl", enabled=main)
+
+    total_steps = math.ceil(cfg.kimg * 1000 / cfg.batch_size)
+    snapshot_nimg = max(1, round(cfg.snapshot_kimg * 1000))
+    window, window_steps, last, tick = 0.0, 0, {}, time.time()
+    with Progress(max(total_steps - s.step, 0), "train gan", enabled=main and not quiet) as bar:
+        while s.step < total_steps:
+            torch.manual_seed(derive_seed(cfg.seed, "step", s.step, env.rank))
+            batch = next(batches)
+            if "image" not in batch or batch["image"].shape[0] < group:
+                raise UserError(f"step {s.step}: too many unreadable images in one batch to train on")
+            real = batch["image"].to(device, non_blocking=True)
+            real = real[: real.shape[0] // group * group]
+            previous = s.nimg
+            out = train_step(s, mirror(real) if cfg.mirror else real, cfg, world, cfg.amp)
+            window, window_steps = window + out.pop("window"), window_steps + 1
+            last.update(out)
+
+            shown = {}
+            if s.step % cfg.log_every == 0:
+                names = ("loss_G", "loss_D", "d_real", "d_fake")
+                means = dict(zip(names, (window / window_steps).tolist(), strict=True))
+                if not all(math.isfinite(v) for v in means.values()):
+                    raise FloatingPointError(f"non-finite GAN losses at step {s.step}: {means}; lower --lr")
+                rate = window_steps * cfg.batch_size / max(time.time() - tick, 1e-9)
+                penalties = {k: float(v) for k, v in last.items()}
+                log.write(
+                    s.step, "train", kimg=s.nimg / 1000, **means, **penalties, images_per_s=round(rate, 2)
+                )
+                shown = {k: round(v, 3) for k, v in means.items()}
+                window, window_steps, tick = 0.0, 0, time.time()
+            bar.update(1, **shown)
+
+            if s.nimg // snapshot_nimg > previous // snapshot_nimg or s.step == total_steps:
+                if main:
+                    snapshot(cfg, run_dir, meta, s, evaluator, log, per_rank, quiet)
+                barrier()
+                tick = time.time()
+
+    summary = {"best": s.best, "kimg": s.nimg / 1000, "steps": s.step, "run_dir": str(run_dir)}
+    if main:
+        if not (run_dir / "G_ema.safetensors").is_file():  # resumed a run that had already finished
+            save_generator(run_dir / "G_ema.safetensors", s.G_ema, _weights_meta(cfg, meta, s, {}))
+        write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+        mark_run(run_dir, status="finished")
+    return summary
