@@ -44,7 +44,14 @@ def world(
 
 
 @app.command("weights")
-def weights(arch: Annotated[str, typer.Argument(help="resnet18, resnet34 or resnet50.")]) -> None:
+def weights(
+    arch: Annotated[
+        str,
+        typer.Argument(
+            help="A torchvision model: resnet18/34/50, vgg16 (LPIPS), inception_v3 (FID), vit_b_16."
+        ),
+    ],
+) -> None:
     """torchvision ImageNet weights into the torch hub cache ($TORCH_HOME)."""
     from models.classifiers import imagenet_state_dict
 

@@ -97,9 +97,14 @@ def resolve_meta(spec: DataSpec, quiet: bool = False):
 
 
 def build_dataset(
-    spec: DataSpec, split: str, train_transform: bool, meta=None, attributes: bool | None = False
+    spec: DataSpec,
+    split: str,
+    train_transform: bool,
+    meta=None,
+    attributes: bool | None = False,
+    transform=None,
 ):
-    """A split of the dataset with the train (augmenting) or eval transform, images in [-1, 1]."""
+    """A split with the train (augmenting) or eval transform, or the given `transform`; images in [-1, 1]."""
     from datasets.cub import CUBDataset
     from datasets.transforms import build_transform
 
@@ -108,7 +113,7 @@ def build_dataset(
     if not 0 <= spec.val_fraction < 1:
         raise UserError(f"--val-fraction must be in [0, 1), got {spec.val_fraction}")
     meta = meta if meta is not None else resolve_meta(spec)
-    transform = build_transform(spec.image_size, train=train_transform)
+    transform = transform or build_transform(spec.image_size, train=train_transform)
     return CUBDataset(
         meta,
         split,

@@ -30,6 +30,13 @@ def build_transform(image_size: int, train: bool, crop_scale: tuple[float, float
     return v2.Compose([*geometry, to_tensor_pm1()])
 
 
+def square_transform(image_size: int):
+    """Short side to `image_size`, centre crop: the whole image, as a generator should learn it (no zoom-in)."""
+    from torchvision.transforms import v2
+
+    return v2.Compose([v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size), to_tensor_pm1()])
+
+
 def to_uint8_images(x):
     """[-1, 1] float NCHW -> uint8 NHWC numpy, for saving figures and PNGs."""
     return (

@@ -7,7 +7,8 @@
   vector the coarse and fine ones; the sum with G's `w_avg` goes through G's frozen synthesis network.
 
 Because every head input is `normalize_2nd_moment`-ed, Omega is invariant to a global rescale of the concept
-maps: amplifying some concepts shrinks the others after normalisation, and all-zero concepts give w_avg.
+maps, and amplifying some concepts shrinks the others after normalisation. All-zero concepts give
+w_avg + lrelu(head bias) on the concept slots (exactly w_avg only while the heads' biases are zero).
 """
 
 from __future__ import annotations

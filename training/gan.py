@@ -36,6 +36,7 @@ from core.rundir import mark_run
 from core.runlog import RunLog
 from core.seeding import derive_seed, seed_everything
 from datasets.registry import DataSpec, build_dataset, collate_skipping, resolve_meta
+from datasets.transforms import square_transform
 from models.stylegan2 import Discriminator, Generator
 from models.stylegan2.checkpoint import save_generator
 from testing import gan_metrics
@@ -130,15 +131,6 @@ class GanConfig:
 
 # ----------------------------------------------------------------------------
 # Data: the train split, resized and centre-cropped to a square; mirroring happens on the batch.
-
-
-def square_transform(size: int):
-    """Short side to `size`, centre crop: the whole image as the GAN should learn it (no zoom-in crops)."""
-    from torchvision.transforms import v2
-
-    from datasets.transforms import to_tensor_pm1
-
-    return v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size), to_tensor_pm1()])
 
 
 class StepBatches(Sampler):
@@ -420,8 +412,9 @@ def train_gan(cfg: GanConfig, run_dir: Path, resume: bool = False, quiet: bool =
     barrier()
     if not main:
         meta = resolve_meta(spec, quiet=True)
-    dataset = build_dataset(spec, "train", train_transform=False, meta=meta)
-    dataset.transform = square_transform(cfg.image_size)
+    dataset = build_dataset(
+        spec, "train", train_transform=False, meta=meta, transform=square_transform(cfg.image_size)
+    )
 
     s = new_state(cfg, device)
     if resume and (run_dir / "last.pt").is_file():

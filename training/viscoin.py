@@ -187,7 +187,12 @@ def train_viscoin(cfg: VisCoINConfig, run_dir: Path, resume: bool = False, quiet
     explainer = Explainer(cfg.n_concepts, meta.num_classes)
     slots = tuple(cfg.concept_slots) if cfg.concept_slots else None
     decoder = ConceptDecoder.from_generator(
-        G, cfg.n_concepts, cfg.grid, concept_slots=slots, learn_w_avg=cfg.learn_w_avg
+        G,
+        cfg.n_concepts,
+        cfg.grid,
+        concept_slots=slots,
+        lr_multiplier=cfg.decoder_lr_multiplier,
+        learn_w_avg=cfg.learn_w_avg,
     )
     net = VisCoINNet(extractor, explainer, decoder).to(device)
     ddp = net
