@@ -11,6 +11,7 @@ from core.rundir import mark_run, prepare_run_dir
 from testing.runlogs import plot_run_log
 
 STAGES = 7
+DEMO_GAN_KIMG = 28.0  # about 7 minutes on two CPU cores at 32 px
 
 
 def run_demo(
@@ -54,6 +55,7 @@ def run_demo(
     )
 
     say(2, f"StyleGAN2 -> {out / 'gan'}")
+    gan_kimg = gan_kimg if gan_kimg is not None else DEMO_GAN_KIMG
     gan_cfg = from_preset(tg.GanConfig, tg.PRESETS, "tiny", {**common, "image_size": image_size, "kimg": gan_kimg,
                                                              "metric_classifier": str(clf_dir / "best.safetensors")})  # fmt: skip
     gan_dir = prepare_run_dir(out / "gan", "train gan")
