@@ -28,7 +28,6 @@ DataDir = Annotated[
         rich_help_panel=DATA,
     ),
 ]
-World = Annotated[str, typer.Option(help="Synthetic world preset: default or small.", rich_help_panel=DATA)]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", rich_help_panel=HARDWARE)]
 Workers = Annotated[
     int | None,
@@ -44,6 +43,12 @@ Name = Annotated[
 ]
 Overwrite = Annotated[
     bool, typer.Option(help="Replace a run already in the output directory.", rich_help_panel=OUTPUT)
+]
+Resume = Annotated[
+    bool, typer.Option(help="Continue the run in --out from its last checkpoint.", rich_help_panel=OUTPUT)
+]
+WorldPreset = Annotated[
+    str | None, typer.Option(help="Synthetic world preset: default or small.", rich_help_panel=DATA)
 ]
 Show = Annotated[bool, typer.Option(help="Also open the figures in a window.", rich_help_panel=OUTPUT)]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.", rich_help_panel=OUTPUT)]

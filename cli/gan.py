@@ -15,12 +15,15 @@ from cli.common import (
     OUTPUT,
     Amp,
     DataDir,
+    Dataset,
     Device,
     Name,
     Out,
     Overwrite,
     Quiet,
+    Resume,
     Workers,
+    WorldPreset,
     is_main_process,
     resolve_config,
     run_dir_for,
@@ -36,13 +39,9 @@ RESUMABLE = {"kimg", "device", "num_workers", "amp", "log_every", "snapshot_kimg
 
 
 def train_gan(
-    dataset: Annotated[
-        str, typer.Option("--dataset", "-d", help="world (alias toy), cub or folder.", rich_help_panel=DATA)
-    ] = "world",
+    dataset: Dataset = "world",
     data_dir: DataDir = None,
-    world: Annotated[
-        str | None, typer.Option(help="Synthetic world preset: default or small.", rich_help_panel=DATA)
-    ] = None,
+    world: WorldPreset = None,
     image_size: Annotated[
         int | None, typer.Option(help="Resolution in pixels, a power of two.", rich_help_panel=DATA)
     ] = None,
@@ -110,9 +109,7 @@ def train_gan(
     out: Out = None,
     name: Name = None,
     overwrite: Overwrite = False,
-    resume: Annotated[
-        bool, typer.Option(help="Continue the run in --out from its last.pt.", rich_help_panel=OUTPUT)
-    ] = False,
+    resume: Resume = False,
     quiet: Quiet = False,
 ) -> None:
     """Train a StyleGAN2 (G_ema.safetensors, sample grids, Fréchet distance in log.jsonl, resume, DDP)."""

@@ -16,12 +16,15 @@ from cli.common import (
     OUTPUT,
     Amp,
     DataDir,
+    Dataset,
     Device,
     Name,
     Out,
     Overwrite,
     Quiet,
+    Resume,
     Workers,
+    WorldPreset,
     is_main_process,
     resolve_config,
     run_dir_for,
@@ -35,13 +38,9 @@ RESUMABLE = {"epochs", "device", "num_workers", "amp", "log_every"}
 
 @app.command("classifier", no_args_is_help=False)
 def classifier(
-    dataset: Annotated[
-        str, typer.Option("--dataset", "-d", help="world (alias toy), cub or folder.", rich_help_panel=DATA)
-    ] = "world",
+    dataset: Dataset = "world",
     data_dir: DataDir = None,
-    world: Annotated[
-        str | None, typer.Option(help="Synthetic world preset: default or small.", rich_help_panel=DATA)
-    ] = None,
+    world: WorldPreset = None,
     image_size: Annotated[
         int | None, typer.Option(help="Training resolution in pixels.", rich_help_panel=DATA)
     ] = None,
@@ -96,9 +95,7 @@ def classifier(
     out: Out = None,
     name: Name = None,
     overwrite: Overwrite = False,
-    resume: Annotated[
-        bool, typer.Option(help="Continue the run in --out from its last checkpoint.", rich_help_panel=OUTPUT)
-    ] = False,
+    resume: Resume = False,
     quiet: Quiet = False,
 ) -> None:
     """Train an image classifier (best/last checkpoints, log.jsonl, resume, DDP under torchrun/srun)."""

@@ -14,13 +14,16 @@ from cli.common import (
     OUTPUT,
     Amp,
     DataDir,
+    Dataset,
     Device,
     Name,
     Out,
     Overwrite,
     Quiet,
+    Resume,
     Show,
     Workers,
+    WorldPreset,
     is_main_process,
     resolve_config,
     run_dir_for,
@@ -41,13 +44,9 @@ Bundle = Annotated[
 
 
 def train_viscoin_command(
-    dataset: Annotated[
-        str, typer.Option("--dataset", "-d", help="world (alias toy), cub or folder.", rich_help_panel=DATA)
-    ] = "world",
+    dataset: Dataset = "world",
     data_dir: DataDir = None,
-    world: Annotated[
-        str | None, typer.Option(help="Synthetic world preset: default or small.", rich_help_panel=DATA)
-    ] = None,
+    world: WorldPreset = None,
     classifier: Annotated[
         Path | None,
         typer.Option(
@@ -126,9 +125,7 @@ def train_viscoin_command(
     out: Out = None,
     name: Name = None,
     overwrite: Overwrite = False,
-    resume: Annotated[
-        bool, typer.Option(help="Continue the run in --out from its last checkpoint.", rich_help_panel=OUTPUT)
-    ] = False,
+    resume: Resume = False,
     quiet: Quiet = False,
 ) -> None:
     """Train VisCoIN's concept extractor, explainer and concept decoder around a classifier and a StyleGAN2."""
