@@ -8,6 +8,7 @@ lives on the features' device (CPU or CUDA); `result()` returns a VDNA whose ten
 from __future__ import annotations
 
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
@@ -44,7 +45,7 @@ def _check_features(features: Mapping[str, torch.Tensor], neurons: Mapping[str, 
     return sizes.pop()
 
 
-class _Accumulator:
+class _Accumulator(ABC):
     """Shared bookkeeping: the layers, the image count, and assembling the final VDNA."""
 
     vdna_type = ""
@@ -64,11 +65,13 @@ class _Accumulator:
                 self._update_layer(layer, features[layer])
         self.num_images += b
 
+    @abstractmethod
     def _update_layer(self, layer: str, x: torch.Tensor) -> None:
-        raise NotImplementedError
+        """Fold one layer's batch of features into the running statistics."""
 
+    @abstractmethod
     def _layer_data(self, layer: str) -> Any:
-        raise NotImplementedError
+        """The layer's entry of `VDNA.data`."""
 
     def _hist_nb_bins(self) -> int | None:
         return None
