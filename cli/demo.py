@@ -35,6 +35,7 @@ def demo(
         f"\ndemo finished in {r['seconds'] / 60:.1f} min: classifier test top-1 {r['classifier_test_top1']:.3f}"
     )
     typer.echo(f"VisCoIN on test: accuracy f {v['accuracy_f']:.3f}, Theta {v['accuracy_theta']:.3f}, "
-               f"fidelity {v['fidelity']:.3f}, L1 {v['l1']:.3f}, faithfulness {v['faithfulness']:.3f}, "
+               f"fidelity {v['fidelity']:.3f}, L1 {v['l1']:.3f}, f recognises the species in "
+               f"{v['accuracy_f_reconstructions']:.1%} of reconstructions, faithfulness {v['faithfulness']:.3f}, "
                f"concept-attribute AUC {r['alignment']:.3f}, dead concepts {r['dead_concepts']}")  # fmt: skip
     typer.echo("figures:\n  " + "\n  ".join(r["figures"]))

@@ -206,7 +206,7 @@ def test_viscoin_command(
     typer.echo(
         f"  accuracy f {m['accuracy_f']:.4f}   accuracy Theta {m['accuracy_theta']:.4f}   fidelity {m['fidelity']:.4f}"
     )
-    rec = f"  reconstruction L1 {m['l1']:.4f}   L2 {m['l2']:.4f}"
+    rec = f"  reconstruction L1 {m['l1']:.4f}   L2 {m['l2']:.4f}   f's accuracy on them {m['accuracy_f_reconstructions']:.4f}"
     if "lpips" in m:
         rec += f"   LPIPS {m['lpips']:.4f} (VGG-16 {m['lpips_backbone']})"
     typer.echo(rec)

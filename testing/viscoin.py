@@ -99,7 +99,7 @@ def evaluate_viscoin(
         module.eval()
     k = min(top_k, models.n_concepts)
     g = torch.Generator().manual_seed(seed)
-    counts = {"correct_f": 0, "correct_theta": 0, "agree": 0, "n": 0}
+    counts = {"correct_f": 0, "correct_theta": 0, "agree": 0, "correct_rec": 0, "n": 0}
     sums = {"l1": 0.0, "l2": 0.0, "lpips": 0.0, "active": 0.0, "p_rec": 0.0, "p_top": 0.0, "p_rand": 0.0}
     real_feats, fake_feats, acts, attrs = [], [], [], []
     with Progress(len(loader), "evaluate viscoin", enabled=progress) as bar:
@@ -129,14 +129,16 @@ def evaluate_viscoin(
             rand = vm.random_baseline(top, scores, vm.concept_activations(concepts) > 0)
             probs = []
             for variant in (
-                concepts,
+                None,
                 vm.scale_selected(concepts, top, 0.0),
                 vm.scale_selected(concepts, rand, 0.0),
             ):
-                image, _ = decoder(variant, support, noise_mode="const")
+                image = x_hat if variant is None else decoder(variant, support, noise_mode="const")[0]
                 with autocast(device, amp):
                     logits, _ = classifier(image)
                 probs.append(F.softmax(logits.float(), 1).gather(1, explained[:, None]).squeeze(1))
+                if variant is None:  # does f recognise the species in the reconstruction?
+                    counts["correct_rec"] += int((logits.argmax(1) == labels).sum())
             sums["p_rec"] += float(probs[0].sum())
             sums["p_top"] += float(probs[1].sum())
             sums["p_rand"] += float(probs[2].sum())
@@ -155,6 +157,7 @@ def evaluate_viscoin(
         "accuracy_f": counts["correct_f"] / total,
         "accuracy_theta": counts["correct_theta"] / total,
         "fidelity": counts["agree"] / total,
+        "accuracy_f_reconstructions": counts["correct_rec"] / total,
         "l1": sums["l1"] / total,
         "l2": sums["l2"] / total,
         "active_concepts": sums["active"] / total,

@@ -22,6 +22,7 @@ HEADLINE = (
     "accuracy_f",
     "accuracy_theta",
     "fidelity",
+    "accuracy_f_reconstructions",
     "l1",
     "l2",
     "lpips",

@@ -256,7 +256,15 @@ def test_cli_test_and_to_pickle(trained, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     again = json.loads((out2 / "metrics.json").read_text())
-    for key in ("accuracy_f", "accuracy_theta", "fidelity", "l1", "l2", "faithfulness"):
+    for key in (
+        "accuracy_f",
+        "accuracy_theta",
+        "fidelity",
+        "accuracy_f_reconstructions",
+        "l1",
+        "l2",
+        "faithfulness",
+    ):
         assert again[key] == pytest.approx(metrics[key], abs=1e-6), key
 
 
