@@ -106,6 +106,9 @@ def train_viscoin_command(
         float | None, typer.Option(help="Reconstruction-classification weight.", rich_help_panel=OPTIM)
     ] = None,
     delta: Annotated[float | None, typer.Option(help="Sparsity weight.", rich_help_panel=OPTIM)] = None,
+    w_reg: Annotated[
+        float | None, typer.Option(help="Weight of the ||w - w_avg||^2 regulariser.", rich_help_panel=OPTIM)
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.", rich_help_panel=OPTIM)] = None,
     eval_every: Annotated[
         int | None, typer.Option(help="Optimiser steps between evaluations.", rich_help_panel=OUTPUT)
@@ -138,7 +141,7 @@ def train_viscoin_command(
         dataset=dataset, data_dir=str(data_dir) if data_dir else None, world=world,
         classifier=str(classifier) if classifier else None, generator=str(generator) if generator else None,
         n_concepts=n_concepts, learn_w_avg=learn_w_avg, decoder_lr_multiplier=decoder_lr_multiplier, lpips_weights=lpips_weights, batch_size=batch_size,
-        iterations=iterations, grad_accum=grad_accum, lr=lr, alpha=alpha, beta=beta, gamma=gamma, delta=delta,
+        iterations=iterations, grad_accum=grad_accum, lr=lr, alpha=alpha, beta=beta, gamma=gamma, delta=delta, w_reg=w_reg,
         seed=seed, eval_every=eval_every, eval_images=eval_images, checkpoint_every=checkpoint_every,
         log_every=log_every, device=device, amp=amp, num_workers=num_workers,
     )  # fmt: skip

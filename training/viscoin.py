@@ -60,6 +60,7 @@ class VisCoINConfig:
     beta: float = 3.0
     gamma: float = 0.1
     delta: float = 0.2
+    w_reg: float = 1.0  # weight of ||w - w_avg||^2 (the reference's 1)
     warmup: int = 100
     lr_decay: float = 0.8
     lr_decay_every: int = 1000
@@ -78,7 +79,7 @@ class VisCoINConfig:
         require_positive(self, "batch_size", "iterations", "grad_accum", "lr", "n_concepts", "latent_channels",
                          "decoder_lr_multiplier",
                          "eval_every", "eval_images", "checkpoint_every", "log_every", "lr_decay_every")  # fmt: skip
-        for name in ("alpha", "beta", "gamma", "delta", "warmup"):
+        for name in ("alpha", "beta", "gamma", "delta", "w_reg", "warmup"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name} must not be negative")
         if self.beta > 0 and self.lpips_weights == "none":
@@ -282,7 +283,7 @@ def train_viscoin(cfg: VisCoINConfig, run_dir: Path, resume: bool = False, quiet
                 loss = (
                     parts["rec"]
                     + parts["ortho"]
-                    + parts["w_reg"]
+                    + cfg.w_reg * parts["w_reg"]
                     + on * (cfg.alpha * parts["of"] + cfg.delta * parts["sparsity"])
                 )
                 if not torch.isfinite(loss):
