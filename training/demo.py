@@ -87,7 +87,15 @@ def run_demo(
         "seconds": time.time() - start,
         "classifier_test_top1": clf_test["top1"],
         "viscoin": {
-            k: metrics[k] for k in ("accuracy_f", "accuracy_theta", "fidelity", "l1", "faithfulness")
+            k: metrics[k]
+            for k in (
+                "accuracy_f",
+                "accuracy_theta",
+                "fidelity",
+                "accuracy_f_reconstructions",
+                "l1",
+                "faithfulness",
+            )
         },
         "alignment": metrics.get("alignment_mean_best_auc"),
         "dead_concepts": concepts["n_dead"],
