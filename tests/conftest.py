@@ -47,3 +47,27 @@ def run_cli(
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file's bytes under `folder`, to prove that a refused command changed nothing."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    """Exit code 2, one line on stderr without a traceback, naming every fragment."""
+    assert result.returncode == 2, result.stdout + result.stderr
+    message = result.stderr.strip()
+    assert "Traceback" not in message and len(message.splitlines()) == 1, message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+@pytest.fixture(scope="session")
+def viscoin(tmp_path_factory, small_world):
+    """A tiny trained VisCoIN ensemble and its bundle (tests/helpers_viscoin.py), built once per session."""
+    from helpers_viscoin import session_viscoin
+
+    return session_viscoin(tmp_path_factory)
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    """An empty analysis cache ($BIOVIS_CACHE) for one test."""
+    monkeypatch.setenv("BIOVIS_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers_viscoin import invoke, session_viscoin
+from helpers_viscoin import invoke
 
 from core.errors import UserError
 from testing.amplify import (
@@ -30,17 +30,6 @@ RELEVANCE = torch.tensor(
         [0.0, 0.0, 3.0, 1.5, 2.9],  # 0, 0, 1, 0.5, 0.967
     ]
 )
-
-
-@pytest.fixture(scope="session")
-def viscoin(tmp_path_factory, small_world):
-    return session_viscoin(tmp_path_factory)
-
-
-@pytest.fixture
-def cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("BIOVIS_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
 
 
 def rows(mask: torch.Tensor) -> list[list[int]]:

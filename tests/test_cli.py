@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import ROOT, run_cli, snapshot
+from conftest import ROOT, assert_user_error, run_cli, snapshot
 from helpers_cub import make_mini_cub
 from safetensors.torch import load_file
 
@@ -113,16 +113,8 @@ def test_killed_and_resumed_run_matches_uninterrupted(small_world, tmp_path):
     assert all(torch.equal(best_a[k], best_b[k]) for k in best_a)
 
 
-def _fails(result, *fragments):
-    assert result.returncode == 2, result.stdout + result.stderr
-    message = result.stderr.strip()
-    assert "Traceback" not in message and len(message.splitlines()) == 1, message
-    for fragment in fragments:
-        assert fragment in message, message
-
-
 def test_unknown_dataset_lists_choices():
-    _fails(run_cli("train", "classifier", "--dataset", "imagenet"), "world, cub, folder")
+    assert_user_error(run_cli("train", "classifier", "--dataset", "imagenet"), "world, cub, folder")
 
 
 def test_cub_missing_offline_says_prefetch(tmp_path):
@@ -131,7 +123,7 @@ def test_cub_missing_offline_says_prefetch(tmp_path):
         "HTTPS_PROXY": "http://127.0.0.1:9",
         "HTTP_PROXY": "http://127.0.0.1:9",
     }
-    _fails(run_cli("train", "classifier", "--dataset", "cub", "--out", str(tmp_path / "r"), env=offline),
+    assert_user_error(run_cli("train", "classifier", "--dataset", "cub", "--out", str(tmp_path / "r"), env=offline),
            "prefetch cub", "--data-dir")  # fmt: skip
     assert not (tmp_path / "r" / "best.safetensors").exists()
 
@@ -139,7 +131,7 @@ def test_cub_missing_offline_says_prefetch(tmp_path):
 def test_dataset_folder_missing_a_file(tmp_path):
     root = make_mini_cub(tmp_path / "cub")
     (root / "classes.txt").unlink()
-    _fails(run_cli("train", "classifier", "--dataset", "cub", "--data-dir", str(root), "--out", str(tmp_path / "r")),
+    assert_user_error(run_cli("train", "classifier", "--dataset", "cub", "--data-dir", str(root), "--out", str(tmp_path / "r")),
            "classes.txt")  # fmt: skip
 
 
@@ -149,7 +141,7 @@ def test_truncated_image_named_then_skipped(tmp_path):
     bad.write_bytes(bad.read_bytes()[:64])
     args = ["train", "classifier", "--dataset", "cub", "--data-dir", str(root), "--preset", "tiny", "--epochs", "1",
             "--batch-size", "4", "--val-fraction", "0.2", "--log-every", "1", "--quiet"]  # fmt: skip
-    _fails(run_cli(*args, "--out", str(tmp_path / "a")), bad.name, "--skip-bad-images")
+    assert_user_error(run_cli(*args, "--out", str(tmp_path / "a")), bad.name, "--skip-bad-images")
     result = run_cli(*args, "--out", str(tmp_path / "b"), "--skip-bad-images")
     assert result.returncode == 0, result.stderr
     events = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
@@ -161,25 +153,29 @@ def test_truncated_image_named_then_skipped(tmp_path):
 
 
 def test_weights_of_another_architecture_names_keys(trained, tmp_path):
-    _fails(run_cli(*TRAIN, "--arch", "resnet18", "--weights", str(trained / "best.safetensors"), "--out", str(tmp_path / "r")),
+    assert_user_error(run_cli(*TRAIN, "--arch", "resnet18", "--weights", str(trained / "best.safetensors"), "--out", str(tmp_path / "r")),
            "does not fit this architecture", "conv1.weight")  # fmt: skip
 
 
 @pytest.mark.parametrize("option", ["--batch-size", "--epochs", "--lr"])
 def test_non_positive_settings(option, tmp_path):
-    _fails(run_cli(*TRAIN, option, "0", "--out", str(tmp_path / "r")), f"{option} must be positive")
+    assert_user_error(
+        run_cli(*TRAIN, option, "0", "--out", str(tmp_path / "r")), f"{option} must be positive"
+    )
     assert not (tmp_path / "r").exists()
 
 
 def test_finished_run_is_not_overwritten(trained):
     before = snapshot(trained)
-    _fails(run_cli(*TRAIN, "--epochs", "1", "--out", str(trained)), "already holds a run", "--overwrite")
+    assert_user_error(
+        run_cli(*TRAIN, "--epochs", "1", "--out", str(trained)), "already holds a run", "--overwrite"
+    )
     assert snapshot(trained) == before
 
 
 def test_resume_refuses_changed_settings(trained):
     before = snapshot(trained)
-    _fails(run_cli(*TRAIN, "--lr", "0.5", "--out", str(trained), "--resume"), "cannot change lr")
+    assert_user_error(run_cli(*TRAIN, "--lr", "0.5", "--out", str(trained), "--resume"), "cannot change lr")
     assert snapshot(trained) == before
 
 

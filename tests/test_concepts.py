@@ -9,23 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers_viscoin import invoke, session_viscoin
+from helpers_viscoin import invoke
 
 from testing import cache as cache_mod
 from testing import concepts as concepts_mod
 from testing.concepts import concept_statistics, correlation, prediction_summary
-
-
-@pytest.fixture(scope="session")
-def viscoin(tmp_path_factory, small_world):
-    return session_viscoin(tmp_path_factory)
-
-
-@pytest.fixture
-def cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("BIOVIS_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
 
 # ---- statistics on constructed activations ----------------------------------------------------------------
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import run_cli, snapshot
+from conftest import assert_user_error, run_cli, snapshot
 from PIL import Image
 from test_stylegan2 import (  # noqa: F401  (nvlabs_modules is a fixture)
     ShellPayload,
@@ -27,14 +27,6 @@ from models.stylegan2.checkpoint import load_generator, save_generator
 from testing.sampling import z_from_seeds
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
-
-
-def _fails(result, *fragments):
-    assert result.returncode == 2, result.stdout + result.stderr
-    message = result.stderr.strip()
-    assert "Traceback" not in message and len(message.splitlines()) == 1, message
-    for fragment in fragments:
-        assert fragment in message, message
 
 
 @pytest.fixture
@@ -99,7 +91,7 @@ def test_import_nvlabs_snapshot_then_generate(tmp_path, nvlabs_modules, cli) -> 
     assert np.array_equal(_pngs(gen), expected)
 
     before = snapshot(out.parent)
-    _fails(cli("import-gan", snap, "--out", out), "already exists", "--overwrite")
+    assert_user_error(cli("import-gan", snap, "--out", out), "already exists", "--overwrite")
     assert snapshot(out.parent) == before
     assert cli("import-gan", snap, "--out", out, "--overwrite").returncode == 0
 
@@ -109,9 +101,9 @@ def test_import_refuses_code_carrying_pickle(tmp_path) -> None:
     path = tmp_path / "evil.pkl"
     path.write_bytes(pickle.dumps({"G_ema": ShellPayload(f"touch {pwned}")}, protocol=4))
     out = tmp_path / "out.safetensors"
-    _fails(run_cli("import-gan", str(path), "--out", str(out)), "refuses to load", "system")
+    assert_user_error(run_cli("import-gan", str(path), "--out", str(out)), "refuses to load", "system")
     assert not pwned.exists() and not out.exists() and not out.with_suffix(".yaml").exists()
-    _fails(run_cli("import-gan", str(tmp_path / "missing.pkl"), "--out", str(out)), "not a file")
+    assert_user_error(run_cli("import-gan", str(tmp_path / "missing.pkl"), "--out", str(out)), "not a file")
 
 
 def test_generate_is_deterministic_with_manifest(generator, tmp_path, cli) -> None:
@@ -150,7 +142,7 @@ def test_generate_is_deterministic_with_manifest(generator, tmp_path, cli) -> No
 
     # A finished run is kept unless --overwrite.
     before = snapshot(a)
-    _fails(_generate(cli, path, a, "--n", "2"), "already holds a run", "--overwrite")
+    assert_user_error(_generate(cli, path, a, "--n", "2"), "already holds a run", "--overwrite")
     assert snapshot(a) == before
     assert _generate(cli, path, a, "--n", "2", "--overwrite").returncode == 0
     assert len(list((a / "images").iterdir())) == 2
@@ -168,7 +160,7 @@ def test_generate_is_deterministic_with_manifest(generator, tmp_path, cli) -> No
 )
 def test_generate_bad_options(generator, tmp_path, cli, args, message) -> None:
     out = tmp_path / "out"
-    _fails(_generate(cli, generator[1], out, *args), message)
+    assert_user_error(_generate(cli, generator[1], out, *args), message)
     assert not out.exists()
 
 
@@ -177,7 +169,7 @@ def test_generate_bad_truncation_as_a_user_runs_it(generator, tmp_path) -> None:
     result = run_cli(
         "generate", "gan", "--checkpoint", str(generator[1]), "--truncation", "2", "--out", str(out)
     )
-    _fails(result, "--truncation must be in [0, 1]")
+    assert_user_error(result, "--truncation must be in [0, 1]")
     assert not out.exists()
 
 
@@ -185,11 +177,11 @@ def test_generate_refuses_other_checkpoints(generator, tmp_path, cli) -> None:
     G, path = generator
     classifier = save_weights(tmp_path / "clf.safetensors", {"w": torch.zeros(2)}, {"kind": "classifier"})
     out = tmp_path / "out"
-    _fails(_generate(cli, classifier, out), "not a StyleGAN2 generator checkpoint", "'classifier'")
+    assert_user_error(_generate(cli, classifier, out), "not a StyleGAN2 generator checkpoint", "'classifier'")
     meta = yaml.safe_load(path.with_suffix(".yaml").read_text())
     meta["generator"]["img_resolution"] = meta["img_resolution"] = 32
     meta["num_ws"] = 8
     path.with_suffix(".yaml").write_text(yaml.safe_dump(meta))
-    _fails(_generate(cli, path, out), "does not fit this architecture", "synthesis.b32")
-    _fails(_generate(cli, tmp_path, out), "G_ema.safetensors")
+    assert_user_error(_generate(cli, path, out), "does not fit this architecture", "synthesis.b32")
+    assert_user_error(_generate(cli, tmp_path, out), "G_ema.safetensors")
     assert not out.exists()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, snapshot
+from conftest import assert_user_error, run_cli, snapshot
 from safetensors.torch import load_file
 
 from core.errors import UserError
@@ -268,22 +268,19 @@ def test_cli_test_and_to_pickle(trained, tmp_path):
         assert again[key] == pytest.approx(metrics[key], abs=1e-6), key
 
 
-def _fails(result, fragment):
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert fragment in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
-
-
 def test_bad_inputs(parts, trained, tmp_path):
     from models.stylegan2.checkpoint import save_generator
 
     save_generator(tmp_path / "g64.safetensors", Generator(**{**TINY_G, "img_resolution": 64}), {})
-    _fails(run_cli(*TRAIN, "--classifier", str(parts / "clf"), "--generator", str(tmp_path / "g64.safetensors"),
+    assert_user_error(run_cli(*TRAIN, "--classifier", str(parts / "clf"), "--generator", str(tmp_path / "g64.safetensors"),
                    "--out", str(tmp_path / "r")), "64 px")  # fmt: skip
-    _fails(run_cli(*TRAIN, "--generator", str(parts / "gan.safetensors"), "--out", str(tmp_path / "r2")),
+    assert_user_error(run_cli(*TRAIN, "--generator", str(parts / "gan.safetensors"), "--out", str(tmp_path / "r2")),
            "train classifier")  # fmt: skip
     before = snapshot(trained)
-    _fails(run_cli("test", "viscoin", "--bundle", str(trained), "--dataset", "cub", "--out", str(tmp_path / "t")),
+    assert_user_error(run_cli("test", "viscoin", "--bundle", str(trained), "--dataset", "cub", "--out", str(tmp_path / "t")),
            "trained on dataset 'world'")  # fmt: skip
-    _fails(run_cli("to-pickle", str(trained), "--out", str(trained / "config.yaml")), "--overwrite")
+    assert_user_error(
+        run_cli("to-pickle", str(trained), "--out", str(trained / "config.yaml")), "--overwrite"
+    )
     assert snapshot(trained) == before
     assert not Path(tmp_path / "r" / "final.safetensors").exists()
