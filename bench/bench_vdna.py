@@ -196,6 +196,8 @@ def main() -> None:
             if processor:
                 results["vdna"][key], t = timed(lambda f=folder: their_make(f))
                 times["vdna"].append(t)
+    print("make times (s), ours: " + ", ".join(f"{t:.2f}" for t in times["ours"])
+          + "; vdna: " + ", ".join(f"{t:.2f}" for t in times["vdna"]))  # fmt: skip
     ours_t = statistics.median(times["ours"])
     print(f"make, ours: {ours_t:.2f} s per set = {args.images / ours_t:.2f} images/s")
     va, vb = results["ours"]["a"], results["ours"]["b"]

@@ -123,9 +123,29 @@ def state_hash(module: nn.Module, length: int = 16) -> str:
 # ----- architectures: (steps, neurons) from a torchvision network -----
 
 
+class _ChannelsLastPool(nn.Module):
+    """Runs a max-pool in channels-last layout and returns the input's layout. A maximum does not depend
+    on the order it is taken in, so the result is bit-identical; on the CPU PyTorch's channels-last pool
+    is ~4x faster than its NCHW one (ResNet-50's stem pool: 18 ms -> 4 ms for 4 images at 224 px)."""
+
+    def __init__(self, pool: nn.Module):
+        super().__init__()
+        self.pool = pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_contiguous(memory_format=torch.channels_last):
+            return self.pool(x)
+        return self.pool(x.contiguous(memory_format=torch.channels_last)).contiguous()
+
+
+def _pooled(module: nn.Module) -> nn.Module:
+    """`module`, with max-pools run channels-last (same values, faster)."""
+    return _ChannelsLastPool(module) if isinstance(module, nn.MaxPool2d) else module
+
+
 def _resnet_steps(net: nn.Module, blocks: bool = True) -> tuple[Steps, dict[str, int]]:
     """Stem, then every residual block tapped as ``layer<s>_<i>`` (or only stages 2-4 as ``layer<s>``)."""
-    steps: Steps = [(None, nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool))]
+    steps: Steps = [(None, nn.Sequential(net.conv1, net.bn1, net.relu, _pooled(net.maxpool)))]
     neurons = {}
     for stage in range(1, 5):
         layer = getattr(net, f"layer{stage}")
@@ -157,7 +177,7 @@ def _vgg_steps(net: nn.Module) -> tuple[Steps, dict[str, int]]:
         if isinstance(module, nn.Conv2d):
             conv, width = conv + 1, module.out_channels
         tap = f"relu_{block}_{conv}" if isinstance(module, nn.ReLU) else None
-        steps.append((tap, module))
+        steps.append((tap, _pooled(module)))
         if tap:
             neurons[tap] = width
     while steps[-1][0] is None:
@@ -174,7 +194,7 @@ def _inception_steps(net: nn.Module) -> tuple[Steps, dict[str, int]]:
         ("Mixed_6d", None), ("Mixed_6e", "block_2"), ("Mixed_7a", None), ("Mixed_7b", None),
         ("Mixed_7c", None), ("avgpool", "block_3"),
     ]  # fmt: skip
-    steps: Steps = [(tap, getattr(net, attr)) for attr, tap in order]
+    steps: Steps = [(tap, _pooled(getattr(net, attr))) for attr, tap in order]
     return steps, {"block_0": 64, "block_1": 192, "block_2": 768, "block_3": 2048}
 
 

@@ -110,6 +110,58 @@ def test_histogram_equals_per_neuron_histc_including_edges_and_out_of_range():
         assert torch.equal(acc.result().data["l"], ref)
 
 
+def float32_edge_features(lo: torch.Tensor, hi: torch.Tensor, bins: int, images: int = 3) -> torch.Tensor:
+    """float32 features [images, C, H, W] that sit on, and one or two float32 steps around, every bin edge of
+    every neuron, plus zeros, out-of-range values, infinities, NaN and random values, shuffled."""
+    gen = torch.Generator().manual_seed(3)
+    lo64, hi64 = lo.double() * 1.2, hi.double() * 1.2
+    mean, std = (lo64 + hi64) / 2, (hi64 - lo64) / 2 + 1e-8
+    edges = torch.linspace(-1, 1, bins + 1, dtype=torch.float64)
+    cols = []
+    for c in range(len(lo)):
+        on = (edges * std[c] + mean[c]).float()
+        up, down = torch.nextafter(on, on + 1), torch.nextafter(on, on - 1)
+        around = torch.cat([on, up, down, torch.nextafter(up, up + 1), torch.nextafter(down, down - 1)])
+        special = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan")])
+        outside = torch.tensor([-1e6, 1e6, 3e38]) + mean[c].float()
+        random = (torch.randn(400, generator=gen, dtype=torch.float64) * std[c] + mean[c]).float()
+        cols.append(torch.cat([around, special, outside, random]))
+    values = torch.stack(cols)  # [C, V]
+    per_image = values.shape[1] // images
+    values = values[:, torch.randperm(values.shape[1], generator=gen)[: per_image * images]]
+    return values.view(len(lo), images, per_image, 1).transpose(0, 1).contiguous()
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 7])
+def test_float32_fast_binning_equals_float64_histc_on_edges(chunk):
+    """The float32 path (with its near-edge re-check) must give vdna's float64 bins everywhere: ordinary
+    ranges, a dead ReLU unit (min = max = 0, every zero on the middle edge), a range far from 0 (float64
+    throughout), a tiny range, and negative ranges."""
+    bins = 50
+    lo = torch.tensor([-2.0, 0.0, 0.0, 1000.0, 1e-4, -3.0, -7.5])
+    hi = torch.tensor([3.0, 1.5, 0.0, 1000.5, 2e-4, -1.0, 2.5])
+    x = float32_edge_features(lo, hi, bins)
+    ref = histc_reference(x, lo, hi, bins)
+    assert x.dtype == torch.float32 and ref.sum() < x.numel()  # NaNs are not counted
+    acc = HistogramAccumulator({"l": len(lo)}, bins, {"l": (lo, hi)}, chunk_elements=chunk)
+    acc.update({"l": x[:2]})
+    acc.update({"l": x[2:]})
+    assert torch.equal(acc.result().data["l"], ref)
+
+
+def test_histogram_int32_counts_are_flushed_before_they_could_overflow(monkeypatch):
+    import core.vdna.accumulators as accumulators
+
+    monkeypatch.setattr(accumulators, "INT32_MAX", 40)  # conv flushes every update, tokens every third
+    feats = make_features(12, seed=4)
+    ranges = wide_ranges()
+    small = accumulate(HistogramAccumulator(NEURONS, 30, ranges), feats, batch=2)
+    monkeypatch.undo()
+    whole = accumulate(HistogramAccumulator(NEURONS, 30, ranges), feats, batch=12)
+    for layer in NEURONS:
+        assert torch.equal(small.data[layer], whole.data[layer])
+
+
 def test_histogram_bin_rule_on_exact_normalised_values():
     # Ranges (-1/1.2, 1/1.2) scaled by 1.2 give mean 0 and std 1 + 1e-8, so x' = x / (1 + 1e-8).
     bins = 4

@@ -234,6 +234,27 @@ def test_folder_list_and_batch_size_give_identical_vdnas(tmp_path, checkpoint, s
     assert by_folder.num_images == 12 and by_folder.extraction_settings["activation_ranges_id"]
 
 
+def test_cpu_forward_batches_are_capped_by_feature_memory(tmp_path, checkpoint, species, cache, monkeypatch):
+    """On the CPU the extractor runs on as many images as keep the features within CPU_FEATURE_BYTES; the
+    loader batch shrinks with it and the VDNA is the same."""
+    import testing.vdna as pipeline
+    from models.extractors import build_extractor
+
+    folder = copy_images(species[0][:5], tmp_path / "imgs")
+    model = build_extractor(extractor_spec(checkpoint))
+    ranges = calibrate(folder, model, quiet=True)[0]
+    whole = make_vdna(folder, model, "histogram-50", batch_size=8, ranges=ranges, quiet=True)
+    with torch.inference_mode():
+        per_image = sum(v.numel() * v.element_size() for v in model(torch.zeros(1, 3, 32, 32)).values())
+    monkeypatch.setattr(pipeline, "CPU_FEATURE_BYTES", 2 * per_image + 1)
+    capped = make_vdna(folder, model, "histogram-50", batch_size=8, ranges=ranges, quiet=True)
+    assert whole.extraction_settings["forward_batch_size"] == 8
+    assert capped.extraction_settings["forward_batch_size"] == 2
+    assert capped.num_images == whole.num_images == 5
+    for layer in model.neurons:
+        assert torch.equal(capped.data[layer], whole.data[layer])
+
+
 def test_fd_is_zero_for_identical_sets_and_positive_across_species(tmp_path, checkpoint, species):
     from models.extractors import build_extractor
 
