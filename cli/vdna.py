@@ -68,7 +68,14 @@ NumImages = Annotated[
     typer.Option(help="Use a random subset of this many images (default: all).", rich_help_panel=DATA),
 ]
 Seed = Annotated[int, typer.Option(help="Seed of the --num-images subset.", rich_help_panel=DATA)]
-BatchSize = Annotated[int, typer.Option(help="Images per forward pass.", rich_help_panel=HARDWARE)]
+BatchSize = Annotated[
+    int,
+    typer.Option(
+        help="Images per forward pass. On the CPU at most this many: the extractor runs on as many as keep "
+        "its features within 96 MB (faster, same features); the VDNA records the batch it used.",
+        rich_help_panel=HARDWARE,
+    ),
+]
 Amp = Annotated[
     bool, typer.Option("--amp/--no-amp", help="bf16 forward on CUDA (statistics in float32/64).",
                        rich_help_panel=HARDWARE),
