@@ -247,8 +247,8 @@ class HistogramAccumulator(_Accumulator):
                 raise UserError(f"layer {layer!r}: activation ranges contain non-finite values")
             self.mean[layer] = (lo + hi) / 2
             self.std[layer] = (hi - lo) / 2 + 1e-8
-        # Counts: int64 totals, plus int32 counts of the recent updates (scattering into int32 is ~25%
-        # faster) that are added to the totals before any bin could pass 2^31 - 1.
+        # Updates scatter into int32 counts (~25% faster than int64), which are added to the int64 totals
+        # (made at the first flush) before any bin could pass 2^31 - 1, and when a result is taken.
         self.counts: dict[str, torch.Tensor] = {}
         self._recent: dict[str, torch.Tensor] = {}
         self._recent_values: dict[str, int] = {}
@@ -278,8 +278,7 @@ class HistogramAccumulator(_Accumulator):
         b, c = x.shape[:2]
         n = self.bins
         k_ = self._layer_constants(layer, x.device)
-        if layer not in self.counts:
-            self.counts[layer] = torch.zeros(c, n + 1, dtype=torch.int64, device=x.device)
+        if layer not in self._recent:
             self._recent[layer] = torch.zeros(c, n + 1, dtype=torch.int32, device=x.device)
             self._recent_values[layer] = 0
         by_neuron = x.reshape(b, c, -1).transpose(0, 1)  # [C, B, L] view: row c holds neuron c
@@ -317,7 +316,10 @@ class HistogramAccumulator(_Accumulator):
 
     def _flush(self, layer: str) -> None:
         with torch.inference_mode():  # the counts are inference tensors when updates ran in that mode
-            self.counts[layer] += self._recent[layer]
+            if layer in self.counts:
+                self.counts[layer] += self._recent[layer]
+            else:
+                self.counts[layer] = self._recent[layer].to(torch.int64)
             self._recent[layer].zero_()
         self._recent_values[layer] = 0
 
