@@ -7,6 +7,10 @@ activation-ranges file given to both tools. Same preprocessing: vdna's "clean" f
 (``--resize clean`` on our side). Prints images/s of make, the time of EMD, the ratios, and whether the
 histograms are identical.
 
+Each tool runs in its own process per round (rounds alternate, so both see the same drift of the machine):
+one untimed warm-up make, then the timed makes of both sets. In one shared process each tool would run
+on the other's leftovers (vdna's 4 GB heap, and worker processes forked from it).
+
 vdna's pixel normalisation computes ``(x/255 - mean) / std`` where ours computes ``x/127.5 - 1`` and then
 ``x * scale + shift`` (the [-1, 1] convention): the inputs differ in the last float bit, which moves a few
 activations across bin edges. ``--align-normalisation`` (default) makes vdna's dataset use our arithmetic
@@ -33,6 +37,7 @@ import importlib
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,9 +47,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.vdna import emd, load_vdna, save_vdna  # noqa: E402
+from core.vdna import emd, load_vdna, save_vdna, vdna_paths  # noqa: E402
 from models.extractors import build_extractor  # noqa: E402
-from testing.vdna import compare_vdnas, make_vdna  # noqa: E402
+from testing.vdna import make_vdna  # noqa: E402
 
 INSTALL = (
     "vdna is not importable: python -m venv /tmp/vdna-venv && /tmp/vdna-venv/bin/pip install vdna==0.1.1 "
@@ -139,10 +144,62 @@ def histogram_diff(ours, theirs) -> dict:
             "max_bin_diff": largest}  # fmt: skip
 
 
-def as_ours(their_vdna, work: Path, name: str):
-    """A vdna-made VDNA through its own save and our loader (also checks that the files interoperate)."""
-    their_vdna.save(str(work / name))
-    return load_vdna(work / name)
+def run_tool(tool: str, args: argparse.Namespace, work: Path) -> dict:
+    """One process per tool and round (`--tool`): an untimed warm-up make, then timed makes of both sets, the
+    VDNAs saved in the vdna layout, and the best of 5 EMD timings. Returns what the process printed."""
+    cmd = [sys.executable, __file__, "--tool", tool, "--work", str(work), "--images", str(args.images),
+           "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--bins", str(args.bins),
+           "--align-normalisation" if args.align_normalisation else "--no-align-normalisation"]  # fmt: skip
+    if args.vdna_site:
+        cmd += ["--vdna-site", args.vdna_site]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"the {tool} process failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def tool_process(args: argparse.Namespace, work: Path) -> None:
+    """The body of a `--tool` process; prints one JSON line."""
+    a, b = work / "imgs_a", work / "imgs_b"
+    weights, ranges_path = work / "shim" / "weights.pth", work / "shim" / "activation_ranges.json"
+    distribution = f"histogram-{args.bins}"
+    if args.tool == "ours":
+
+        def make(folder):
+            return make_vdna(folder, "rand_resnet50", distribution, args.batch_size, args.workers, "cpu",
+                             resize="clean", ranges=ranges_path, quiet=True)  # fmt: skip
+
+        distance, save = emd, save_vdna
+    else:
+        vdna = shim_vdna(weights, ranges_path, args.align_normalisation)
+        processor = vdna.VDNAProcessor()
+
+        def make(folder):
+            return processor.make_vdna(source=str(folder), feat_extractor_name="rand_resnet50",
+                                       distribution_name=distribution, device="cpu", num_workers=args.workers,
+                                       batch_size=args.batch_size, verbose=False)  # fmt: skip
+
+        def distance(x, y):
+            return float(vdna.EMD(x, y))
+
+        def save(v, path):
+            v.save(str(path))
+
+    make(a)  # warm-up: lazy imports, first-call set-up
+    out: dict = {"times": []}
+    results = {}
+    for key, folder in (("a", a), ("b", b)):
+        results[key], t = timed(lambda f=folder: make(f))
+        out["times"].append(t)
+        save(results[key], work / f"{args.tool}_{key}")
+    out["emd"] = float(distance(results["a"], results["b"]))
+    out["emd_time"] = min(timed(lambda: distance(results["a"], results["b"]))[1] for _ in range(5))
+    if args.tool == "vdna" and vdna_paths(work / "ours_a")[1].exists():
+        ours_a = vdna.load_vdna_from_files(str(work / "ours_a"))
+        out["ours_a_in_vdna_emd"] = float(vdna.EMD(ours_a, results["b"]))
+    print(json.dumps(out))
 
 
 def main() -> None:
@@ -153,79 +210,55 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--bins", type=int, default=1000)
-    parser.add_argument("--repeats", type=int, default=1, help="timed rounds (medians are reported)")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds, one process per tool each (medians)")
     parser.add_argument(
         "--threads", type=int, help="torch intra-op threads for both tools (default: torch's)"
     )
     parser.add_argument("--align-normalisation", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--tool", choices=["ours", "vdna"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.vdna_site:
         sys.path.append(args.vdna_site)
     work = Path(args.work)
+    if args.tool:
+        tool_process(args, work)
+        return
     a, b = make_images(work, args.images)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f}; "
           f"{args.images} images per set, batch {args.batch_size}, {args.workers} workers, histogram-{args.bins}, "
           f"normalisation {'aligned' if args.align_normalisation else 'as shipped'}")  # fmt: skip
-    weights, ranges_path = write_shared_files(work, a, b, args)
-    distribution = f"histogram-{args.bins}"
-
-    def ours_make(folder):
-        return make_vdna(folder, "rand_resnet50", distribution, args.batch_size, args.workers, "cpu",
-                         resize="clean", ranges=ranges_path, quiet=True)  # fmt: skip
-
+    write_shared_files(work, a, b, args)
     try:
-        vdna = shim_vdna(weights, ranges_path, args.align_normalisation)
+        importlib.import_module("vdna")
+        tools = ["ours", "vdna"]
     except ImportError:
         print(INSTALL)
-        vdna = None
-    processor = vdna.VDNAProcessor() if vdna else None
-
-    def their_make(folder):
-        return processor.make_vdna(source=str(folder), feat_extractor_name="rand_resnet50",
-                                   distribution_name=distribution, device="cpu", num_workers=args.workers,
-                                   batch_size=args.batch_size, verbose=False)  # fmt: skip
-
-    times: dict[str, list[float]] = {"ours": [], "vdna": []}
-    results: dict[str, dict] = {"ours": {}, "vdna": {}}
-    for _ in range(args.repeats):
-        for key, folder in (("a", a), ("b", b)):  # interleaved, so both tools see the same machine load
-            results["ours"][key], t = timed(lambda f=folder: ours_make(f))
-            times["ours"].append(t)
-            if processor:
-                results["vdna"][key], t = timed(lambda f=folder: their_make(f))
-                times["vdna"].append(t)
-    print("make times (s), ours: " + ", ".join(f"{t:.2f}" for t in times["ours"])
-          + "; vdna: " + ", ".join(f"{t:.2f}" for t in times["vdna"]))  # fmt: skip
-    ours_t = statistics.median(times["ours"])
-    print(f"make, ours: {ours_t:.2f} s per set = {args.images / ours_t:.2f} images/s")
-    va, vb = results["ours"]["a"], results["ours"]["b"]
-    ours_emd, t_emd = timed(lambda: emd(va, vb))
-    _, t_emd = min((timed(lambda: emd(va, vb)) for _ in range(5)), key=lambda r: r[1])
-    _, t_compare = timed(lambda: compare_vdnas(va, vb, top_k=8))
+        tools = ["ours"]
+    runs: dict[str, list[dict]] = {tool: [] for tool in tools}
+    for _ in range(args.repeats):  # alternating processes, so that both tools see the same machine drift
+        for tool in tools:
+            runs[tool].append(run_tool(tool, args, work))
+    times = {tool: [t for run in runs[tool] for t in run["times"]] for tool in tools}
     print(
-        f"EMD, ours: {ours_emd:.6f} in {t_emd:.3f} s (full compare with per-layer and top-8: {t_compare:.3f} s)"
+        "make times (s), "
+        + "; ".join(f"{tool}: " + ", ".join(f"{t:.2f}" for t in times[tool]) for tool in tools)
     )
-    if not processor:
+    median = {tool: statistics.median(times[tool]) for tool in tools}
+    emd_time = {tool: min(run["emd_time"] for run in runs[tool]) for tool in tools}
+    for tool in tools:
+        print(f"make, {tool}: {median[tool]:.2f} s per set = {args.images / median[tool]:.2f} images/s; "
+              f"EMD {runs[tool][-1]['emd']:.6f} in {emd_time[tool]:.3f} s")  # fmt: skip
+    if "vdna" not in tools:
         return
-    their_t = statistics.median(times["vdna"])
-    print(f"make, vdna: {their_t:.2f} s per set = {args.images / their_t:.2f} images/s")
-    ta, tb = results["vdna"]["a"], results["vdna"]["b"]
-    their_emd = float(vdna.EMD(ta, tb))
-    _, t_their_emd = min((timed(lambda: vdna.EMD(ta, tb)) for _ in range(5)), key=lambda r: r[1])
-    print(f"EMD, vdna: {their_emd:.6f} in {t_their_emd:.3f} s")
-    print(
-        f"speed-up: make {their_t / ours_t:.2f}x, EMD {t_their_emd / t_emd:.2f}x (load {os.getloadavg()[0]:.1f})"
-    )
+    print(f"speed-up: make {median['vdna'] / median['ours']:.2f}x, EMD {emd_time['vdna'] / emd_time['ours']:.2f}x "
+          f"(load {os.getloadavg()[0]:.1f})")  # fmt: skip
     for key in ("a", "b"):
-        diff = histogram_diff(results["ours"][key], as_ours(results["vdna"][key], work, f"vdna_{key}"))
+        diff = histogram_diff(load_vdna(work / f"ours_{key}"), load_vdna(work / f"vdna_{key}"))
         print(f"histograms of imgs_{key}: {json.dumps(diff)}")
-    save_vdna(va, work / "ours_a")
-    loaded = vdna.load_vdna_from_files(str(work / "ours_a"))
-    print(
-        f"our file in vdna's loader: EMD(ours_a as loaded by vdna, vdna's b) = {float(vdna.EMD(loaded, tb)):.6f}"
-    )
+    print(f"our file in vdna's loader: EMD(ours_a as loaded by vdna, vdna's b) = "
+          f"{runs['vdna'][-1]['ours_a_in_vdna_emd']:.6f}")  # fmt: skip
 
 
 if __name__ == "__main__":

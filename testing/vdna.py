@@ -180,6 +180,7 @@ def _accumulator(vdna_type: str, bins: int | None, neurons: dict[str, int], rang
 class PassStats:
     images: int = 0
     forward_batch: int = 0
+    workers: int = 0
     unreadable: list[str] = field(default_factory=list)
 
 
@@ -206,9 +207,9 @@ def _stream(
         model = model.to(memory_format=torch.channels_last)
     step = forward_batch_size(model, preprocess.size, batch_size, dev)
     dataset = source.dataset(preprocess)
-    loader = DataLoader(dataset, batch_size=step, shuffle=False, collate_fn=collate_images,
-                        **loader_settings(dev, num_workers))  # fmt: skip
-    stats = PassStats(forward_batch=step)
+    settings = loader_settings(dev, num_workers)
+    loader = DataLoader(dataset, batch_size=step, shuffle=False, collate_fn=collate_images, **settings)
+    stats = PassStats(forward_batch=step, workers=settings["num_workers"])
     with Progress(len(dataset), f"vdna {source.spec}", enabled=not quiet) as bar:
         for images, bad in loader:
             stats.unreadable += [str(source.paths[i]) for i in bad]
@@ -291,7 +292,7 @@ def make_vdna(
         "batch_size": batch_size,
         "forward_batch_size": stats.forward_batch,
         "device": str(dev),
-        "num_workers": num_workers if num_workers is not None else 0,
+        "num_workers": stats.workers,
         "seed": seed,
         "extractor_identity": model.identity,
         "amp": bool(amp and dev.type == "cuda"),
