@@ -76,12 +76,17 @@ def make_images(work: Path, n: int) -> tuple[Path, Path]:
     return a, b
 
 
-def write_shared_files(work: Path, a: Path, b: Path, args: argparse.Namespace) -> tuple[Path, Path]:
+def shim_files(work: Path) -> tuple[Path, Path]:
+    """Where the shared weights file and activation_ranges.json live."""
+    return work / "shim" / "weights.pth", work / "shim" / "activation_ranges.json"
+
+
+def write_shared_files(work: Path, a: Path, b: Path, args: argparse.Namespace) -> None:
     """vdna's weights file ({"model_state_dict": ...} of the random ResNet-50, no head) and one
     activation_ranges.json (min/max over both folders, from our activation-ranges pass)."""
     import torchvision
 
-    weights, ranges_path = work / "shim" / "weights.pth", work / "shim" / "activation_ranges.json"
+    weights, ranges_path = shim_files(work)
     weights.parent.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -99,7 +104,6 @@ def write_shared_files(work: Path, a: Path, b: Path, args: argparse.Namespace) -
         mins[layer] = {str(i): float(v) for i, v in enumerate(lo)}
         maxs[layer] = {str(i): float(v) for i, v in enumerate(hi)}
     ranges_path.write_text(json.dumps({"mins_per_neuron": mins, "maxs_per_neuron": maxs}))
-    return weights, ranges_path
 
 
 def shim_vdna(weights: Path, ranges_path: Path, align: bool):
@@ -132,7 +136,7 @@ def timed(fn):
 
 
 def histogram_diff(ours, theirs) -> dict:
-    """How far two histogram VDNAs are apart: bins that differ, total |difference|, and EMD between them."""
+    """How far two histogram VDNAs are apart: bins that differ, total and largest |count difference|."""
     differing = total = largest = 0
     for layer in ours.neurons_list:
         d = (ours.data[layer] - theirs.data[layer].to(torch.int64)).abs()
@@ -163,7 +167,7 @@ def run_tool(tool: str, args: argparse.Namespace, work: Path) -> dict:
 def tool_process(args: argparse.Namespace, work: Path) -> None:
     """The body of a `--tool` process; prints one JSON line."""
     a, b = work / "imgs_a", work / "imgs_b"
-    weights, ranges_path = work / "shim" / "weights.pth", work / "shim" / "activation_ranges.json"
+    weights, ranges_path = shim_files(work)
     distribution = f"histogram-{args.bins}"
     if args.tool == "ours":
 

@@ -71,10 +71,15 @@ def all_accumulators(neurons: dict[str, int] = NEURONS, bins: int = 50):
     }
 
 
+def vdna_normalisation(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """vdna's float64 (mean, std) of per-neuron ranges: widened by 1.2, then mapped onto [-1, 1]."""
+    lo, hi = lo.double() * 1.2, hi.double() * 1.2
+    return (lo + hi) / 2, (hi - lo) / 2 + 1e-8
+
+
 def histc_reference(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: int) -> torch.Tensor:
     """vdna's path, one neuron at a time: float64 normalisation, clamp, torch.histc."""
-    lo, hi = lo.double() * 1.2, hi.double() * 1.2
-    mean, std = (lo + hi) / 2, (hi - lo) / 2 + 1e-8
+    mean, std = vdna_normalisation(lo, hi)
     out = torch.zeros(x.shape[1], bins, dtype=torch.int64)
     for c in range(x.shape[1]):
         normed = ((x[:, c].double() - mean[c]) / std[c]).clamp(-1, 1).flatten()
@@ -88,10 +93,7 @@ def histc_reference(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: i
 def test_histogram_equals_per_neuron_histc_including_edges_and_out_of_range():
     bins = 20
     lo, hi = torch.tensor([-2.0, 0.0, -0.5]), torch.tensor([3.0, 1.5, 0.25])
-    mean, std = (
-        (lo.double() * 1.2 + hi.double() * 1.2) / 2,
-        (hi.double() * 1.2 - lo.double() * 1.2) / 2 + 1e-8,
-    )
+    mean, std = vdna_normalisation(lo, hi)
     edges = torch.linspace(-1, 1, bins + 1, dtype=torch.float64)
     cols = []
     for c in range(3):
@@ -114,8 +116,7 @@ def float32_edge_features(lo: torch.Tensor, hi: torch.Tensor, bins: int, images:
     """float32 features [images, C, H, W] that sit on, and one or two float32 steps around, every bin edge of
     every neuron, plus zeros, out-of-range values, infinities, NaN and random values, shuffled."""
     gen = torch.Generator().manual_seed(3)
-    lo64, hi64 = lo.double() * 1.2, hi.double() * 1.2
-    mean, std = (lo64 + hi64) / 2, (hi64 - lo64) / 2 + 1e-8
+    mean, std = vdna_normalisation(lo, hi)
     edges = torch.linspace(-1, 1, bins + 1, dtype=torch.float64)
     cols = []
     for c in range(len(lo)):
