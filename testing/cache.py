@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +19,7 @@ from typing import Any
 import numpy as np
 
 from core.atomic import atomic_path, write_text
-
-
-def cache_root() -> Path:
-    """$BIOVIS_CACHE, else ~/.cache/biovis (read at every call, so tests can point it elsewhere)."""
-    return Path(os.environ.get("BIOVIS_CACHE") or Path.home() / ".cache" / "biovis")
+from core.cachedir import cache_root
 
 
 def cache_key(identity: dict[str, Any]) -> str:

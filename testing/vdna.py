@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from core.cachedir import cache_root
 from core.errors import UserError
 from core.vdna import (
     VDNA,
@@ -77,13 +78,13 @@ def load_ranges(path: str | os.PathLike) -> Ranges:
     return load_vdna(path).as_ranges()
 
 
-def cache_root() -> Path:
+def ranges_cache() -> Path:
     """Where activation-range calibrations live: $BIOVIS_CACHE/vdna-ranges (default ~/.cache/biovis)."""
-    return Path(os.environ.get("BIOVIS_CACHE") or Path.home() / ".cache" / "biovis") / "vdna-ranges"
+    return cache_root() / "vdna-ranges"
 
 
 def _calibration_dir(extractor: FeatureExtractor) -> Path:
-    return cache_root() / extractor.name / extractor.identity[:16]
+    return ranges_cache() / extractor.name / extractor.identity[:16]
 
 
 @dataclass
@@ -318,7 +319,7 @@ def calibrate(
     force: bool = False,
     quiet: bool = False,
 ) -> tuple[VDNA, Path, bool]:
-    """Per-neuron activation ranges of `source`, cached under `cache_root()`; returns (VDNA, path, cached).
+    """Per-neuron activation ranges of `source`, cached under `ranges_cache()`; returns (VDNA, path, cached).
 
     The cache key holds the extractor's identity (weights hash), the source's identity (file list, sizes,
     times) and the options; `force` recomputes. Writes are atomic.
@@ -547,7 +548,7 @@ def _inherit(
         if cal is None:
             raise UserError(
                 f"the saved histogram VDNA used activation ranges {wanted or '(not recorded)'} that are not in "
-                f"the calibration cache {cache_root()}: pass the same --ranges file it was made with"
+                f"the calibration cache {ranges_cache()}: pass the same --ranges file it was made with"
             )
         ranges = cal.ranges
     return filled, ranges, model

@@ -4,6 +4,7 @@ analytic values, and the vdna-package file layout (round trips, hand-built files
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from core.vdna import (
     frechet_distance,
     load_activation_ranges_json,
     load_vdna,
+    native,
     nfd,
     save_vdna,
 )
@@ -90,6 +92,25 @@ def histc_reference(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: i
 # ---------------------------------------------------------------- histogram binning
 
 
+def require_c_kernel() -> native.BinningKernel:
+    """The compiled kernel; skip where no C compiler is installed, fail where one is and the build failed."""
+    if native._compiler() is None:
+        pytest.skip("no C compiler: the C binning kernel cannot be built here")
+    kernel = native.binning_kernel()
+    assert kernel is not None, "a C compiler is installed but the binning kernel did not build"
+    return kernel
+
+
+@pytest.fixture(params=["c-kernel", "torch"])
+def binning(request, monkeypatch):
+    """Run a test with the compiled C binning kernel and with the torch path (which CUDA uses)."""
+    if request.param == "torch":
+        monkeypatch.setattr(native, "binning_kernel", lambda: None)
+    else:
+        require_c_kernel()
+    return request.param
+
+
 def test_histogram_equals_per_neuron_histc_including_edges_and_out_of_range():
     bins = 20
     lo, hi = torch.tensor([-2.0, 0.0, -0.5]), torch.tensor([3.0, 1.5, 0.25])
@@ -134,8 +155,8 @@ def float32_edge_features(lo: torch.Tensor, hi: torch.Tensor, bins: int, images:
 
 
 @pytest.mark.parametrize("chunk", [None, 1, 7])
-def test_float32_fast_binning_equals_float64_histc_on_edges(chunk):
-    """The float32 path (with its near-edge re-check) must give vdna's float64 bins everywhere: ordinary
+def test_float32_fast_binning_equals_float64_histc_on_edges(chunk, binning):
+    """The float32 paths (C kernel; torch with its near-edge re-check) must give vdna's float64 bins: ordinary
     ranges, a dead ReLU unit (min = max = 0, every zero on the middle edge), a range far from 0 (float64
     throughout), a tiny range, and negative ranges."""
     bins = 50
@@ -150,7 +171,7 @@ def test_float32_fast_binning_equals_float64_histc_on_edges(chunk):
     assert torch.equal(acc.result().data["l"], ref)
 
 
-def test_histogram_int32_counts_are_flushed_before_they_could_overflow(monkeypatch):
+def test_histogram_int32_counts_are_flushed_before_they_could_overflow(binning, monkeypatch):
     import core.vdna.accumulators as accumulators
 
     monkeypatch.setattr(accumulators, "INT32_MAX", 40)  # conv flushes every update, tokens every third
@@ -163,21 +184,25 @@ def test_histogram_int32_counts_are_flushed_before_they_could_overflow(monkeypat
         assert torch.equal(small.data[layer], whole.data[layer])
 
 
-def test_histogram_bin_rule_on_exact_normalised_values():
+def test_histogram_bin_rule_on_exact_normalised_values(binning):
     # Ranges (-1/1.2, 1/1.2) scaled by 1.2 give mean 0 and std 1 + 1e-8, so x' = x / (1 + 1e-8).
     bins = 4
-    acc = HistogramAccumulator({"l": 1}, bins, {"l": ([-1 / 1.2], [1 / 1.2])})
-    values = torch.tensor(
-        [-7.0, -1.0, -0.75, 0.0, 0.5000001, 0.99, 1.0, 1.5, float("nan")], dtype=torch.float64
-    )
-    acc.update({"l": values.reshape(-1, 1, 1, 1)})
-    counts = acc.result().data["l"][0].tolist()
-    # -7, -1 -> bin 0 (clamped / left edge); -0.75 -> 0; 0 -> 2 (edge goes right); 0.5000001 -> 3;
-    # 0.99, 1.0, 1.5 -> 3 (right-most bin closed, clamp); NaN is not counted.
-    assert counts == [3, 0, 1, 4]
+    values = [-7.0, -1.0, -0.75, 0.0, 0.5000001, 0.99, 1.0, 1.5, float("nan")]
+    for dtype in (torch.float32, torch.float64):  # the C kernel bins float32, the torch path float64
+        acc = HistogramAccumulator({"l": 1}, bins, {"l": ([-1 / 1.2], [1 / 1.2])})
+        acc.update({"l": torch.tensor(values, dtype=dtype).reshape(-1, 1, 1, 1)})
+        counts = acc.result().data["l"][0].tolist()
+        # -7, -1 -> bin 0 (clamped / left edge); -0.75 -> 0; 0 -> 2 (edge goes right); 0.5000001 -> 3;
+        # 0.99, 1.0, 1.5 -> 3 (right-most bin closed, clamp); NaN is not counted.
+        assert counts == [3, 0, 1, 4], dtype
+        # These ranges give mean 0 and std exactly 1: every value below sits exactly on an edge, 1.0 on the
+        # right-most one (u = N, which the clamp puts into the last bin).
+        acc = HistogramAccumulator({"l": 1}, bins, {"l": ([-0.833333325], [0.833333325])})
+        acc.update({"l": torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0], dtype=dtype).reshape(-1, 1, 1, 1)})
+        assert acc.result().data["l"][0].tolist() == [1, 1, 1, 2], dtype
 
 
-def test_histogram_matches_numpy_histogram_off_edges_and_torch_histc_on_4d_conv_features():
+def test_histogram_matches_numpy_histogram_off_edges_and_torch_histc_on_4d_conv_features(binning):
     bins = 1000
     feats = make_features(9, seed=1, scale=2.0)  # values beyond the +-5 range occur at scale 2 rarely
     feats["conv"][0, 0, 0, 0] = 40.0  # out of range: into the last bin
@@ -192,6 +217,62 @@ def test_histogram_matches_numpy_histogram_off_edges_and_torch_histc_on_4d_conv_
         expected, _ = np.histogram(normed[:, c].ravel(), bins=bins, range=(-1, 1))
         assert np.array_equal(result["tokens"][c].numpy(), expected)
     assert result["conv"][0, -1] >= 1 and result["conv"].sum() == 9 * 3 * 30
+
+
+def test_c_kernel_splits_rows_among_threads_and_takes_strided_features(monkeypatch):
+    """Rows handed to 3 threads, features given as a non-contiguous view: vdna's counts."""
+    require_c_kernel()
+    lo = torch.tensor([-2.0, 0.0, 0.0, 1000.0, 1e-4, -3.0, -7.5])
+    hi = torch.tensor([3.0, 1.5, 0.0, 1000.5, 2e-4, -1.0, 2.5])
+    x = float32_edge_features(lo, hi, 40)
+    strided = x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # same values, channels last
+    assert not strided.is_contiguous()
+    ref = histc_reference(x, lo, hi, 40)
+    monkeypatch.setattr(native, "MIN_ELEMENTS_PER_THREAD", 1)
+    monkeypatch.setattr(native.torch, "get_num_threads", lambda: 3)
+    acc = HistogramAccumulator({"l": len(lo)}, 40, {"l": (lo, hi)})
+    acc.update({"l": strided})
+    assert torch.equal(acc.result().data["l"], ref)
+
+
+@pytest.fixture
+def fresh_kernel(monkeypatch, tmp_path):
+    """`native.binning_kernel()` built from nothing in an empty cache (restored afterwards)."""
+    monkeypatch.setenv("BIOVIS_CACHE", str(tmp_path / "cache"))
+    native.binning_kernel.cache_clear()
+    yield native.binning_kernel
+    native.binning_kernel.cache_clear()
+
+
+def test_c_kernel_is_built_once_into_the_cache_then_loaded(fresh_kernel, tmp_path):
+    kernel = require_c_kernel()  # built in the empty cache
+    assert kernel.path.is_file()
+    assert kernel.path.is_relative_to(tmp_path / "cache" / "native")
+    assert [p.name for p in kernel.path.parent.iterdir()] == [kernel.path.name]  # no temporary left over
+    built = kernel.path.stat().st_mtime_ns
+    fresh_kernel.cache_clear()
+    assert fresh_kernel().path == kernel.path and kernel.path.stat().st_mtime_ns == built
+
+
+def test_without_a_working_compiler_the_torch_path_is_used_with_one_warning(
+    fresh_kernel, monkeypatch, tmp_path
+):
+    failing = tmp_path / "failing-cc"
+    failing.write_text("#!/bin/sh\necho 'cc: fatal error: no input' >&2\nexit 1\n")
+    failing.chmod(0o755)
+    for cc, reason in ((str(tmp_path / "missing-cc"), "no C compiler"), (str(failing), "failed")):
+        monkeypatch.setenv("CC", cc)
+        fresh_kernel.cache_clear()
+        with pytest.warns(UserWarning, match=reason):
+            assert fresh_kernel() is None
+        acc = HistogramAccumulator({"l": 2}, 10, {"l": (torch.tensor([0.0, -1.0]), torch.tensor([1.0, 1.0]))})
+        acc.update({"l": torch.rand(2, 2, 3, 3)})
+        assert int(acc.result().data["l"].sum()) == 2 * 2 * 9
+    monkeypatch.setenv("BIOVIS_NATIVE", "0")
+    fresh_kernel.cache_clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # switched off on purpose: no warning
+        assert fresh_kernel() is None
 
 
 # ---------------------------------------------------------------- streaming == whole set

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from core.errors import UserError
+from core.vdna import native
 from core.vdna.vdna import VDNA, distribution_name
 
 # vdna's histogram normalisation: ranges are widened by this factor, then mapped onto [-1, 1].
@@ -112,6 +113,8 @@ MAX_TOLERANCE = 1e-2
 # Values per block when looking for the few activations near a bin edge.
 NEAR_EDGE_BLOCK = 64
 INT32_MAX = 2**31 - 1
+# Count columns beyond the N bins: one collects NaNs (torch path), eight take zeros in turn (C kernel).
+SPARE_COLUMNS = 9
 
 
 @dataclass
@@ -198,7 +201,11 @@ class HistogramAccumulator(_Accumulator):
     and out-of-range values land in the end bins through the clamp. NaN activations are not counted
     (histc skips them). Counts are int64.
 
-    The bins are exactly those of that float64 rule, computed faster: float32 features are mapped to
+    On the CPU, float32 features are binned by a compiled C kernel in one pass (`native.binning_kernel`,
+    `binning.c` proves its bins equal the float64 rule's), split by rows among torch's threads. Elsewhere
+    (CUDA, other dtypes, no C compiler) torch ops give the same bins, computed as follows.
+
+    The torch path's bins are exactly those of that float64 rule, computed faster: float32 features are mapped to
     ``w = x * a + b`` in float32 (``a = N / (2 std)``, ``b`` the matching offset plus a tolerance `tol`
     that bounds the float32 rounding error, see `_LayerConstants.build`), so that the float64 value lies in
     ``[w - 2 tol, w]``. Where ``frac(w) >= 2 tol`` no bin edge lies in that interval and ``floor(w)`` is the
@@ -206,7 +213,7 @@ class HistogramAccumulator(_Accumulator):
     whose activation 0 sits on an edge (dead ReLU units: min = max = 0 puts every zero on the middle edge)
     or whose offset is too large for the bound to be useful are binned by the float64 rule throughout,
     as are features that are not float32. Each chunk of neurons is counted by one `scatter_add_` into
-    its rows of the ``[C, N + 1]`` count table (the extra column collects NaNs and is dropped).
+    its rows of the ``[C, N + SPARE_COLUMNS]`` count table (the spare columns are dropped).
     """
 
     vdna_type = "histogram"
@@ -276,11 +283,34 @@ class HistogramAccumulator(_Accumulator):
 
     def _update_layer(self, layer: str, x: torch.Tensor) -> None:
         b, c = x.shape[:2]
+        per_row = x[0, 0].numel() * b
+        if per_row > INT32_MAX:  # one update must fit the int32 counts: split the batch
+            if b == 1:
+                raise UserError(f"layer {layer!r}: {per_row} positions per neuron in one image is too many")
+            for part in x.split((b + 1) // 2):
+                self._update_layer(layer, part)
+            return
+        if layer not in self._recent:
+            self._recent[layer] = torch.zeros(
+                c, self.bins + SPARE_COLUMNS, dtype=torch.int32, device=x.device
+            )
+            self._recent_values[layer] = 0
+        if self._recent_values[layer] + per_row > INT32_MAX:
+            self._flush(layer)
+        self._recent_values[layer] += per_row
+        kernel = native.binning_kernel() if x.device.type == "cpu" and x.dtype == torch.float32 else None
+        if kernel is not None:
+            kernel.bin_rows(
+                x.reshape(b, c, -1), self.mean[layer], self.std[layer], self.bins, self._recent[layer]
+            )
+        else:
+            self._bin_torch(layer, x)
+
+    def _bin_torch(self, layer: str, x: torch.Tensor) -> None:
+        """Bin with torch ops (CUDA, non-float32 features, or no compiled kernel) into `_recent[layer]`."""
+        b, c = x.shape[:2]
         n = self.bins
         k_ = self._layer_constants(layer, x.device)
-        if layer not in self._recent:
-            self._recent[layer] = torch.zeros(c, n + 1, dtype=torch.int32, device=x.device)
-            self._recent_values[layer] = 0
         by_neuron = x.reshape(b, c, -1).transpose(0, 1)  # [C, B, L] view: row c holds neuron c
         length = by_neuron.shape[2]
         per_row = b * length
@@ -288,9 +318,6 @@ class HistogramAccumulator(_Accumulator):
         step = min(c, max(1, budget // per_row))
         w_buf, frac_buf, idx_buf = self._scratch(step * per_row, x.device)
         one = torch.ones(1, dtype=torch.int32, device=x.device)
-        if self._recent_values[layer] + per_row > INT32_MAX:
-            self._flush(layer)
-        self._recent_values[layer] += per_row
         fast = x.dtype == torch.float32
         for c0 in range(0, c, step):
             k = min(step, c - c0)
