@@ -1,8 +1,10 @@
 """Benchmark of core.vdna on synthetic ResNet-50-like features: accumulation speed and distance times.
 
 Features mimic the 16 Bottleneck outputs vdna hooks on ResNet-50 (256/512/1024/2048 channels at
-56/28/14/7 px, post-ReLU), or only the 4 stage outputs with --stages-only. The peer is vdna's own histogram
-path (float64 normalisation, then one `torch.histc` per channel), run on the same batch.
+56/28/14/7 px, post-ReLU), or only the 4 stage outputs with --stages-only. Histograms are timed with the C
+binning kernel (CPU, when it builds) and with the torch ops (CUDA's path); the speed-up and the count check
+use the default path. The peer is vdna's own histogram path (float64 normalisation, then one `torch.histc` per
+channel), run on the same batch.
 
     python bench/bench_vdna_core.py [--batch 16] [--small] [--stages-only] [--device cpu]
 """
@@ -27,6 +29,7 @@ from core.vdna import (  # noqa: E402
     LayerGaussianAccumulator,
     emd,
     fd,
+    native,
     nfd,
 )
 
@@ -121,10 +124,14 @@ def main() -> None:
         print(f"  {label:<34} {seconds * 1e3:9.1f} ms/batch  {args.batch / seconds:8.1f} images/s")
 
     print("accumulation (per batch of features):")
-    hist = HistogramAccumulator(neurons, args.bins, ranges)
-    hist.update(batch_a)  # warm-up
-    t_hist = timed(lambda: hist.update(batch_a), args.repeats, args.device)
-    rate(f"histogram-{args.bins} (scatter_add)", t_hist)
+    with_kernel = args.device == "cpu" and native.binning_kernel() is not None
+    path_times = []  # the default path first
+    for label, c_kernel in [("C kernel", True)] * with_kernel + [("torch ops", False)]:
+        hist = HistogramAccumulator(neurons, args.bins, ranges, c_kernel=c_kernel)
+        hist.update(batch_a)  # warm-up
+        path_times.append(timed(lambda hist=hist: hist.update(batch_a), args.repeats, args.device))
+        rate(f"histogram-{args.bins} ({label})", path_times[-1])
+    t_hist = path_times[0]
     if not args.no_peer:
         t_peer = timed(
             lambda: vdna_peer_histogram(batch_a, ranges, args.bins), max(1, args.repeats // 2), args.device

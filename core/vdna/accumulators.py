@@ -224,12 +224,16 @@ class HistogramAccumulator(_Accumulator):
         bins: int,
         ranges: Mapping[str, tuple[RangeValues, RangeValues]],
         chunk_elements: int | None = None,
+        c_kernel: bool = True,
     ):
+        """`chunk_elements`: elements per torch-path chunk (default per device); `c_kernel`: bin float32 CPU
+        features with the compiled kernel when it is available (False: always the torch ops)."""
         super().__init__(neurons)
         if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
             raise UserError(f"the number of histogram bins must be a positive integer, got {bins!r}")
         self.bins = bins
         self.chunk_elements = chunk_elements
+        self.c_kernel = c_kernel
         self.default_extraction_settings = {
             "accumulate_spatial_feats_in_hist": True,
             "accumulate_sample_feats_in_hist": True,
@@ -298,7 +302,8 @@ class HistogramAccumulator(_Accumulator):
         if self._recent_values[layer] + per_row > INT32_MAX:
             self._flush(layer)
         self._recent_values[layer] += per_row
-        kernel = native.binning_kernel() if x.device.type == "cpu" and x.dtype == torch.float32 else None
+        use_kernel = self.c_kernel and x.device.type == "cpu" and x.dtype == torch.float32
+        kernel = native.binning_kernel() if use_kernel else None
         if kernel is not None:
             kernel.bin_rows(
                 x.reshape(b, c, -1), self.mean[layer], self.std[layer], self.bins, self._recent[layer]
