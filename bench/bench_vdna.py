@@ -26,6 +26,10 @@ scipy serve both tools)::
     /tmp/vdna-venv/bin/pip install huggingface_hub opencv-python-headless
     python bench/bench_vdna.py --vdna-site /tmp/vdna-venv/lib/python3.11/site-packages
 
+``--device cuda`` runs both tools' makes on the GPU (ours without AMP). There, cuDNN picks its own
+convolution algorithms per memory layout (ours runs channels-last), so the histograms are compared but not
+expected to be identical bit for bit.
+
 Offline use follows §8: vdna's ``hf_hub_download`` is replaced by local files and its CUDA-only
 ``get_features`` by ``forward_backbone(b)[1]``.
 """
@@ -132,6 +136,8 @@ def shim_vdna(weights: Path, ranges_path: Path, align: bool):
 def timed(fn):
     start = time.perf_counter()
     out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return out, time.perf_counter() - start
 
 
@@ -158,6 +164,7 @@ def run_tool(tool: str, args: argparse.Namespace, work: Path) -> dict:
         cmd += ["--vdna-site", args.vdna_site]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    cmd += ["--device", args.device]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"the {tool} process failed:\n{done.stderr[-3000:]}")
@@ -172,8 +179,8 @@ def tool_process(args: argparse.Namespace, work: Path) -> None:
     if args.tool == "ours":
 
         def make(folder):
-            return make_vdna(folder, "rand_resnet50", distribution, args.batch_size, args.workers, "cpu",
-                             resize="clean", ranges=ranges_path, quiet=True)  # fmt: skip
+            return make_vdna(folder, "rand_resnet50", distribution, args.batch_size, args.workers, args.device,
+                             resize="clean", ranges=ranges_path, amp=False, quiet=True)  # fmt: skip
 
         distance, save = emd, save_vdna
     else:
@@ -182,7 +189,7 @@ def tool_process(args: argparse.Namespace, work: Path) -> None:
 
         def make(folder):
             return processor.make_vdna(source=str(folder), feat_extractor_name="rand_resnet50",
-                                       distribution_name=distribution, device="cpu", num_workers=args.workers,
+                                       distribution_name=distribution, device=args.device, num_workers=args.workers,
                                        batch_size=args.batch_size, verbose=False)  # fmt: skip
 
         def distance(x, y):
@@ -214,6 +221,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--bins", type=int, default=1000)
+    parser.add_argument(
+        "--device", default="cpu", help="cpu or cuda[:i] for both tools' makes (ours in float32: no AMP)"
+    )
     parser.add_argument("--repeats", type=int, default=2, help="rounds, one process per tool each (medians)")
     parser.add_argument(
         "--threads", type=int, help="torch intra-op threads for both tools (default: torch's)"
