@@ -1,0 +1,468 @@
+"""`retrieve`: identify specimens across images, DNA barcodes and taxonomy (BIOSCAN-CLIP / CLIBD): export the
+world as BIOSCAN HDF5, build embedding indexes, query them, evaluate with the BIOSCAN protocol, plot the
+embedding space. `train retrieval` (registered in cli/train.py) trains the model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli.common import (
+    CONTEXT,
+    DATA,
+    HARDWARE,
+    MODEL,
+    OPTIM,
+    OUTPUT,
+    Amp,
+    DataDir,
+    Device,
+    Name,
+    Out,
+    Overwrite,
+    Quiet,
+    Resume,
+    Show,
+    Workers,
+    WorldPreset,
+    is_main_process,
+    resolve_config,
+    run_dir_for,
+)
+from core.errors import UserError
+
+app = typer.Typer(
+    help="Retrieval across images, DNA barcodes and taxonomy: index, query, evaluate (BIOSCAN protocol), plot.",
+    no_args_is_help=True,
+    context_settings=CONTEXT,
+)
+SEARCH = "Search"
+
+Model = Annotated[
+    Path,
+    typer.Option("--model", "-m", exists=True, help="Retrieval weights (.safetensors) or a `train retrieval` run "
+                 "directory (uses best).", rich_help_panel=MODEL),
+]  # fmt: skip
+Data = Annotated[
+    Path | None,
+    typer.Option("--data", exists=True, dir_okay=False, envvar="BIOVIS_BIOSCAN",
+                 help="BIOSCAN HDF5 file (BIOSCAN-1M/5M layout). Default: the data the model was trained on.",
+                 rich_help_panel=DATA),
+]  # fmt: skip
+BatchSize = Annotated[int, typer.Option(help="Records per forward pass.", rich_help_panel=HARDWARE)]
+Backend = Annotated[
+    str, typer.Option(help="Exact search: torch or faiss (IndexFlatIP).", rich_help_panel=SEARCH)
+]
+Force = Annotated[bool, typer.Option(help="Rebuild cached embedding indexes.", rich_help_panel=OUTPUT)]
+TRAINED = "the data the model was trained on"
+
+
+def _data_for(data: Path | None, meta: dict) -> Path:
+    if data is not None:
+        return data
+    trained = Path((meta.get("dataset") or {}).get("path", ""))
+    if not trained.is_file():
+        raise UserError(
+            f"the model's training data {trained} is not here; pass --data PATH to a BIOSCAN HDF5 file"
+        )
+    return trained
+
+
+def _load(model: Path, device: str):
+    from core.device import resolve_device
+    from models.retrieval import load_retrieval_model
+
+    dev = resolve_device(device)
+    net, meta, model_hash = load_retrieval_model(model, str(dev))
+    return net, meta, model_hash, dev
+
+
+@app.command("export-world")
+def export_world_command(
+    out: Annotated[Path, typer.Option(help="HDF5 file to write.", rich_help_panel=OUTPUT)],
+    world: WorldPreset = None,
+    data_dir: DataDir = None,
+    unseen_fraction: Annotated[
+        float, typer.Option(help="Share of species held out as unseen.", rich_help_panel=DATA)
+    ] = 0.25,  # fmt: skip
+    seed: Annotated[int, typer.Option(help="Seed of the seen/unseen partition.", rich_help_panel=DATA)] = 0,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Write the synthetic world as a BIOSCAN HDF5 file with the seen/unseen partition (all_keys included)."""
+    from datasets.bioscan.export import export_world
+    from datasets.registry import ensure_world_root
+
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} already exists; pass --overwrite or another --out")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; name an .h5 file")
+    root = ensure_world_root(world or "default", data_dir, quiet=quiet)
+    export_world(root, out, unseen_fraction, seed)
+    typer.echo(f"wrote {out} (world {root.parent.name})")
+
+
+@app.command("index")
+def index_command(
+    model: Model,
+    data: Data = None,
+    split: Annotated[
+        str, typer.Option(help="Group of the HDF5 file to index.", rich_help_panel=DATA)
+    ] = "all_keys",
+    modalities: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated (default: every modality of the model).", rich_help_panel=DATA),
+    ] = None,  # fmt: skip
+    batch_size: BatchSize = 256,
+    device: Device = "auto",
+    amp: Amp = True,
+    num_workers: Workers = None,
+    force: Force = False,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Also copy the index to this folder (e.g. for a laptop).", rich_help_panel=OUTPUT),
+    ] = None,  # fmt: skip
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Embed a split once for all modalities into a cached, memory-mappable float16 index."""
+    from testing.retrieval.store import build_index, export_index
+
+    net, meta, model_hash, dev = _load(model, device)
+    chosen = [m.strip() for m in modalities.split(",")] if modalities else list(net.spec.modalities)
+    unknown = [m for m in chosen if m not in net.spec.modalities]
+    if unknown:
+        raise UserError(f"--modalities: the model has {', '.join(net.spec.modalities)}, not {unknown[0]}")
+    if batch_size <= 0:
+        raise UserError(f"--batch-size must be positive, got {batch_size}")
+    if out is not None and out.exists() and not overwrite:
+        raise UserError(f"{out} already exists; pass --overwrite or another --out")
+    index, built = build_index(net, model_hash, model, _data_for(data, meta), split, chosen, dev, batch_size,
+                               num_workers, amp, force=force, quiet=quiet)  # fmt: skip
+    manifest = index.manifest
+    how = f"built at {manifest['records_per_s']} records/s" if built else "cached"
+    typer.echo(f"index of {len(index)} {split} records ({', '.join(index.modalities)}, {manifest['dim']}-d "
+               f"float16), {how}: {index.folder}")  # fmt: skip
+    if out is not None:
+        typer.echo(f"copied to {export_index(index, out, overwrite)}")
+
+
+@app.command("query")
+def query_command(
+    model: Model,
+    image: Annotated[
+        list[Path] | None, typer.Option(help="Image file to identify (repeatable).", rich_help_panel=DATA)
+    ] = None,  # fmt: skip
+    dna: Annotated[
+        list[str] | None, typer.Option(help="DNA barcode to identify (repeatable).", rich_help_panel=DATA)
+    ] = None,  # fmt: skip
+    fasta: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help="FASTA file of barcodes.", rich_help_panel=DATA),
+    ] = None,  # fmt: skip
+    dna_unknown: Annotated[
+        str, typer.Option(help="Characters outside ACGTN-: error, or n (read as N).", rich_help_panel=DATA)
+    ] = "error",  # fmt: skip
+    index: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            file_okay=False,
+            help="Index folder (`retrieve index --out`). Default: the cached index of --data's all_keys.",
+            rich_help_panel=SEARCH,
+        ),
+    ] = None,  # fmt: skip
+    data: Data = None,
+    keys: Annotated[
+        str, typer.Option(help="Key modality: dna, image or text.", rich_help_panel=SEARCH)
+    ] = "dna",
+    k: Annotated[int, typer.Option("--k", "-k", help="Neighbours to list.", rich_help_panel=SEARCH)] = 5,
+    min_sim: Annotated[
+        float | None,
+        typer.Option(
+            help="Flag 'possibly novel' below this best cosine (default: the "
+            "threshold calibrated by `retrieve evaluate --on val`).",
+            rich_help_panel=SEARCH,
+        ),
+    ] = None,  # fmt: skip
+    backend: Backend = "torch",
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print JSON instead of tables.", rich_help_panel=OUTPUT)
+    ] = False,
+    device: Device = "auto",
+) -> None:
+    """Identify specimens from photos and/or DNA barcodes: nearest keys, per-rank prediction, novelty flag."""
+    from datasets.bioscan.dna import clean_dna, read_fasta
+    from testing.retrieval.query import check_image_files, run_query
+    from testing.retrieval.store import EmbeddingIndex, build_index
+
+    sequences = [
+        (f"dna{i + 1}", clean_dna(s, dna_unknown, source=f"--dna #{i + 1}")) for i, s in enumerate(dna or [])
+    ]
+    if fasta is not None:
+        sequences += read_fasta(fasta, dna_unknown)
+    images = check_image_files(image or [])
+    if not images and not sequences:
+        raise UserError("nothing to query: pass --image FILE, --dna SEQUENCE or --fasta FILE")
+    net, meta, model_hash, dev = _load(model, device)
+    if index is not None:
+        store = EmbeddingIndex.load(index)
+        store.check_model(model_hash, model)
+    else:
+        store, _ = build_index(
+            net, model_hash, model, _data_for(data, meta), "all_keys", net.spec.modalities, dev
+        )
+    if keys not in store.modalities:
+        raise UserError(f"--keys {keys}: the index holds {', '.join(store.modalities)} keys")
+    if images and "image" not in net.spec.modalities:
+        raise UserError("--image: this model has no image encoder")
+    results = run_query(net, store, images, sequences, keys, k, min_sim, dev, backend)
+    if as_json:
+        typer.echo(json.dumps(results, indent=2))
+        return
+    _print_results(results)
+
+
+def _print_results(results: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from datasets.bioscan.taxonomy import RANKS
+
+    console = Console()
+    for result in results:
+        flag = result["novel"]
+        note = "" if flag is None else (" [bold red]possibly novel species[/]" if flag else " known species")
+        threshold = "" if result["threshold"] is None else f" (threshold {result['threshold']:.3f})"
+        table = Table(title=f"{result['modality']} query {result['query']} -> {result['keys']} keys: best cosine "
+                      f"{result['best_score']:.3f}{threshold}{note}", title_justify="left")  # fmt: skip
+        for column in ("#", "cosine", "id", *RANKS):
+            table.add_column(column, justify="right" if column in ("#", "cosine") else "left")
+        for i, n in enumerate(result["neighbours"], 1):
+            table.add_row(str(i), f"{n['score']:.3f}", n["id"], *(n[r] for r in RANKS))
+        console.print(table)
+        guess = ", ".join(f"{r} {p['label']} ({p['support']:.0%})" for r, p in result["prediction"].items())
+        console.print(f"prediction: {guess}\n")
+
+
+@app.command("evaluate")
+def evaluate_command(
+    model: Model,
+    data: Data = None,
+    on: Annotated[
+        str,
+        typer.Option(
+            help="Query splits: val (also calibrates the novelty flag) or test.", rich_help_panel=DATA
+        ),
+    ] = "val",  # fmt: skip
+    pairs: Annotated[
+        str | None,
+        typer.Option(
+            help="QUERY:KEY pairs, comma-separated (default: image:image, "
+            "dna:dna, image:dna and image:text when trained).",
+            rich_help_panel=SEARCH,
+        ),
+    ] = None,  # fmt: skip
+    key_split: Annotated[
+        str, typer.Option(help="Group holding the keys.", rich_help_panel=DATA)
+    ] = "all_keys",
+    batch_size: BatchSize = 256,
+    backend: Backend = "torch",
+    device: Device = "auto",
+    amp: Amp = True,
+    num_workers: Workers = None,
+    force: Force = False,
+    out: Out = None,
+    name: Name = None,
+    overwrite: Overwrite = False,
+    show: Show = False,
+    quiet: Quiet = False,
+) -> None:
+    """The BIOSCAN protocol: micro/macro top-1/3/5 per rank, seen/unseen/H.M., novelty AUROC; table, CSV, figure."""
+    from testing.retrieval.evaluate import run_evaluate
+
+    _, meta, _, _ = _load(model, "cpu")
+    run_dir = run_dir_for("retrieve-evaluate", out, name)
+    summary = run_evaluate(model, _data_for(data, meta), run_dir, on, pairs, key_split, batch_size, device,
+                           num_workers, amp, backend, force, show, quiet, overwrite)  # fmt: skip
+    _print_table(summary)
+    typer.echo(f"results: {run_dir}")
+
+
+def _print_table(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from datasets.bioscan.taxonomy import RANKS
+
+    frame = summary["table"]
+    top1 = frame[frame["k"] == 1]
+    table = Table(title=f"top-1 accuracy (%) on {summary['on']}: {summary['queries']} queries against "
+                  f"{summary['keys']} keys (S / U / H.M.)")  # fmt: skip
+    for column in ("query -> key", "metric", *RANKS):
+        table.add_column(column, justify="right")
+    for _, row in top1.iterrows():
+        if row["metric"] == "chance":
+            continue
+        cells = [
+            f"{100 * row[f'{r}_seen']:.1f} / {100 * row[f'{r}_unseen']:.1f} / {100 * row[f'{r}_hm']:.1f}"
+            for r in RANKS
+        ]
+        table.add_row(f"{row['query']} -> {row['key']}", row["metric"], *cells)
+    Console().print(table)
+    for pair, result in summary["novelty"].items():
+        extra = f", threshold {result['threshold']:.3f}" if "threshold" in result else ""
+        typer.echo(f"novelty flag {pair}: AUROC {result['auroc']:.3f} (seen vs unseen queries){extra}")
+
+
+@app.command("plot")
+def plot_command(
+    model: Model,
+    data: Data = None,
+    split: Annotated[str, typer.Option(help="Group to embed.", rich_help_panel=DATA)] = "all_keys",
+    rank: Annotated[
+        str, typer.Option(help="Colour by order, family, genus or species.", rich_help_panel=DATA)
+    ] = "genus",
+    batch_size: BatchSize = 256,
+    device: Device = "auto",
+    amp: Amp = True,
+    num_workers: Workers = None,
+    force: Force = False,
+    out: Out = None,
+    name: Name = None,
+    overwrite: Overwrite = False,
+    show: Show = False,
+    quiet: Quiet = False,
+) -> None:
+    """2-D projection (PCA, fitted jointly) of a split's image and DNA embeddings, coloured by a rank."""
+    import numpy as np
+
+    from core.rundir import mark_run, prepare_run_dir
+    from datasets.bioscan.hdf5 import check_split
+    from datasets.bioscan.taxonomy import RANKS
+    from testing.retrieval.plots import plot_projection
+    from testing.retrieval.store import build_index
+
+    if rank not in RANKS:
+        raise UserError(f"--rank must be one of {', '.join(RANKS)}, got {rank!r}")
+    net, meta, model_hash, dev = _load(model, device)
+    source = _data_for(data, meta)
+    modalities = [m for m in ("image", "dna") if m in net.spec.modalities]
+    check_split(source, split, tuple(modalities))
+    run_dir = prepare_run_dir(
+        run_dir_for("retrieve-plot", out, name),
+        "retrieve plot",
+        overwrite=overwrite,
+        inputs=[model, source],
+        resumable=False,
+    )
+    index, _ = build_index(net, model_hash, model, source, split, modalities, dev, batch_size, num_workers, amp,
+                           force=force, quiet=quiet)  # fmt: skip
+    embeddings = {m: np.asarray(index.keys(m), dtype=np.float32) for m in modalities}
+    path = plot_projection(embeddings, index.labels[rank], rank, run_dir / f"projection_{split}_{rank}.png",
+                           f"{', '.join(modalities)} embeddings of {split} ({len(index)} records)", show=show)  # fmt: skip
+    mark_run(run_dir, status="finished")
+    typer.echo(f"figure: {path}")
+
+
+RESUMABLE = {"epochs", "device", "num_workers", "amp", "log_every", "eval_batch_size"}
+
+
+def train_retrieval_command(
+    preset: Annotated[
+        str,
+        typer.Option(
+            help="Recipe from training/presets/retrieval.yaml: tiny, bioscan-1m, bioscan-5m.",
+            rich_help_panel=MODEL,
+        ),
+    ] = "tiny",  # fmt: skip
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data",
+            exists=True,
+            dir_okay=False,
+            envvar="BIOVIS_BIOSCAN",
+            help="BIOSCAN HDF5 file (default: the synthetic world in that layout).",
+            rich_help_panel=DATA,
+        ),
+    ] = None,  # fmt: skip
+    world: WorldPreset = None,
+    data_dir: DataDir = None,
+    modalities: Annotated[
+        str | None, typer.Option(help="image,dna or image,dna,text.", rich_help_panel=MODEL)
+    ] = None,
+    image_arch: Annotated[
+        str | None, typer.Option(help="tiny, resnet18/34/50 or vit_b_16.", rich_help_panel=MODEL)
+    ] = None,
+    image_size: Annotated[
+        int | None, typer.Option(help="Image side in pixels.", rich_help_panel=MODEL)
+    ] = None,
+    weights: Annotated[
+        str | None, typer.Option(help="Image tower: imagenet, none or PATH.", rich_help_panel=MODEL)
+    ] = None,
+    dna_weights: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="BarcodeBERT checkpoint (.pth or .safetensors).",
+            rich_help_panel=MODEL,
+        ),
+    ] = None,  # fmt: skip
+    embed_dim: Annotated[int | None, typer.Option(help="Embedding dimension.", rich_help_panel=MODEL)] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Records per step per process.", rich_help_panel=OPTIM)
+    ] = None,
+    epochs: Annotated[
+        float | None, typer.Option(help="Training epochs (fractions allowed).", rich_help_panel=OPTIM)
+    ] = None,
+    lr: Annotated[
+        float | None, typer.Option("--lr", help="OneCycle peak learning rate.", rich_help_panel=OPTIM)
+    ] = None,
+    weight_decay: Annotated[
+        float | None, typer.Option(help="AdamW weight decay.", rich_help_panel=OPTIM)
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.", rich_help_panel=OPTIM)] = None,
+    eval_every: Annotated[
+        int | None, typer.Option(help="Steps between validations (0: every epoch).", rich_help_panel=OUTPUT)
+    ] = None,  # fmt: skip
+    log_every: Annotated[
+        int | None, typer.Option(help="Steps between log lines.", rich_help_panel=OUTPUT)
+    ] = None,
+    device: Device = "auto",
+    amp: Amp = True,
+    num_workers: Workers = None,
+    out: Out = None,
+    name: Name = None,
+    overwrite: Overwrite = False,
+    resume: Resume = False,
+    quiet: Quiet = False,
+) -> None:
+    """Train the image-DNA(-taxonomy) retrieval model contrastively (best/last, log.jsonl, resume, DDP)."""
+    from core.rundir import prepare_run_dir
+    from training.retrieval import PRESETS, RetrievalConfig, train_retrieval
+
+    if preset.startswith("bioscan") and data is None and not resume:
+        raise UserError(f"--preset {preset} trains on BIOSCAN: pass --data PATH to its HDF5 file")
+    overrides = dict(
+        data=str(data) if data else None, world=world, data_dir=str(data_dir) if data_dir else None,
+        modalities=[m.strip() for m in modalities.split(",")] if modalities else None, image_arch=image_arch,
+        image_size=image_size, weights=weights, dna_weights=str(dna_weights) if dna_weights else None,
+        embed_dim=embed_dim, batch_size=batch_size, epochs=epochs, lr=lr, weight_decay=weight_decay, seed=seed,
+        eval_every=eval_every, log_every=log_every, device=device, amp=amp, num_workers=num_workers,
+    )  # fmt: skip
+    run_dir = run_dir_for("train-retrieval", out, name)
+    cfg = resolve_config(RetrievalConfig, PRESETS, preset, overrides, run_dir, resume, RESUMABLE)
+    cfg.validate()
+    inputs = [p for p in (data, dna_weights) if p is not None]
+    if is_main_process():
+        prepare_run_dir(run_dir, "train retrieval", overwrite=overwrite, resume=resume, inputs=inputs)
+    summary = train_retrieval(cfg, Path(run_dir), resume=resume, quiet=quiet)
+    if is_main_process():
+        best = summary["best"]
+        typer.echo(f"best val mean micro top-1 {best['score']:.4f} at step {best['step']}; run: {run_dir}")
+        typer.echo(f"weights: {Path(run_dir) / 'best.safetensors'}")

@@ -1,0 +1,123 @@
+"""Exact nearest neighbours by inner product (cosine on unit vectors), chunked so that memory stays bounded.
+
+Keys may be a NumPy array or memory map (float16/float32) of any size: they are streamed in chunks; on CUDA
+they are held in float16 (half the memory) and each chunk is scored in float32. Each chunk's top-k is merged
+into a running top-k. Ties are broken deterministically by the lower key index, also at a chunk's top-k
+boundary. `backend="faiss"` runs faiss' exact `IndexFlatIP` instead (when faiss is installed).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from core.errors import UserError
+
+BACKENDS = ("torch", "faiss")
+_TOP_INDEX = np.iinfo(np.int64).max
+
+
+def _ordered(scores, indices, k: int):
+    """The first k of (scores, indices) rows sorted by score descending, then index ascending."""
+    import torch
+
+    by_index = torch.sort(indices, dim=1, stable=True)
+    scores = scores.gather(1, by_index.indices)
+    by_score = torch.sort(scores, dim=1, descending=True, stable=True)
+    return by_score.values[:, :k], by_index.values.gather(1, by_score.indices)[:, :k]
+
+
+def _chunk_topk(scores, k: int, offset: int):
+    """Top-k of one score chunk [Q, C] with exact lower-index tie-breaking: rows whose k-th score is tied
+    with an unselected key are re-ranked on all keys holding that score."""
+    import torch
+
+    values, index = scores.topk(k, dim=1)
+    kth = values[:, -1:]
+    tied = (scores == kth).sum(1) > (values == kth).sum(1)
+    if bool(tied.any()):
+        rows = tied.nonzero().squeeze(1)
+        sub = scores[rows]
+        cols = torch.arange(sub.shape[1], device=sub.device).expand_as(sub)
+        big = torch.full_like(cols, _TOP_INDEX)
+        cand = torch.where(sub >= kth[rows], cols, big)  # every key at or above the k-th score
+        values[rows], index[rows] = _ordered(torch.where(cand < _TOP_INDEX, sub, -torch.inf), cand, k)
+    return values, index + offset
+
+
+def search(queries, keys, k: int, backend: str = "torch", device: str = "cpu", normalize: bool = False,
+           chunk: int | None = None, query_batch: int = 4096, max_bytes: int = 1 << 28) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Top-k keys per query: (float32 scores [Q, k], int64 indices [Q, k]), best first, ties to lower index.
+
+    `normalize` scales queries to unit length (keys are expected unit-length already). Memory: one float32
+    score block of `query_batch x chunk` (chosen within `max_bytes` when `chunk` is None) plus one key chunk.
+    """
+    if backend not in BACKENDS:
+        raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    n_keys = len(keys)
+    if k < 1:
+        raise UserError(f"--k must be at least 1, got {k}")
+    if n_keys == 0:
+        raise UserError("the index holds no keys")
+    k = min(k, n_keys)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if normalize:
+        queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
+    if backend == "faiss":
+        return _faiss_search(queries, keys, k)
+    return _torch_search(queries, keys, k, device, chunk, query_batch, max_bytes)
+
+
+def _torch_search(queries: np.ndarray, keys: Any, k: int, device: str, chunk: int | None, query_batch: int,
+                  max_bytes: int) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    import torch
+
+    dev = torch.device(device)
+    n_keys = len(keys)
+    query_batch = max(1, min(query_batch, len(queries)))
+    chunk = chunk or max(k, min(n_keys, max_bytes // (4 * query_batch)))
+    cuda = dev.type == "cuda"
+    resident = torch.from_numpy(np.asarray(keys, dtype=np.float16)).to(dev) if cuda else None
+    out_scores = np.empty((len(queries), k), dtype=np.float32)
+    out_index = np.empty((len(queries), k), dtype=np.int64)
+    with torch.inference_mode():
+        for q0 in range(0, len(queries), query_batch):
+            q = torch.from_numpy(queries[q0 : q0 + query_batch]).to(dev)
+            best_s = best_i = None
+            for c0 in range(0, n_keys, chunk):
+                if cuda:
+                    block = resident[c0 : c0 + chunk].float()
+                else:
+                    block = torch.from_numpy(np.asarray(keys[c0 : c0 + chunk], dtype=np.float32))
+                s, i = _chunk_topk(q @ block.T, min(k, block.shape[0]), c0)
+                if best_s is None:
+                    best_s, best_i = s, i
+                else:
+                    best_s, best_i = _ordered(torch.cat([best_s, s], 1), torch.cat([best_i, i], 1), k)
+            out_scores[q0 : q0 + len(q)] = best_s.cpu().numpy()
+            out_index[q0 : q0 + len(q)] = best_i.cpu().numpy()
+    return out_scores, out_index
+
+
+def faiss_available() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _faiss_search(queries: np.ndarray, keys: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+    if not faiss_available():
+        raise UserError(
+            "--backend faiss needs the faiss package (pip install faiss-cpu); or use --backend torch"
+        )
+    import faiss
+
+    index = faiss.IndexFlatIP(queries.shape[1])
+    step = 1 << 18
+    for c0 in range(0, len(keys), step):
+        index.add(np.ascontiguousarray(keys[c0 : c0 + step], dtype=np.float32))
+    scores, indices = index.search(queries, k)
+    return scores.astype(np.float32), indices.astype(np.int64)

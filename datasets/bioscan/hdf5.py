@@ -1,0 +1,181 @@
+"""BIOSCAN-1M / BIOSCAN-5M HDF5 files (the BIOSCAN-CLIP layout), read lazily per record.
+
+One group per split (`no_split_and_seen_train`, `val_seen`, `val_unseen`, `all_keys`, ...), each holding
+parallel datasets: `image` (JPEG bytes zero-padded to a fixed width, or variable-length rows), `image_mask`
+(the true byte length), `barcode`, `order`/`family`/`genus`/`species` (`not_classified` where missing) and
+ids (`processid`, `sampleid`, `image_file`). A `BioscanSplit` opens its file lazily, once per process, so
+every DataLoader worker holds its own h5py handle; each item decodes one image and tokenises one barcode, so
+nothing is read or tokenised for a whole split up front.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core.errors import UserError
+from datasets.bioscan.dna import KmerTokenizer, clean_dna
+from datasets.bioscan.taxonomy import RANKS, TaxonomyTokenizer, group_ids
+
+LABELS = ("barcode", *RANKS)
+IMAGE = ("image", "image_mask")
+ID_FIELDS = ("processid", "sampleid", "image_file")
+MODALITIES = ("image", "dna", "text")
+
+
+def text(value) -> str:
+    """An HDF5 string cell (bytes or str) as str."""
+    if isinstance(value, bytes | np.bytes_):
+        return value.decode("utf-8", errors="replace")
+    return str(value)
+
+
+def open_hdf5(path: str | os.PathLike):
+    """h5py.File for reading, with one-line errors for a missing, empty, truncated or foreign file."""
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"HDF5 file {path} does not exist")
+    if path.stat().st_size == 0:
+        raise UserError(f"HDF5 file {path} is empty")
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else "unreadable"
+        raise UserError(f"{path} is not a readable HDF5 file ({reason[:120]}); is it truncated?") from None
+
+
+def check_split(path: str | os.PathLike, split: str, modalities: tuple[str, ...] = ("image", "dna")) -> int:
+    """The record count of `split`, after checking that the group and the datasets it needs are there."""
+    with open_hdf5(path) as f:
+        groups = sorted(k for k in f if hasattr(f[k], "keys"))
+        if split not in f or not hasattr(f[split], "keys"):
+            raise UserError(
+                f"{path} has no split {split!r}; its groups are: {', '.join(groups) or 'none'} "
+                "(is it a BIOSCAN HDF5 file?)"
+            )
+        group = f[split]
+        needed = LABELS + (IMAGE if "image" in modalities else ())
+        missing = [name for name in needed if name not in group]
+        if missing:
+            raise UserError(
+                f"{path}: group {split!r} lacks dataset(s) {', '.join(missing)}; a BIOSCAN HDF5 group has "
+                f"{', '.join(needed)}"
+            )
+        lengths = {name: group[name].shape[0] for name in needed}
+        if len(set(lengths.values())) > 1:
+            listed = ", ".join(f"{k}={v}" for k, v in lengths.items())
+            raise UserError(
+                f"{path}: datasets of group {split!r} differ in length ({listed}); is it truncated?"
+            )
+        return int(lengths["barcode"])
+
+
+def read_labels(path: str | os.PathLike, split: str) -> dict[str, np.ndarray]:
+    """Ids and the four ranks of every record of a split, as arrays of str (for evaluation and indexes)."""
+    check_split(path, split, modalities=())
+    with open_hdf5(path) as f:
+        group = f[split]
+        out = {rank: np.array([text(v) for v in group[rank][:]], dtype=object) for rank in RANKS}
+        id_field = next((name for name in ID_FIELDS if name in group), None)
+        n = len(out["species"])
+        ids = [text(v) for v in group[id_field][:]] if id_field else [f"{split}:{i}" for i in range(n)]
+        out["id"] = np.array(ids, dtype=object)
+    return out
+
+
+def decode_image(data: bytes, size: int, where: str) -> np.ndarray:
+    """JPEG/PNG bytes -> uint8 [3, size, size]: short side to `size`, centre crop (deterministic)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            img = img.convert("RGB")
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot decode image {where} ({reason[:100]})") from None
+    return square_uint8(img, size)
+
+
+def square_uint8(img, size: int) -> np.ndarray:
+    """A PIL RGB image -> uint8 [3, size, size]: short side resized to `size`, then centre crop."""
+    from PIL import Image
+
+    w, h = img.size
+    scale = size / min(w, h)
+    new = (max(size, round(w * scale)), max(size, round(h * scale)))
+    if new != (w, h):
+        img = img.resize(new, Image.Resampling.BILINEAR, reducing_gap=3.0)
+    left, top = (new[0] - size) // 2, (new[1] - size) // 2
+    pixels = np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+
+class BioscanSplit(torch.utils.data.Dataset):
+    """One split of a BIOSCAN HDF5 file as dicts of tensors: `image` (uint8 [3, S, S]), `dna_ids`/`dna_mask`,
+    `text_ids`/`text_mask`, `group` (taxonomy-string id) and `index`. Only the requested modalities are read."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        split: str,
+        modalities: tuple[str, ...] = ("image", "dna"),
+        image_size: int = 224,
+        dna: KmerTokenizer | None = None,
+        taxonomy: TaxonomyTokenizer | None = None,
+        dna_unknown: str = "n",
+    ):
+        unknown = sorted(set(modalities) - set(MODALITIES))
+        if unknown:
+            raise UserError(f"unknown modality {', '.join(unknown)}; choices: {', '.join(MODALITIES)}")
+        self.path, self.split = Path(path), split
+        self.modalities = tuple(modalities)
+        self.length = check_split(self.path, split, self.modalities)
+        self.image_size = image_size
+        self.dna = dna or KmerTokenizer()
+        self.taxonomy = taxonomy or TaxonomyTokenizer()
+        self.dna_unknown = dna_unknown
+        self._file, self._pid = None, None
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_file": None, "_pid": None}  # workers open their own handle
+
+    def _group(self):
+        if self._file is None or self._pid != os.getpid():
+            self._file, self._pid = open_hdf5(self.path), os.getpid()
+        return self._file[self.split]
+
+    def _image_bytes(self, group, i: int) -> bytes:
+        data = group["image"]
+        n = int(group["image_mask"][i])
+        row = data[i] if data.ndim == 1 else data[i, :n]
+        return np.asarray(row, dtype=np.uint8)[:n].tobytes()
+
+    def __getitem__(self, i: int) -> dict:
+        group = self._group()
+        item: dict = {"index": i}
+        names = tuple(text(group[rank][i]) for rank in RANKS)
+        item["group"] = int(group_ids([names])[0])
+        if "image" in self.modalities:
+            where = f"{i} of {self.path}:{self.split}"
+            item["image"] = torch.from_numpy(
+                decode_image(self._image_bytes(group, i), self.image_size, where)
+            )
+        if "dna" in self.modalities:
+            where = f"{self.path}:{self.split} record {i}"
+            sequence = clean_dna(text(group["barcode"][i]) or "N", self.dna_unknown, source=where)
+            ids, mask = self.dna.encode([sequence])
+            item["dna_ids"], item["dna_mask"] = torch.from_numpy(ids[0]), torch.from_numpy(mask[0])
+        if "text" in self.modalities:
+            ids, mask = self.taxonomy.encode([names])
+            item["text_ids"], item["text_mask"] = torch.from_numpy(ids[0]), torch.from_numpy(mask[0])
+        return item

@@ -1,0 +1,55 @@
+"""Taxonomy labels as text tokens: one token per rank (order, family, genus, species), hashed into buckets.
+
+`not_classified` (BIOSCAN's placeholder for a missing rank) and empty names are padding: masked in the text
+encoder's attention and pooling, so the frequent pretraining string "Order Family not_classified
+not_classified" is read as the two ranks it knows. Hashing whole names (sha1, stable across runs and
+machines) gives unseen names a token too, without a vocabulary file. `group_ids` gives equal ids to equal
+taxonomy strings, so that the contrastive loss can leave them out of each other's negatives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+RANKS = ("order", "family", "genus", "species")
+NOT_CLASSIFIED = "not_classified"
+PAD_ID = 0
+
+
+def is_classified(name: str) -> bool:
+    return bool(name) and name != NOT_CLASSIFIED
+
+
+def _hash(text: str) -> int:
+    return int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:8], "little")
+
+
+@dataclass(frozen=True)
+class TaxonomyTokenizer:
+    """`encode(rows) -> (ids, mask)` of shape [n, 4]; rows are (order, family, genus, species) names."""
+
+    buckets: int = 4096
+
+    @property
+    def config(self) -> dict:
+        return asdict(self)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.buckets + 1
+
+    def encode(self, rows: list[tuple[str, str, str, str]]) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.zeros((len(rows), len(RANKS)), dtype=np.int64)
+        for i, row in enumerate(rows):
+            for j, (rank, name) in enumerate(zip(RANKS, row, strict=True)):
+                if is_classified(name):
+                    ids[i, j] = 1 + _hash(f"{rank}:{name}") % self.buckets
+        return ids, ids != PAD_ID
+
+
+def group_ids(rows: list[tuple[str, str, str, str]]) -> np.ndarray:
+    """int64 per row, equal exactly for equal taxonomy strings (63-bit hash of the joined names)."""
+    return np.array([_hash("|".join(row)) >> 1 for row in rows], dtype=np.int64)

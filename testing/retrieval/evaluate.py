@@ -1,0 +1,140 @@
+"""`retrieve evaluate`: the BIOSCAN protocol for a trained model on a BIOSCAN HDF5 file, written into a run
+directory (paper-layout CSV, long CSV, JSON, accuracy figure, novelty calibration)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from core.atomic import write_text
+from core.errors import UserError
+from datasets.bioscan.hdf5 import check_split, read_labels
+from testing.retrieval.novelty import calibrate, flag_rates
+from testing.retrieval.protocol import evaluate_pairs, paper_table, selection_score
+
+DEFAULT_PAIRS = ("image:image", "dna:dna", "image:dna", "image:text")
+
+
+def parse_pairs(text: str | None, modalities) -> list[tuple[str, str]]:
+    """`image:dna,dna:dna` -> [(image, dna), (dna, dna)]; None -> the default pairs the model can run."""
+    if text is None:
+        items = [p for p in DEFAULT_PAIRS if all(m in modalities for m in p.split(":"))]
+    else:
+        items = [p.strip() for p in text.split(",") if p.strip()]
+    pairs = []
+    for item in items:
+        parts = item.split(":")
+        if len(parts) != 2 or not all(parts):
+            raise UserError(f"--pairs item {item!r} is not QUERY:KEY (e.g. image:dna)")
+        missing = [m for m in parts if m not in modalities]
+        if missing:
+            raise UserError(
+                f"--pairs {item}: the model was trained on {', '.join(modalities)}, not {missing[0]}"
+            )
+        pairs.append((parts[0], parts[1]))
+    if not pairs:
+        raise UserError("--pairs names no pair of modalities")
+    return pairs
+
+
+def score_model(model, data, query_splits: list[str], key_split: str, pairs, device, batch_size: int = 256,
+                num_workers: int | None = None, amp: bool = True, backend: str = "torch", index_for=None,
+                quiet: bool = False) -> tuple[list[dict], dict]:  # fmt: skip
+    """Embed the query splits and the keys (through `index_for(split, modalities)` when given, which returns a
+    cached index; in memory otherwise) and run the protocol. Returns (rows, best scores per pair and split)."""
+    from testing.retrieval.embed import embed_split
+
+    query_modalities = sorted({q for q, _ in pairs})
+    key_modalities = sorted({k for _, k in pairs})
+
+    def embeddings(split: str, modalities):
+        if index_for is not None:
+            index = index_for(split, modalities)
+            return {m: np.asarray(index.keys(m)) for m in modalities}, index.labels
+        return embed_split(model, data, split, modalities, device, batch_size, num_workers, amp, quiet=quiet), \
+            read_labels(data, split)  # fmt: skip
+
+    keys, key_labels = embeddings(key_split, key_modalities)
+    queries, query_labels = {}, {}
+    for split in query_splits:
+        queries[split], query_labels[split] = embeddings(split, query_modalities)
+    return evaluate_pairs(queries, query_labels, keys, key_labels, pairs, backend=backend, device=str(device))
+
+
+def novelty_report(best: dict, pairs, on: str, stored: dict) -> tuple[dict, dict]:
+    """Per pair: AUROC of the best score (seen vs unseen) and, on val, a calibrated threshold; on test, the flag
+    rates under the threshold calibrated earlier on val (when there is one). Returns (report, new thresholds)."""
+    report, thresholds = {}, {}
+    for q, k in pairs:
+        name = f"{q}:{k}"
+        seen, unseen = best[(q, k, f"{on}_seen")], best[(q, k, f"{on}_unseen")]
+        result = calibrate(seen, unseen)
+        if on == "val":
+            thresholds[name] = {key: result[key] for key in ("threshold", "tpr", "fpr", "auroc")}
+            report[name] = result
+        else:
+            report[name] = {"auroc": result["auroc"], "n_seen": len(seen), "n_unseen": len(unseen)}
+            if name in stored:
+                threshold = stored[name]["threshold"]
+                report[name].update({"threshold_from_val": threshold, **flag_rates(seen, unseen, threshold)})
+    return report, thresholds
+
+
+def run_evaluate(model_path: str | os.PathLike, data: str | os.PathLike, run_dir: Path, on: str = "val",
+                 pairs: str | None = None, key_split: str = "all_keys", batch_size: int = 256, device: str = "auto",
+                 num_workers: int | None = None, amp: bool = True, backend: str = "torch", force: bool = False,
+                 show: bool = False, quiet: bool = False, overwrite: bool = False) -> dict:  # fmt: skip
+    from core.device import resolve_device
+    from core.plotting import save_table
+    from core.rundir import mark_run, prepare_run_dir
+    from models.retrieval import load_retrieval_model
+    from testing.retrieval.plots import plot_accuracy
+    from testing.retrieval.store import build_index
+
+    if on not in ("val", "test"):
+        raise UserError(f"--on must be val or test, got {on!r}")
+    if batch_size <= 0:
+        raise UserError(f"--batch-size must be positive, got {batch_size}")
+    dev = resolve_device(device)
+    model, meta, model_hash = load_retrieval_model(model_path, str(dev))
+    chosen = parse_pairs(pairs, model.spec.modalities)
+    query_splits = [f"{on}_seen", f"{on}_unseen"]
+    for split in [*query_splits, key_split]:
+        check_split(data, split, tuple(model.spec.modalities))
+    run_dir = prepare_run_dir(
+        run_dir, "retrieve evaluate", overwrite=overwrite, inputs=[model_path, data], resumable=False
+    )
+    indexes = {}
+
+    def index_for(split: str, modalities):
+        index, _ = build_index(model, model_hash, model_path, data, split, modalities, dev, batch_size,
+                               num_workers, amp, force=force, quiet=quiet)  # fmt: skip
+        indexes[split] = index
+        return index
+
+    rows, best = score_model(model, data, query_splits, key_split, chosen, dev, batch_size, num_workers, amp,
+                             backend, index_for=index_for, quiet=quiet)  # fmt: skip
+    key_index = indexes[key_split]
+    novelty, thresholds = novelty_report(best, chosen, on, key_index.novelty())
+    if thresholds:
+        key_index.save_novelty(thresholds)
+    table = paper_table(rows)
+    save_table(table, run_dir / "results.csv")
+    import pandas as pd
+
+    save_table(pd.DataFrame(rows), run_dir / "results_long.csv")
+    plot_accuracy(rows, run_dir / "accuracy.png", show=show)
+    summary = {
+        "model": str(model_path), "model_hash": model_hash, "data": str(data), "on": on, "key_split": key_split,
+        "keys": len(key_index), "queries": {s: len(indexes[s]) for s in query_splits},
+        "pairs": [f"{q}:{k}" for q, k in chosen], "selection_score": selection_score(rows),
+        "novelty": novelty, "index": str(key_index.folder), "results": rows,
+    }  # fmt: skip
+    write_text(run_dir / "results.json", json.dumps(summary, indent=2))
+    write_text(run_dir / "novelty.json", json.dumps(novelty, indent=2))
+    mark_run(run_dir, status="finished")
+    summary["table"] = table
+    return summary

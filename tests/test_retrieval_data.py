@@ -1,0 +1,136 @@
+"""BIOSCAN data: DNA validation and FASTA, the k-mer tokenizer (BarcodeBERT's ids, padding mask), the world's
+HDF5 export read back record by record, its seen/unseen partition, and the reader's one-line errors."""
+
+from __future__ import annotations
+
+import itertools
+
+import h5py
+import numpy as np
+import pytest
+
+from core.errors import UserError
+from datasets.bioscan.dna import UNK_ID, KmerTokenizer, clean_dna, read_fasta
+from datasets.bioscan.export import POOLS, export_world
+from datasets.bioscan.hdf5 import BioscanSplit, check_split, read_labels
+from datasets.bioscan.taxonomy import TaxonomyTokenizer, group_ids
+from datasets.world import load_barcodes, load_taxonomy
+
+
+def test_vocabulary_is_barcodebert_order():
+    """Specials first, then the 4^k k-mers in lexicographic order (torchtext's order for equal counts)."""
+    tok = KmerTokenizer(k=3, stride=3, max_len=12)
+    kmers = ["".join(p) for p in itertools.product("ACGT", repeat=3)]
+    assert [tok.token(km) for km in kmers] == list(range(3, 3 + 64))
+    assert tok.vocab_size == 67 and tok.token("ANA") == UNK_ID
+
+
+def test_tokens_and_padding_mask():
+    tok = KmerTokenizer(k=5, stride=5, max_len=20)
+    ids, mask = tok.encode(["ACGTACGTAC", "ACGTANNNNNGG"])
+    assert ids.shape == (2, 4) and mask.shape == (2, 4)
+    assert ids[0].tolist() == [tok.token("ACGTA"), tok.token("CGTAC"), UNK_ID, UNK_ID]
+    assert mask[0].tolist() == [True, True, False, False]
+    # an N inside the sequence is an unknown token that stays visible; padding is masked
+    assert ids[1].tolist() == [tok.token("ACGTA"), UNK_ID, UNK_ID, UNK_ID]
+    assert mask[1].tolist() == [True, True, True, False]
+    long_ids, long_mask = tok.encode(["ACGTA" * 10])
+    assert long_mask.all() and (long_ids == tok.token("ACGTA")).all()  # truncated to max_len
+
+
+def test_clean_dna_names_the_position():
+    assert clean_dna(" acg-t\nnA ") == "ACGTNA"
+    with pytest.raises(UserError, match=r"'X' at position 4 .*--dna-unknown n"):
+        clean_dna("ACGXT")
+    assert clean_dna("ACGXRT", unknown="n") == "ACGNNT"
+    with pytest.raises(UserError, match="empty"):
+        clean_dna("--")
+
+
+def test_fasta(tmp_path):
+    path = tmp_path / "q.fa"
+    path.write_text(">one sample\nACGT\nacgt\n\n>two\nGG-CC\n")
+    assert read_fasta(path) == [("one sample", "ACGTACGT"), ("two", "GGCC")]
+    path.write_text(">bad\nACGT\nACZT\n")
+    with pytest.raises(UserError, match=r"record 'bad'.*'Z' at position 7"):
+        read_fasta(path)
+    path.write_text(">empty\n>next\nACGT\n")
+    with pytest.raises(UserError, match="no sequence lines"):
+        read_fasta(path)
+
+
+def test_taxonomy_tokens_mask_unclassified():
+    tok = TaxonomyTokenizer(buckets=64)
+    ids, mask = tok.encode([("Diptera", "Sciaridae", "not_classified", "not_classified"),
+                            ("Diptera", "Sciaridae", "Bradysia", "")])  # fmt: skip
+    assert mask.tolist() == [[True, True, False, False], [True, True, True, False]]
+    assert (ids[0, :2] == ids[1, :2]).all() and ids[0, 2] == 0
+    groups = group_ids([("a", "b", "c", "d"), ("a", "b", "c", "d"), ("a", "b", "c", "e")])
+    assert groups[0] == groups[1] != groups[2]
+
+
+@pytest.fixture(scope="module")
+def world_h5(small_world, tmp_path_factory):
+    path = tmp_path_factory.mktemp("bioscan") / "world.h5"
+    return export_world(small_world, path, unseen_fraction=0.25, seed=3)
+
+
+def test_world_round_trip(small_world, world_h5):
+    """Every record of every group reads back as the world's own image bytes, barcode and taxonomy."""
+    from datasets.cub import read_cub_meta
+
+    meta = read_cub_meta(small_world)
+    taxonomy = {row["class_id"]: row for row in load_taxonomy(small_world)}
+    barcodes = load_barcodes(small_world)
+    by_file = {p: i for i, p in enumerate(meta.paths)}
+    with h5py.File(world_h5) as f:
+        for name in f:
+            group = f[name]
+            for j in range(group["barcode"].shape[0]):
+                i = by_file[group["image_file"][j].decode()]
+                expected = (small_world / "images" / meta.paths[i]).read_bytes()
+                assert group["image"][j, : group["image_mask"][j]].tobytes() == expected
+                assert group["barcode"][j].decode() == barcodes[i + 1]
+                row = taxonomy[int(meta.labels[i]) + 1]
+                assert [group[r][j].decode() for r in ("order", "family", "genus", "species")] == [
+                    row["order"], row["family"], row["genus"], row["species"]]  # fmt: skip
+    item = BioscanSplit(world_h5, "val_seen", ("image", "dna", "text"), image_size=24)[0]
+    assert item["image"].shape == (3, 24, 24) and str(item["image"].dtype) == "torch.uint8"
+    assert item["dna_mask"].sum() == 130  # 650 nt -> 130 real 5-mers of 132
+
+
+def test_partition_is_bioscan_like(world_h5):
+    with h5py.File(world_h5) as f:
+        ids = {name: set(f[name]["processid"][:].tolist()) for name in f}
+        species = {name: set(f[name]["species"][:].tolist()) for name in f}
+    seen, unseen = species["train_seen"], species["val_unseen"] | species["test_unseen"]
+    assert seen and unseen and not seen & unseen and not species["val_unseen"] & species["test_unseen"]
+    assert species["val_seen"] == species["seen_keys"] == seen
+    queries = ["val_seen", "test_seen", "val_unseen", "test_unseen"]
+    parts = ["train_seen", "seen_keys", "val_unseen_keys", "test_unseen_keys", *queries]
+    for a, b in itertools.combinations(parts, 2):
+        assert not ids[a] & ids[b], (a, b)
+    for pool, members in POOLS.items():
+        assert ids[pool] == set().union(*(ids[m] for m in members))
+    assert species["val_unseen_keys"] == species["val_unseen"]
+
+
+def test_reader_errors(world_h5, tmp_path):
+    with pytest.raises(UserError, match=r"has no split 'nope'; its groups are: all_keys"):
+        check_split(world_h5, "nope")
+    broken = tmp_path / "broken.h5"
+    with h5py.File(broken, "w") as f:
+        f.create_group("all_keys").create_dataset("barcode", data=np.array([b"ACGT"]))
+    with pytest.raises(
+        UserError, match=r"group 'all_keys' lacks dataset\(s\) order, family, genus, species, image"
+    ):
+        check_split(broken, "all_keys")
+    data = world_h5.read_bytes()
+    (tmp_path / "cut.h5").write_bytes(data[: len(data) // 3])
+    with pytest.raises(UserError, match="not a readable HDF5 file"):
+        check_split(tmp_path / "cut.h5", "all_keys")
+    (tmp_path / "empty.h5").write_bytes(b"")
+    with pytest.raises(UserError, match="is empty"):
+        check_split(tmp_path / "empty.h5", "all_keys")
+    labels = read_labels(world_h5, "all_keys")
+    assert len(labels["id"]) == check_split(world_h5, "all_keys") and labels["id"][0].startswith("WORLD")

@@ -1,0 +1,258 @@
+"""Contrastive training of the retrieval model (BIOSCAN-CLIP / CLIBD) on a BIOSCAN HDF5 file.
+
+Step-based: step s takes batch s of a per-epoch shuffle seeded by (seed, epoch), and every random draw of the
+step (crops, flips, dropout) comes from a generator seeded by (seed, step, rank), so a run resumed from
+`last.pt` reaches the same weights as an uninterrupted one. AdamW (weight decay on all parameters, as the
+reference) under a OneCycle schedule stepped every iteration; bf16 autocast on CUDA; negatives gathered across
+DDP ranks with gradients. Every `eval_every` steps and at the end the model is scored with the BIOSCAN
+protocol on the validation queries against all keys; `best.safetensors` keeps the highest mean micro top-1.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from core import checkpoint
+from core.atomic import write_text
+from core.config import require_positive, to_dict, to_yaml
+from core.device import autocast, loader_settings, resolve_device
+from core.distributed import barrier, dist_env, init_distributed
+from core.errors import UserError
+from core.progress import Progress
+from core.rundir import mark_run
+from core.runlog import RunLog
+from core.seeding import derive_seed, seed_everything
+from datasets.bioscan.hdf5 import BioscanSplit, check_split
+from models.retrieval import RetrievalModel, RetrievalSpec
+from testing.retrieval.embed import model_inputs
+from testing.retrieval.evaluate import parse_pairs, score_model
+from testing.retrieval.protocol import selection_score
+from training.gan import StepBatches
+from training.losses_retrieval import contrastive_loss, modality_pairs
+
+PRESETS = Path(__file__).parent / "presets" / "retrieval.yaml"
+
+
+@dataclass
+class RetrievalConfig:
+    # data
+    data: str | None = None  # BIOSCAN HDF5 file; None: the synthetic world exported to that layout
+    world: str = "default"
+    data_dir: str | None = None
+    train_split: str = "no_split_and_seen_train"
+    val_on: str = "val"
+    key_split: str = "all_keys"
+    dna_unknown: str = "n"
+    # model
+    modalities: list[str] = field(default_factory=lambda: ["image", "dna"])
+    embed_dim: int = 768
+    image_arch: str = "vit_b_16"
+    image_size: int = 224
+    weights: str = "imagenet"  # image tower: imagenet, none or PATH
+    dna_weights: str | None = None  # BarcodeBERT checkpoint
+    dna_k: int = 5
+    dna_stride: int = 5
+    dna_max_len: int = 660
+    dna_bert: dict = field(default_factory=dict)
+    text_buckets: int = 65536
+    text_width: int = 256
+    text_layers: int = 2
+    temperature: float = 0.07
+    learn_temperature: bool = True
+    text_positives: bool = True  # same taxonomy string: not a negative in pairs with text
+    # optimisation (batch_size per process, as CLIBD)
+    batch_size: int = 500
+    epochs: float = 50
+    lr: float = 5e-5  # OneCycle peak at lr_reference_batch records per step
+    lr_reference_batch: int | None = 500
+    weight_decay: float = 0.01
+    pct_start: float = 0.3
+    crop_scale: float = 0.5
+    vflip: bool = True
+    # bookkeeping
+    eval_every: int = 0  # steps between evaluations; 0: once per epoch
+    eval_batch_size: int = 256
+    log_every: int = 50
+    device: str = "auto"
+    amp: bool = True
+    num_workers: int | None = None
+    seed: int = 42
+
+    def validate(self) -> None:
+        require_positive(
+            self, "batch_size", "epochs", "lr", "embed_dim", "image_size", "log_every", "eval_batch_size"
+        )
+        if self.eval_every < 0:
+            raise UserError(f"--eval-every must be >= 0, got {self.eval_every}")
+        if not 0 < self.crop_scale <= 1:
+            raise UserError(f"--crop-scale must be in (0, 1], got {self.crop_scale}")
+        if not 0 < self.pct_start < 1:
+            raise UserError(f"--pct-start must be in (0, 1), got {self.pct_start}")
+        self.spec()
+
+    def spec(self) -> RetrievalSpec:
+        return RetrievalSpec(
+            tuple(self.modalities), self.embed_dim, self.image_arch, self.image_size, self.dna_k, self.dna_stride,
+            self.dna_max_len, dict(self.dna_bert), self.text_buckets, self.text_width, self.text_layers,
+            self.temperature, self.learn_temperature,
+        )  # fmt: skip
+
+    def data_path(self, quiet: bool = False) -> Path:
+        if self.data:
+            return Path(self.data)
+        from datasets.bioscan.export import ensure_world_hdf5
+
+        return ensure_world_hdf5(self.world, self.data_dir, quiet=quiet)
+
+    def peak_lr(self, world_size: int) -> float:
+        """CLIBD scales the learning rate linearly with the global batch."""
+        if not self.lr_reference_batch:
+            return self.lr
+        return self.lr * self.batch_size * world_size / self.lr_reference_batch
+
+
+def build_model(cfg: RetrievalConfig) -> RetrievalModel:
+    return RetrievalModel(cfg.spec(), image_weights=cfg.weights, dna_weights=cfg.dna_weights)
+
+
+def train_step(
+    net, model: RetrievalModel, inputs: dict, optimizer, schedule, groups, rank: int, amp: bool
+) -> dict:
+    """One optimisation step; returns device tensors (no host sync): loss, per-pair losses, logit scale."""
+    with autocast(inputs["dna_ids" if "dna_ids" in inputs else "text_ids"].device, amp):
+        out = net(inputs)
+    embeddings = {m: out[m] for m in model.spec.modalities}
+    loss, per_pair = contrastive_loss(embeddings, out["logit_scale"], groups, rank)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    schedule.step()
+    return {"loss": loss.detach(), "pairs": per_pair.detach(), "logit_scale": out["logit_scale"].detach()}
+
+
+def _weights_meta(cfg: RetrievalConfig, model: RetrievalModel, data: Path, step: int, metrics: dict) -> dict:
+    return {
+        "kind": "retrieval", "spec": model.spec.to_dict(), "preprocessing": model.spec.preprocessing(),
+        "dataset": {"path": str(data), "train_split": cfg.train_split}, "step": step, "metrics": metrics,
+        "config": to_dict(cfg),
+    }  # fmt: skip
+
+
+def _validate(cfg: RetrievalConfig, model, data: Path, device, pairs, quiet: bool) -> dict:
+    splits = [f"{cfg.val_on}_seen", f"{cfg.val_on}_unseen"]
+    rows, _ = score_model(model, data, splits, cfg.key_split, pairs, device, cfg.eval_batch_size,
+                          cfg.num_workers, cfg.amp, quiet=True)  # fmt: skip
+    flat = {f"{r['query']}_{r['key']}_{r['rank']}_{r['kind']}": r["value"]
+            for r in rows if r["metric"] == "micro" and r["k"] == 1}  # fmt: skip
+    return {"score": selection_score(rows), **flat}
+
+
+def train_retrieval(cfg: RetrievalConfig, run_dir: Path, resume: bool = False, quiet: bool = False) -> dict:
+    """Train, evaluate, keep best and last; returns the summary written to summary.json."""
+    cfg.validate()
+    env = dist_env()
+    device = resolve_device(cfg.device, env.local_rank)
+    init_distributed(env, device)
+    main = env.is_main
+    data = cfg.data_path(quiet=quiet or not main) if main else None
+    barrier()
+    data = data or cfg.data_path(quiet=True)
+    modalities = tuple(cfg.modalities)
+    for split in (cfg.train_split, f"{cfg.val_on}_seen", f"{cfg.val_on}_unseen", cfg.key_split):
+        check_split(data, split, modalities)
+    spec = cfg.spec()
+    train_set = BioscanSplit(data, cfg.train_split, modalities, spec.load_size, spec.dna_tokenizer,
+                             spec.text_tokenizer, cfg.dna_unknown)  # fmt: skip
+
+    seed_everything(cfg.seed)
+    model = build_model(cfg).to(device)
+    net = model
+    if env.enabled:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    sampler = StepBatches(train_set, cfg.batch_size, env.rank, env.world_size, cfg.seed)
+    total_steps = max(1, math.ceil(cfg.epochs * sampler.per_epoch))
+    eval_every = cfg.eval_every or sampler.per_epoch
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.peak_lr(env.world_size), weight_decay=cfg.weight_decay
+    )
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.peak_lr(env.world_size), total_steps=total_steps,
+                                                   pct_start=cfg.pct_start, anneal_strategy="cos", cycle_momentum=False)  # fmt: skip
+    step, best = 0, {"score": -1.0, "step": None}
+    if resume and (run_dir / "last.pt").is_file():
+        state = checkpoint.load_state(run_dir / "last.pt", device=str(device))
+        checkpoint.load_state_dict_checked(model, state["model"], str(run_dir / "last.pt"))
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        step, best = state["step"], state["best"]
+    sampler.start = step
+    loader = DataLoader(train_set, batch_sampler=sampler, **loader_settings(device, cfg.num_workers))
+    batches = iter(loader)
+    pairs = parse_pairs(None, modalities)
+    if main:
+        write_text(run_dir / "config.yaml", to_yaml(cfg))
+        mark_run(run_dir, status="running", world_size=env.world_size, device=str(device), data=str(data))
+    log = RunLog(run_dir / "log.jsonl", enabled=main)
+    use_groups = "text" in modalities and cfg.text_positives
+    names = [
+        f"loss_{a}_{b}" for a, b in modality_pairs([m for m in ("image", "dna", "text") if m in modalities])
+    ]
+
+    window, window_steps, tick = None, 0, time.time()
+    with Progress(max(total_steps - step, 0), "train retrieval", enabled=main and not quiet) as bar:
+        while step < total_steps:
+            torch.manual_seed(derive_seed(cfg.seed, "step", step, env.rank))
+            batch = next(batches)
+            inputs = model_inputs(batch, device, cfg.image_size, train=True, vflip=cfg.vflip,
+                                  crop_scale=(cfg.crop_scale, 1.0))  # fmt: skip
+            groups = batch["group"].to(device) if use_groups else None
+            model.train()
+            out = train_step(net, model, inputs, optimizer, schedule, groups, env.rank, cfg.amp)
+            model.logit_scale.data.clamp_(max=math.log(100.0))
+            values = torch.cat([out["loss"][None], out["pairs"], out["logit_scale"][None]]).double()
+            window = values if window is None else window + values
+            window_steps += 1
+            step += 1
+            shown = {}
+            if step % cfg.log_every == 0 or step == total_steps:
+                means = (window / window_steps).tolist()
+                if not math.isfinite(means[0]):
+                    raise FloatingPointError(f"non-finite retrieval loss at step {step}: lower --lr")
+                rate = window_steps * cfg.batch_size * env.world_size / max(time.time() - tick, 1e-9)
+                log.write(step, "train", epoch=round(step / sampler.per_epoch, 3), loss=means[0],
+                          **dict(zip(names, means[1:-1], strict=True)), logit_scale=means[-1],
+                          lr=optimizer.param_groups[0]["lr"], records_per_s=round(rate, 1))  # fmt: skip
+                shown = {"loss": round(means[0], 4)}
+                window, window_steps, tick = None, 0, time.time()
+            bar.update(1, **shown)
+            if step % eval_every == 0 or step == total_steps:
+                if main:
+                    val = _validate(cfg, model, data, device, pairs, quiet)
+                    log.write(step, "val", epoch=round(step / sampler.per_epoch, 3), **val)
+                    if not quiet:
+                        print(f"step {step}: val mean micro top-1 {val['score']:.4f}", flush=True)
+                    meta = _weights_meta(cfg, model, data, step, {"val": val})
+                    checkpoint.save_weights(run_dir / "last.safetensors", model.state_dict(), meta)
+                    if val["score"] > best["score"]:
+                        best = {"score": val["score"], "step": step}
+                        checkpoint.save_weights(run_dir / "best.safetensors", model.state_dict(), meta)
+                    checkpoint.save_state(run_dir / "last.pt", {
+                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "schedule": schedule.state_dict(), "step": step, "best": best, "config": to_dict(cfg),
+                    })  # fmt: skip
+                barrier()
+                tick = time.time()
+
+    summary = {"best": best, "steps": step, "epochs": cfg.epochs, "data": str(data), "run_dir": str(run_dir)}
+    if main:
+        write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+        mark_run(run_dir, status="finished")
+    return summary
