@@ -9,7 +9,7 @@ import sys
 
 import typer
 
-from cli import amplify, concepts, demo, gan, logs, prefetch, test, train, vdna, viscoin
+from cli import amplify, concepts, demo, gan, logs, prefetch, retrieve, test, train, vdna, viscoin
 from cli.common import CONTEXT
 from core.errors import UserError
 
@@ -31,6 +31,7 @@ app.command("to-pickle")(viscoin.to_pickle)
 app.add_typer(concepts.app, name="concepts")
 app.command("amplify")(amplify.amplify)
 app.add_typer(vdna.app, name="vdna")
+app.add_typer(retrieve.app, name="retrieve")
 
 
 def one_line(error: UserError) -> str:

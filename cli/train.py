@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cli import gan, viscoin
+from cli import gan, retrieve, viscoin
 from cli.common import (
     CONTEXT,
     DATA,
@@ -134,3 +134,4 @@ def classifier(
 
 app.command("gan")(gan.train_gan)
 app.command("viscoin")(viscoin.train_viscoin_command)
+app.command("retrieval")(retrieve.train_retrieval_command)
