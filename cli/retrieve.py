@@ -302,16 +302,16 @@ def _print_table(summary: dict) -> None:
     top1 = frame[frame["k"] == 1]
     table = Table(title=f"top-1 accuracy (%) on {summary['on']}: {summary['queries']} queries against "
                   f"{summary['keys']} keys (S / U / H.M.)")  # fmt: skip
-    for column in ("query -> key", "metric", *RANKS):
-        table.add_column(column, justify="right")
+    for column in ("query>key", "metric", *RANKS):
+        table.add_column(column, justify="right", no_wrap=True)
     for _, row in top1.iterrows():
         if row["metric"] == "chance":
             continue
         cells = [
-            f"{100 * row[f'{r}_seen']:.1f} / {100 * row[f'{r}_unseen']:.1f} / {100 * row[f'{r}_hm']:.1f}"
+            f"{100 * row[f'{r}_seen']:.1f}/{100 * row[f'{r}_unseen']:.1f}/{100 * row[f'{r}_hm']:.1f}"
             for r in RANKS
         ]
-        table.add_row(f"{row['query']} -> {row['key']}", row["metric"], *cells)
+        table.add_row(f"{row['query']}>{row['key']}", row["metric"], *cells)
     Console().print(table)
     for pair, result in summary["novelty"].items():
         extra = f", threshold {result['threshold']:.3f}" if "threshold" in result else ""

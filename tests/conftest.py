@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -42,6 +43,27 @@ def run_cli(
         cwd=cwd or ROOT,
         timeout=timeout,
     )
+
+
+class CliResult(NamedTuple):
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_main(args: tuple[str, ...], capsys, monkeypatch) -> CliResult:
+    """`python main.py ARGS` in this process (no torch import per call): exit code, stdout and stderr."""
+    import main
+
+    monkeypatch.setattr(sys, "argv", ["main.py", *args])
+    capsys.readouterr()
+    try:
+        main.main()
+        code = 0
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    out = capsys.readouterr()
+    return CliResult(code, out.out, out.err)
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

@@ -126,5 +126,8 @@ def test_identical_taxonomy_strings_are_not_negatives():
 
     expected = (ce(s * image @ text.T) + ce(s * text @ image.T)) / 2
     assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+    # the same masking for records of one species in an image-DNA pair
+    species, _ = contrastive_loss({"image": image, "dna": text}, torch.tensor(s), species_groups=groups)
+    assert species.item() == pytest.approx(expected.item(), abs=1e-6)
     identity, _ = contrastive_loss({"image": image, "text": text}, torch.tensor(s))
     assert identity.item() > loss.item() + 0.1  # as a negative, the duplicate costs at least log 2 per row

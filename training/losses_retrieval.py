@@ -6,6 +6,8 @@ For a pair (a, b) each rank scores its own rows of `a` against the columns of `b
 text, the other records with the same taxonomy string are masked out of row i's negatives: identical strings
 give identical text embeddings, so as negatives they would be false ones and keep the loss at or above
 log(#duplicates) whatever the model does (spreading the target over them instead changes nothing then).
+Optionally the other records of the same named species are masked out of the image-DNA negatives too, so the
+model is not pushed to tell specimens of one species apart (useful when batches hold many per species).
 """
 
 from __future__ import annotations
@@ -48,21 +50,23 @@ def pair_loss(a: torch.Tensor, b: torch.Tensor, a_all: torch.Tensor, b_all: torc
     return (F.cross_entropy(logits_ab, targets) + F.cross_entropy(logits_ba, targets)) / 2
 
 
-def contrastive_loss(embeddings: dict[str, torch.Tensor], scale: torch.Tensor, groups: torch.Tensor | None = None,
-                     rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def contrastive_loss(embeddings: dict[str, torch.Tensor], scale: torch.Tensor, text_groups: torch.Tensor | None = None,
+                     species_groups: torch.Tensor | None = None, rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(mean loss over modality pairs, per-pair losses) for embeddings of one rank's batch.
 
-    `groups` (int64 per record, equal for equal taxonomy strings) masks same-string records out of the
-    negatives of pairs that involve text; None keeps every other record a negative.
+    `text_groups` (int64 per record, equal for equal taxonomy strings) masks same-string records out of the
+    negatives of pairs with text. `species_groups` (equal for records of the same named species, unique
+    otherwise) does the same in the other pairs. None keeps every other record a negative (the reference).
     """
     names = [m for m in ("image", "dna", "text") if m in embeddings]
     gathered = {m: gather(embeddings[m]) for m in names}
     n = embeddings[names[0]].shape[0]
-    groups_all = gather(groups, grad=False) if groups is not None and "text" in names else None
+    groups = {"text": text_groups if "text" in names else None, "other": species_groups}
+    groups_all = {kind: None if g is None else gather(g, grad=False) for kind, g in groups.items()}
     losses = []
     for a, b in modality_pairs(names):
-        use_groups = groups_all is not None and "text" in (a, b)
+        kind = "text" if "text" in (a, b) else "other"
         losses.append(pair_loss(embeddings[a], embeddings[b], gathered[a], gathered[b], scale, rank * n,
-                                groups if use_groups else None, groups_all if use_groups else None))  # fmt: skip
+                                groups[kind], groups_all[kind]))  # fmt: skip
     per_pair = torch.stack(losses)
     return per_pair.mean(), per_pair

@@ -66,7 +66,10 @@ class RetrievalConfig:
     text_layers: int = 2
     temperature: float = 0.07
     learn_temperature: bool = True
-    text_positives: bool = True  # same taxonomy string: not a negative in pairs with text
+    mask_text_duplicates: bool = True  # same taxonomy string: not a negative in pairs with text
+    mask_same_species: bool = (
+        False  # same named species: not a negative in image-DNA pairs (reference: False)
+    )
     # optimisation (batch_size per process, as CLIBD)
     batch_size: int = 500
     epochs: float = 50
@@ -122,14 +125,13 @@ def build_model(cfg: RetrievalConfig) -> RetrievalModel:
     return RetrievalModel(cfg.spec(), image_weights=cfg.weights, dna_weights=cfg.dna_weights)
 
 
-def train_step(
-    net, model: RetrievalModel, inputs: dict, optimizer, schedule, groups, rank: int, amp: bool
-) -> dict:
+def train_step(net, model: RetrievalModel, inputs: dict, optimizer, schedule, text_groups, species_groups,
+               rank: int, amp: bool) -> dict:  # fmt: skip
     """One optimisation step; returns device tensors (no host sync): loss, per-pair losses, logit scale."""
     with autocast(inputs["dna_ids" if "dna_ids" in inputs else "text_ids"].device, amp):
         out = net(inputs)
     embeddings = {m: out[m] for m in model.spec.modalities}
-    loss, per_pair = contrastive_loss(embeddings, out["logit_scale"], groups, rank)
+    loss, per_pair = contrastive_loss(embeddings, out["logit_scale"], text_groups, species_groups, rank)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -201,7 +203,6 @@ def train_retrieval(cfg: RetrievalConfig, run_dir: Path, resume: bool = False, q
         write_text(run_dir / "config.yaml", to_yaml(cfg))
         mark_run(run_dir, status="running", world_size=env.world_size, device=str(device), data=str(data))
     log = RunLog(run_dir / "log.jsonl", enabled=main)
-    use_groups = "text" in modalities and cfg.text_positives
     names = [
         f"loss_{a}_{b}" for a, b in modality_pairs([m for m in ("image", "dna", "text") if m in modalities])
     ]
@@ -213,9 +214,12 @@ def train_retrieval(cfg: RetrievalConfig, run_dir: Path, resume: bool = False, q
             batch = next(batches)
             inputs = model_inputs(batch, device, cfg.image_size, train=True, vflip=cfg.vflip,
                                   crop_scale=(cfg.crop_scale, 1.0))  # fmt: skip
-            groups = batch["group"].to(device) if use_groups else None
+            text_groups = batch["group"].to(device) if cfg.mask_text_duplicates else None
+            species_groups = batch["species_group"].to(device) if cfg.mask_same_species else None
             model.train()
-            out = train_step(net, model, inputs, optimizer, schedule, groups, env.rank, cfg.amp)
+            out = train_step(
+                net, model, inputs, optimizer, schedule, text_groups, species_groups, env.rank, cfg.amp
+            )
             model.logit_scale.data.clamp_(max=math.log(100.0))
             values = torch.cat([out["loss"][None], out["pairs"], out["logit_scale"][None]]).double()
             window = values if window is None else window + values

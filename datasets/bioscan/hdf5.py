@@ -19,7 +19,7 @@ import torch
 
 from core.errors import UserError
 from datasets.bioscan.dna import KmerTokenizer, clean_dna
-from datasets.bioscan.taxonomy import RANKS, TaxonomyTokenizer, group_ids
+from datasets.bioscan.taxonomy import RANKS, TaxonomyTokenizer, group_ids, is_classified
 
 LABELS = ("barcode", *RANKS)
 IMAGE = ("image", "image_mask")
@@ -119,7 +119,8 @@ def square_uint8(img, size: int) -> np.ndarray:
 
 class BioscanSplit(torch.utils.data.Dataset):
     """One split of a BIOSCAN HDF5 file as dicts of tensors: `image` (uint8 [3, S, S]), `dna_ids`/`dna_mask`,
-    `text_ids`/`text_mask`, `group` (taxonomy-string id) and `index`. Only the requested modalities are read."""
+    `text_ids`/`text_mask`, `group` (taxonomy-string id), `species_group` (that id when the species is named,
+    else unique) and `index`. Only the requested modalities are read."""
 
     def __init__(
         self,
@@ -154,28 +155,37 @@ class BioscanSplit(torch.utils.data.Dataset):
             self._file, self._pid = open_hdf5(self.path), os.getpid()
         return self._file[self.split]
 
-    def _image_bytes(self, group, i: int) -> bytes:
-        data = group["image"]
-        n = int(group["image_mask"][i])
-        row = data[i] if data.ndim == 1 else data[i, :n]
-        return np.asarray(row, dtype=np.uint8)[:n].tobytes()
-
     def __getitem__(self, i: int) -> dict:
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        """A batch of records with one read per dataset (h5py wants increasing, unique indices)."""
         group = self._group()
-        item: dict = {"index": i}
-        names = tuple(text(group[rank][i]) for rank in RANKS)
-        item["group"] = int(group_ids([names])[0])
+        unique, inverse = np.unique(np.asarray(indices, dtype=np.int64), return_inverse=True)
+        rows = unique.tolist()
+        names = list(zip(*([text(v) for v in group[rank][rows]] for rank in RANKS), strict=True))
+        groups = group_ids(names).tolist()
+        species = [g if is_classified(n[3]) else -1 - i for g, n, i in zip(groups, names, rows, strict=True)]
+        columns: dict[str, list] = {"index": rows, "group": groups, "species_group": species}
         if "image" in self.modalities:
-            where = f"{i} of {self.path}:{self.split}"
-            item["image"] = torch.from_numpy(
-                decode_image(self._image_bytes(group, i), self.image_size, where)
-            )
+            lengths, data = group["image_mask"][rows], group["image"][rows]
+            columns["image"] = [
+                torch.from_numpy(decode_image(np.asarray(row, dtype=np.uint8)[:n].tobytes(), self.image_size,
+                                              f"{i} of {self.path}:{self.split}"))
+                for i, row, n in zip(rows, data, lengths, strict=True)
+            ]  # fmt: skip
         if "dna" in self.modalities:
-            where = f"{self.path}:{self.split} record {i}"
-            sequence = clean_dna(text(group["barcode"][i]) or "N", self.dna_unknown, source=where)
-            ids, mask = self.dna.encode([sequence])
-            item["dna_ids"], item["dna_mask"] = torch.from_numpy(ids[0]), torch.from_numpy(mask[0])
+            sequences = [clean_dna(text(v) or "N", self.dna_unknown, source=f"{self.path}:{self.split} record {i}")
+                         for i, v in zip(rows, group["barcode"][rows], strict=True)]  # fmt: skip
+            ids, mask = self.dna.encode(sequences)
+            columns["dna_ids"], columns["dna_mask"] = (
+                list(torch.from_numpy(ids)),
+                list(torch.from_numpy(mask)),
+            )
         if "text" in self.modalities:
-            ids, mask = self.taxonomy.encode([names])
-            item["text_ids"], item["text_mask"] = torch.from_numpy(ids[0]), torch.from_numpy(mask[0])
-        return item
+            ids, mask = self.taxonomy.encode(names)
+            columns["text_ids"], columns["text_mask"] = (
+                list(torch.from_numpy(ids)),
+                list(torch.from_numpy(mask)),
+            )
+        return [{name: values[j] for name, values in columns.items()} for j in inverse.tolist()]
