@@ -43,12 +43,54 @@ def one_line(error: UserError) -> str:
     return message
 
 
+def environment_error(error: OSError) -> UserError | None:
+    """A file-system refusal (permission, read-only or full disk) as a one-line UserError; None otherwise."""
+    import errno
+
+    where = error.filename or "a file"
+    if isinstance(error, PermissionError):
+        return UserError(
+            f"permission denied on {where}: choose a folder you can write to (--out, $BIOVIS_CACHE)"
+        )
+    if error.errno in (errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+        return UserError(f"cannot write {where}: {error.strerror}")
+    return None
+
+
+def abandon_runs(reason: str) -> str:
+    """Put back or mark the runs this command left unfinished; a short suffix for the error line."""
+    if "core.rundir" not in sys.modules:
+        return ""
+    notes = sys.modules["core.rundir"].abandon_active_runs(reason)
+    return f" [{'; '.join(notes)}]" if notes else ""
+
+
+def fail(error: UserError) -> None:
+    message = one_line(error)
+    typer.secho(f"error: {message}{abandon_runs(message)}", err=True, fg="red")
+    sys.exit(error.exit_code)
+
+
 def main() -> None:
     try:
         app()
     except UserError as error:
-        typer.secho(f"error: {one_line(error)}", err=True, fg="red")
-        sys.exit(error.exit_code)
+        fail(error)
+    except OSError as error:
+        user_error = environment_error(error)
+        if user_error is not None:
+            fail(user_error)
+        note = abandon_runs(f"{type(error).__name__}: {error}").strip()
+        if note:
+            typer.secho(note, err=True)
+        raise
+    except BaseException as error:  # a bug, Ctrl-C or SystemExit: keep the traceback, record the state
+        if not (isinstance(error, SystemExit) and error.code in (0, None)):
+            reason = (f"{type(error).__name__}: {error}".strip().splitlines() or ["interrupted"])[0]
+            note = abandon_runs(reason).strip()
+            if note:
+                typer.secho(note, err=True)
+        raise
 
 
 if __name__ == "__main__":

@@ -64,12 +64,13 @@ def amplify(
         float | None,
         typer.Option(
             rich_help_panel=SELECT,
-            help="Select concepts with relevance / max|relevance| above T (T in [0, 1]).",
+            help="Select concepts with relevance / max|relevance| above T, T in [0, 1] (the default, T = 0.2, "
+            "is the paper's rule and `test viscoin`'s faithfulness threshold).",
         ),
     ] = None,  # fmt: skip
     concept_top_k: Annotated[
         int | None,
-        typer.Option(help="Select the K most relevant concepts (default 3).", rich_help_panel=SELECT),
+        typer.Option(help="Select the K most relevant concepts instead.", rich_help_panel=SELECT),
     ] = None,
     concept_indices: Annotated[
         str | None, typer.Option(help="Select these concepts, e.g. 1,2.", rich_help_panel=SELECT)
@@ -121,7 +122,8 @@ def amplify(
     plan = plan_amplify(analysis, image_ids, selection, factors, seed, batch_size)
     for line in plan.empty_lines():
         typer.echo(line)
-    run_dir = prepare_run_dir(run_dir_for("amplify", out, name), "amplify", overwrite=overwrite)
+    run_dir = prepare_run_dir(run_dir_for("amplify", out, name), "amplify", overwrite=overwrite,
+                              inputs=[bundle, data_dir], resumable=False)  # fmt: skip
     config = {"bundle": str(bundle), "bundle_hash": analysis.models.content_hash, "dataset": analysis.spec.dataset,
               "split": split, "images": image_ids, "selection": selection.describe(), "multipliers": factors,
               "seed": seed}  # fmt: skip

@@ -45,7 +45,11 @@ Overwrite = Annotated[
     bool, typer.Option(help="Replace a run already in the output directory.", rich_help_panel=OUTPUT)
 ]
 Resume = Annotated[
-    bool, typer.Option(help="Continue the run in --out from its last checkpoint.", rich_help_panel=OUTPUT)
+    bool,
+    typer.Option(
+        help="Continue the run in --out from its last checkpoint (also a failed or killed one).",
+        rich_help_panel=OUTPUT,
+    ),
 ]
 WorldPreset = Annotated[
     str | None, typer.Option(help="Synthetic world preset: default or small.", rich_help_panel=DATA)
@@ -80,20 +84,33 @@ def check_choice(value: str, choices: tuple[str, ...], option: str) -> str:
 
 
 def resolve_config(
-    cls, presets, preset: str, overrides: dict, run_dir: Path, resume: bool, resumable: set[str]
+    cls,
+    presets,
+    preset: str,
+    overrides: dict,
+    run_dir: Path,
+    resume: bool,
+    resumable: set[str],
+    command: str | None = None,
 ):
     """The run's config: preset + overrides for a new run; the saved config.yaml for `--resume`, where only
-    the `resumable` settings may change (anything else given differently is refused)."""
-    import yaml
-
-    from core.config import build, from_preset
+    the `resumable` settings may change (anything else given differently is refused). A run that failed
+    before it saved its config is resumed as a fresh start in the same folder."""
+    from core.config import build, from_preset, read_yaml
+    from core.rundir import check_resumable
 
     if not resume:
         return from_preset(cls, presets, preset, overrides)
+    if command is not None:
+        check_resumable(run_dir, command)
     saved_path = Path(run_dir) / "config.yaml"
     if not saved_path.is_file():
+        if command is not None:
+            return from_preset(cls, presets, preset, overrides)
         raise UserError(f"--resume: {run_dir} holds no run to resume (no config.yaml)")
-    saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
+    saved = read_yaml(saved_path, {})
+    if not isinstance(saved, dict):
+        raise UserError(f"{saved_path} is not a mapping of settings")
     changed = sorted(
         k for k, v in overrides.items() if v is not None and k not in resumable and saved.get(k) != v
     )

@@ -69,7 +69,10 @@ def concepts(
 
     check_batch_size(batch_size)
     analysis = open_analysis(bundle, dataset, data_dir, split, device, quiet=quiet)
-    run_dir = Path(prepare_run_dir(run_dir_for("concepts", out, name), "concepts", overwrite=overwrite))
+    run_dir = Path(
+        prepare_run_dir(run_dir_for("concepts", out, name), "concepts", overwrite=overwrite,
+                        inputs=[bundle, data_dir], resumable=False)
+    )  # fmt: skip
     _save_config(run_dir, {"bundle": str(bundle), "bundle_hash": analysis.models.content_hash,
                            "dataset": analysis.spec.dataset, "split": split, "force": force})  # fmt: skip
     summary = run_concepts(analysis, run_dir, batch_size, force=force, show=show, quiet=quiet)
@@ -118,7 +121,13 @@ def heatmaps(
     check_top(top, analysis.models.n_concepts)
     image_ids = choose_images(len(analysis.data), indices, seed, split=f"the {split}")
     run_dir = Path(
-        prepare_run_dir(run_dir_for("concept-heatmaps", out, name), "concepts heatmaps", overwrite=overwrite)
+        prepare_run_dir(
+            run_dir_for("concept-heatmaps", out, name),
+            "concepts heatmaps",
+            overwrite=overwrite,
+            inputs=[bundle, data_dir],
+            resumable=False,
+        )  # fmt: skip
     )
     _save_config(run_dir, {"bundle": str(bundle), "bundle_hash": analysis.models.content_hash,
                            "dataset": analysis.spec.dataset, "split": split, "images": image_ids, "top": top})  # fmt: skip

@@ -115,7 +115,7 @@ def train_gan(
     """Train a StyleGAN2 (G_ema.safetensors, sample grids, Fréchet distance in log.jsonl, resume, DDP)."""
     from core.checkpoint import read_meta
     from core.rundir import prepare_run_dir
-    from datasets.registry import canonical_name
+    from datasets.registry import canonical_name, check_data_spec
     from training.gan import DEFAULT_PRESET, PRESETS, GanConfig
     from training.gan import train_gan as run_training
 
@@ -131,15 +131,24 @@ def train_gan(
     )  # fmt: skip
     run_dir = run_dir_for("train-gan", out, name)
     cfg = resolve_config(
-        GanConfig, PRESETS, preset or DEFAULT_PRESET[dataset], overrides, run_dir, resume, RESUMABLE
+        GanConfig,
+        PRESETS,
+        preset or DEFAULT_PRESET[dataset],
+        overrides,
+        run_dir,
+        resume,
+        RESUMABLE,
+        command="train gan",
     )
     cfg.validate()
+    check_data_spec(cfg.data_spec())
     if cfg.metric_classifier:  # checked before the run directory is touched
         clf = Path(cfg.metric_classifier)
         if read_meta(clf / "best.safetensors" if clf.is_dir() else clf).get("kind") != "classifier":
             raise UserError(f"--metric-classifier {clf} is not a classifier checkpoint")
     if is_main_process():
-        prepare_run_dir(run_dir, "train gan", overwrite=overwrite, resume=resume)
+        inputs = [cfg.data_dir, cfg.metric_classifier]
+        prepare_run_dir(run_dir, "train gan", overwrite=overwrite, resume=resume, inputs=inputs)
     summary = run_training(cfg, Path(run_dir), resume=resume, quiet=quiet)
     if is_main_process():
         best = summary["best"]

@@ -52,8 +52,10 @@ def weights(
         ),
     ],
 ) -> None:
-    """torchvision ImageNet weights into the torch hub cache ($TORCH_HOME)."""
-    from models.classifiers import imagenet_state_dict
+    """torchvision ImageNet weights into the torch hub cache ($TORCH_HOME), checked against their sha256."""
+    from core.weights import cached_file
+    from models.classifiers import imagenet_url
 
-    state = imagenet_state_dict(arch)
-    typer.echo(f"{arch}: {len(state)} tensors cached")
+    hint = "check this machine's internet access (proxy, firewall) or copy the file into the cache by hand"
+    path = cached_file(imagenet_url(arch), f"ImageNet weights for {arch}", hint)
+    typer.echo(f"{arch}: {path} ({path.stat().st_size / 2**20:.0f} MiB, sha256 checked)")

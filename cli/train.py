@@ -101,7 +101,7 @@ def classifier(
     """Train an image classifier (best/last checkpoints, log.jsonl, resume, DDP under torchrun/srun)."""
     from core.config import to_dict
     from core.rundir import prepare_run_dir
-    from datasets.registry import canonical_name
+    from datasets.registry import canonical_name, check_data_spec
     from training.classifier import (
         DEFAULT_PRESET,
         PRESETS,
@@ -118,11 +118,20 @@ def classifier(
     )  # fmt: skip
     run_dir = run_dir_for("train-classifier", out, name)
     cfg = resolve_config(
-        ClassifierConfig, PRESETS, preset or DEFAULT_PRESET[dataset], overrides, run_dir, resume, RESUMABLE
+        ClassifierConfig,
+        PRESETS,
+        preset or DEFAULT_PRESET[dataset],
+        overrides,
+        run_dir,
+        resume,
+        RESUMABLE,
+        command="train classifier",
     )
     cfg.validate()
+    check_data_spec(cfg.data_spec())
     if is_main_process():
-        prepare_run_dir(run_dir, "train classifier", overwrite=overwrite, resume=resume)
+        inputs = [cfg.data_dir, None if cfg.weights in ("none", "imagenet") else cfg.weights]
+        prepare_run_dir(run_dir, "train classifier", overwrite=overwrite, resume=resume, inputs=inputs)
     summary = train_classifier(cfg, Path(run_dir), resume=resume, quiet=quiet)
     if is_main_process():
         best = summary["best"]

@@ -100,6 +100,17 @@ def _skipped(vdna) -> str:
     return f"skipped {' and '.join(parts)} in {settings.get('source')}" if parts else ""
 
 
+def check_sizes(image_size: int | None, num_images: int | None, batch_size: int) -> None:
+    """Refuse sizes that would mean something else than asked (0 images is not "all")."""
+    from datasets.registry import check_image_size
+
+    check_image_size(image_size)
+    if num_images is not None and num_images < 1:
+        raise UserError(f"--num-images must be at least 1 (leave it out for all images), got {num_images}")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+
+
 @app.command("make")
 def make(
     source: Source,
@@ -123,6 +134,7 @@ def make(
     quiet: Quiet = False,
 ) -> None:
     """Build the VDNA of SOURCE in one streaming pass and save it."""
+    check_sizes(image_size, num_images, batch_size)
     from core.vdna import save_vdna, vdna_paths
     from testing.vdna import make_vdna
 
@@ -133,6 +145,12 @@ def make(
                      seed, weights=weights, ranges=ranges, resize=resize, amp=amp, quiet=quiet)  # fmt: skip
     save_vdna(vdna, out)
     typer.echo(f"made {_describe(vdna)} -> {json_path} + {npz_path.name}")
+    settings = vdna.extraction_settings
+    if settings.get("activation_ranges_id") and ranges is None:
+        typer.echo(
+            f"histogram bins from the cached calibration {settings['activation_ranges_id']} "
+            f"({settings.get('activation_ranges_origin')}); VDNAs to compare must share it (--ranges)"
+        )
     if _skipped(vdna):
         typer.echo(_skipped(vdna))
 
@@ -154,6 +172,7 @@ def calibrate(
     quiet: Quiet = False,
 ) -> None:
     """Per-neuron activation ranges of SOURCE for histograms, cached per extractor ($BIOVIS_CACHE)."""
+    check_sizes(image_size, num_images, batch_size)
     from testing.vdna import calibrate as run_calibration
 
     vdna, path, cached = run_calibration(source, extractor, batch_size, num_workers, device, image_size,
@@ -210,8 +229,9 @@ def compare(
     quiet: Quiet = False,
 ) -> None:
     """Distance between A and B, with the distance per layer and the most different neurons as figures."""
+    check_sizes(image_size, num_images, batch_size)
     from cli.common import run_dir_for
-    from core.rundir import mark_run, prepare_run_dir
+    from core.rundir import check_apart, mark_run, prepare_run_dir
     from testing.vdna import BuildOptions, compare_vdnas, is_saved_vdna, open_or_make
     from testing.vdna_plots import write_comparison
 
@@ -221,6 +241,8 @@ def compare(
                            str(ranges) if ranges else None, batch_size, num_workers, device, image_size, resize,
                            num_images, seed, amp, quiet)  # fmt: skip
     run_dir = run_dir_for("vdna-compare", out, None)
+    inputs = [p for p in (a, b, weights, ranges) if p is not None and Path(p).exists()]
+    check_apart(run_dir, inputs)
     if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
         raise UserError(f"{run_dir} is not empty; pass --overwrite or another --out")
     saved_a, saved_b = is_saved_vdna(a), is_saved_vdna(b)
@@ -236,7 +258,7 @@ def compare(
         vb = open_or_make(b, options)
         va = open_or_make(a, options, reference=vb)
     result = compare_vdnas(va, vb, distance, layer, neuron, top_k)
-    run_dir = prepare_run_dir(run_dir, "vdna compare", overwrite=overwrite)
+    run_dir = prepare_run_dir(run_dir, "vdna compare", overwrite=overwrite, inputs=inputs, resumable=False)
     labels = (Path(a).name or a, Path(b).name or b)
     write_comparison(result, va, vb, labels, run_dir, layer, show)
     mark_run(run_dir, status="finished", distance=result.distance, value=result.value)

@@ -133,8 +133,8 @@ def train_viscoin_command(
 ) -> None:
     """Train VisCoIN's concept extractor, explainer and concept decoder around a classifier and a StyleGAN2."""
     from core.rundir import prepare_run_dir
-    from datasets.registry import canonical_name
-    from training.viscoin import DEFAULT_PRESET, PRESETS, VisCoINConfig, train_viscoin
+    from datasets.registry import DataSpec, canonical_name, check_data_spec
+    from training.viscoin import DEFAULT_PRESET, PRESETS, VisCoINConfig, resolve_inputs, train_viscoin
 
     dataset = canonical_name(dataset)
     overrides = dict(
@@ -147,11 +147,22 @@ def train_viscoin_command(
     )  # fmt: skip
     run_dir = run_dir_for("train-viscoin", out, name)
     cfg = resolve_config(
-        VisCoINConfig, PRESETS, preset or DEFAULT_PRESET[dataset], overrides, run_dir, resume, RESUMABLE
+        VisCoINConfig,
+        PRESETS,
+        preset or DEFAULT_PRESET[dataset],
+        overrides,
+        run_dir,
+        resume,
+        RESUMABLE,
+        command="train viscoin",
     )
     cfg.validate()
+    check_data_spec(DataSpec(cfg.dataset, cfg.data_dir, cfg.world))
+    clf, gan = resolve_inputs(cfg)
     if is_main_process():
-        prepare_run_dir(run_dir, "train viscoin", overwrite=overwrite, resume=resume)
+        lpips_file = None if cfg.lpips_weights in ("none", "imagenet", "random") else cfg.lpips_weights
+        inputs = [cfg.data_dir, clf, gan, lpips_file]
+        prepare_run_dir(run_dir, "train viscoin", overwrite=overwrite, resume=resume, inputs=inputs)
     summary = train_viscoin(cfg, Path(run_dir), resume=resume, quiet=quiet)
     if is_main_process():
         typer.echo(
@@ -234,10 +245,19 @@ def to_pickle(
 ) -> None:
     """Export a trained ensemble (classifier, Psi, Theta, Omega + configs) as one file, loadable with
     torch.load(weights_only=True)."""
+    from core.checkpoint import sniff_format
     from models.viscoin_io import load_viscoin, save_bundle
 
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give the bundle's file name, e.g. {out / 'viscoin.pt'}")
     if out.exists() and not overwrite:
         raise UserError(f"{out} exists; pass --overwrite to replace it")
+    if out.resolve() == source.resolve():
+        raise UserError(f"--out {out} would replace the input {source}; choose another file")
+    if out.exists() and sniff_format(out) != "torch":
+        raise UserError(
+            f"--overwrite replaces only an earlier bundle, and {out} is not one; choose another file"
+        )
     models = load_viscoin(source)
     save_bundle(models, out)
     typer.echo(f"bundle: {out} (K={models.n_concepts}, {models.num_classes} classes, {models.image_size} px)")

@@ -13,6 +13,27 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def _umask() -> int:
+    """The process umask; read from /proc where it can be (setting it to read it races with threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _share_like_open(path: Path, directory: bool = False) -> None:
+    """mkstemp/mkdtemp create private (0600/0700) entries; give them the permissions `open`/`mkdir` would
+    (the umask's), so that collaborators in a shared project folder can read the results."""
+    if path.stat().st_mode & 0o777 == (0o700 if directory else 0o600):
+        os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success move it over `path`, on error remove it.
@@ -28,6 +49,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        _share_like_open(tmp_path)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -51,6 +73,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        _share_like_open(tmp, directory=True)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -52,11 +53,45 @@ def save_weights(path: str | os.PathLike, state_dict: dict, meta: dict[str, Any]
 
 
 def read_meta(path: str | os.PathLike) -> dict:
+    from core.config import read_yaml
+
     side = sidecar_path(path)
     if not side.is_file():
         raise UserError(f"{path} has no sidecar {side.name}: it was not written by this toolkit")
-    with open(side, encoding="utf-8") as f:
-        return yaml.safe_load(f) or {}
+    meta = read_yaml(side, {})
+    if not isinstance(meta, dict):
+        raise UserError(f"{side} is not a mapping of settings: it was not written by this toolkit")
+    return meta
+
+
+def sniff_format(path: str | os.PathLike) -> str:
+    """What a weights file is, from its first bytes: safetensors, torch (zip), pickle or unknown."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(b"PK\x03\x04"):
+        return "torch"
+    if head[:1] == b"\x80":
+        return "pickle"
+    if len(head) > 8 and head[8:9] == b"{":
+        size = int.from_bytes(head[:8], "little")
+        if 0 < size <= os.path.getsize(path) - 8:
+            return "safetensors"
+    return "unknown"
+
+
+def load_error_reason(err: Exception) -> str:
+    """torch.load's error in one short line. A refused pickle says so, without torch's advice to re-run
+    with `weights_only=False` (which would execute the file's code)."""
+    text = str(err).strip()
+    if text.startswith("Weights only load failed"):
+        found = re.search(r"unsupported global:? (?:GLOBAL )?([\w.]+)", text, re.IGNORECASE)
+        if found:
+            return (
+                f"it holds Python objects besides tensors ({found.group(1)}); refused, nothing was executed"
+            )
+        return "it is not a tensors-only torch file (refused, nothing was executed)"
+    first = text.splitlines()[0] if text else type(err).__name__
+    return first[:200]
 
 
 def load_weights(path: str | os.PathLike, device: str = "cpu") -> tuple[dict, dict]:
@@ -65,8 +100,15 @@ def load_weights(path: str | os.PathLike, device: str = "cpu") -> tuple[dict, di
     from safetensors.torch import load_file
 
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"checkpoint {path} is a folder; pass the .safetensors file or a run folder")
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
+    kind = sniff_format(path)
+    if kind in ("torch", "pickle"):
+        raise UserError(
+            f"{path} is a torch.save file (a VisCoIN bundle or a resume state?), not .safetensors weights"
+        )
     try:
         state = load_file(str(path), device=device)
     except (SafetensorError, OSError) as err:
@@ -79,17 +121,22 @@ def load_foreign_state_dict(path: str | os.PathLike) -> dict:
     import torch
 
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"weights file {path} is a folder; pass a .safetensors, .pt or .pth file")
     if not path.is_file():
         raise UserError(f"weights file {path} does not exist")
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" or sniff_format(path) == "safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as err:
+            raise UserError(f"cannot read {path} as safetensors weights: {err}") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for foreign or corrupt files
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot read {path} as plain weights: {first}") from None
+        raise UserError(f"cannot read {path} as plain weights: {load_error_reason(err)}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -135,8 +182,7 @@ def load_state(path: str | os.PathLike, device: str = "cpu") -> dict:
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot read resume state {path}: {first}") from None
+        raise UserError(f"cannot read resume state {path}: {load_error_reason(err)}") from None
 
 
 def file_hash(path: str | os.PathLike, length: int = 16) -> str:

@@ -15,9 +15,11 @@ def resolve_device(name: str = "auto", local_rank: int | None = None):
     import torch
 
     if not DEVICE_PATTERN.match(name):
-        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+        raise UserError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps asked for, but this machine has no Apple GPU (use --device cpu)")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise UserError(f"--device {name} asked for, but no CUDA device is visible (use --device cpu)")
@@ -43,6 +45,8 @@ def loader_settings(device, num_workers: int | None) -> dict:
     """DataLoader keywords for a device: pinned memory and workers on CUDA."""
     import os
 
+    if num_workers is not None and num_workers < 0:
+        raise UserError(f"--num-workers must be at least 0, got {num_workers}")
     if num_workers is None:
         num_workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
     settings = {"num_workers": num_workers, "pin_memory": device.type == "cuda"}

@@ -13,3 +13,13 @@ class UserError(Exception):
     def __init__(self, message: str):
         super().__init__(message)
         self.message = message
+
+
+class TrainingDiverged(UserError):
+    """A training loss or the weights became NaN/inf. The run stops before anything non-finite is saved;
+    the checkpoints written before stay as they are (resume from them with a lower learning rate)."""
+
+    def __init__(self, what: str, step: int, hint: str = "lower --lr"):
+        super().__init__(
+            f"training diverged at step {step}: {what} is not finite; {hint} (earlier checkpoints are kept)"
+        )

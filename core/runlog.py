@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from core.atomic import write_text
 from core.errors import UserError
 
 SPLITS = ("train", "val", "test")
@@ -28,14 +29,31 @@ def _plain(value: Any) -> Any:
 
 
 class RunLog:
-    """Appends events to `log.jsonl`. Disabled (a no-op) on non-zero ranks."""
+    """Appends events to `log.jsonl`. Disabled (a no-op) on non-zero ranks.
 
-    def __init__(self, path: str | os.PathLike, enabled: bool = True):
+    `resume_step`: the step a resumed run continues from. Events logged after it by the interrupted run
+    are dropped (the resumed run logs those steps again), so a resumed log has no duplicate rows.
+    """
+
+    def __init__(self, path: str | os.PathLike, enabled: bool = True, resume_step: int | None = None):
         self.path = Path(path)
         self.enabled = enabled
         self.start = time.time()
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if resume_step is not None and self.path.is_file():
+                self._truncate_after(resume_step)
+
+    def _truncate_after(self, step: int) -> None:
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the half-written last line of a killed run
+            if isinstance(event, dict) and int(event.get("step", 0)) <= step:
+                kept.append(line + "\n")
+        write_text(self.path, "".join(kept))
 
     def write(self, step: int, split: str, **metrics: Any) -> dict:
         if split not in SPLITS:

@@ -11,6 +11,7 @@ from pathlib import Path
 from core.errors import UserError
 
 DATASETS = ("world", "cub", "folder")
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 4096  # pixels; beyond this a batch no longer fits any GPU
 ALIASES = {"toy": "world"}
 WORLD_PRESETS = {
     "default": {},
@@ -77,6 +78,26 @@ class DataSpec:
     skip_bad_images: bool = False
 
 
+def check_image_size(size: int | None, option: str = "--image-size") -> None:
+    if size is not None and not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
+        raise UserError(f"{option} must be between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE} pixels, got {size}")
+
+
+def check_data_spec(spec: DataSpec) -> None:
+    """Cheap checks of the data options, made before any output folder is touched."""
+    check_image_size(spec.image_size)
+    name = canonical_name(spec.dataset)
+    if name == "folder" and not spec.data_dir:
+        raise UserError("--dataset folder needs --data-dir pointing at ROOT/<class>/<image> files")
+    if spec.data_dir and name != "world":
+        path = Path(spec.data_dir).expanduser()
+        if not path.is_dir():
+            state = "is not a folder" if path.exists() else "does not exist"
+            raise UserError(f"--data-dir {spec.data_dir} {state}")
+    if spec.world not in WORLD_PRESETS:
+        raise UserError(f"unknown world preset {spec.world!r}; choices: {', '.join(WORLD_PRESETS)}")
+
+
 def resolve_meta(spec: DataSpec, quiet: bool = False):
     """Parse (and, for the world, generate; for CUB, download) the dataset's files."""
     from datasets.cub import find_cub_root, read_cub_meta
@@ -108,8 +129,7 @@ def build_dataset(
     from datasets.cub import CUBDataset
     from datasets.transforms import build_transform
 
-    if spec.image_size < 8:
-        raise UserError(f"--image-size must be at least 8, got {spec.image_size}")
+    check_image_size(spec.image_size)
     if not 0 <= spec.val_fraction < 1:
         raise UserError(f"--val-fraction must be in [0, 1), got {spec.val_fraction}")
     meta = meta if meta is not None else resolve_meta(spec)

@@ -93,21 +93,25 @@ class Classifier(nn.Module):
         return logits, [f2, f3, f4]
 
 
-def imagenet_state_dict(arch: str) -> dict:
-    """torchvision's ImageNet weights for `arch` (from the torch hub cache, downloading when online)."""
+def imagenet_url(arch: str) -> str:
+    """The URL of torchvision's default ImageNet weights for `arch`."""
     import torchvision
 
     if arch == "tiny":
         raise UserError("the tiny classifier has no pretrained weights; use --weights none")
-    weights = torchvision.models.get_model_weights(arch).DEFAULT
     try:
-        return weights.get_state_dict(progress=False, check_hash=True)
-    except Exception as err:  # URLError, socket errors, hash mismatch
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(
-            f"ImageNet weights for {arch} are not cached and could not be downloaded ({reason[:100]}); run "
-            f"`python main.py prefetch weights {arch}` on a machine with internet, or pass --weights PATH"
-        ) from None
+        return torchvision.models.get_model_weights(arch).DEFAULT.url
+    except ValueError:
+        raise UserError(f"torchvision has no model {arch!r} with ImageNet weights") from None
+
+
+def imagenet_state_dict(arch: str, option: str = "--weights") -> dict:
+    """torchvision's ImageNet weights for `arch`: from the torch hub cache (downloading when online), the
+    file's sha256 checked against the prefix in its name and read with `weights_only=True`."""
+    from core.weights import load_url_state_dict
+
+    hint = f"run `python main.py prefetch weights {arch}` on a machine with internet, or pass {option} PATH"
+    return load_url_state_dict(imagenet_url(arch), f"ImageNet weights for {arch}", hint)
 
 
 def load_backbone_weights(model: Classifier, state: dict, source: str) -> None:

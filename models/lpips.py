@@ -29,19 +29,13 @@ def _heads_file() -> Path:
 
 
 def _vgg_state(weights: str) -> dict | None:
-    import torchvision
 
     if weights == "random":
         return None
     if weights == "imagenet":
-        try:
-            return torchvision.models.VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
-        except Exception as err:
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise UserError(
-                f"VGG-16 weights for LPIPS are not cached and could not be downloaded ({reason[:100]}); run "
-                "`python main.py prefetch weights vgg16` on a machine with internet, or pass --lpips-weights PATH"
-            ) from None
+        from models.classifiers import imagenet_state_dict
+
+        return imagenet_state_dict("vgg16", option="--lpips-weights")
     from core.checkpoint import load_foreign_state_dict
 
     return load_foreign_state_dict(weights)

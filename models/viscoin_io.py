@@ -145,8 +145,8 @@ def load_viscoin(source: str | os.PathLike, device: str = "cpu") -> VisCoINModel
         try:
             bundle = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise UserError(f"{path} is not a VisCoIN bundle that loads safely ({first[:160]})") from None
+            reason = checkpoint.load_error_reason(err)
+            raise UserError(f"{path} is not a VisCoIN bundle that loads safely ({reason})") from None
         if not isinstance(bundle, dict) or bundle.get("format") != BUNDLE_FORMAT:
             raise UserError(f"{path} is not a VisCoIN bundle (missing format {BUNDLE_FORMAT!r})")
         meta, configs, states = bundle["meta"], bundle["configs"], bundle["state"]

@@ -79,7 +79,9 @@ def run_classifier_test(
     dataset = build_dataset(spec, split, train_transform=False, meta=data_meta)
     if len(dataset) == 0:
         raise UserError(f"split {split} of dataset {spec.dataset} is empty")
-    run_dir = prepare_run_dir(run_dir, "test classifier", overwrite=overwrite)
+    run_dir = prepare_run_dir(
+        run_dir, "test classifier", overwrite=overwrite, inputs=[checkpoint, spec.data_dir], resumable=False
+    )
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_skipping,
                         **loader_settings(dev, num_workers))  # fmt: skip
     with torch.inference_mode():

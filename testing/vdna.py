@@ -366,6 +366,7 @@ def check_same_making(a: VDNA, b: VDNA) -> None:
             raise UserError(
                 f"the VDNAs were made with different {what} ({ia} vs {ib}) under the same name "
                 f"{a.feature_extractor_name!r}: their distributions are not comparable"
+                + ("; make both with the same --ranges file" if key == "activation_ranges_id" else "")
             )
 
 

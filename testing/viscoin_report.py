@@ -102,8 +102,16 @@ def run_viscoin_test(
         raise UserError(f"--batch-size must be positive, got {batch_size}")
     if top_k <= 0:
         raise UserError(f"--top-k must be positive, got {top_k}")
+    if max_images is not None and max_images < 1:
+        raise UserError(
+            f"--max-images must be at least 1 (leave it out for the whole split), got {max_images}"
+        )
     dev = resolve_device(device)
     models = load_viscoin(bundle, device=str(dev))
+    if top_k > models.n_concepts:
+        raise UserError(
+            f"--top-k must be between 1 and the bundle's {models.n_concepts} concepts, got {top_k}"
+        )
     spec = data_spec_for(models, dataset, data_dir)
     meta = resolve_meta(spec, quiet=quiet)
     check_compatible(models, num_classes=meta.num_classes)
@@ -114,7 +122,9 @@ def run_viscoin_test(
     lpips_weights = lpips_weights or (models.meta.get("config") or {}).get("lpips_weights", "imagenet")
     lpips = load_lpips(lpips_weights, dev)
     fid = None if fid_weights == "none" else InceptionFeatures(fid_weights).to(dev)
-    run_dir = prepare_run_dir(run_dir, "test viscoin", overwrite=overwrite)
+    run_dir = prepare_run_dir(
+        run_dir, "test viscoin", overwrite=overwrite, inputs=[bundle, spec.data_dir], resumable=False
+    )
     result = evaluate_viscoin(models, loader, dev, lpips=lpips, fid=fid, top_k=top_k, amp=amp,
                               attributes=data.attributes is not None, progress=not quiet)  # fmt: skip
     metrics = {

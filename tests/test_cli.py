@@ -111,6 +111,10 @@ def test_killed_and_resumed_run_matches_uninterrupted(small_world, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     best_a, best_b = _weights(whole / "best.safetensors"), _weights(killed / "best.safetensors")
     assert all(torch.equal(best_a[k], best_b[k]) for k in best_a)
+    # the resumed log holds each event once: the same rows as the uninterrupted run's, times aside
+    rows = [pd.read_json(run / "log.jsonl", lines=True).drop(columns=["time", "images_per_s"], errors="ignore")
+            for run in (whole, killed)]  # fmt: skip
+    assert rows[0][["step", "split", "epoch"]].equals(rows[1][["step", "split", "epoch"]])
 
 
 def test_unknown_dataset_lists_choices():
@@ -168,7 +172,7 @@ def test_non_positive_settings(option, tmp_path):
 def test_finished_run_is_not_overwritten(trained):
     before = snapshot(trained)
     assert_user_error(
-        run_cli(*TRAIN, "--epochs", "1", "--out", str(trained)), "already holds a run", "--overwrite"
+        run_cli(*TRAIN, "--epochs", "1", "--out", str(trained)), "already holds a finished", "--overwrite"
     )
     assert snapshot(trained) == before
 

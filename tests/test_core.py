@@ -92,7 +92,7 @@ def test_run_dir_refuses_finished_run_unless_told(tmp_path):
     run = prepare_run_dir(tmp_path / "r", "train")
     (run / "best.safetensors").write_text("weights")
     mark_run(run, status="finished")
-    with pytest.raises(UserError, match="already holds a run"):
+    with pytest.raises(UserError, match="already holds a finished"):
         prepare_run_dir(run, "train")
     assert (run / "best.safetensors").read_text() == "weights"
     prepare_run_dir(run, "train", resume=True)

@@ -142,7 +142,7 @@ def test_generate_is_deterministic_with_manifest(generator, tmp_path, cli) -> No
 
     # A finished run is kept unless --overwrite.
     before = snapshot(a)
-    assert_user_error(_generate(cli, path, a, "--n", "2"), "already holds a run", "--overwrite")
+    assert_user_error(_generate(cli, path, a, "--n", "2"), "already holds a finished", "--overwrite")
     assert snapshot(a) == before
     assert _generate(cli, path, a, "--n", "2", "--overwrite").returncode == 0
     assert len(list((a / "images").iterdir())) == 2

@@ -10,6 +10,7 @@ uninterrupted one.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,15 +21,22 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from core import checkpoint
 from core.atomic import write_text
-from core.config import require_positive, to_dict, to_yaml
+from core.config import MAX_LR, require_positive, require_range, to_dict, to_yaml
 from core.device import autocast, loader_settings, resolve_device
 from core.distributed import barrier, dist_env, init_distributed
-from core.errors import UserError
+from core.errors import TrainingDiverged, UserError
 from core.progress import Progress
 from core.rundir import mark_run
 from core.runlog import RunLog
 from core.seeding import derive_seed, seed_everything
-from datasets.registry import DataSpec, build_dataset, collate_skipping, resolve_meta
+from datasets.registry import (
+    MAX_IMAGE_SIZE,
+    MIN_IMAGE_SIZE,
+    DataSpec,
+    build_dataset,
+    collate_skipping,
+    resolve_meta,
+)
 from models.classifiers import build_classifier
 from testing.metrics import evaluate_classifier
 from training.optim import build_optimizer, build_schedule
@@ -69,7 +77,12 @@ class ClassifierConfig:
     log_every: int = 20
 
     def validate(self) -> None:
-        require_positive(self, "batch_size", "epochs", "lr", "image_size", "log_every")
+        require_positive(self, "batch_size", "epochs", "lr", "log_every")
+        require_range(self, "lr", 0, MAX_LR)
+        require_range(self, "image_size", MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
+        require_range(self, "weight_decay", 0)
+        require_range(self, "momentum", 0, 1)
+        require_range(self, "num_workers", 0, optional=True)
         if not 0 <= self.label_smoothing < 1:
             raise UserError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
 
@@ -155,7 +168,7 @@ def train_classifier(cfg: ClassifierConfig, run_dir: Path, resume: bool = False,
     if main:
         write_text(run_dir / "config.yaml", to_yaml(cfg))
         mark_run(run_dir, status="running", world_size=env.world_size, device=str(device))
-    log = RunLog(run_dir / "log.jsonl", enabled=main)
+    log = RunLog(run_dir / "log.jsonl", enabled=main, resume_step=step if resume else None)
 
     for epoch in range(start_epoch, cfg.epochs):
         torch.manual_seed(derive_seed(cfg.seed, epoch, env.rank))  # augmentation and worker seeds
@@ -178,7 +191,7 @@ def train_classifier(cfg: ClassifierConfig, run_dir: Path, resume: bool = False,
                     logits, _ = net(images)
                 loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite training loss at step {step}: lower --lr")
+                    raise TrainingDiverged("the training loss", step)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -205,6 +218,8 @@ def train_classifier(cfg: ClassifierConfig, run_dir: Path, resume: bool = False,
             print(
                 f"epoch {epoch + 1}: val top-1 {val['top1']:.4f} top-5 {val['top5']:.4f} loss {val['loss']:.4f}"
             )
+        if not math.isfinite(val["loss"]) or not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise TrainingDiverged("the model (validation loss or weights)", step)
         improved = val["top1"] > best["top1"]
         if improved:
             best = {"top1": val["top1"], "epoch": epoch + 1}

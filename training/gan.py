@@ -27,10 +27,10 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from core import checkpoint
 from core.atomic import write_text
-from core.config import require_positive, to_dict, to_yaml
+from core.config import MAX_LR, require_positive, require_range, to_dict, to_yaml
 from core.device import autocast, loader_settings, resolve_device
 from core.distributed import barrier, dist_env, init_distributed
-from core.errors import UserError
+from core.errors import TrainingDiverged, UserError
 from core.progress import Progress
 from core.rundir import mark_run
 from core.runlog import RunLog
@@ -103,12 +103,14 @@ class GanConfig:
         require_positive(self, "batch_size", "kimg", "lr", "image_size", "log_every", "snapshot_kimg")
         require_positive(self, "z_dim", "w_dim", "mapping_layers", "channel_base", "channel_max", "ema_kimg")
         require_positive(self, "r1_interval", "pl_interval", "pl_batch_shrink", "metric_images", "grid_size")
-        if self.image_size < 8 or self.image_size & (self.image_size - 1):
+        if self.image_size < 8 or self.image_size > 1024 or self.image_size & (self.image_size - 1):
             raise UserError(
-                f"--image-size must be a power of two >= 8 for StyleGAN2 (e.g. 32, 64, 256), got {self.image_size}"
+                f"--image-size must be a power of two from 8 to 1024 for StyleGAN2 (e.g. 32, 64, 256), got {self.image_size}"
             )
         if self.gamma < 0 or self.pl_weight < 0:
             raise UserError("--gamma and --pl-weight must be >= 0")
+        require_range(self, "num_workers", 0, optional=True)
+        require_range(self, "lr", 0, MAX_LR)
         if not 0 <= self.style_mixing <= 1:
             raise UserError(f"--style-mixing must be in [0, 1], got {self.style_mixing}")
         if self.ema_rampup is not None and self.ema_rampup <= 0:
@@ -379,6 +381,8 @@ def snapshot(cfg: GanConfig, run_dir: Path, meta, s: GanState, evaluator: Evalua
     info = {"step": s.step, "kimg": s.nimg / 1000, "seeds": seeds, "truncation": 1.0, "noise_mode": "const"}
     write_text(grid.with_suffix(".json"), json.dumps(info, indent=2))
 
+    if not all(torch.isfinite(p).all() for p in s.G_ema.parameters()):
+        raise TrainingDiverged("the generator's weights", s.step)
     metrics = evaluator(s.G_ema)
     log.write(s.step, "val", kimg=s.nimg / 1000, **metrics)
     value = metrics[evaluator.key]
@@ -437,7 +441,7 @@ def train_gan(cfg: GanConfig, run_dir: Path, resume: bool = False, quiet: bool =
         if s.step == 0:
             reals = [dataset[i]["image"] for i in range(min(cfg.grid_size, len(dataset)))]
             save_grid(torch.stack(reals), run_dir / "samples" / "reals.png")
-    log = RunLog(run_dir / "log.jsonl", enabled=main)
+    log = RunLog(run_dir / "log.jsonl", enabled=main, resume_step=s.step if resume else None)
 
     total_steps = math.ceil(cfg.kimg * 1000 / cfg.batch_size)
     snapshot_nimg = max(1, round(cfg.snapshot_kimg * 1000))
@@ -460,7 +464,8 @@ def train_gan(cfg: GanConfig, run_dir: Path, resume: bool = False, quiet: bool =
                 names = ("loss_G", "loss_D", "d_real", "d_fake")
                 means = dict(zip(names, (window / window_steps).tolist(), strict=True))
                 if not all(math.isfinite(v) for v in means.values()):
-                    raise FloatingPointError(f"non-finite GAN losses at step {s.step}: {means}; lower --lr")
+                    bad = ", ".join(k for k, v in means.items() if not math.isfinite(v))
+                    raise TrainingDiverged(f"the GAN loss ({bad})", s.step)
                 rate = window_steps * cfg.batch_size / max(time.time() - tick, 1e-9)
                 penalties = {k: float(v) for k, v in last.items()}
                 log.write(

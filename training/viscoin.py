@@ -19,10 +19,10 @@ from torch.utils.data import DataLoader
 
 from core import checkpoint
 from core.atomic import write_text
-from core.config import require_positive, to_dict, to_yaml
+from core.config import MAX_LR, require_positive, require_range, to_dict, to_yaml
 from core.device import autocast, loader_settings, resolve_device
 from core.distributed import barrier, dist_env, init_distributed
-from core.errors import UserError
+from core.errors import TrainingDiverged, UserError
 from core.progress import Progress
 from core.rundir import mark_run
 from core.runlog import RunLog
@@ -82,6 +82,8 @@ class VisCoINConfig:
         for name in ("alpha", "beta", "gamma", "delta", "w_reg", "warmup"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name} must not be negative")
+        require_range(self, "num_workers", 0, optional=True)
+        require_range(self, "lr", 0, MAX_LR)
         if self.beta > 0 and self.lpips_weights == "none":
             raise UserError(
                 "--beta > 0 weights an LPIPS term: give --lpips-weights imagenet|PATH, or --beta 0"
@@ -231,7 +233,7 @@ def train_viscoin(cfg: VisCoINConfig, run_dir: Path, resume: bool = False, quiet
     if main:
         write_text(run_dir / "config.yaml", to_yaml(cfg))
         mark_run(run_dir, status="running", world_size=env.world_size, device=str(device))
-    log = RunLog(run_dir / "log.jsonl", enabled=main)
+    log = RunLog(run_dir / "log.jsonl", enabled=main, resume_step=step if resume else None)
     eval_subset = fixed_subset(val_set, cfg.eval_images, cfg.seed)
     eval_loader = DataLoader(eval_subset, batch_size=max(cfg.batch_size, 16), shuffle=False,
                              collate_fn=collate_skipping, **loader_settings(device, cfg.num_workers))  # fmt: skip
@@ -287,7 +289,7 @@ def train_viscoin(cfg: VisCoINConfig, run_dir: Path, resume: bool = False, quiet
                     + on * (cfg.alpha * parts["of"] + cfg.delta * parts["sparsity"])
                 )
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite VisCoIN loss at step {step}: lower --lr")
+                    raise TrainingDiverged("the VisCoIN loss", step)
                 (loss / cfg.grad_accum).backward()
                 parts["loss"] = loss
                 for key, value in parts.items():

@@ -2,8 +2,10 @@
 
 The kernel is compiled on first use with the system C compiler ($CC, else cc) into
 ``$BIOVIS_CACHE/native/<key>/`` (key: sha256 of the source, the flags, the compiler's version and the
-platform), written atomically, so concurrent ranks never load a half-written library. It is loaded with
-ctypes: nothing but this project's own source is ever compiled or loaded. Without a working compiler, or
+platform), written atomically, so concurrent ranks never load a half-written library. Its sha256 is recorded
+beside it at build time; a cached library is loaded (ctypes) only when it and that record are owned by this
+user, writable by no one else, and the hashes agree; otherwise it is rebuilt. Nothing but this project's own
+source is ever compiled or loaded. Without a working compiler, or
 with ``BIOVIS_NATIVE=0``, `binning_kernel()` is None and the accumulator bins with torch ops instead (the
 same bins, about 2.5x slower on ResNet-50 features). On CUDA the torch path is always used.
 """
@@ -18,6 +20,7 @@ import os
 import platform
 import shutil
 import subprocess
+import tempfile
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from core.atomic import atomic_path
+from core.atomic import atomic_path, write_text
 from core.cachedir import cache_root
 
 SOURCE = Path(__file__).with_name("binning.c")
@@ -103,7 +106,37 @@ def _library_path(compiler: Sequence[str]) -> Path:
     return cache_root() / "native" / key / "libvdna_binning.so"
 
 
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _private(path: Path) -> bool:
+    """Owned by this user and writable by nobody else (the file and every folder up to the cache root)."""
+    root = cache_root().resolve()
+    for item in [path, *path.parents]:
+        try:
+            info = item.stat()
+        except OSError:
+            return False
+        if info.st_uid != os.getuid() or info.st_mode & 0o022:
+            return False
+        if item.resolve() == root:
+            return True
+    return False
+
+
+def _trusted(path: Path) -> bool:
+    """The cached library is the one this user built: private, and its sha256 is the one recorded at build
+    time. Anything else (replaced, truncated, planted by another user) is rebuilt, never loaded."""
+    record = path.with_name(path.name + ".sha256")
+    try:
+        return _private(path) and _private(record) and record.read_text().strip() == _digest(path)
+    except OSError:
+        return False
+
+
 def _build(compiler: Sequence[str], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     with atomic_path(path, suffix=".so") as tmp:
         result = subprocess.run(
             [*compiler, *FLAGS, "-o", str(tmp), str(SOURCE), "-lm"],
@@ -114,6 +147,8 @@ def _build(compiler: Sequence[str], path: Path) -> None:
         if result.returncode != 0:
             lines = (result.stderr or result.stdout).strip().splitlines()
             raise RuntimeError(lines[0] if lines else f"exit code {result.returncode}")
+        digest = _digest(tmp)
+    write_text(path.with_name(path.name + ".sha256"), digest + "\n")
 
 
 @functools.cache
@@ -127,8 +162,11 @@ def binning_kernel() -> BinningKernel | None:
     else:
         try:
             path = _library_path(compiler)
-            if not path.is_file():
+            if not _trusted(path):
                 _build(compiler, path)
+                if not _trusted(path):  # a cache folder others can write to: build where only we can
+                    path = Path(tempfile.mkdtemp(prefix="biovis-native-")) / path.name
+                    _build(compiler, path)
             return BinningKernel(ctypes.CDLL(str(path)), path)
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             reason = f"building {SOURCE.name} failed: {e}"
