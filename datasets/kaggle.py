@@ -23,7 +23,13 @@ def download_cub(force: bool = False) -> Path:
     """
     import logging
 
-    import kagglehub
+    try:
+        import kagglehub
+    except ModuleNotFoundError:
+        raise UserError(
+            "CUB-200-2011 comes through kagglehub, which is not installed: `pip install kagglehub` and "
+            f"{OFFLINE_HINT}"
+        ) from None
 
     logging.getLogger("kagglehub").setLevel(logging.ERROR)
     try:

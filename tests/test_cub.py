@@ -93,6 +93,7 @@ KAGGLE_DIR = ("datasets", "wenewone", "cub2002011")
 
 
 def test_kagglehub_pinned_cache_offline(tmp_path, monkeypatch):
+    pytest.importorskip("kagglehub")
     from datasets.kaggle import CUB_VERSION, download_cub
 
     cache = tmp_path / "kaggle"
@@ -115,6 +116,16 @@ def test_kagglehub_uncached_offline_says_what_to_do(tmp_path, monkeypatch):
         monkeypatch.setenv(var, "http://127.0.0.1:9")
     with pytest.raises(UserError, match="prefetch cub"):
         download_cub()
+
+
+def test_kagglehub_absent_is_one_line(monkeypatch):
+    """Without the kagglehub package, CUB without --data-dir is a UserError saying what to do."""
+    from datasets.kaggle import download_cub
+
+    monkeypatch.setitem(__import__("sys").modules, "kagglehub", None)  # `import kagglehub` now fails
+    with pytest.raises(UserError, match=r"pip install kagglehub.*--data-dir") as err:
+        download_cub()
+    assert "\n" not in str(err.value)
 
 
 def test_folder_dataset_split_is_stable(tmp_path):
