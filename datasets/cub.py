@@ -14,6 +14,7 @@ import numpy as np
 
 from core.errors import UserError
 from datasets.images import BadImageError, open_rgb
+from datasets.transforms import Uint8Images, box_pixels
 
 REQUIRED_FILES = ("images.txt", "classes.txt", "image_class_labels.txt", "train_test_split.txt")
 SPLITS = ("train", "val", "test", "trainval")
@@ -220,28 +221,40 @@ class CUBDataset:
     def image_path(self, i: int) -> Path:
         return self.meta.image_dir / self.meta.paths[self.indices[i]]
 
+    def box(self, i: int):
+        """The float (x, y, w, h) box image `i` is cropped to, or None without --bbox-crop."""
+        return self.meta.boxes[self.indices[i]] if self.bbox_crop else None
+
     def load_image(self, i: int):
         img = open_rgb(self.image_path(i))
-        if self.bbox_crop:
-            x, y, w, h = self.meta.boxes[self.indices[i]]
-            left, top = max(0, int(np.floor(x))), max(0, int(np.floor(y)))
-            right, bottom = min(img.width, int(np.ceil(x + w))), min(img.height, int(np.ceil(y + h)))
-            if right > left and bottom > top:
-                img = img.crop((left, top, right, bottom))
-        return img
+        crop = box_pixels(self.box(i), img.width, img.height)
+        return img.crop(crop) if crop is not None else img
+
+    def _pixels(self, i: int) -> dict:
+        """The item's image entries: a transformed PIL image, or with a `Uint8Images` transform the uint8
+        pixels (or encoded bytes) that `datasets.gpu_transforms.to_model_batch` turns into model input."""
+        import torch
+
+        transform = self.transform
+        if not isinstance(transform, Uint8Images):
+            img = self.load_image(i)
+            return {"image": transform(img) if transform else img}
+        out = {"geometry": torch.tensor(transform.geometry)}
+        if transform.encoded:
+            out["encoded"], out["box"], size = transform.encode(self.image_path(i), self.box(i))
+        else:
+            out["image"], size = transform(self.image_path(i), self.box(i))
+        out["source_size"] = torch.tensor(size)
+        return out
 
     def __getitem__(self, i: int):
         try:
-            img = self.load_image(i)
+            pixels = self._pixels(i)
         except BadImageError:
             if self.skip_bad_images:
                 return None
             raise
-        item = {
-            "image": self.transform(img) if self.transform else img,
-            "label": int(self.labels[i]),
-            "index": i,
-        }
+        item = {**pixels, "label": int(self.labels[i]), "index": i}
         if self.attributes is not None:
             item["attributes"] = self.attributes[self.indices[i]].astype(np.float32)
         return item

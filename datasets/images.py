@@ -14,19 +14,37 @@ class BadImageError(UserError):
     """An image file that cannot be decoded."""
 
 
-def open_rgb(path: str | os.PathLike):
-    """Decode an image fully and convert it to RGB (grayscale, palette, RGBA, CMYK all handled)."""
+def _bad(path, err: Exception) -> BadImageError:
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return BadImageError(f"cannot read image {path} ({reason}); fix or remove it, or pass --skip-bad-images")
+
+
+def open_rgb(path: str | os.PathLike, draft: tuple[int, int] | None = None):
+    """Decode an image fully and convert it to RGB (grayscale, palette, RGBA, CMYK all handled).
+
+    `draft` (width, height): a JPEG is decoded at the smallest 1/2..1/8 scale that still covers that size
+    (libjpeg's DCT scaling: much cheaper than decoding everything and resizing); other formats ignore it."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
+            if draft is not None and img.format == "JPEG":
+                img.draft("RGB", draft)
             img.load()
             return img.convert("RGB")
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise BadImageError(
-            f"cannot read image {path} ({reason}); fix or remove it, or pass --skip-bad-images"
-        ) from None
+        raise _bad(path, err) from None
+
+
+def image_header(path: str | os.PathLike) -> tuple[str | None, tuple[int, int], str]:
+    """(format, (width, height), mode) from the file's header, without decoding the pixels."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return img.format, img.size, img.mode
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
+        raise _bad(path, err) from None
 
 
 def is_image_file(path: Path) -> bool:

@@ -117,6 +117,9 @@ def resolve_meta(spec: DataSpec, quiet: bool = False):
     return read_cub_meta(find_cub_root(download_cub()))
 
 
+OUTPUTS = ("float", "uint8", "encoded")
+
+
 def build_dataset(
     spec: DataSpec,
     split: str,
@@ -124,15 +127,27 @@ def build_dataset(
     meta=None,
     attributes: bool | None = False,
     transform=None,
+    output: str = "float",
 ):
-    """A split with the train (augmenting) or eval transform, or the given `transform`; images in [-1, 1]."""
+    """A split with the train (augmenting) or eval transform, or the given `transform`.
+
+    `output="float"`: images in [-1, 1], transformed in the loader workers. `"uint8"`: the workers only decode
+    and resize (`datasets.transforms.Uint8Images`); `datasets.gpu_transforms.to_model_batch` makes model input
+    of each batch on the device, augmenting there when training (eval tensors equal the float path's).
+    `"encoded"`: JPEG bytes shipped as they are and decoded on the device (nvJPEG on CUDA).
+    """
     from datasets.cub import CUBDataset
-    from datasets.transforms import build_transform
+    from datasets.transforms import Uint8Images, build_transform
 
     check_image_size(spec.image_size)
     if not 0 <= spec.val_fraction < 1:
         raise UserError(f"--val-fraction must be in [0, 1), got {spec.val_fraction}")
+    if output not in OUTPUTS:
+        raise UserError(f"the loader output must be one of {', '.join(OUTPUTS)}, got {output!r}")
     meta = meta if meta is not None else resolve_meta(spec)
+    if transform is None and output != "float":
+        mode = "train" if train_transform else "eval"
+        transform = Uint8Images(spec.image_size, mode, encoded=output == "encoded")
     transform = transform or build_transform(spec.image_size, train=train_transform)
     return CUBDataset(
         meta,
@@ -147,10 +162,14 @@ def build_dataset(
 
 
 def collate_skipping(batch: list):
-    """Default collation that drops unreadable images (None) and counts them in `skipped`."""
+    """Default collation that drops unreadable images (None) and counts them in `skipped`; encoded images
+    (bytes of different lengths) stay a list."""
     from torch.utils.data import default_collate
 
     kept = [item for item in batch if item is not None]
+    encoded = [item.pop("encoded") for item in kept if "encoded" in item]
     out = default_collate(kept) if kept else {}
+    if encoded:
+        out["encoded"] = encoded
     out["skipped"] = len(batch) - len(kept)
     return out
