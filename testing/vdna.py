@@ -7,6 +7,7 @@ distances and files are `core.vdna`'s.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -195,16 +196,21 @@ def _stream(
     device: str,
     amp: bool,
     quiet: bool,
+    lent: bool = True,
 ) -> tuple[PassStats, torch.device]:
-    """Decode, preprocess, extract and accumulate every image of `source` once."""
+    """Decode, preprocess, extract and accumulate every image of `source` once, on a copy of `extractor`
+    when it is `lent` (the caller's) and lives on another device."""
     from core.device import autocast, loader_settings, resolve_device
     from core.progress import Progress
+    from datasets.gpu_transforms import to_model_images
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be positive, got {batch_size}")
     dev = resolve_device(device)
-    model = extractor.to(dev)
-    if dev.type == "cuda":
+    model = extractor
+    if _device_of(extractor) != dev:  # a lent model is never moved: its copy is
+        model = (copy.deepcopy(extractor) if lent else extractor).to(dev)
+    if dev.type == "cuda" and (model is not extractor or not lent):
         model = model.to(memory_format=torch.channels_last)
     step = forward_batch_size(model, preprocess.size, batch_size, dev)
     dataset = source.dataset(preprocess)
@@ -215,7 +221,7 @@ def _stream(
         for images, bad in loader:
             stats.unreadable += [str(source.paths[i]) for i in bad]
             if images is not None:
-                x = images.to(dev, non_blocking=True)
+                x = to_model_images(images, dev, train=False)  # uint8 -> [-1, 1] on the device
                 if dev.type == "cuda":
                     x = x.contiguous(memory_format=torch.channels_last)
                 with torch.inference_mode():
@@ -230,6 +236,12 @@ def _stream(
             f"no readable image in {source.spec} ({len(stats.unreadable)} unreadable, e.g. {examples})"
         )
     return stats, dev
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    tensor = next(iter(module.parameters()), None)
+    tensor = tensor if tensor is not None else next(iter(module.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 def _as_extractor(
@@ -275,7 +287,10 @@ def make_vdna(
     preprocess = Preprocess(size, resize)
     cal = _resolve_ranges(ranges, model, size, resize) if vdna_type == "histogram" else None
     accumulator = _accumulator(vdna_type, bins, model.neurons, cal.ranges if cal else None)
-    stats, dev = _stream(src, model, accumulator, preprocess, batch_size, num_workers, device, amp, quiet)
+    lent = isinstance(extractor, FeatureExtractor)
+    stats, dev = _stream(
+        src, model, accumulator, preprocess, batch_size, num_workers, device, amp, quiet, lent
+    )
     data_settings = {
         "source": src.spec,
         "crop_to_square_pre_resize": "none" if resize == "clean" else "center",

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from core.errors import UserError
+from datasets.device_batch import to_pm1
 from datasets.images import BadImageError, is_image_file, open_rgb
 
 RESIZE_MODES = ("center-crop", "clean", "clean-center")
@@ -52,7 +53,7 @@ class ImageSource:
         return digest.hexdigest()[:16]
 
     def dataset(self, preprocess: Preprocess) -> Dataset:
-        """Items ``(image [3, S, S] in [-1, 1] or None when unreadable, index)``."""
+        """Items ``(image [3, S, S] or None when unreadable, index)``: uint8, or float in [-1, 1]."""
         return ImageFiles(self.paths, preprocess)
 
     def subset(self, num_images: int | None, seed: int) -> ImageSource:
@@ -148,12 +149,13 @@ def resolve_source(spec: str | os.PathLike) -> ImageSource:
 
 
 class Preprocess:
-    """PIL RGB -> float [3, S, S] in [-1, 1].
+    """PIL RGB -> float [3, S, S] in [-1, 1] (`__call__`), or what the loader workers ship (`pixels`).
 
-    ``center-crop``: bicubic resize of the shorter side to S (antialiased), then a centre crop.
+    ``center-crop``: bicubic resize of the shorter side to S (antialiased), then a centre crop; shipped as
+    uint8 and converted on the device by `datasets.device_batch.to_pm1` (the same tensor as `__call__`).
     ``clean``: vdna's default, a squash to S x S by bicubic resizing of each channel as a float image (no
-    uint8 rounding), clipped to [0, 255]. ``clean-center``: vdna's ``crop_to_square_pre_resize="center"``
-    (central square first), then ``clean``.
+    uint8 rounding), clipped to [0, 255]; shipped as float. ``clean-center``: vdna's
+    ``crop_to_square_pre_resize="center"`` (central square first), then ``clean``.
     """
 
     def __init__(self, size: int, mode: str = "center-crop"):
@@ -164,6 +166,11 @@ class Preprocess:
         self.size, self.mode = size, mode
 
     def __call__(self, img) -> torch.Tensor:
+        x = self.pixels(img)
+        return to_pm1(x) if x.dtype == torch.uint8 else x
+
+    def pixels(self, img) -> torch.Tensor:
+        """uint8 [3, S, S] (center-crop) or float [3, S, S] in [-1, 1] (the clean modes)."""
         from PIL import Image
 
         s = self.size
@@ -173,25 +180,24 @@ class Preprocess:
             nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
             img = img.resize((nw, nh), Image.BICUBIC)
             left, top = (nw - s) // 2, (nh - s) // 2
-            x = np.asarray(img.crop((left, top, left + s, top + s)), dtype=np.float32)
-        else:
-            x = np.asarray(img)
-            if self.mode == "clean-center":
-                h, w = x.shape[:2]
-                m = min(h, w)
-                x = x[(h - m) // 2 : (h + m) // 2, (w - m) // 2 : (w + m) // 2]
-            channels = [
-                np.asarray(
-                    Image.fromarray(x[:, :, c].astype(np.float32), mode="F").resize((s, s), Image.BICUBIC)
-                )
-                for c in range(3)
-            ]
-            x = np.stack(channels, axis=2).clip(0, 255)
+            x = np.array(img.crop((left, top, left + s, top + s)), dtype=np.uint8)
+            return torch.from_numpy(x.transpose(2, 0, 1).copy())
+        x = np.asarray(img)
+        if self.mode == "clean-center":
+            h, w = x.shape[:2]
+            m = min(h, w)
+            x = x[(h - m) // 2 : (h + m) // 2, (w - m) // 2 : (w + m) // 2]
+        channels = [
+            np.asarray(Image.fromarray(x[:, :, c].astype(np.float32), mode="F").resize((s, s), Image.BICUBIC))
+            for c in range(3)
+        ]
+        x = np.stack(channels, axis=2).clip(0, 255)
         return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1))).div_(127.5).sub_(1.0)
 
 
 class ImageFiles(Dataset):
-    """Image files decoded to RGB and preprocessed; an unreadable file yields None (skipped and counted)."""
+    """Image files decoded to RGB and preprocessed (`Preprocess.pixels`: uint8 or float); an unreadable file
+    yields None (skipped and counted)."""
 
     def __init__(self, paths: list[Path], preprocess: Preprocess):
         self.paths, self.preprocess = paths, preprocess
@@ -201,7 +207,7 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int]:
         try:
-            return self.preprocess(open_rgb(self.paths[i])), i
+            return self.preprocess.pixels(open_rgb(self.paths[i])), i
         except BadImageError:
             return None, i
 

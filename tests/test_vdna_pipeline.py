@@ -205,8 +205,8 @@ def test_folder_list_and_batch_size_give_identical_vdnas(tmp_path, checkpoint, s
     folder = copy_images(files, tmp_path / "imgs")
     (tmp_path / "list.txt").write_text("\n".join(f"imgs/{f.name}" for f in reversed(files)) + "\n")
     model = build_extractor(extractor_spec(checkpoint))
-    ranges = calibrate(folder, model, quiet=True)[0]
-    opts = dict(ranges=ranges, quiet=True)
+    ranges = calibrate(folder, model, device="cpu", quiet=True)[0]
+    opts = dict(ranges=ranges, quiet=True, device="cpu")  # the reference below runs on the CPU
     by_folder = make_vdna(folder, model, "histogram-50", batch_size=5, **opts)
     by_list = make_vdna(tmp_path / "list.txt", model, "histogram-50", batch_size=12, **opts)
     by_one = make_vdna(folder, model, "histogram-50", batch_size=1, **opts)
@@ -227,7 +227,9 @@ def test_folder_list_and_batch_size_give_identical_vdnas(tmp_path, checkpoint, s
         assert torch.equal(by_folder.data[layer], expected.long())
         h, w = features[layer].shape[2:]
         assert (by_folder.data[layer].sum(1) == len(files) * h * w).all()
-    gaussians = [make_vdna(folder, model, "gaussian", batch_size=b, quiet=True) for b in (5, 12)]
+    gaussians = [
+        make_vdna(folder, model, "gaussian", batch_size=b, device="cpu", quiet=True) for b in (5, 12)
+    ]
     for layer in model.neurons:
         torch.testing.assert_close(gaussians[0].data[layer]["mu"], gaussians[1].data[layer]["mu"])
         torch.testing.assert_close(gaussians[0].data[layer]["var"], gaussians[1].data[layer]["var"])
@@ -242,17 +244,44 @@ def test_cpu_forward_batches_are_capped_by_feature_memory(tmp_path, checkpoint, 
 
     folder = copy_images(species[0][:5], tmp_path / "imgs")
     model = build_extractor(extractor_spec(checkpoint))
-    ranges = calibrate(folder, model, quiet=True)[0]
-    whole = make_vdna(folder, model, "histogram-50", batch_size=8, ranges=ranges, quiet=True)
+    ranges = calibrate(folder, model, device="cpu", quiet=True)[0]
+    opts = dict(ranges=ranges, device="cpu", quiet=True)
+    whole = make_vdna(folder, model, "histogram-50", batch_size=8, **opts)
     with torch.inference_mode():
         per_image = sum(v.numel() * v.element_size() for v in model(torch.zeros(1, 3, 32, 32)).values())
     monkeypatch.setattr(pipeline, "CPU_FEATURE_BYTES", 2 * per_image + 1)
-    capped = make_vdna(folder, model, "histogram-50", batch_size=8, ranges=ranges, quiet=True)
+    capped = make_vdna(folder, model, "histogram-50", batch_size=8, **opts)
     assert whole.extraction_settings["forward_batch_size"] == 8
     assert capped.extraction_settings["forward_batch_size"] == 2
     assert capped.num_images == whole.num_images == 5
     for layer in model.neurons:
         assert torch.equal(capped.data[layer], whole.data[layer])
+
+
+def test_uint8_shipping_equals_the_float_preprocessing(species):
+    """The workers ship center-crop images as uint8; the device's conversion gives `Preprocess`'s tensor."""
+    from PIL import Image
+
+    from datasets.gpu_transforms import to_model_images
+    from testing.vdna_sources import ImageFiles, collate_images
+
+    files = species[0][:3]
+    preprocess = Preprocess(24)
+    shipped, bad = collate_images([ImageFiles(files, preprocess)[i] for i in range(3)])
+    assert shipped.dtype == torch.uint8 and bad == []
+    expected = torch.stack([preprocess(Image.open(f).convert("RGB")) for f in files])
+    assert torch.equal(to_model_images(shipped, torch.device("cpu"), train=False), expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+def test_make_vdna_leaves_a_lent_model_where_it_is(tmp_path, checkpoint, species):
+    from models.extractors import build_extractor
+
+    folder = copy_images(species[0][:4], tmp_path / "imgs")
+    model = build_extractor(extractor_spec(checkpoint))
+    on_gpu = make_vdna(folder, model, "gaussian", batch_size=4, device="cuda", quiet=True)
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert on_gpu.extraction_settings["device"].startswith("cuda")
 
 
 def test_fd_is_zero_for_identical_sets_and_positive_across_species(tmp_path, checkpoint, species):
