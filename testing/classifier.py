@@ -76,7 +76,7 @@ def run_classifier_test(
             f"the checkpoint predicts {model.num_classes} classes but dataset {spec.dataset} has "
             f"{data_meta.num_classes}: it was trained on other data"
         )
-    dataset = build_dataset(spec, split, train_transform=False, meta=data_meta)
+    dataset = build_dataset(spec, split, train_transform=False, meta=data_meta, output="uint8")
     if len(dataset) == 0:
         raise UserError(f"split {split} of dataset {spec.dataset} is empty")
     run_dir = prepare_run_dir(

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from core.device import autocast
 from core.distributed import all_reduce_sum
 from core.progress import Progress
+from datasets.gpu_transforms import to_model_batch
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, int]:
@@ -39,11 +40,11 @@ def evaluate_classifier(
     with Progress(len(loader), "evaluate", enabled=progress) as bar:
         for batch in loader:
             sums[3] += batch.get("skipped", 0)
-            if "image" not in batch:
+            if "image" not in batch and "encoded" not in batch:
                 bar.update(1)
                 continue
-            images = batch["image"].to(device, non_blocking=True)
-            labels = batch["label"].to(device, non_blocking=True)
+            batch = to_model_batch(batch, device, train=False)  # float or uint8 batches alike
+            images, labels = batch["image"], batch["label"]
             with autocast(device, amp):
                 logits, _ = model(images)
             logits = logits.float()

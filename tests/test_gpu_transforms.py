@@ -144,3 +144,20 @@ def test_flip_rate_and_crop_geometry_match_torchvision(tmp_path):
     assert error < 0.03 and (crop_resize(x, hw, shifted, 128) - reference).abs().mean() > 5 * error
     mirrored = crop_resize(x, hw, crops, 128, flips=torch.ones(16, dtype=torch.bool))
     assert (mirrored.flip(3) - reference).abs().mean() < 0.03
+
+
+def test_classifier_evaluation_is_the_same_on_uint8_batches(cub):
+    """`test classifier` evaluates uint8 batches now: the same loss, accuracies and confusion as float ones."""
+    from torch.utils.data import DataLoader
+
+    from models.classifiers import Classifier
+    from testing.metrics import evaluate_classifier
+
+    torch.manual_seed(0)
+    model = Classifier("tiny", 2)
+    results = []
+    for transform in (build_transform(32, train=False), Uint8Images(32, "eval")):
+        loader = DataLoader(CUBDataset(cub, "trainval", transform), batch_size=5, collate_fn=collate_skipping)
+        results.append(evaluate_classifier(model, loader, torch.device("cpu"), 2, amp=False, progress=False))
+    assert torch.equal(results[0].pop("confusion"), results[1].pop("confusion"))
+    assert results[0] == results[1] and results[0]["n"] == 8
