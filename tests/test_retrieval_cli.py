@@ -27,10 +27,12 @@ def trained(small_world, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("retrieval")
     mp = pytest.MonkeyPatch()
     mp.setenv("BIOVIS_CACHE", str(root / "cache"))
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is faster, and much faster on a busy machine
     cfg = from_preset(RetrievalConfig, PRESETS, "tiny", SMALL)
     train_retrieval(cfg, root / "run", quiet=True)
     yield {"root": root, "run": root / "run", "cfg": cfg, "data": cfg.data_path(quiet=True)}
+    torch.set_num_threads(threads)
     mp.undo()
 
 

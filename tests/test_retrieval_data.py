@@ -59,6 +59,16 @@ def test_fasta(tmp_path):
         read_fasta(path)
 
 
+def test_token_groups():
+    import torch
+
+    from datasets.bioscan.taxonomy import token_groups
+
+    ids = torch.tensor([[5, 6, 7, 8], [5, 6, 7, 9], [5, 6, 0, 0], [5, 6, 0, 0]])
+    groups = token_groups(ids, ids != 0)
+    assert groups[2] == groups[3] and len({groups[0].item(), groups[1].item(), groups[2].item()}) == 3
+
+
 def test_taxonomy_tokens_mask_unclassified():
     tok = TaxonomyTokenizer(buckets=64)
     ids, mask = tok.encode([("Diptera", "Sciaridae", "not_classified", "not_classified"),
@@ -134,3 +144,20 @@ def test_reader_errors(world_h5, tmp_path):
         check_split(tmp_path / "empty.h5", "all_keys")
     labels = read_labels(world_h5, "all_keys")
     assert len(labels["id"]) == check_split(world_h5, "all_keys") and labels["id"][0].startswith("WORLD")
+
+
+def test_device_augmentation():
+    """The full-image crop without flips is the identity; eval input is the centre crop in [-1, 1]."""
+    import torch
+
+    from datasets.device_batch import center_crop, device_images, random_resized_crop
+
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 12, 12) * 2 - 1
+    same = random_resized_crop(x, 12, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=False)
+    assert torch.allclose(same, x, atol=1e-5)
+    assert random_resized_crop(x, 8).shape == (4, 3, 8, 8)
+    pixels = torch.randint(0, 256, (2, 3, 14, 14), dtype=torch.uint8)
+    out = device_images(pixels, "cpu", 12, train=False)
+    assert torch.allclose(out, center_crop(pixels.float() * 2 / 255 - 1, 12), atol=1e-6)
+    assert out.min() >= -1 and out.max() <= 1

@@ -54,7 +54,7 @@ def contrastive_loss(embeddings: dict[str, torch.Tensor], scale: torch.Tensor, t
                      species_groups: torch.Tensor | None = None, rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(mean loss over modality pairs, per-pair losses) for embeddings of one rank's batch.
 
-    `text_groups` (int64 per record, equal for equal taxonomy strings) masks same-string records out of the
+    `text_groups` (int64 per record, equal for equal text tokens) masks same-text records out of the
     negatives of pairs with text. `species_groups` (equal for records of the same named species, unique
     otherwise) does the same in the other pairs. None keeps every other record a negative (the reference).
     """

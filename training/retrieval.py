@@ -30,6 +30,7 @@ from core.rundir import mark_run
 from core.runlog import RunLog
 from core.seeding import derive_seed, seed_everything
 from datasets.bioscan.hdf5 import BioscanSplit, check_split
+from datasets.bioscan.taxonomy import token_groups
 from models.retrieval import RetrievalModel, RetrievalSpec
 from testing.retrieval.embed import model_inputs
 from testing.retrieval.evaluate import parse_pairs, score_model
@@ -66,7 +67,7 @@ class RetrievalConfig:
     text_layers: int = 2
     temperature: float = 0.07
     learn_temperature: bool = True
-    mask_text_duplicates: bool = True  # same taxonomy string: not a negative in pairs with text
+    mask_text_duplicates: bool = True  # same taxonomy tokens: not a negative in pairs with text
     mask_same_species: bool = (
         False  # same named species: not a negative in image-DNA pairs (reference: False)
     )
@@ -214,7 +215,9 @@ def train_retrieval(cfg: RetrievalConfig, run_dir: Path, resume: bool = False, q
             batch = next(batches)
             inputs = model_inputs(batch, device, cfg.image_size, train=True, vflip=cfg.vflip,
                                   crop_scale=(cfg.crop_scale, 1.0))  # fmt: skip
-            text_groups = batch["group"].to(device) if cfg.mask_text_duplicates else None
+            text_groups = None
+            if "text_ids" in inputs and cfg.mask_text_duplicates:
+                text_groups = token_groups(inputs["text_ids"], inputs["text_mask"])
             species_groups = batch["species_group"].to(device) if cfg.mask_same_species else None
             model.train()
             out = train_step(

@@ -119,8 +119,7 @@ def square_uint8(img, size: int) -> np.ndarray:
 
 class BioscanSplit(torch.utils.data.Dataset):
     """One split of a BIOSCAN HDF5 file as dicts of tensors: `image` (uint8 [3, S, S]), `dna_ids`/`dna_mask`,
-    `text_ids`/`text_mask`, `group` (taxonomy-string id), `species_group` (that id when the species is named,
-    else unique) and `index`. Only the requested modalities are read."""
+    `text_ids`/`text_mask`, `species_group` (equal for records of one named species, else unique) and `index`. Only the requested modalities are read."""
 
     def __init__(
         self,
@@ -166,7 +165,7 @@ class BioscanSplit(torch.utils.data.Dataset):
         names = list(zip(*([text(v) for v in group[rank][rows]] for rank in RANKS), strict=True))
         groups = group_ids(names).tolist()
         species = [g if is_classified(n[3]) else -1 - i for g, n, i in zip(groups, names, rows, strict=True)]
-        columns: dict[str, list] = {"index": rows, "group": groups, "species_group": species}
+        columns: dict[str, list] = {"index": rows, "species_group": species}
         if "image" in self.modalities:
             lengths, data = group["image_mask"][rows], group["image"][rows]
             columns["image"] = [

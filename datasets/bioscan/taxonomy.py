@@ -3,8 +3,9 @@
 `not_classified` (BIOSCAN's placeholder for a missing rank) and empty names are padding: masked in the text
 encoder's attention and pooling, so the frequent pretraining string "Order Family not_classified
 not_classified" is read as the two ranks it knows. Hashing whole names (sha1, stable across runs and
-machines) gives unseen names a token too, without a vocabulary file. `group_ids` gives equal ids to equal
-taxonomy strings, so that the contrastive loss can leave them out of each other's negatives.
+machines) gives unseen names a token too, without a vocabulary file. `token_groups` gives equal ids to equal
+token rows (which embed identically), so that the contrastive loss can leave them out of each other's
+negatives.
 """
 
 from __future__ import annotations
@@ -51,5 +52,13 @@ class TaxonomyTokenizer:
 
 
 def group_ids(rows: list[tuple[str, str, str, str]]) -> np.ndarray:
-    """int64 per row, equal exactly for equal taxonomy strings (63-bit hash of the joined names)."""
+    """int64 per row, equal for equal taxonomy strings (63-bit hash of the joined names)."""
     return np.array([_hash("|".join(row)) >> 1 for row in rows], dtype=np.int64)
+
+
+def token_groups(ids, mask):
+    """int64 per row, equal for equal visible token rows (a wrapping polynomial hash of the ids)."""
+    import torch
+
+    weights = torch.tensor([1, 1_000_003, 999_999_000_001, 3_141_592_653_589_793], device=ids.device)
+    return (ids.masked_fill(~mask, PAD_ID) * weights[: ids.shape[1]]).sum(1)

@@ -29,7 +29,7 @@ def model_inputs(batch: dict, device, image_size: int, train: bool = False, vfli
     out = {}
     for name, value in batch.items():
         if name == "image":
-            out[name] = device_images(value, device, image_size, train, vflip=vflip, scale=crop_scale)
+            out[name] = device_images(value, device, image_size, train, vflip, crop_scale)
         elif isinstance(value, torch.Tensor):
             out[name] = value.to(device, non_blocking=True)
     return out
