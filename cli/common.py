@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
 
 from core.errors import UserError
 
@@ -47,7 +48,8 @@ Overwrite = Annotated[
 Resume = Annotated[
     bool,
     typer.Option(
-        help="Continue the run in --out from its last checkpoint (also a failed or killed one).",
+        help="Continue the run in --out from its last checkpoint (also a failed or killed one). "
+        "`--resume auto`: continue if --out holds a run, start otherwise (what SLURM jobs use).",
         rich_help_panel=OUTPUT,
     ),
 ]
@@ -69,6 +71,62 @@ def run_dir_for(command: str, out: Path | None, name: str | None) -> Path:
         if job and os.environ.get("WORLD_SIZE", "1") != "1":
             name = f"job-{job}"
     return default_run_dir(command, name)
+
+
+def run_dir_of(command: str, params: dict) -> Path:
+    """The run directory that `command` (e.g. "train gan") with these options uses, as `run_dir_for` does."""
+    return run_dir_for(command.replace(" ", "-"), params.get("out"), params.get("name"))
+
+
+def command_params(cmd, args: list[str], strict: bool = False) -> dict:
+    """The option values that the click command `cmd` would get from `args` (parsed only; nothing runs).
+    `strict`: a mistake in `args` is a UserError, as the command itself would report it."""
+    try:
+        return cmd.make_context(cmd.name, list(args), resilient_parsing=not strict).params
+    except Exception as err:  # click's usage errors
+        message = err.format_message() if hasattr(err, "format_message") else str(err)
+        raise UserError(f"`{cmd.name}` {message}") from None
+
+
+def split_auto_resume(args: list[str]) -> tuple[list[str], bool]:
+    """(`args` without `--resume auto` / `--resume=auto`, whether it was there)."""
+    rest, auto, i = [], False, 0
+    while i < len(args):
+        if args[i] == "--resume=auto" or args[i : i + 2] == ["--resume", "auto"]:
+            auto, i = True, i + (1 if "=" in args[i] else 2)
+            continue
+        rest.append(args[i])
+        i += 1
+    return rest, auto
+
+
+def resolve_auto_resume(command: str, cmd, args: list[str]) -> list[str]:
+    """`args` with `--resume auto` turned into `--resume` when the run directory holds a run to continue
+    (core.rundir.auto_resume), and dropped otherwise."""
+    from core.distributed import dist_env
+    from core.rundir import auto_resume
+
+    rest, auto = split_auto_resume(args)
+    if not auto:
+        return args
+    params = command_params(cmd, rest)
+    if params.get("overwrite"):
+        raise UserError(
+            "--overwrite and --resume auto exclude each other: a requeued job would wipe its own progress"
+        )
+    if params.get("resume"):
+        return rest
+    return [*rest, "--resume"] if auto_resume(run_dir_of(command, params), dist_env().is_main) else rest
+
+
+class AutoResumeGroup(TyperGroup):
+    """A command group whose commands understand `--resume auto` besides the plain `--resume` flag."""
+
+    def resolve_command(self, ctx, args):
+        name, cmd, rest = super().resolve_command(ctx, args)
+        if cmd is not None:
+            rest = resolve_auto_resume(f"{ctx.info_name} {name}", cmd, rest)
+        return name, cmd, rest
 
 
 def is_main_process() -> bool:

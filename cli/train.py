@@ -15,6 +15,7 @@ from cli.common import (
     OPTIM,
     OUTPUT,
     Amp,
+    AutoResumeGroup,
     DataDir,
     Dataset,
     Device,
@@ -30,7 +31,7 @@ from cli.common import (
     run_dir_for,
 )
 
-app = typer.Typer(help="Train a model.", no_args_is_help=True, context_settings=CONTEXT)
+app = typer.Typer(help="Train a model.", no_args_is_help=True, context_settings=CONTEXT, cls=AutoResumeGroup)
 
 # Settings a resumed run may change; everything else must match the run's saved config.
 RESUMABLE = {"epochs", "device", "num_workers", "amp", "log_every"}

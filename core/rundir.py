@@ -32,6 +32,8 @@ STATES = ("running", "finished", "failed", "preempted")
 _active: dict[Path, tuple[Path | None, bool]] = {}
 # Files a run writes before it has produced anything worth keeping.
 _BOOKKEEPING = {RUN_FILE, "config.yaml"}
+# The folder of a SLURM job's script and logs (`python main.py submit`), there before the run starts.
+JOB_FOLDER = "slurm"
 
 
 def default_run_dir(command: str, name: str | None = None, root: str | os.PathLike = "runs") -> Path:
@@ -93,6 +95,24 @@ def check_resumable(run_dir: str | os.PathLike, command: str) -> dict:
     return info
 
 
+def auto_resume(run_dir: str | os.PathLike, main: bool) -> bool:
+    """`--resume auto`: whether to continue the run in `run_dir` (else start one).
+
+    Every rank decides before rank 0 touches the folder: a run that saved its config is continued by all
+    ranks; one that stopped earlier (a run record only) is restarted in place by rank 0 (`--resume`) and
+    started afresh by the others, which is the same start. Ranks >0 never look at `run.yaml`, which rank 0
+    may be writing for this very job.
+    """
+    run_dir = Path(run_dir)
+    return (run_dir / "config.yaml").is_file() or (main and (run_dir / RUN_FILE).is_file())
+
+
+def _carry_job_folder(source: Path, target: Path) -> None:
+    """Keep a SLURM job's script and logs with the run directory that is in use."""
+    if (source / JOB_FOLDER).is_dir() and not (target / JOB_FOLDER).exists():
+        os.replace(source / JOB_FOLDER, target / JOB_FOLDER)
+
+
 def _occupied_message(run_dir: Path, info: dict, resumable: bool) -> str:
     if not info:
         return f"--out {run_dir} holds other files; choose an empty or new folder"
@@ -147,7 +167,7 @@ def prepare_run_dir(
         raise UserError(f"--out {run_dir} exists and is not a folder")
     check_apart(run_dir, inputs)
     info = read_run_info(run_dir)
-    occupied = run_dir.is_dir() and any(run_dir.iterdir())
+    occupied = run_dir.is_dir() and any(p.name != JOB_FOLDER for p in run_dir.iterdir())
     created = not occupied or overwrite
     aside = None
     if resume:
@@ -165,6 +185,8 @@ def prepare_run_dir(
     elif occupied:
         raise UserError(_occupied_message(run_dir, info, resumable))
     _make_dir(run_dir)
+    if aside is not None:
+        _carry_job_folder(aside, run_dir)
     _active[run_dir.resolve()] = (aside, created and not resume)
     info_fields = {"command": command, "status": "running", "pid": os.getpid(), "host": socket.gethostname()}
     if not resume:
@@ -202,6 +224,7 @@ def abandon_active_runs(reason: str) -> list[str]:
         _active.pop(run_dir)
         try:
             if aside is not None and aside.exists():
+                _carry_job_folder(run_dir, aside)
                 shutil.rmtree(run_dir, ignore_errors=True)
                 os.replace(aside, run_dir)
                 notes.append(f"the previous run in {run_dir} was kept")

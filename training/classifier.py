@@ -4,11 +4,14 @@ Per epoch: shuffled (DistributedSampler) batches with fresh augmentation, cross-
 channels_last on CUDA, then validation on the held-out part of train. `last.*` is written every epoch,
 `best.*` when validation top-1 improves. Resume restores model, optimiser, schedule and counters, and
 every epoch's randomness derives from (seed, epoch), so a resumed run reaches the same weights as an
-uninterrupted one.
+uninterrupted one. A preemption signal (core.preemption) stops it between two steps with a mid-epoch
+resume state: the resumed run replays the data of the epoch's finished batches (same order, same worker
+seeds) without training on them, then restores the random state, and goes on exactly as it would have.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -19,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
-from core import checkpoint
+from core import checkpoint, preemption
 from core.atomic import write_text
 from core.config import MAX_LR, require_positive, require_range, to_dict, to_yaml
 from core.device import autocast, loader_settings, resolve_device
@@ -129,6 +132,7 @@ def _weights_meta(cfg: ClassifierConfig, model, meta, epoch: int, metrics: dict)
 def train_classifier(cfg: ClassifierConfig, run_dir: Path, resume: bool = False, quiet: bool = False) -> dict:
     """Train, validate every epoch, keep best and last; returns the summary written to summary.json."""
     cfg.validate()
+    preempt = preemption.watch(run_dir)
     env = dist_env()
     device = resolve_device(cfg.device, env.local_rank)
     init_distributed(env, device)
@@ -159,16 +163,25 @@ def train_classifier(cfg: ClassifierConfig, run_dir: Path, resume: bool = False,
     schedule = build_schedule(optimizer, cfg.schedule, cfg.epochs, cfg.step_size, cfg.gamma)
 
     start_epoch, step, best = 0, 0, {"top1": -1.0, "epoch": None}
+    done, sums, rng = 0, [0.0, 0.0, 0], None  # a mid-epoch state: batches done, epoch sums, random state
     if resume and (run_dir / "last.pt").is_file():
         state = checkpoint.load_state(run_dir / "last.pt", device=str(device))
         checkpoint.load_state_dict_checked(model, state["model"], str(run_dir / "last.pt"))
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         start_epoch, step, best = state["epoch"], state["step"], state["best"]
+        done, sums, rng = state.get("batch", 0), state.get("epoch_sums", sums), state.get("rng")
     if main:
         write_text(run_dir / "config.yaml", to_yaml(cfg))
         mark_run(run_dir, status="running", world_size=env.world_size, device=str(device))
     log = RunLog(run_dir / "log.jsonl", enabled=main, resume_step=step if resume else None)
+
+    def save_mid_epoch() -> None:  # the resume state between two steps, when a preemption signal came
+        checkpoint.save_state(run_dir / "last.pt", {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+            "epoch": epoch, "batch": done, "epoch_sums": epoch_sums, "rng": torch.get_rng_state(), "step": step,
+            "best": best, "config": to_dict(cfg),
+        })  # fmt: skip
 
     for epoch in range(start_epoch, cfg.epochs):
         torch.manual_seed(derive_seed(cfg.seed, epoch, env.rank))  # augmentation and worker seeds
@@ -179,7 +192,13 @@ def train_classifier(cfg: ClassifierConfig, run_dir: Path, resume: bool = False,
         with Progress(
             len(train_loader), f"epoch {epoch + 1}/{cfg.epochs}", enabled=main and not quiet
         ) as bar:
-            for batch in train_loader:
+            batches = iter(train_loader)
+            if done:  # resumed mid-epoch: replay the finished batches' data, then the random state
+                bar.update(sum(1 for _ in itertools.islice(batches, done)))
+                torch.set_rng_state(rng)
+                epoch_sums = sums
+            for batch in batches:
+                done += 1
                 if "image" not in batch:
                     bar.update(1)
                     continue
@@ -207,6 +226,8 @@ def train_classifier(cfg: ClassifierConfig, run_dir: Path, resume: bool = False,
                     rate = seen / max(time.time() - tick, 1e-9)
                     log.write(step, "train", epoch=epoch + 1, loss=loss_value, acc=acc, lr=optimizer.param_groups[0]["lr"],
                               images_per_s=round(rate, 2), skipped=batch["skipped"])  # fmt: skip
+                preempt.check(step, save_mid_epoch)
+        done = 0
         if epoch_sums[2]:
             log.write(step, "train", epoch=epoch + 1, epoch_loss=epoch_sums[0] / epoch_sums[2],
                       epoch_acc=epoch_sums[1] / epoch_sums[2])  # fmt: skip

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from core import checkpoint
+from core import checkpoint, preemption
 from core.atomic import write_text
 from core.config import MAX_LR, require_positive, require_range, to_dict, to_yaml
 from core.device import autocast, loader_settings, resolve_device
@@ -403,6 +403,7 @@ def snapshot(cfg: GanConfig, run_dir: Path, meta, s: GanState, evaluator: Evalua
 def train_gan(cfg: GanConfig, run_dir: Path, resume: bool = False, quiet: bool = False) -> dict:
     """Train G and D, snapshot every `snapshot_kimg`; returns the summary written to summary.json."""
     cfg.validate()
+    preempt = preemption.watch(run_dir)  # SIGUSR1/SIGTERM: save last.pt between two steps, requeue
     env = dist_env()
     device = resolve_device(cfg.device, env.local_rank)
     init_distributed(env, device)
@@ -480,6 +481,7 @@ def train_gan(cfg: GanConfig, run_dir: Path, resume: bool = False, quiet: bool =
                     snapshot(cfg, run_dir, meta, s, evaluator, log, per_rank, quiet)
                 barrier()
                 tick = time.time()
+            preempt.check(s.step, lambda: checkpoint.save_state(run_dir / "last.pt", s.to_resume_state(cfg)))
 
     summary = {"best": s.best, "kimg": s.nimg / 1000, "steps": s.step, "run_dir": str(run_dir)}
     if main:

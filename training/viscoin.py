@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from core import checkpoint
+from core import checkpoint, preemption
 from core.atomic import write_text
 from core.config import MAX_LR, require_positive, require_range, to_dict, to_yaml
 from core.device import autocast, loader_settings, resolve_device
@@ -159,6 +159,7 @@ def _lr_factor(cfg: VisCoINConfig):
 
 def train_viscoin(cfg: VisCoINConfig, run_dir: Path, resume: bool = False, quiet: bool = False) -> dict:
     cfg.validate()
+    preempt = preemption.watch(run_dir)  # SIGUSR1/SIGTERM: save last.pt between two steps, requeue
     env = dist_env()
     device = resolve_device(cfg.device, env.local_rank)
     init_distributed(env, device)
@@ -324,6 +325,7 @@ def train_viscoin(cfg: VisCoINConfig, run_dir: Path, resume: bool = False, quiet
                 save_resume()
             if env.enabled and step % cfg.checkpoint_every == 0:
                 barrier()
+            preempt.check(step, save_resume)
 
     summary = {"best": best, "steps": step, "run_dir": str(run_dir)}
     if main:
