@@ -22,6 +22,7 @@
         pandas
         matplotlib
         kagglehub
+        (lpips.override { torch = torch-bin; torchvision = torchvision-bin; })
         pytest
       ]);
     in {

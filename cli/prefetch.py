@@ -59,3 +59,35 @@ def weights(
     hint = "check this machine's internet access (proxy, firewall) or copy the file into the cache by hand"
     path = cached_file(imagenet_url(arch), f"ImageNet weights for {arch}", hint)
     typer.echo(f"{arch}: {path} ({path.stat().st_size / 2**20:.0f} MiB, sha256 checked)")
+
+
+def download_targets() -> list[str]:
+    """Every download a command can make: the datasets, then each pretrained network the project uses
+    (classifier and VDNA-extractor backbones, LPIPS's VGG-16, the retrieval ViT, the FID Inception)."""
+    from importlib.util import find_spec
+
+    from models.classifiers import ARCHS as CLASSIFIERS
+    from models.extractors import ARCHS as EXTRACTORS
+
+    networks = sorted({arch for arch in (*CLASSIFIERS, *EXTRACTORS, "vgg16", "vit_b_16") if arch != "tiny"})
+    fid = ["fid-inception"] if find_spec("testing.fid") else []
+    return ["world", "cub", *networks, *fid]
+
+
+@app.command("all")
+def all_targets(
+    with_cub: Annotated[bool, typer.Option("--cub/--no-cub", help="Include CUB-200-2011 (1.1 GB).")] = True,
+    dry_run: Annotated[bool, typer.Option(help="List what would be fetched; fetch nothing.")] = False,
+) -> None:
+    """Everything any command may download (datasets and weights), so that jobs run with the network off."""
+    targets = [t for t in download_targets() if with_cub or t != "cub"]
+    if dry_run:
+        typer.echo("\n".join(targets))
+        return
+    for target in targets:
+        if target == "world":
+            world()
+        elif target == "cub":
+            cub()
+        else:
+            weights(target)

@@ -1,0 +1,64 @@
+"""conda.yml and flake.nix install the packages of requirements.txt and requirements-test.txt (the same names;
+conda with the same version specifiers), and `prefetch all` covers every download a command can make."""
+
+from __future__ import annotations
+
+import re
+
+import yaml
+from conftest import ROOT, run_cli
+
+NIX_NAMES = {"torch-bin": "torch", "torchvision-bin": "torchvision"}
+
+
+def _split(spec: str) -> tuple[str, str]:
+    name, version = re.match(r"\s*([A-Za-z0-9_.\-]+)\s*(.*)", spec).groups()
+    return name.lower().replace("_", "-"), version.split("#")[0].replace(" ", "")
+
+
+def requirements() -> dict[str, str]:
+    specs = {}
+    for file in ("requirements.txt", "requirements-test.txt"):
+        for line in (ROOT / file).read_text().splitlines():
+            line = line.split("#")[0].strip()
+            if line and not line.startswith("-r"):
+                name, version = _split(line)
+                specs[name] = version
+    return specs
+
+
+def conda() -> dict[str, str]:
+    deps = yaml.safe_load((ROOT / "conda.yml").read_text())["dependencies"]
+    specs = [d for d in deps if isinstance(d, str)] + [
+        p for d in deps if isinstance(d, dict) for p in d["pip"]
+    ]
+    return {n: v for n, v in map(_split, specs) if n not in ("python", "pip")}
+
+
+def nix() -> set[str]:
+    text = (ROOT / "flake.nix").read_text()
+    listed = re.search(r"withPackages \(ps: with ps; \[(.*?)\]\);", text, re.S).group(1)
+    names = re.findall(r"^\s*\(?([A-Za-z0-9_\-]+)", re.sub(r"#.*", "", listed), re.M)
+    tools = re.findall(r"pkgs\.([a-z0-9\-]+)", re.search(r"packages = \[(.*?)\];", text).group(1))
+    return {NIX_NAMES.get(n, n) for n in names + tools}
+
+
+def test_conda_and_nix_list_the_requirements():
+    wanted = requirements()
+    assert {"torch", "torchvision", "lpips", "pytest"} <= set(wanted)
+    assert conda() == wanted
+    assert nix() == set(wanted)
+
+
+def test_prefetch_all_covers_every_download():
+    from models.classifiers import ARCHS as CLASSIFIERS
+    from models.extractors import ARCHS as EXTRACTORS
+
+    result = run_cli("prefetch", "all", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    targets = result.stdout.split()
+    assert {"world", "cub", "vgg16", "vit_b_16", "inception_v3"} <= set(targets)
+    assert set(CLASSIFIERS) - {"tiny"} <= set(targets) and set(EXTRACTORS) <= set(targets)
+    if (ROOT / "testing" / "fid.py").is_file():
+        assert "fid-inception" in targets
+    assert "cub" not in run_cli("prefetch", "all", "--no-cub", "--dry-run").stdout.split()
