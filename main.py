@@ -11,6 +11,7 @@ import typer
 
 from cli import amplify, concepts, demo, gan, logs, prefetch, retrieve, test, train, vdna, viscoin
 from cli.common import CONTEXT
+from cli.submit import submit
 from core.errors import UserError
 
 app = typer.Typer(
@@ -32,6 +33,7 @@ app.add_typer(concepts.app, name="concepts")
 app.command("amplify")(amplify.amplify)
 app.add_typer(vdna.app, name="vdna")
 app.add_typer(retrieve.app, name="retrieve")
+app.command("submit")(submit)
 
 
 def one_line(error: UserError) -> str:
