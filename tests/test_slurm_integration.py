@@ -1,0 +1,101 @@
+"""A real SLURM (Debian's slurm-wlm on this machine): a training submitted with `main.py submit` is stopped
+twice, once as at a time limit (USR1 to the batch script) and once by `scontrol requeue`, and still ends
+with the weights of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import ROOT, run_cli
+from safetensors.torch import load_file
+from slurm_cluster import Cluster, ensure_installed
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+TRAIN = ["train", "classifier", "--dataset", "world", "--world", "small", "--image-size", "32", "--no-amp",
+         "--quiet", "--epochs", "6", "--batch-size", "8", "--num-workers", "0", "--device", "cpu",
+         "--log-every", "1"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    reason = ensure_installed()
+    if reason:
+        pytest.skip(f"no SLURM for the integration test: {reason}")
+    cluster = Cluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+    except (RuntimeError, OSError, subprocess.SubprocessError) as err:
+        cluster.stop()
+        pytest.skip(f"SLURM daemons do not start on this machine: {str(err)[:2000]}")
+    yield cluster
+    cluster.stop()
+
+
+def _steps(run: Path) -> int:
+    """The last training step logged in the run (0 before the first)."""
+    try:
+        lines = (run / "log.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    steps = [json.loads(line)["step"] for line in lines if line.endswith("}") and '"train"' in line]
+    return max(steps, default=0)
+
+
+def _wait(condition, timeout: float, what: str, cluster: Cluster, job: str, run: Path) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    output = "\n".join(p.read_text()[-3000:] for p in (run / "slurm").glob("*.out"))
+    pytest.fail(f"timed out waiting for {what}; job: {cluster.job(job)}\n{output}\n{cluster.logs()}")
+
+
+def test_requeued_job_finishes_from_its_resume_state(cluster, small_world, tmp_path):
+    whole, run = tmp_path / "whole", tmp_path / "run"
+    reference = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *TRAIN, "--out", str(whole)], cwd=ROOT,
+                                 env={**cluster.env, **ONE_THREAD}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+
+    submitted = run_cli("submit", "--gpus", "0", "--cpus", "1", "--time", "10", "--signal", "USR1@60",
+                        "--", *TRAIN, "--out", str(run), env=cluster.env)  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr
+    job = re.search(r"submitted job (\d+)", submitted.stdout).group(1)
+    script = (run / "slurm" / f"train-classifier-{run.name}.sbatch").read_text()
+    assert "#SBATCH --signal=B:USR1@60" in script and "--resume auto" in script
+
+    def requeued(n):  # the job restarts about cred_expire (5 s here) after the requeue
+        _wait(lambda: cluster.job(job).get("Restarts") == str(n), 60, f"requeue {n}", cluster, job, run)
+
+    # 1. as before a time limit: SLURM signals the batch script, which forwards USR1 to the training
+    _wait(lambda: _steps(run) >= 10, 120, "the first training steps", cluster, job, run)
+    assert cluster.call("scancel", "--batch", "--signal=USR1", job).returncode == 0
+    requeued(1)
+    first = torch.load(run / "last.pt", weights_only=True)
+    assert 10 <= first["step"] < 48 and first["batch"] > 0, "a mid-epoch resume state"
+
+    # 2. requeued from outside while it runs again (SIGTERM to the job step)
+    _wait(lambda: _steps(run) >= first["step"] + 12, 120, "the resumed run to train", cluster, job, run)
+    assert cluster.call("scontrol", "requeue", job).returncode == 0
+    requeued(2)
+    second = torch.load(run / "last.pt", weights_only=True)
+    assert first["step"] < second["step"] < 48
+
+    _wait(lambda: cluster.job(job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 180,
+          "the job to finish", cluster, job, run)  # fmt: skip
+    log = "\n".join(p.read_text() for p in (run / "slurm").glob("*.out"))
+    assert cluster.job(job)["JobState"] == "COMPLETED", log[-3000:]
+    assert "forwarding it to the job step" in log and f"requeued SLURM job {job}" in log
+    assert yaml.safe_load((run / "run.yaml").read_text())["status"] == "finished"
+
+    assert reference.wait(timeout=300) == 0, reference.stderr.read()[-3000:]
+    for name in ("last.safetensors", "best.safetensors"):
+        a, b = load_file(str(whole / name)), load_file(str(run / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
