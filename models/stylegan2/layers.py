@@ -14,7 +14,14 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from models.stylegan2.ops import activation_gain, bias_act, conv2d_resample, modulated_conv2d, setup_filter
+from models.stylegan2.ops import (
+    activation_gain,
+    bias_act,
+    conv2d_resample,
+    float32_region,
+    modulated_conv2d,
+    setup_filter,
+)
 
 NOISE_MODES = ("random", "const", "none")
 
@@ -149,7 +156,10 @@ class SynthesisLayer(nn.Module):
             raise ValueError(
                 f"expected input [N, {self.weight.shape[1]}, {in_resolution}, {in_resolution}], got {tuple(x.shape)}"
             )
-        styles = self.affine(w)
+        with float32_region(w):  # styles and demodulation in float32 under autocast, as NVlabs has them
+            styles = self.affine(w.float())
+        if self.weight.dim() == 4 and self.weight.is_contiguous(memory_format=torch.channels_last):
+            x = x.contiguous(memory_format=torch.channels_last)  # the layout the caller gave the weights
 
         noise = None
         if self.use_noise and noise_mode == "random":
@@ -194,7 +204,8 @@ class ToRGBLayer(nn.Module):
         self.weight_gain = 1 / math.sqrt(in_channels * kernel_size**2)
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, fused_modconv: bool = True) -> torch.Tensor:
-        styles = self.affine(w) * self.weight_gain
+        with float32_region(w):
+            styles = self.affine(w.float()) * self.weight_gain
         x = modulated_conv2d(x, self.weight, styles, demodulate=False, fused_modconv=fused_modconv)
         return bias_act(x, self.bias, clamp=self.conv_clamp)
 
@@ -213,9 +224,10 @@ class MinibatchStdLayer(nn.Module):
         if n % g != 0:
             raise ValueError(f"batch size {n} is not divisible by the minibatch-stddev group size {g}")
         f = self.num_channels
-        y = x.reshape(g, -1, f, c // f, h, w)  # [G, n, F, c, H, W]: groups of G samples, F channel groups
+        # [G, n, F, c, H, W]: groups of G samples, F channel groups; a standard deviation in float32 always
+        y = x.float().reshape(g, -1, f, c // f, h, w)
         y = y - y.mean(dim=0)
         y = (y.square().mean(dim=0) + 1e-8).sqrt()  # stddev over each group
         y = y.mean(dim=[2, 3, 4]).reshape(-1, f, 1, 1)  # [n, F, 1, 1]
         y = y.repeat(g, 1, h, w)  # [N, F, H, W]
-        return torch.cat([x, y], dim=1)
+        return torch.cat([x, y.to(x.dtype)], dim=1)

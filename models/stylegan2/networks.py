@@ -4,9 +4,12 @@ A clean pure-PyTorch re-implementation of NVlabs stylegan2-ada-pytorch `training
 same module tree and tensor names (`mapping.fc0.weight`, `synthesis.b16.conv0.noise_const`, `b4.fc.bias`...),
 so NVlabs weights load with `load_state_dict(strict=True)`. Images are float NCHW RGB in about [-1, 1].
 
-Precision: everything runs in float32. `num_fp16_res` (and `fp16_channels_last`) are accepted so that NVlabs
-configs round-trip, but ignored: NVlabs uses fp16 for the top resolutions only as a GPU speed trick, and
-`conv_clamp` (which is honoured) is what keeps its activations bounded.
+Precision: float32, or bf16 wherever `torch.autocast` (bf16) is on around the call: the convolutions and the
+activations between them (all resolutions, where NVlabs uses fp16 for the top `num_fp16_res` only), with the
+mapping network, styles, demodulation, the running RGB image and minibatch stddev kept in float32 (see `ops`).
+`conv_clamp` (honoured) keeps the activations bounded. `num_fp16_res` and `fp16_channels_last` are accepted
+so that NVlabs configs round-trip, but ignored. Memory layout: after `G.to(memory_format=torch.channels_last)`
+the synthesis runs its activations channels-last (cuDNN's fast layout for bf16 convolutions).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from models.stylegan2.layers import (
     SynthesisLayer,
     ToRGBLayer,
 )
-from models.stylegan2.ops import normalize_2nd_moment, setup_filter, upsample2d
+from models.stylegan2.ops import float32_region, normalize_2nd_moment, setup_filter, upsample2d
 
 
 def _plain(value: Any) -> Any:
@@ -108,7 +111,11 @@ class MappingNetwork(nn.Module):
         truncation_cutoff: int | None = None,
         skip_w_avg_update: bool = False,
     ) -> torch.Tensor:
-        """Return ws of shape [N, num_ws, w_dim] (or [N, w_dim] when num_ws is None)."""
+        """Return ws of shape [N, num_ws, w_dim] (or [N, w_dim] when num_ws is None), in float32 always."""
+        with float32_region(z if z is not None else c):
+            return self._forward(z, c, truncation_psi, truncation_cutoff, skip_w_avg_update)
+
+    def _forward(self, z, c, truncation_psi, truncation_cutoff, skip_w_avg_update) -> torch.Tensor:
         x = None
         if self.z_dim > 0:
             if z is None or z.ndim != 2 or z.shape[1] != self.z_dim:
@@ -219,13 +226,16 @@ class SynthesisBlock(nn.Module):
         w_iter = iter(ws.unbind(dim=1))
         if self.in_channels == 0:
             x = self.const.unsqueeze(0).repeat([ws.shape[0], 1, 1, 1])
+            if torch.is_autocast_enabled(x.device.type):
+                x = x.to(torch.get_autocast_dtype(x.device.type))
             x = self.conv1(x, next(w_iter), noise_mode=noise_mode, fused_modconv=fused_modconv)
         else:
             x = self.conv0(x, next(w_iter), noise_mode=noise_mode, fused_modconv=fused_modconv)
             x = self.conv1(x, next(w_iter), noise_mode=noise_mode, fused_modconv=fused_modconv)
 
         if img is not None:
-            img = upsample2d(img, self.resample_filter)
+            with float32_region(img):  # the running image stays float32, as NVlabs keeps it
+                img = upsample2d(img, self.resample_filter)
         y = self.torgb(x, next(w_iter), fused_modconv=fused_modconv).to(torch.float32)
         img = img + y if img is not None else y
         return x, img
@@ -290,7 +300,7 @@ class SynthesisNetwork(nn.Module):
     ) -> torch.Tensor:
         """Render images from ws (see `Generator.forward` for the options).
 
-        `force_fp32` exists for NVlabs call compatibility; this code always computes in float32.
+        `force_fp32` exists for NVlabs call compatibility and is ignored: `torch.autocast` is the switch.
         """
         if ws.ndim != 3 or ws.shape[1:] != (self.num_ws, self.w_dim):
             raise ValueError(f"ws must have shape [N, {self.num_ws}, {self.w_dim}], got {tuple(ws.shape)}")

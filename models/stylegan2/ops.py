@@ -4,12 +4,16 @@ They reproduce the semantics of the NVlabs stylegan2-ada-pytorch ops (`upfirdn2d
 `conv2d_resample`, `modulated_conv2d`) so that weights trained with the NVlabs code give the same images here,
 without compiled CUDA extensions: every op is padding plus `torch.nn.functional` convolutions.
 
-Everything runs in float32. NVlabs' fp16 tricks (pre-normalising weights against fp16 overflow) are left out:
-in float32 they change nothing but rounding, because demodulation cancels the scale they remove.
+Precision follows the caller: float32, or bf16 under `torch.autocast` for the convolutions and what runs
+between them, with the numerically delicate parts kept in float32 by `float32_region` (styles, demodulation
+coefficients, the running RGB image, the mapping network, minibatch stddev), as NVlabs keeps them in float32
+around its fp16 layers. NVlabs' fp16 tricks (pre-normalising weights against fp16 overflow) are left out:
+bf16 has float32's range, and demodulation cancels the scale they remove.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 
@@ -17,6 +21,14 @@ import torch
 import torch.nn.functional as F
 
 Padding = int | Sequence[int]
+
+
+def float32_region(like: torch.Tensor | None):
+    """A region run in float32 even inside `torch.autocast` on `like`'s device (a no-op context otherwise)."""
+    if like is not None and torch.is_autocast_enabled(like.device.type):
+        return torch.autocast(like.device.type, enabled=False)
+    return contextlib.nullcontext()
+
 
 # ----------------------------------------------------------------------------
 # FIR filters and upfirdn2d.
