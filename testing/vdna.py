@@ -215,6 +215,12 @@ def _stream(
     step = forward_batch_size(model, preprocess.size, batch_size, dev)
     dataset = source.dataset(preprocess)
     settings = loader_settings(dev, num_workers)
+    if num_workers is None:  # one pass: no worker beyond one per batch, none kept alive after it
+        batches = -(-len(dataset) // step)
+        settings = {
+            **loader_settings(dev, min(settings["num_workers"], batches)),
+            "persistent_workers": False,
+        }
     loader = DataLoader(dataset, batch_size=step, shuffle=False, collate_fn=collate_images, **settings)
     stats = PassStats(forward_batch=step, workers=settings["num_workers"])
     with Progress(len(dataset), f"vdna {source.spec}", enabled=not quiet) as bar:
