@@ -240,7 +240,8 @@ def _print_results(results: list[dict]) -> None:
         table = Table(title=f"{result['modality']} query {result['query']} -> {result['keys']} keys: best cosine "
                       f"{result['best_score']:.3f}{threshold}{note}", title_justify="left")  # fmt: skip
         for column in ("#", "cosine", "id", *RANKS):
-            table.add_column(column, justify="right" if column in ("#", "cosine") else "left")
+            numeric = column in ("#", "cosine")
+            table.add_column(column, justify="right" if numeric else "left", overflow="fold")
         for i, n in enumerate(result["neighbours"], 1):
             table.add_row(str(i), f"{n['score']:.3f}", n["id"], *(n[r] for r in RANKS))
         console.print(table)
@@ -299,23 +300,26 @@ def _print_table(summary: dict) -> None:
     from datasets.bioscan.taxonomy import RANKS
 
     frame = summary["table"]
-    top1 = frame[frame["k"] == 1]
-    table = Table(title=f"top-1 accuracy (%) on {summary['on']}: {summary['queries']} queries against "
-                  f"{summary['keys']} keys (S / U / H.M.)")  # fmt: skip
-    for column in ("query>key", "metric", *RANKS):
-        table.add_column(column, justify="right", no_wrap=True)
+    top1 = frame[(frame["k"] == 1) & (frame["metric"] != "chance")]
+    top1 = top1.sort_values(["query", "key", "metric"], ascending=[True, True, False])  # micro, then macro
+    queries = ", ".join(f"{n} {split}" for split, n in summary["queries"].items())
+    table = Table(title=f"top-1 accuracy (%): {queries} queries against {summary['keys']} keys")
+    for column in ("query>key", "metric", "split", *RANKS):
+        table.add_column(column, justify="right" if column in RANKS else "left", no_wrap=True)
     for _, row in top1.iterrows():
-        if row["metric"] == "chance":
-            continue
-        cells = [
-            f"{100 * row[f'{r}_seen']:.1f}/{100 * row[f'{r}_unseen']:.1f}/{100 * row[f'{r}_hm']:.1f}"
-            for r in RANKS
-        ]
-        table.add_row(f"{row['query']}>{row['key']}", row["metric"], *cells)
+        for kind, label in (("seen", "seen"), ("unseen", "unseen"), ("hm", "H.M.")):
+            first = kind == "seen"
+            table.add_row(f"{row['query']}>{row['key']}" if first else "", row["metric"] if first else "", label,
+                          *(f"{100 * row[f'{r}_{kind}']:.1f}" for r in RANKS), end_section=kind == "hm")  # fmt: skip
     Console().print(table)
     for pair, result in summary["novelty"].items():
-        extra = f", threshold {result['threshold']:.3f}" if "threshold" in result else ""
-        typer.echo(f"novelty flag {pair}: AUROC {result['auroc']:.3f} (seen vs unseen queries){extra}")
+        line = f"novelty flag {pair}: AUROC {result['auroc']:.3f} (best cosine, seen vs unseen queries)"
+        if "threshold" in result:
+            line += f"; calibrated threshold {result['threshold']:.3f}"
+        if "threshold_from_val" in result:
+            line += (f"; at the val threshold {result['threshold_from_val']:.3f} it flags {result['tpr']:.0%} of "
+                     f"unseen and {result['fpr']:.0%} of seen queries")  # fmt: skip
+        typer.echo(line)
 
 
 @app.command("plot")
@@ -456,7 +460,8 @@ def train_retrieval_command(
         eval_every=eval_every, log_every=log_every, device=device, amp=amp, num_workers=num_workers,
     )  # fmt: skip
     run_dir = run_dir_for("train-retrieval", out, name)
-    cfg = resolve_config(RetrievalConfig, PRESETS, preset, overrides, run_dir, resume, RESUMABLE)
+    cfg = resolve_config(RetrievalConfig, PRESETS, preset, overrides, run_dir, resume, RESUMABLE,
+                         command="train retrieval")  # fmt: skip
     cfg.validate()
     inputs = [p for p in (data, dna_weights) if p is not None]
     if is_main_process():

@@ -29,29 +29,34 @@ def _ordered(scores, indices, k: int):
 
 
 def _chunk_topk(scores, k: int, offset: int):
-    """Top-k of one score chunk [Q, C] with exact lower-index tie-breaking: rows whose k-th score is tied
-    with an unselected key are re-ranked on all keys holding that score."""
+    """Top-k of one score chunk [Q, C] with exact lower-index tie-breaking. The (k+1)-th score tells whether
+    the k-th is tied with an unselected key; only such rows are re-ranked on every key holding that score."""
     import torch
 
-    values, index = scores.topk(k, dim=1)
-    kth = values[:, -1:]
-    tied = (scores == kth).sum(1) > (values == kth).sum(1)
+    kk = min(k + 1, scores.shape[1])
+    values, index = scores.topk(kk, dim=1)
+    if kk == k:  # the chunk has at most k keys: all of them are in
+        return values, index + offset
+    tied = values[:, k] == values[:, k - 1]
+    values, index = values[:, :k], index[:, :k]
     if bool(tied.any()):
         rows = tied.nonzero().squeeze(1)
-        sub = scores[rows]
+        sub, kth = scores[rows], values[rows, k - 1 :]
         cols = torch.arange(sub.shape[1], device=sub.device).expand_as(sub)
-        big = torch.full_like(cols, _TOP_INDEX)
-        cand = torch.where(sub >= kth[rows], cols, big)  # every key at or above the k-th score
+        cand = torch.where(
+            sub >= kth, cols, torch.full_like(cols, _TOP_INDEX)
+        )  # every key at or above the k-th
         values[rows], index[rows] = _ordered(torch.where(cand < _TOP_INDEX, sub, -torch.inf), cand, k)
     return values, index + offset
 
 
 def search(queries, keys, k: int, backend: str = "torch", device: str = "cpu", normalize: bool = False,
-           chunk: int | None = None, query_batch: int = 4096, max_bytes: int = 1 << 28) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+           chunk: int | None = None, query_batch: int = 1024, max_bytes: int | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Top-k keys per query: (float32 scores [Q, k], int64 indices [Q, k]), best first, ties to lower index.
 
     `normalize` scales queries to unit length (keys are expected unit-length already). Memory: one float32
-    score block of `query_batch x chunk` (chosen within `max_bytes` when `chunk` is None) plus one key chunk.
+    score block of `query_batch x chunk` (chosen within `max_bytes` when `chunk` is None: 16 MB on the CPU,
+    which stays in cache, 256 MB on CUDA) plus one key chunk.
     """
     if backend not in BACKENDS:
         raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -70,14 +75,15 @@ def search(queries, keys, k: int, backend: str = "torch", device: str = "cpu", n
 
 
 def _torch_search(queries: np.ndarray, keys: Any, k: int, device: str, chunk: int | None, query_batch: int,
-                  max_bytes: int) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+                  max_bytes: int | None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     import torch
 
     dev = torch.device(device)
     n_keys = len(keys)
-    query_batch = max(1, min(query_batch, len(queries)))
-    chunk = chunk or max(k, min(n_keys, max_bytes // (4 * query_batch)))
     cuda = dev.type == "cuda"
+    query_batch = max(1, min(query_batch, len(queries)))
+    max_bytes = max_bytes or (1 << 28 if cuda else 1 << 24)
+    chunk = chunk or max(k, min(n_keys, max_bytes // (4 * query_batch)))
     resident = torch.from_numpy(np.asarray(keys, dtype=np.float16)).to(dev) if cuda else None
     out_scores = np.empty((len(queries), k), dtype=np.float32)
     out_index = np.empty((len(queries), k), dtype=np.int64)

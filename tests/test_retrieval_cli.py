@@ -50,18 +50,29 @@ def test_training_run_and_exact_resume(trained, monkeypatch):
     assert [e["step"] for e in val] == [3, 6] and all(0 <= e["score"] <= 1 for e in val)
     assert all(np.isfinite(e["loss"]) for e in events if e["split"] == "train")
 
-    # Stop right after the first checkpoint (step 3), resume, and land on the same weights.
+    # SLURM's warning signal during step 2: the trainer saves after that step and stops; the resumed run
+    # lands on the same weights as the uninterrupted one.
+    import os
+    import signal
+
+    import training.retrieval as trainer
+    from core.preemption import Preempted
+
     other = trained["root"] / "resumed"
-    save_state = checkpoint.save_state
+    step = trainer.train_step
+    calls = []
 
-    def save_then_stop(path, state):
-        save_state(path, state)
-        raise KeyboardInterrupt
+    def signalled_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return step(*args, **kwargs)
 
-    monkeypatch.setattr(checkpoint, "save_state", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(trainer, "train_step", signalled_step)
+    with pytest.raises(Preempted):
         train_retrieval(trained["cfg"], other, quiet=True)
-    monkeypatch.setattr(checkpoint, "save_state", save_state)
+    monkeypatch.setattr(trainer, "train_step", step)
+    assert checkpoint.load_state(other / "last.pt")["step"] == 2
     train_retrieval(trained["cfg"], other, resume=True, quiet=True)
     a, _ = checkpoint.load_weights(run / "last.safetensors")
     b, _ = checkpoint.load_weights(other / "last.safetensors")

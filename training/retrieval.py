@@ -6,6 +6,7 @@ step (crops, flips, dropout) comes from a generator seeded by (seed, step, rank)
 reference) under a OneCycle schedule stepped every iteration; bf16 autocast on CUDA; negatives gathered across
 DDP ranks with gradients. Every `eval_every` steps and at the end the model is scored with the BIOSCAN
 protocol on the validation queries against all keys; `best.safetensors` keeps the highest mean micro top-1.
+SIGUSR1/SIGTERM (SLURM's time limit or preemption) save `last.pt` after the current step and requeue the job.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from core import checkpoint
+from core import checkpoint, preemption
 from core.atomic import write_text
 from core.config import require_positive, to_dict, to_yaml
 from core.device import autocast, loader_settings, resolve_device
@@ -160,6 +161,7 @@ def _validate(cfg: RetrievalConfig, model, data: Path, device, pairs, quiet: boo
 def train_retrieval(cfg: RetrievalConfig, run_dir: Path, resume: bool = False, quiet: bool = False) -> dict:
     """Train, evaluate, keep best and last; returns the summary written to summary.json."""
     cfg.validate()
+    preempt = preemption.watch(run_dir)  # SIGUSR1/SIGTERM: save last.pt between two steps, requeue
     env = dist_env()
     device = resolve_device(cfg.device, env.local_rank)
     init_distributed(env, device)
@@ -203,7 +205,12 @@ def train_retrieval(cfg: RetrievalConfig, run_dir: Path, resume: bool = False, q
     if main:
         write_text(run_dir / "config.yaml", to_yaml(cfg))
         mark_run(run_dir, status="running", world_size=env.world_size, device=str(device), data=str(data))
-    log = RunLog(run_dir / "log.jsonl", enabled=main)
+    log = RunLog(run_dir / "log.jsonl", enabled=main, resume_step=step if resume else None)
+
+    def resume_state() -> dict:
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                "step": step, "best": best, "config": to_dict(cfg)}  # fmt: skip
+
     names = [
         f"loss_{a}_{b}" for a, b in modality_pairs([m for m in ("image", "dna", "text") if m in modalities])
     ]
@@ -251,12 +258,10 @@ def train_retrieval(cfg: RetrievalConfig, run_dir: Path, resume: bool = False, q
                     if val["score"] > best["score"]:
                         best = {"score": val["score"], "step": step}
                         checkpoint.save_weights(run_dir / "best.safetensors", model.state_dict(), meta)
-                    checkpoint.save_state(run_dir / "last.pt", {
-                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "schedule": schedule.state_dict(), "step": step, "best": best, "config": to_dict(cfg),
-                    })  # fmt: skip
+                    checkpoint.save_state(run_dir / "last.pt", resume_state())
                 barrier()
                 tick = time.time()
+            preempt.check(step, lambda: checkpoint.save_state(run_dir / "last.pt", resume_state()))
 
     summary = {"best": best, "steps": step, "epochs": cfg.epochs, "data": str(data), "run_dir": str(run_dir)}
     if main:
