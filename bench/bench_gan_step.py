@@ -70,12 +70,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def fill_sizes(args: argparse.Namespace, cpu: bool) -> None:
-    for name, value in (CPU_SIZES if cpu else GPU_SIZES).items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-
-
 def cycles(args, dev, iteration) -> list[float]:
     """Seconds of each timed cycle of `args.iters` iterations, after one warm-up cycle."""
     if dev.type == "cuda":
@@ -95,7 +89,7 @@ def worker_setup(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = sbs.resolve_device(args.device)
-    fill_sizes(args, dev.type == "cpu")
+    sbs.fill_sizes(args, GPU_SIZES, CPU_SIZES, dev.type == "cpu")
     return dev
 
 
@@ -244,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     from core.device import resolve_device
 
     device = resolve_device(args.device)
-    fill_sizes(args, device.type == "cpu")
+    sbs.fill_sizes(args, GPU_SIZES, CPU_SIZES, device.type == "cpu")
     wanted = args.impls or ",".join((["ref"] if args.reference else []) + ["ours", "ours-amp"])
     flags = {"ref": ["--worker", "ref"], "ref-aug": ["--worker", "ref", "--aug"], "ours": ["--worker", "ours"],
              "ours-amp": ["--worker", "ours", "--amp"]}  # fmt: skip
@@ -264,13 +258,7 @@ def main(argv: list[str] | None = None) -> int:
           f"mbstd {args.mbstd}; G reg every 4, D reg every 16; {args.iters} iterations a cycle, median of "
           f"{args.cycles} cycles", flush=True)  # fmt: skip
     results = sbs.run_workers(Path(__file__).resolve(), argv, impls, args.timeout)
-    print()
-    sbs.print_table(results, "ref")
-    for r in results:
-        if not r.get("failed"):
-            details = {k: r[k] for k in ("params", "precision", "augment", "nvlabs_ops", "stubbed") if k in r}
-            print(f"  {r['impl']}: {details}")
-    return 0 if all(not r.get("failed") for r in results) else 1
+    return sbs.summarise(results, "ref", ("params", "precision", "augment", "nvlabs_ops", "stubbed"))
 
 
 if __name__ == "__main__":

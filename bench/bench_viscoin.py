@@ -72,19 +72,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def fill_sizes(args: argparse.Namespace, cpu: bool) -> None:
-    for name, value in (CPU_SIZES if cpu else GPU_SIZES).items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    args.warmup = max(1, args.warmup)
-
-
 def worker_setup(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dev = sbs.resolve_device(args.device)
-    fill_sizes(args, dev.type == "cpu")
+    sbs.fill_sizes(args, GPU_SIZES, CPU_SIZES, dev.type == "cpu")
+    args.warmup = max(1, args.warmup)
     return dev
 
 
@@ -329,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     from core.device import resolve_device
 
     device = resolve_device(args.device)
-    fill_sizes(args, device.type == "cpu")
+    sbs.fill_sizes(args, GPU_SIZES, CPU_SIZES, device.type == "cpu")
     wanted = args.impls or ",".join(
         (["ref"] if args.reference else []) + (["ours-amp"] if args.amp else ["ours", "ours-amp"])
     )
@@ -353,15 +347,7 @@ def main(argv: list[str] | None = None) -> int:
           f"channel_base {args.channel_base} channel_max {args.channel_max}, LPIPS {args.lpips}; median of "
           f"{args.steps} steps after {args.warmup}", flush=True)  # fmt: skip
     results = sbs.run_workers(Path(__file__).resolve(), argv, impls, args.timeout)
-    print()
-    sbs.print_table(results, "ref")
-    for r in results:
-        if not r.get("failed"):
-            details = {
-                k: r[k] for k in ("params", "precision", "channels_last", "nvlabs_ops", "stubbed") if k in r
-            }
-            print(f"  {r['impl']}: {details}")
-    return 0 if all(not r.get("failed") for r in results) else 1
+    return sbs.summarise(results, "ref", ("params", "precision", "channels_last", "nvlabs_ops", "stubbed"))
 
 
 if __name__ == "__main__":

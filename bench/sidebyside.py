@@ -225,6 +225,23 @@ def run_workers(script: Path, argv: list[str], impls: dict[str, list[str]], time
     return results
 
 
+def fill_sizes(args: argparse.Namespace, gpu: dict, cpu: dict, on_cpu: bool) -> None:
+    """The size options left unset take the GPU or the CPU default."""
+    for name, value in (cpu if on_cpu else gpu).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
+def summarise(results: list[dict], reference: str, details: tuple[str, ...]) -> int:
+    """Print the table and each worker's `details`; the exit status (1 when a worker failed)."""
+    print()
+    print_table(results, reference)
+    for r in results:
+        if not r.get("failed"):
+            print(f"  {r['impl']}: { ({k: r[k] for k in details if k in r}) }")
+    return 0 if all(not r.get("failed") for r in results) else 1
+
+
 def print_table(results: list[dict], reference: str | None) -> None:
     """images/s, median seconds, peak GPU memory, max RSS and the ratio to `reference` per implementation."""
     ref = next((r for r in results if r["impl"] == reference and not r.get("failed")), None)
