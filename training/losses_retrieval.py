@@ -23,10 +23,10 @@ def gather(x: torch.Tensor, grad: bool = True) -> torch.Tensor:
     """Concatenate `x` over ranks (rank order); differentiable when `grad`. One process: `x` itself."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    if grad:
-        from torch.distributed.nn.functional import all_gather
+    if grad:  # backward: the gradients of every rank's copy, summed back to the owner (reduce-scatter)
+        from torch.distributed._functional_collectives import all_gather_single_autograd
 
-        return torch.cat(all_gather(x), 0)
+        return all_gather_single_autograd(x.contiguous(), 0, dist.group.WORLD)
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x)
     return torch.cat(parts, 0)
