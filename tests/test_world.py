@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from core.errors import UserError
+from datasets.phylogeny import parse_newick
 from datasets.world import (
     DNA_RATES,
     TRAIT_RANK,
@@ -294,52 +295,17 @@ def test_barcodes_follow_the_tree(world):
     assert means["order"] > 0.25 * CONFIG.barcode_length
 
 
-def parse_newick(text: str) -> dict:
-    """Tiny recursive-descent Newick parser: nodes as {'name', 'length', 'children'}."""
-    text = text.strip()
-    assert text.endswith(";")
-    pos = 0
-
-    def label() -> str:
-        nonlocal pos
-        start = pos
-        while pos < len(text) and text[pos] not in "(),:;":
-            pos += 1
-        return text[start:pos]
-
-    def node() -> dict:
-        nonlocal pos
-        children = []
-        if text[pos] == "(":
-            pos += 1
-            children.append(node())
-            while text[pos] == ",":
-                pos += 1
-                children.append(node())
-            assert text[pos] == ")"
-            pos += 1
-        name, length = label(), None
-        if text[pos] == ":":
-            pos += 1
-            length = float(label())
-        return {"name": name, "length": length, "children": children}
-
-    tree = node()
-    assert text[pos:] == ";"
-    return tree
-
-
 def test_newick_is_the_taxonomy_with_rates_as_branch_lengths(world):
     tree = parse_newick((world / "tree.nwk").read_text())
     taxonomy = load_taxonomy(world)
     leaves: list[tuple[str, list[str], list[float]]] = []
 
     def walk(node, path, lengths):
-        if node["length"] is not None:  # every node but the root
-            path, lengths = path + [node["name"]], lengths + [node["length"]]
-        if not node["children"]:
+        if node.length is not None:  # every node but the root
+            path, lengths = path + [node.name], lengths + [node.length]
+        if not node.children:
             leaves.append((path[-1], path[:-1], lengths))
-        for child in node["children"]:
+        for child in node.children:
             walk(child, path, lengths)
 
     walk(tree, [], [])
