@@ -1,0 +1,246 @@
+"""Do the codes follow the tree? Phylo-NN's headline measure, per level.
+
+For each species, the histogram of codebook indices at every code position over its images; the distance of two
+species is the Jensen-Shannon distance (base 2, in [0, 1]) of their histograms averaged over a set of positions.
+Per level l, the Spearman correlation over species pairs between that code distance and the tree distance of the
+species' level-l groups, for: the phylo codes of levels 0..l (the prefix the level-l head reads), the free codes,
+and all codes of a plain VQ autoencoder of equal size. Figures: heat maps of the tree and code distance
+matrices per level, and the correlations as bars, each beside the numbers (CSV/JSON).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core.atomic import write_text
+from core.plotting import pyplot, save_figure, save_table, show_or_close
+from core.progress import Progress
+from datasets.phylogeny import Levels
+
+
+@torch.no_grad()
+def encode_dataset(autoencoder, loader, device, quiet: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes [N, T], labels [N]) of every image of `loader` (items with `image` and `label`)."""
+    autoencoder.eval()
+    codes, labels = [], []
+    with Progress(len(loader), "encode", enabled=not quiet) as bar:
+        for batch in loader:
+            if "image" in batch:
+                codes.append(autoencoder.encode_codes(batch["image"].to(device)).cpu())
+                labels.append(batch["label"])
+            bar.update(1)
+    return torch.cat(codes), torch.cat(labels)
+
+
+def code_histograms(codes: torch.Tensor, labels: torch.Tensor, n_species: int, vocab: int) -> np.ndarray:
+    """[species, positions, vocab] share of each species' images with code v at each position."""
+    n, t = codes.shape
+    flat = (labels.long()[:, None] * t + torch.arange(t)) * vocab + codes.long()
+    counts = (
+        torch.bincount(flat.flatten(), minlength=n_species * t * vocab).view(n_species, t, vocab).double()
+    )
+    totals = counts.sum(2, keepdim=True)
+    return (counts / totals.clamp(min=1)).numpy()
+
+
+def js_distances(histograms: np.ndarray) -> np.ndarray:
+    """[species, species, positions] Jensen-Shannon distance (sqrt of the divergence, base 2) per position."""
+    p, q = histograms[:, None], histograms[None, :]
+    m = (p + q) / 2
+
+    def kl(a, b):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(a > 0, a * np.log2(a / np.where(b > 0, b, 1.0)), 0.0).sum(-1)
+
+    return np.sqrt(np.clip((kl(p, m) + kl(q, m)) / 2, 0.0, None))
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman correlation of the upper triangles (species pairs) of two distance matrices."""
+    from scipy.stats import spearmanr
+
+    upper = np.triu_indices(a.shape[0], k=1)
+    x, y = a[upper], b[upper]
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")
+    return float(spearmanr(x, y).statistic)
+
+
+def present_species(labels: torch.Tensor, n_species: int) -> np.ndarray:
+    counts = np.bincount(labels.numpy(), minlength=n_species)
+    return np.flatnonzero(counts > 0)
+
+
+def correlations(phylo_codes, labels, autoencoder, levels: Levels, plain=None) -> dict:
+    """Per level: Spearman of tree vs code distances for the phylo prefix, the free part and the plain VQ.
+
+    `plain` is (codes, labels) of the plain VQ autoencoder on the same images, or None. Species without images
+    in the split are left out (and counted)."""
+    n_species, vocab = len(levels.species), autoencoder.quantizer.n_embed
+    keep = present_species(labels, n_species)
+    distances = js_distances(code_histograms(phylo_codes, labels, n_species, vocab))[np.ix_(keep, keep)]
+    plain_distances = None
+    if plain is not None:
+        plain_codes, plain_labels = plain
+        hist = code_histograms(plain_codes, plain_labels, n_species, vocab)
+        plain_distances = js_distances(hist)[np.ix_(keep, keep)].mean(-1)
+    free = distances[..., list(autoencoder.free_positions)].mean(-1)
+    rows, matrices = [], {}
+    for level in range(levels.n_levels):
+        tree = levels.distances[level][np.ix_(keep, keep)]
+        code = distances[..., list(autoencoder.level_positions(level))].mean(-1)
+        matrices[level] = (tree, code)
+        cut = levels.cuts[level] if level < len(levels.cuts) else 1.0
+        row = {"level": level, "cut": cut, "groups": len(levels.groups[level]), "phylo": spearman(code, tree),
+               "free": spearman(free, tree)}  # fmt: skip
+        if plain_distances is not None:
+            row["plain_vq"] = spearman(plain_distances, tree)
+        rows.append(row)
+    return {
+        "species": [levels.species[i] for i in keep],
+        "species_without_images": len(levels.species) - len(keep),
+        "images": int(len(labels)),
+        "levels": rows,
+        "matrices": matrices,
+        "order": tree_order(levels, [levels.species[i] for i in keep]),
+        "free_matrix": free,
+        "plain_matrix": plain_distances,
+    }
+
+
+def tree_order(levels: Levels, species: list[str]) -> list[int]:
+    """Indices of `species` sorted by their groups coarse to fine, so clades form blocks in the heat maps."""
+    index = {name: i for i, name in enumerate(levels.species)}
+    return sorted(range(len(species)), key=lambda k: tuple(levels.assignment[:, index[species[k]]]))
+
+
+def write_report(result: dict, out_dir: str | os.PathLike, show: bool = False) -> dict:
+    """correlation.json, correlation.png (+ .csv), heatmaps.png (+ one CSV per matrix) in `out_dir`."""
+    import pandas as pd
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = {k: result[k] for k in ("species", "species_without_images", "images", "levels")}
+    write_text(out_dir / "correlation.json", json.dumps(summary, indent=2))
+    frame = pd.DataFrame(result["levels"])
+    save_table(frame, out_dir / "correlation.csv")
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    series = [c for c in ("phylo", "free", "plain_vq") if c in frame]
+    labels = {"phylo": "phylo codes (levels 0..l)", "free": "free codes", "plain_vq": "plain VQ (all codes)"}
+    width = 0.8 / len(series)
+    for i, column in enumerate(series):
+        values = frame[column].fillna(0)
+        bars = ax.bar(
+            frame["level"] + (i - (len(series) - 1) / 2) * width, values, width, label=labels[column]
+        )
+        ax.bar_label(bars, labels=[f"{v:.2f}" for v in frame[column]], fontsize=7, padding=1)
+    ax.set_xticks(
+        frame["level"], [f"{lv}\n({g} groups)" for lv, g in zip(frame["level"], frame["groups"], strict=True)]
+    )
+    ax.set_xlabel("tree level (coarse to fine; last = species)")
+    ax.set_ylabel("Spearman correlation with tree distance")
+    ax.set_ylim(min(-0.2, float(np.nanmin(frame[series].to_numpy())) - 0.05), 1.0)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.legend(fontsize=8, loc="upper right")
+    ax.set_title(f"Code distances vs tree distances ({len(result['species'])} species)")
+    save_figure(fig, out_dir / "correlation.png")
+    show_or_close(fig, show)
+
+    order = result["order"]
+    n_levels = len(result["matrices"])
+    fig, axes = plt.subplots(2, n_levels, figsize=(3.2 * n_levels, 6.4), squeeze=False)
+    for level, (tree, code) in result["matrices"].items():
+        for row, (matrix, name, cmap) in enumerate(((tree, "tree", "viridis"), (code, "code", "magma"))):
+            shown = matrix[np.ix_(order, order)]
+            ax = axes[row][level]
+            image = ax.imshow(shown, cmap=cmap)
+            ax.set_title(
+                f"level {level}: {name} distance" + (f"\n(codes of levels 0..{level})" if row else ""),
+                fontsize=9,
+            )
+            ax.set_xlabel("species (tree order)", fontsize=8)
+            ax.set_ylabel("species (tree order)", fontsize=8)
+            ax.tick_params(labelsize=6)
+            fig.colorbar(image, ax=ax, fraction=0.046)
+            names = [result["species"][k] for k in order]
+            save_table(pd.DataFrame(shown, index=names, columns=names).reset_index(names="species"),
+                       out_dir / f"{name}_distance_level{level}.csv")  # fmt: skip
+    fig.suptitle("Tree distance of the species' level groups (top) and JS distance of their code histograms (bottom)",
+                 fontsize=10)  # fmt: skip
+    fig.tight_layout()
+    save_figure(fig, out_dir / "heatmaps.png")
+    show_or_close(fig, show)
+    return summary
+
+
+def run_phylo_test(
+    checkpoint,
+    run_dir,
+    baseline=None,
+    split: str = "test",
+    data_overrides: dict | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    num_workers: int | None = None,
+    overwrite: bool = False,
+    show: bool = False,
+    quiet: bool = False,
+) -> dict:
+    """`test phylo`: the correlation report of a trained model on a split, written into `run_dir`, which is
+    created only once every input checked out."""
+    from torch.utils.data import DataLoader
+
+    from core.device import loader_settings, resolve_device
+    from core.errors import UserError
+    from core.rundir import mark_run, prepare_run_dir
+    from datasets.phylogeny import levels_from_record
+    from datasets.registry import DataSpec, build_dataset, collate_skipping, resolve_meta
+    from datasets.transforms import square_transform
+    from models.phylo import load_phylo, load_plain
+    from models.phylo.checkpoint import PLAIN_RUN_FILE
+
+    if batch_size <= 0:
+        raise UserError(f"--batch-size must be positive, got {batch_size}")
+    dev = resolve_device(device)
+    model = load_phylo(checkpoint, device=dev)
+    if baseline is None and Path(checkpoint).is_dir() and (Path(checkpoint) / PLAIN_RUN_FILE).is_file():
+        baseline = Path(checkpoint) / PLAIN_RUN_FILE
+    plain = None
+    if baseline is not None:
+        plain, _, _ = load_plain(baseline, device=dev)
+        ae = model.autoencoder
+        if (plain.sequence_length, plain.quantizer.n_embed) != (ae.sequence_length, ae.quantizer.n_embed):
+            raise UserError(f"--baseline {baseline} has {plain.sequence_length} codes of {plain.quantizer.n_embed} "
+                            f"entries, the model {ae.sequence_length} of {ae.quantizer.n_embed}: not of equal size")  # fmt: skip
+    levels = levels_from_record(model.meta["phylogeny"])
+    dataset_info = dict(model.meta.get("dataset") or {})
+    values = {"dataset": dataset_info.get("name", "world"), "data_dir": dataset_info.get("data_dir"),
+              "world": dataset_info.get("world") or "default", "image_size": model.autoencoder.config["image_size"]}  # fmt: skip
+    values.update({k: v for k, v in (data_overrides or {}).items() if v is not None})
+    spec = DataSpec(**values, val_fraction=(model.meta.get("config") or {}).get("val_fraction", 0.1))
+    meta = resolve_meta(spec, quiet=quiet)
+    if list(meta.class_names) != list(model.meta["phylogeny"]["class_names"]):
+        raise UserError(f"dataset {spec.dataset} has other classes than the model was trained on "
+                        f"({meta.num_classes} vs {len(levels.species)})")  # fmt: skip
+    data = build_dataset(spec, split, False, meta=meta, transform=square_transform(spec.image_size))
+    if len(data) == 0:
+        raise UserError(f"split {split} of dataset {spec.dataset} is empty")
+    inputs = [checkpoint, baseline, spec.data_dir]
+    run_dir = prepare_run_dir(run_dir, "test phylo", overwrite=overwrite, inputs=inputs, resumable=False)
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_skipping,
+                        **loader_settings(dev, num_workers))  # fmt: skip
+    codes = encode_dataset(model.autoencoder, loader, dev, quiet)
+    plain_codes = encode_dataset(plain, loader, dev, quiet) if plain is not None else None
+    result = correlations(*codes, model.autoencoder, levels, plain_codes)
+    summary = write_report(result, run_dir, show=show)
+    mark_run(
+        run_dir, status="finished", checkpoint=str(model.path), baseline=str(baseline) if baseline else None
+    )
+    return summary

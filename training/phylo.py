@@ -1,0 +1,522 @@
+"""Phylo-NN training: one function over (config, run directory), in three stages.
+
+1. Autoencoder (`steps`): L1 reconstruction + VQ loss; the level heads' cross-entropy on the cumulative code
+   prefixes (beta * sum over ancestor levels + (1 - beta) * species); and the adversary: a species classifier
+   on the free codes, trained on detached codes with its own optimiser, while the encoder minimises
+   log(C) - H(adversary(free codes)) through the frozen adversary, so the gradient reaches the free branch of
+   the encoder (the reference's adversary ran under no_grad and never did).
+2. Prior (`prior_steps`): the code sequences of the training images (mirrored too) under the frozen
+   autoencoder; each sample is conditioned on its group at a random level (species included), and the loss
+   covers every one of the sequence's tokens, exactly what sampling generates.
+3. Baseline (`baseline`): the same autoencoder without heads or adversary, into `baseline/`.
+Then the correlation analysis of `testing.phylo` on the test split. Each stage saves its own resume state and
+draws its randomness from (seed, stage, step, rank), so a resumed run reaches the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from core import checkpoint
+from core.atomic import write_text
+from core.config import require_positive, to_dict, to_yaml
+from core.device import autocast, loader_settings, resolve_device
+from core.distributed import barrier, dist_env, init_distributed
+from core.errors import UserError
+from core.progress import Progress
+from core.rundir import mark_run
+from core.runlog import RunLog
+from core.seeding import derive_seed, seed_everything
+from datasets.phylogeny import Levels, Tree, build_levels, phylogeny_record
+from datasets.registry import DataSpec, build_dataset, collate_skipping, resolve_meta
+from datasets.transforms import square_transform
+from models.phylo import CodePrior, PhyloAutoencoder, save_phylo, save_plain
+from models.phylo.checkpoint import PLAIN_RUN_FILE, RUN_FILE
+from testing import phylo as analysis
+from testing.sampling import save_grid
+from training.gan import StepBatches, mirror, optimiser_step
+
+PRESETS = Path(__file__).parent / "presets" / "phylo.yaml"
+DEFAULT_PRESET = {"world": "tiny", "cub": "cub", "folder": "cub"}
+ADAM_BETAS = (0.5, 0.9)  # the reference's autoencoder optimiser
+
+
+@dataclass
+class PhyloConfig:
+    # data and tree
+    dataset: str = "world"
+    data_dir: str | None = None
+    world: str = "default"
+    image_size: int = 32
+    val_fraction: float = 0.1
+    skip_bad_images: bool = False
+    mirror: bool = True
+    tree: str | None = None
+    cuts: list[float] = field(default_factory=lambda: [0.5, 0.8, 0.95])
+    # autoencoder
+    latent_size: int = 8
+    channels: int = 16
+    max_channels: int = 128
+    depth: int = 1
+    branch_channels: int = 16
+    embed_dim: int = 16
+    n_embed: int = 64
+    codes_per_level: int = 4
+    free_codes: int = 8
+    adversary_hidden: int = 128
+    # losses
+    vq_beta: float = 0.25
+    phylo_weight: float = 0.1
+    level_beta: float = 0.5
+    adv_weight: float = 0.1
+    # optimisation (batch sizes count samples per step over all processes)
+    batch_size: int = 32
+    steps: int = 3000
+    lr: float = 1e-3
+    adversary_lr: float = 1e-3
+    # prior
+    prior_width: int = 64
+    prior_layers: int = 2
+    prior_heads: int = 4
+    prior_steps: int = 1500
+    prior_batch_size: int = 64
+    prior_lr: float = 1e-3
+    # baseline and bookkeeping
+    baseline: bool = True
+    eval_every: int = 500
+    log_every: int = 50
+    device: str = "auto"
+    amp: bool = True
+    num_workers: int | None = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        require_positive(
+            self, "image_size", "latent_size", "channels", "max_channels", "depth", "branch_channels"
+        )
+        require_positive(self, "embed_dim", "n_embed", "codes_per_level", "free_codes", "adversary_hidden")
+        require_positive(self, "batch_size", "steps", "lr", "adversary_lr", "prior_width", "prior_layers")
+        require_positive(
+            self, "prior_heads", "prior_steps", "prior_batch_size", "prior_lr", "eval_every", "log_every"
+        )
+        if not self.cuts or any(not 0 < c < 1 for c in self.cuts) or len(set(self.cuts)) != len(self.cuts):
+            raise UserError(
+                f"--cuts must be distinct relative depths strictly between 0 and 1, got {self.cuts}"
+            )
+        for name in ("phylo_weight", "adv_weight", "vq_beta"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.level_beta <= 1:
+            raise UserError(f"--level-beta must be in [0, 1], got {self.level_beta}")
+        if self.prior_width % self.prior_heads:
+            raise UserError(
+                f"--prior-width {self.prior_width} must be a multiple of --prior-heads {self.prior_heads}"
+            )
+        world = dist_env().world_size
+        for name in ("batch_size", "prior_batch_size"):
+            if getattr(self, name) % world:
+                raise UserError(
+                    f"--{name.replace('_', '-')} {getattr(self, name)} is not divisible by the {world} processes"
+                )
+
+    @property
+    def levels(self) -> int:
+        return len(self.cuts) + 1
+
+    def data_spec(self) -> DataSpec:
+        return DataSpec(self.dataset, self.data_dir, self.world, self.image_size, self.val_fraction, self.seed,
+                        skip_bad_images=self.skip_bad_images)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------
+# Data and tree.
+
+
+def tree_path(cfg: PhyloConfig, meta) -> Path:
+    """`--tree`, else the world's own `tree.nwk`; CUB and folders need one."""
+    if cfg.tree:
+        return Path(cfg.tree)
+    if cfg.dataset == "world":
+        return Path(meta.root) / "tree.nwk"
+    raise UserError(f"--dataset {cfg.dataset} needs --tree: a Newick file whose leaves are the class names")
+
+
+def build_data(cfg: PhyloConfig, quiet: bool):
+    spec = cfg.data_spec()
+    meta = resolve_meta(spec, quiet=quiet)
+    path = tree_path(cfg, meta)
+    levels = build_levels(Tree.read(path), meta.class_names, cfg.cuts)
+    transform = square_transform(cfg.image_size)
+    splits = {
+        s: build_dataset(spec, s, False, meta=meta, transform=transform) for s in ("train", "val", "test")
+    }
+    if len(splits["train"]) == 0 or len(splits["val"]) == 0:
+        raise UserError(f"dataset {cfg.dataset}: the train or val split is empty (check --val-fraction)")
+    return meta, path, levels, splits
+
+
+def eval_loader(dataset, cfg: PhyloConfig, device) -> DataLoader:
+    settings = {**loader_settings(device, cfg.num_workers), "persistent_workers": False}
+    return DataLoader(
+        dataset, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate_skipping, **settings
+    )
+
+
+# ----------------------------------------------------------------------------
+# Models and steps.
+
+
+def build_autoencoder(cfg: PhyloConfig, levels: Levels, plain: bool) -> PhyloAutoencoder:
+    return PhyloAutoencoder(
+        image_size=cfg.image_size, latent_size=cfg.latent_size, channels=cfg.channels, max_channels=cfg.max_channels, depth=cfg.depth,
+        branch_channels=cfg.branch_channels, embed_dim=cfg.embed_dim, n_embed=cfg.n_embed, levels=cfg.levels,
+        codes_per_level=cfg.codes_per_level, free_codes=cfg.free_codes,
+        group_counts=[len(g) for g in levels.groups], adversary_hidden=cfg.adversary_hidden, plain=plain,
+        vq_beta=cfg.vq_beta,
+    )  # fmt: skip
+
+
+def build_prior(cfg: PhyloConfig, autoencoder: PhyloAutoencoder, levels: Levels) -> CodePrior:
+    n_conditions = sum(len(g) for g in levels.groups)
+    return CodePrior(cfg.n_embed, autoencoder.sequence_length, n_conditions, cfg.prior_width, cfg.prior_layers,
+                     cfg.prior_heads)  # fmt: skip
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    log_p = logits.float().log_softmax(1)
+    return -(log_p.exp() * log_p).sum(1)
+
+
+def phylo_loss(level_logits: list[torch.Tensor], groups: torch.Tensor, beta: float) -> torch.Tensor:
+    """beta * sum of the ancestor levels' cross-entropies + (1 - beta) * the species'; [L, N] group targets."""
+    ce = [F.cross_entropy(logits.float(), groups[level]) for level, logits in enumerate(level_logits)]
+    if len(ce) == 1:
+        return ce[0]
+    return beta * torch.stack(ce[:-1]).sum() + (1 - beta) * ce[-1]
+
+
+def autoencoder_losses(
+    model: PhyloAutoencoder, x: torch.Tensor, groups: torch.Tensor, cfg: PhyloConfig
+) -> dict:
+    """The encoder-side losses with the adversary frozen: rec (L1), vq, phylo (level heads) and confusion
+    (log C - entropy of the adversary on the free codes; its gradient reaches the encoder through the frozen
+    adversary), their weighted sum `loss`, and the free codes `free` for the adversary's own step."""
+    zero = torch.zeros((), device=x.device)
+    if not model.plain:
+        model.adversary.requires_grad_(False)
+    with autocast(x.device, cfg.amp):
+        out = model(x)
+    losses = {
+        "rec": (out["recon"].float() - x).abs().mean(),
+        "vq": out["vq_loss"],
+        "phylo": zero,
+        "confusion": zero,
+    }
+    if not model.plain:
+        losses["phylo"] = phylo_loss(out["level_logits"], groups, cfg.level_beta)
+        n_species = model.adversary[-1].out_features
+        losses["confusion"] = (math.log(n_species) - entropy(model.adversary(out["free"]))).mean()
+        losses["free"] = out["free"]
+    losses["loss"] = (
+        losses["rec"]
+        + losses["vq"]
+        + cfg.phylo_weight * losses["phylo"]
+        + cfg.adv_weight * losses["confusion"]
+    )
+    return losses
+
+
+def autoencoder_step(
+    model: PhyloAutoencoder, opt_ae, opt_adv, x, groups, cfg: PhyloConfig, world: int
+) -> dict:
+    """One step of both players; returns detached device tensors [rec, vq, phylo, confusion, adversary CE]."""
+    losses = autoencoder_losses(model, x, groups, cfg)
+    optimiser_step(opt_ae, model, losses["loss"], world)
+    adv = torch.zeros((), device=x.device)
+    if not model.plain:
+        model.adversary.requires_grad_(True)
+        adv = F.cross_entropy(model.adversary(losses["free"].detach()).float(), groups[-1])
+        optimiser_step(opt_adv, model.adversary, adv, world)
+        opt_adv.zero_grad(set_to_none=True)
+    parts = [losses[k].detach() for k in ("rec", "vq", "phylo", "confusion")]
+    return {"window": torch.stack([*parts, adv.detach()]).double()}
+
+
+def prior_step(
+    prior: CodePrior, opt, codes, labels, assignment, offsets, n_levels: int, batch: int, world: int
+):
+    """Codes of `batch` random training images, each conditioned on its group at a random level."""
+    idx = torch.randint(codes.shape[0], (batch,), device=codes.device)
+    level = torch.randint(n_levels, (batch,), device=codes.device)
+    cond = offsets[level] + assignment[level, labels[idx]]
+    loss = prior.loss(cond, codes[idx])
+    optimiser_step(opt, prior, loss, world)
+    return loss.detach()
+
+
+# ----------------------------------------------------------------------------
+# Evaluation.
+
+
+@torch.no_grad()
+def evaluate_autoencoder(model: PhyloAutoencoder, loader, assignment: torch.Tensor, device) -> dict:
+    """Held-out L1, code usage (perplexity of the codebook), level-head and adversary accuracies."""
+    model.eval()
+    n, l1, hits, adv_hits = 0, 0.0, torch.zeros(model.levels), 0.0
+    usage = torch.zeros(model.quantizer.n_embed)
+    for batch in loader:
+        if "image" not in batch:
+            continue
+        x, labels = batch["image"].to(device), batch["label"].to(device)
+        out = model(x)
+        l1 += float((out["recon"].float() - x).abs().mean((1, 2, 3)).sum())
+        usage += torch.bincount(out["codes"].flatten().cpu(), minlength=usage.numel()).float()
+        if not model.plain:
+            groups = assignment[:, labels]
+            for level, logits in enumerate(out["level_logits"]):
+                hits[level] += float((logits.argmax(1) == groups[level]).sum())
+            adv_hits += float((model.adversary(out["free"]).argmax(1) == labels).sum())
+        n += x.shape[0]
+    model.train()
+    p = usage / usage.sum().clamp(min=1)
+    result = {"l1": l1 / max(n, 1), "codes_used": int((usage > 0).sum()),
+              "perplexity": float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))}  # fmt: skip
+    if not model.plain:
+        result.update({f"acc_level{lv}": float(h) / max(n, 1) for lv, h in enumerate(hits)})
+        result["adversary_acc"] = adv_hits / max(n, 1)
+        result["adversary_chance"] = 1.0 / model.adversary[-1].out_features
+    return result
+
+
+def reconstruction_grid(model: PhyloAutoencoder, dataset, path: Path, device) -> None:
+    """Top row real images, bottom row reconstructions (8 fixed validation images)."""
+    picks = torch.linspace(0, len(dataset) - 1, min(8, len(dataset))).round().long().tolist()
+    x = torch.stack([dataset[i]["image"] for i in picks]).to(device)
+    with torch.no_grad():
+        model.eval()
+        recon = model.decode_codes(model.encode_codes(x))
+        model.train()
+    save_grid(torch.cat([x, recon.clamp(-1, 1)]), path, columns=len(picks))
+
+
+# ----------------------------------------------------------------------------
+# Stages.
+
+
+def _weights_meta(cfg: PhyloConfig, meta, record: dict, step: dict, metrics: dict) -> dict:
+    return {
+        "source": "train phylo",
+        "dataset": {
+            "name": cfg.dataset,
+            "root": str(meta.root),
+            "world": cfg.world if cfg.dataset == "world" else None,
+            "data_dir": cfg.data_dir,
+            "image_size": cfg.image_size,
+        },  # fmt: skip
+        "phylogeny": record,
+        "steps": step,
+        "metrics": metrics,
+        "config": to_dict(cfg),
+    }
+
+
+def train_autoencoder_stage(
+    cfg, ctx, plain: bool, stage_dir: Path, log: RunLog, quiet: bool
+) -> PhyloAutoencoder:
+    """Stage 1 (or the baseline): train the autoencoder, evaluating and saving resume state every `eval_every`."""
+    env, device, main, world = ctx["env"], ctx["device"], ctx["env"].is_main, ctx["env"].world_size
+    name = "baseline" if plain else "autoencoder"
+    seed_everything(derive_seed(cfg.seed, name))
+    model = build_autoencoder(cfg, ctx["levels"], plain).to(device)
+    trainable = [p for n, p in model.named_parameters() if not n.startswith("adversary.")]
+    opt_ae = torch.optim.Adam(trainable, lr=cfg.lr, betas=ADAM_BETAS)
+    opt_adv = (
+        None
+        if plain
+        else torch.optim.Adam(model.adversary.parameters(), lr=cfg.adversary_lr, betas=ADAM_BETAS)
+    )
+    state_path, step = stage_dir / f"last_{name}.pt", 0
+    if state_path.is_file():
+        state = checkpoint.load_state(state_path, device=str(device))
+        checkpoint.load_state_dict_checked(model, state["model"], str(state_path))
+        opt_ae.load_state_dict(state["opt_ae"])
+        if opt_adv is not None:
+            opt_adv.load_state_dict(state["opt_adv"])
+        step = state["step"]
+    if world > 1:
+        for tensor in model.state_dict().values():
+            torch.distributed.broadcast(tensor, 0)
+    train = ctx["splits"]["train"]
+    per_rank = cfg.batch_size // world
+    loader = DataLoader(train, batch_sampler=StepBatches(train, per_rank, env.rank, world, cfg.seed, step),
+                        collate_fn=collate_skipping, **loader_settings(device, cfg.num_workers))  # fmt: skip
+    stream, val_loader = iter(loader), eval_loader(ctx["splits"]["val"], cfg, device)
+    assignment = ctx["assignment"]
+    names = ("rec", "vq", "phylo", "confusion", "adversary_ce")
+    window, count, tick = 0.0, 0, time.time()
+    with Progress(max(cfg.steps - step, 0), f"train phylo: {name}", enabled=main and not quiet) as bar:
+        while step < cfg.steps:
+            torch.manual_seed(derive_seed(cfg.seed, name, step, env.rank))
+            batch = next(stream)
+            if "image" not in batch:
+                raise UserError(f"step {step}: a whole batch of unreadable images")
+            x = batch["image"].to(device, non_blocking=True)
+            x = mirror(x) if cfg.mirror else x
+            groups = assignment[:, batch["label"].to(device, non_blocking=True)]
+            out = autoencoder_step(model, opt_ae, opt_adv, x, groups, cfg, world)
+            window, count, step = window + out["window"], count + 1, step + 1
+            shown = {}
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                means = dict(zip(names, (window / count).tolist(), strict=True))
+                if not all(math.isfinite(v) for v in means.values()):
+                    raise FloatingPointError(f"non-finite {name} losses at step {step}: {means}; lower --lr")
+                if plain:
+                    means = {k: means[k] for k in ("rec", "vq")}
+                rate = count * cfg.batch_size / max(time.time() - tick, 1e-9)
+                log.write(step, "train", stage=name, **means, images_per_s=round(rate, 2))
+                shown = {"rec": round(means["rec"], 4)}
+                window, count, tick = 0.0, 0, time.time()
+            bar.update(1, **shown)
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                if main:
+                    metrics = evaluate_autoencoder(model, val_loader, assignment, device)
+                    log.write(step, "val", stage=name, **metrics)
+                    reconstruction_grid(
+                        model, ctx["splits"]["val"], stage_dir / "samples" / f"{name}_{step:07d}.png", device
+                    )
+                    state = {"model": model.state_dict(), "opt_ae": opt_ae.state_dict(), "step": step,
+                             "config": to_dict(cfg)}  # fmt: skip
+                    if opt_adv is not None:
+                        state["opt_adv"] = opt_adv.state_dict()
+                    checkpoint.save_state(state_path, state)
+                    if plain:
+                        save_plain(stage_dir / Path(PLAIN_RUN_FILE).name, model,
+                                   _weights_meta(cfg, ctx["meta"], ctx["record"], {"autoencoder": step}, metrics))  # fmt: skip
+                barrier()
+                tick = time.time()
+    return model.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def training_codes(model: PhyloAutoencoder, cfg: PhyloConfig, ctx) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes of every training image (and of its mirror image when `mirror`), on the device."""
+    loader = eval_loader(ctx["splits"]["train"], cfg, ctx["device"])
+    codes, labels = [], []
+    for batch in loader:
+        if "image" in batch:
+            x = batch["image"].to(ctx["device"])
+            for view in (x, x.flip(3)) if cfg.mirror else (x,):
+                codes.append(model.encode_codes(view))
+                labels.append(batch["label"].to(ctx["device"]))
+    return torch.cat(codes), torch.cat(labels)
+
+
+def train_prior_stage(
+    cfg, ctx, autoencoder: PhyloAutoencoder, run_dir: Path, log: RunLog, quiet: bool
+) -> CodePrior:
+    env, device, main, world = ctx["env"], ctx["device"], ctx["env"].is_main, ctx["env"].world_size
+    levels = ctx["levels"]
+    seed_everything(derive_seed(cfg.seed, "prior"))
+    prior = build_prior(cfg, autoencoder, levels).to(device)
+    opt = torch.optim.AdamW(prior.parameters(), lr=cfg.prior_lr, betas=(0.9, 0.95), weight_decay=0.01)
+    state_path, step = run_dir / "last_prior.pt", 0
+    if state_path.is_file():
+        state = checkpoint.load_state(state_path, device=str(device))
+        checkpoint.load_state_dict_checked(prior, state["model"], str(state_path))
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
+    if world > 1:
+        for tensor in prior.state_dict().values():
+            torch.distributed.broadcast(tensor, 0)
+    codes, labels = training_codes(autoencoder, cfg, ctx)
+    val_codes, val_labels = analysis.encode_dataset(
+        autoencoder, eval_loader(ctx["splits"]["val"], cfg, device), device
+    )
+    val_codes, val_labels = val_codes.to(device), val_labels.to(device)
+    assignment = ctx["assignment"]
+    offsets = torch.tensor(levels.condition_offsets, device=device)
+    species_cond = offsets[-1] + val_labels
+    window, count, tick = 0.0, 0, time.time()
+    with Progress(max(cfg.prior_steps - step, 0), "train phylo: prior", enabled=main and not quiet) as bar:
+        while step < cfg.prior_steps:
+            torch.manual_seed(derive_seed(cfg.seed, "prior", step, env.rank))
+            prior.train()
+            loss = prior_step(prior, opt, codes, labels, assignment, offsets, levels.n_levels, cfg.prior_batch_size // world,
+                              world)  # fmt: skip
+            window, count, step = window + loss.double(), count + 1, step + 1
+            shown = {}
+            if step % cfg.log_every == 0 or step == cfg.prior_steps:
+                mean = float(window / count)
+                if not math.isfinite(mean):
+                    raise FloatingPointError(f"non-finite prior loss at step {step}; lower --prior-lr")
+                rate = count * cfg.prior_batch_size / max(time.time() - tick, 1e-9)
+                log.write(step, "train", stage="prior", prior_nll=mean, sequences_per_s=round(rate, 2))
+                shown, window, count, tick = {"nll": round(mean, 3)}, 0.0, 0, time.time()
+            bar.update(1, **shown)
+            if step % cfg.eval_every == 0 or step == cfg.prior_steps:
+                if main:
+                    prior.eval()
+                    with torch.no_grad():
+                        nll = float(prior.loss(species_cond, val_codes))
+                    log.write(step, "val", stage="prior", prior_nll=nll)
+                    meta = _weights_meta(cfg, ctx["meta"], ctx["record"], {"autoencoder": cfg.steps, "prior": step},
+                                         {"prior_val_nll": nll})  # fmt: skip
+                    save_phylo(run_dir / RUN_FILE, autoencoder, prior, meta)
+                    checkpoint.save_state(state_path, {"model": prior.state_dict(), "opt": opt.state_dict(), "step": step,
+                                                       "config": to_dict(cfg)})  # fmt: skip
+                barrier()
+                tick = time.time()
+    return prior.eval().requires_grad_(False)
+
+
+def train_phylo(cfg: PhyloConfig, run_dir: Path, resume: bool = False, quiet: bool = False) -> dict:
+    """The three stages, then the code-tree correlation analysis; returns the summary (summary.json)."""
+    cfg.validate()
+    env = dist_env()
+    device = resolve_device(cfg.device, env.local_rank)
+    init_distributed(env, device)
+    main = env.is_main
+    if main:
+        meta, path, levels, splits = build_data(cfg, quiet)
+    barrier()
+    if not main:
+        meta, path, levels, splits = build_data(cfg, True)
+    record = phylogeny_record(path, cfg.cuts, meta.class_names)
+    ctx = {"env": env, "device": device, "meta": meta, "levels": levels, "splits": splits, "record": record,
+           "assignment": torch.as_tensor(levels.assignment, device=device)}  # fmt: skip
+    if main:
+        write_text(run_dir / "config.yaml", to_yaml(cfg))
+        write_text(run_dir / "levels.json", json.dumps(levels.summary(), indent=1))
+        mark_run(run_dir, status="running", world_size=env.world_size, device=str(device))
+        if not quiet:
+            counts = ", ".join(f"level {lv}: {len(g)}" for lv, g in enumerate(levels.groups))
+            print(f"tree {path}: groups per level {counts}", flush=True)
+    log = RunLog(run_dir / "log.jsonl", enabled=main)
+    autoencoder = train_autoencoder_stage(cfg, ctx, False, run_dir, log, quiet)
+    train_prior_stage(cfg, ctx, autoencoder, run_dir, log, quiet)
+    baseline = None
+    if cfg.baseline:
+        (run_dir / "baseline").mkdir(exist_ok=True)
+        baseline_log = RunLog(run_dir / "baseline" / "log.jsonl", enabled=main)
+        baseline = train_autoencoder_stage(cfg, ctx, True, run_dir / "baseline", baseline_log, quiet)
+
+    summary = {"run_dir": str(run_dir), "steps": {"autoencoder": cfg.steps, "prior": cfg.prior_steps,
+                                                  "baseline": cfg.steps if cfg.baseline else 0}}  # fmt: skip
+    if main:
+        test = eval_loader(splits["test"], cfg, device)
+        codes = analysis.encode_dataset(autoencoder, test, device)
+        plain = analysis.encode_dataset(baseline, test, device) if baseline is not None else None
+        result = analysis.correlations(*codes, autoencoder, levels, plain)
+        summary["correlation"] = analysis.write_report(result, run_dir / "analysis")["levels"]
+        write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+        mark_run(run_dir, status="finished")
+    barrier()
+    return summary
