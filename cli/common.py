@@ -159,7 +159,7 @@ def resolve_config(
 
     if not resume:
         return from_preset(cls, presets, preset, overrides)
-    if command is not None:
+    if command is not None and is_main_process():  # other ranks would see rank 0's own run record
         check_resumable(run_dir, command)
     saved_path = Path(run_dir) / "config.yaml"
     if not saved_path.is_file():

@@ -134,7 +134,12 @@ class Cluster:
         return "\n".join(parts)
 
     def stop(self) -> None:
-        self.call("scancel", "--full", "--quiet", "-u", "root") if self.processes else None
+        """Cancel what still runs (and let slurmd end it), then stop the daemons."""
+        if self.processes and all(p.poll() is None for p in self.processes):
+            self.call("scancel", "--full", "--quiet", "-u", "root")
+            deadline = time.time() + 20
+            while self.call("squeue", "-h").stdout.strip() and time.time() < deadline:
+                time.sleep(0.2)
         for process in reversed(self.processes):
             if process.poll() is None:
                 process.terminate()

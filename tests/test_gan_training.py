@@ -374,3 +374,30 @@ def test_metric_features_from_the_projects_classifier(tmp_path) -> None:
     random = build_extractor(None, torch.device("cpu"))
     assert random.name == RANDOM_EXTRACTOR and random(images).shape == (3, 512)
     torch.testing.assert_close(random(images), build_extractor(None, torch.device("cpu"))(images))  # seeded
+
+
+def test_sigterm_saves_and_resume_auto_matches_uninterrupted(tiny_run, tmp_path) -> None:
+    """SIGTERM (SLURM's preemption) between two steps: last.pt at that step, the run marked preempted, exit
+    75; `--resume auto` then ends with the weights of the uninterrupted run."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *TRAIN, "--out", str(run), "--resume", "auto"],
+                            cwd=ROOT, env={**os.environ, **ONE_THREAD}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.time() + 240
+    while not (run / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    time.sleep(0.5)  # a few steps past the first snapshot
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 75, err[-3000:]
+    info = yaml.safe_load((run / "run.yaml").read_text())
+    step = torch.load(run / "last.pt", weights_only=True)["step"]
+    assert info["status"] == "preempted" and info["reason"] == f"SIGTERM at step {step}" and 50 <= step < 200
+    result = run_cli(*TRAIN, "--out", str(run), "--resume", "auto", env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("G_ema.safetensors", "G_ema_best.safetensors"):
+        a, b = load_file(str(tiny_run / name)), load_file(str(run / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    whole, resumed = (torch.load(p / "last.pt", weights_only=True) for p in (tiny_run, run))
+    for key in ("G", "D"):
+        assert all(torch.equal(whole[key][k], resumed[key][k]) for k in whole[key]), key

@@ -25,7 +25,8 @@ TRAIN = ["train", "classifier", "--dataset", "world", "--world", "small", "--ima
          "--log-every", "1"]  # fmt: skip
 
 
-def _train_steps(run) -> int:
+def train_steps(run) -> int:
+    """The last training step logged in the run (0 before the first)."""
     try:
         lines = (run / "log.jsonl").read_text().splitlines()
     except FileNotFoundError:
@@ -47,7 +48,7 @@ def test_signal_saves_mid_epoch_and_resume_auto_matches_uninterrupted(whole, tmp
                             cwd=ROOT, env={**os.environ, **ONE_THREAD}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)  # fmt: skip
     deadline = time.time() + 120
-    while _train_steps(run) < 10 and time.time() < deadline and proc.poll() is None:
+    while train_steps(run) < 10 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
     proc.send_signal(signal.SIGUSR1)
     out, err = proc.communicate(timeout=120)

@@ -73,7 +73,8 @@ def test_rendered_array_gives_each_task_its_run(capsys, monkeypatch, tmp_path):
     header = _sbatch(text)
     assert header["array"] == "0-3%2" and header["ntasks-per-node"] == header["gpus-per-node"] == "2"
     assert (
-        script.resolve() == tmp_path / "runs" / "train-classifier" / "seeds" / "slurm" / "train-classifier-seeds.sbatch"
+        script.resolve()
+        == tmp_path / "runs" / "train-classifier" / "seeds" / "slurm" / "train-classifier-seeds.sbatch"
     )
     assert header["output"].endswith("seeds/slurm/%x-%A_%a.out")
     assert 'RUN_DIR=runs/train-classifier/seeds/task-"${SLURM_ARRAY_TASK_ID}"' in text

@@ -4,7 +4,6 @@ with the weights of an uninterrupted run."""
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
@@ -17,8 +16,9 @@ import yaml
 from conftest import ROOT, run_cli
 from safetensors.torch import load_file
 from slurm_cluster import Cluster, ensure_installed
+from test_preemption import ONE_THREAD
+from test_preemption import train_steps as _steps
 
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 TRAIN = ["train", "classifier", "--dataset", "world", "--world", "small", "--image-size", "32", "--no-amp",
          "--quiet", "--epochs", "6", "--batch-size", "8", "--num-workers", "0", "--device", "cpu",
          "--log-every", "1"]  # fmt: skip
@@ -37,16 +37,6 @@ def cluster(tmp_path_factory):
         pytest.skip(f"SLURM daemons do not start on this machine: {str(err)[:2000]}")
     yield cluster
     cluster.stop()
-
-
-def _steps(run: Path) -> int:
-    """The last training step logged in the run (0 before the first)."""
-    try:
-        lines = (run / "log.jsonl").read_text().splitlines()
-    except FileNotFoundError:
-        return 0
-    steps = [json.loads(line)["step"] for line in lines if line.endswith("}") and '"train"' in line]
-    return max(steps, default=0)
 
 
 def _wait(condition, timeout: float, what: str, cluster: Cluster, job: str, run: Path) -> None:

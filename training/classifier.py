@@ -195,7 +195,10 @@ def train_classifier(cfg: ClassifierConfig, run_dir: Path, resume: bool = False,
             batches = iter(train_loader)
             if done:  # resumed mid-epoch: replay the finished batches' data, then the random state
                 bar.update(sum(1 for _ in itertools.islice(batches, done)))
-                torch.set_rng_state(rng)
+                if env.world_size == 1:
+                    torch.set_rng_state(rng)
+                else:  # only rank 0's state was saved: under DDP each rank reseeds (exact on one process)
+                    torch.manual_seed(derive_seed(cfg.seed, epoch, env.rank, done))
                 epoch_sums = sums
             for batch in batches:
                 done += 1
