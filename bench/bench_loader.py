@@ -76,6 +76,29 @@ def make_images(folder: Path, count: int, seed: int = 0) -> Path:
     return folder
 
 
+def cpu_ms_per_image(
+    spec, output: str, train: bool, batch: int, count: int, device, rounds: int = 3
+) -> tuple:
+    """CPU milliseconds per image (process time, so other load on the machine does not count) of a worker's
+    part (decode, transform, collate) and of the main process's part (to_model_batch), best of `rounds`."""
+    from datasets.gpu_transforms import to_model_batch
+    from datasets.registry import build_dataset, collate_skipping
+
+    data = build_dataset(spec, "train", train_transform=train, output=output)
+    count = min(count, len(data)) // batch * batch
+    worker, main = [], []
+    for _ in range(rounds):
+        start = time.process_time()
+        batches = [collate_skipping([data[i] for i in range(k, k + batch)]) for k in range(0, count, batch)]
+        worker.append(time.process_time() - start)
+        start = time.process_time()
+        for b in batches:
+            to_model_batch(b, device, train=train)
+        sync(device)
+        main.append(time.process_time() - start)
+    return 1000 * min(worker) / count, 1000 * min(main) / count
+
+
 def loader_rate(
     spec, output: str, batch: int, workers: int, device, batches: int, train: bool = True
 ) -> float:
@@ -192,6 +215,17 @@ def main(argv: list[str] | None = None) -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {device} ({name}), torch {torch.__version__}, {usable_cpus()} usable cores, "
           f"{torch.get_num_threads()} threads; {images} JPEGs of 500 x 375 in {root}; model input {size} px")  # fmt: skip
+
+    print(
+        "\nCPU ms per image (process time, best of 3; the worker's part bounds the images/s a core can feed):"
+    )
+    for output in args.paths.split(","):
+        for train in (True, False):
+            work, main_part = cpu_ms_per_image(
+                spec, output, train, batches[0], args.batches * batches[0], device
+            )
+            print(f"  {output:<8} {'train' if train else 'eval':<5}: worker {work:6.2f} ms/image "
+                  f"({1000 / work:7.1f} images/s per core), main process to_model_batch {main_part:6.2f} ms/image")  # fmt: skip
 
     print("\nloader alone (train split, shuffled), images/s; ms per image = 1000 / rate at 0 workers")
     print(f"{'path':<9} {'batch':>6} " + " ".join(f"{f'{w} workers':>11}" for w in workers))
