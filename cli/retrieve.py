@@ -372,7 +372,8 @@ def plot_command(
     typer.echo(f"figure: {path}")
 
 
-RESUMABLE = {"epochs", "device", "num_workers", "amp", "log_every", "eval_batch_size"}
+# Settings a resumed run may change (not epochs: the OneCycle schedule is laid out over the whole run).
+RESUMABLE = {"device", "num_workers", "amp", "log_every", "eval_batch_size"}
 
 
 def train_retrieval_command(
