@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,3 +110,41 @@ def test_slurm_job_ids_and_the_requeue_call(tmp_path, monkeypatch):
         tmp_path, {"SLURM_JOB_ID": "78", "SLURM_ARRAY_JOB_ID": "70", "SLURM_ARRAY_TASK_ID": "3"}
     )
     assert calls.read_text() == "requeue 70_3\n" and "requeued SLURM job 70_3" in message
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat_file in os.listdir("/proc"):
+        if stat_file.isdigit():
+            try:
+                fields = Path(f"/proc/{stat_file}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                kids.append(int(stat_file))
+    return sorted(kids)
+
+
+def test_ddp_ranks_stop_at_the_same_step_and_resume(small_world, tmp_path):
+    """Two gloo ranks under torchrun: a signal to one rank stops both after the same step (they agree every
+    10 steps); `--resume auto` under torchrun then finishes the run."""
+    run = tmp_path / "ddp"
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(ROOT / "main.py"),
+            *TRAIN, "--batch-size", "4", "--epochs", "2", "--out", str(run), "--resume", "auto"]  # fmt: skip
+    launcher = subprocess.Popen(args, cwd=ROOT, env={**os.environ, **ONE_THREAD}, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.time() + 180
+    while train_steps(run) < 3 and time.time() < deadline and launcher.poll() is None:
+        time.sleep(0.01)
+    ranks = _children(launcher.pid)
+    assert len(ranks) == 2, ranks
+    os.kill(ranks[-1], signal.SIGUSR1)
+    _, err = launcher.communicate(timeout=180)
+    assert "exitcode  : 75" in err and "exitcode  : 1" not in err, err[-3000:]
+    info = yaml.safe_load((run / "run.yaml").read_text())
+    step = torch.load(run / "last.pt", weights_only=True)["step"]
+    assert info["status"] == "preempted" and info["reason"].endswith(f"at step {step}") and step % 10 == 0
+    done = subprocess.run(args, cwd=ROOT, env={**os.environ, **ONE_THREAD}, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert yaml.safe_load((run / "run.yaml").read_text())["status"] == "finished"
