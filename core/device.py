@@ -56,8 +56,9 @@ def usable_cpus() -> int:
 
 def loader_settings(device, num_workers: int | None) -> dict:
     """DataLoader keywords for a device. On CUDA by default: one worker per usable core (decoding is what
-    starves a GPU), kept alive across epochs, four batches prefetched per worker, pinned memory (so that
-    `.to(device, non_blocking=True)` overlaps the copy). On CPU: no workers unless asked."""
+    starves a GPU), kept alive across epochs, pinned memory (so that `.to(device, non_blocking=True)`
+    overlaps the copy). Each worker prefetches two batches (torch's default: with a worker per core that is
+    already many batches ahead; more would only hold more shared memory). On CPU: no workers unless asked."""
     if num_workers is not None and num_workers < 0:
         raise UserError(f"--num-workers must be at least 0, got {num_workers}")
     if num_workers is None:
@@ -65,5 +66,4 @@ def loader_settings(device, num_workers: int | None) -> dict:
     settings = {"num_workers": num_workers, "pin_memory": device.type == "cuda"}
     if num_workers > 0:
         settings["persistent_workers"] = True
-        settings["prefetch_factor"] = 4
     return settings
