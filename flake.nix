@@ -22,6 +22,10 @@
         pandas
         matplotlib
         kagglehub
+        h5py
+        scikit-learn
+        faiss
+        transformers
         (lpips.override { torch = torch-bin; torchvision = torchvision-bin; })
         pytest
       ]);

@@ -8,7 +8,7 @@ import re
 import yaml
 from conftest import ROOT, run_cli
 
-NIX_NAMES = {"torch-bin": "torch", "torchvision-bin": "torchvision"}
+NIX_NAMES = {"torch-bin": "torch", "torchvision-bin": "torchvision", "faiss": "faiss-cpu"}
 
 
 def _split(spec: str) -> tuple[str, str]:
