@@ -1,0 +1,148 @@
+"""CVAE evaluation: held-out ELBO terms and per-latent-dimension KL under given condition sets, the rate at
+which a classifier recognises conditional samples as their class, and the KL-per-dimension figure."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from core.plotting import pyplot, save_figure, save_table, show_or_close
+from models.cvae import CVAE, elbo_terms
+from testing.sampling import z_from_seeds
+
+SETTINGS = ("none", "class", "all")  # nothing given; the class only; the class and every attribute
+
+
+def settings_for(model: CVAE) -> tuple[str, ...]:
+    return SETTINGS if model.num_attributes else SETTINGS[:2]
+
+
+def given_conditions(model: CVAE, setting: str, labels: torch.Tensor, attributes: torch.Tensor | None):
+    """Condition vectors with nothing, the class, or the class and all attributes given."""
+    n = labels.shape[0]
+    if setting == "none":
+        return model.conditions(n)
+    if setting == "class" or attributes is None:
+        return model.conditions(n, labels=labels)
+    return model.conditions(n, labels=labels, attributes=attributes)
+
+
+@torch.no_grad()
+def evaluate_elbo(
+    model: CVAE, batches, device: torch.device, seed: int = 0, beta: float = 1.0, sigma: float = 1.0
+) -> dict:
+    """Mean reconstruction, KL, negative ELBO and per-dimension KL over `batches` of (x, labels, attributes),
+    for each condition setting; the posterior noise is drawn from `seed`, so the numbers are repeatable."""
+    model.eval()
+    sums = {s: {"rec": 0.0, "kl": 0.0, "kl_per_dim": torch.zeros(model.latent_dim, device=device)}
+            for s in settings_for(model)}  # fmt: skip
+    n = 0
+    generator = torch.Generator().manual_seed(seed)
+    for x, labels, attributes in batches:
+        x, labels = x.to(device), labels.to(device)
+        attributes = attributes.to(device) if attributes is not None else None
+        noise = torch.randn(x.shape[0], model.latent_dim, generator=generator).to(device)
+        for setting, acc in sums.items():
+            c = given_conditions(model, setting, labels, attributes)
+            recon, mu, logvar, prior = model(x, c, noise)
+            terms = elbo_terms(x, recon, mu, logvar, sigma=sigma, prior=prior)
+            acc["rec"] += float(terms["rec"].sum())
+            acc["kl"] += float(terms["kl"].sum())
+            acc["kl_per_dim"] += terms["kl_per_dim"] * x.shape[0]
+        n += x.shape[0]
+    out = {}
+    for setting, acc in sums.items():
+        rec, kl = acc["rec"] / max(n, 1), acc["kl"] / max(n, 1)
+        out[setting] = {"rec": rec, "kl": kl, "neg_elbo": rec + kl, "loss": rec + beta * kl,
+                        "kl_per_dim": (acc["kl_per_dim"] / max(n, 1)).tolist()}  # fmt: skip
+    return {"n": n, "settings": out}
+
+
+def class_attributes(
+    labels: np.ndarray, attributes: np.ndarray | None, num_classes: int
+) -> torch.Tensor | None:
+    """One attribute vector per class: that of the class's first image (the world's are per species)."""
+    if attributes is None:
+        return None
+    rows = np.zeros((num_classes, attributes.shape[1]), dtype=np.float32)
+    for c in range(num_classes):
+        members = np.flatnonzero(labels == c)
+        if len(members):
+            rows[c] = attributes[members[0]]
+    return torch.from_numpy(rows)
+
+
+@torch.no_grad()
+def sample(model: CVAE, c: torch.Tensor, seeds: list[int], batch_size: int = 64) -> torch.Tensor:
+    """Decoded samples from the prior p(z | c): row i's standard-normal draw from seed `seeds[i]`
+    (`z_from_seeds`, NVlabs' convention)."""
+    model.eval()
+    device = next(model.parameters()).device
+    eps = z_from_seeds(seeds, model.latent_dim).to(device)
+    out = []
+    for i in range(0, len(seeds), batch_size):
+        part = c[i : i + batch_size]
+        out.append(model.decode(model.prior_latent(part, eps[i : i + batch_size]), part))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def recognition(
+    model: CVAE,
+    classifier,
+    per_class_attributes: torch.Tensor | None,
+    n_per_class: int,
+    seed: int = 0,
+    classifier_size: int | None = None,
+) -> dict:
+    """Share of conditional samples the classifier assigns to the conditioned class, per condition setting
+    (class only; class and all attributes), with the per-class rates; chance is 1 / num_classes."""
+    device = next(model.parameters()).device
+    classifier.eval()
+    labels = torch.arange(model.num_classes, device=device).repeat_interleave(n_per_class)
+    seeds = [seed + i for i in range(len(labels))]
+    out = {"chance": 1.0 / model.num_classes, "n": len(labels)}
+    for setting in ("class", "all"):
+        if setting == "all" and per_class_attributes is None:
+            continue
+        attributes = per_class_attributes.to(device)[labels] if setting == "all" else None
+        images = sample(model, given_conditions(model, setting, labels, attributes), seeds).float()
+        if classifier_size and images.shape[-1] != classifier_size:
+            images = F.interpolate(images, size=(classifier_size,) * 2, mode="bilinear", antialias=True)
+        predicted = torch.cat([classifier(images[i : i + 64].clamp(-1, 1))[0].argmax(1)
+                               for i in range(0, len(images), 64)])  # fmt: skip
+        hits = (predicted == labels).float().view(model.num_classes, n_per_class).mean(1)
+        out[setting] = float(hits.mean())
+        out[f"{setting}_per_class"] = hits.tolist()
+    return out
+
+
+def plot_kl_per_dim(kl: dict[str, list[float]], path: str | os.PathLike, show: bool = False) -> Path:
+    """Grouped bars of the held-out KL of every latent dimension, one colour per condition setting, and the
+    numbers beside it as CSV (dimensions with KL near 0 are unused: the conditions already carry that)."""
+    import pandas as pd
+
+    path = Path(path)
+    frame = pd.DataFrame(
+        {"dimension": range(len(next(iter(kl.values())))), **{f"kl_{k}": v for k, v in kl.items()}}
+    )
+    save_table(frame, path.with_suffix(".csv"))
+    plt = pyplot()
+    dims = len(frame)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.35 * dims + 2), 3.6))
+    width = 0.8 / len(kl)
+    for i, (setting, values) in enumerate(kl.items()):
+        ax.bar(np.arange(dims) + (i - (len(kl) - 1) / 2) * width, values, width, label=f"given: {setting}")
+    ax.set_xlabel("latent dimension")
+    ax.set_ylabel("KL(q(z|x,c) || p(z|c)), nats")
+    ax.set_title("Which latent dimensions are used, by the conditions given (held-out mean)")
+    ax.set_xticks(range(dims))
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    save_figure(fig, path)
+    show_or_close(fig, show)
+    return path

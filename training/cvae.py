@@ -1,0 +1,394 @@
+"""Conditional VAE training: one function over (config, run directory).
+
+Every step draws which conditions each sample is given (the class with probability `p_class`; no attributes,
+all attributes, or each attribute with a per-sample random probability), so one network learns every subset a
+user may give at sampling time. Loss: summed squared error + beta * KL (the negative ELBO when beta = 1).
+Each step's randomness derives from (seed, step, rank) and the data order from (seed, epoch), so a run resumed
+from `last.pt` reaches the same weights as an uninterrupted one. Every `eval_every` steps: held-out ELBO and
+per-dimension KL for each condition setting, a sample grid, optionally the rate at which a classifier
+recognises conditional samples, `cvae.safetensors` and `last.pt`. The end adds the KL-per-dimension figure.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from core import checkpoint
+from core.atomic import write_text
+from core.config import require_positive, to_dict, to_yaml
+from core.device import autocast, loader_settings, resolve_device
+from core.distributed import barrier, dist_env, init_distributed
+from core.errors import UserError
+from core.progress import Progress
+from core.rundir import mark_run
+from core.runlog import RunLog
+from core.seeding import derive_seed, seed_everything
+from models.cvae import CVAE, RUN_FILE, elbo_terms, save_cvae
+from testing import cvae as evaluation
+from testing.sampling import save_grid
+from training.gan import StepBatches
+
+PRESETS = Path(__file__).parent / "presets" / "cvae.yaml"
+DEFAULT_PRESET = {"world": "tiny", "cub": "cub", "folder": "cub", "digits": "digits"}
+DATASETS = ("world", "cub", "folder", "digits")
+EVAL_SEED = 1_000_000  # latents of the evaluation grid and recognition samples start here
+
+
+@dataclass
+class CVAEConfig:
+    # data
+    dataset: str = "world"
+    data_dir: str | None = None
+    world: str = "default"
+    image_size: int = 32
+    val_fraction: float = 0.1
+    bbox_crop: bool = False
+    attributes: bool = True
+    skip_bad_images: bool = False
+    # model
+    arch: str = "conv"
+    latent_dim: int = 16
+    channels: int = 32
+    max_channels: int = 128
+    hidden: int = 256
+    layers: int = 3
+    depth: int = 1
+    # which conditions a training sample is given
+    p_class: float = 0.9
+    p_attrs_none: float = 0.3
+    p_attrs_all: float = 0.3
+    # optimisation
+    beta: float = 1.0
+    sigma: float = 0.1
+    batch_size: int = 64
+    steps: int = 3000
+    lr: float = 1e-3
+    # bookkeeping
+    eval_every: int = 500
+    log_every: int = 50
+    classifier: str | None = None
+    recognition_samples: int = 20
+    device: str = "auto"
+    amp: bool = True
+    num_workers: int | None = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        require_positive(
+            self, "batch_size", "steps", "lr", "image_size", "latent_dim", "channels", "max_channels"
+        )
+        require_positive(
+            self, "sigma", "hidden", "layers", "depth", "eval_every", "log_every", "recognition_samples"
+        )
+        if self.dataset not in DATASETS:
+            raise UserError(
+                f"--dataset must be one of {', '.join(DATASETS)} for a CVAE, got {self.dataset!r}"
+            )
+        if self.arch not in ("conv", "mlp"):
+            raise UserError(f"--arch must be conv or mlp, got {self.arch!r}")
+        if self.dataset == "digits" and self.arch != "mlp":
+            raise UserError(
+                "--dataset digits holds 64-value vectors: use --arch mlp (the digits preset does)"
+            )
+        for name in ("p_class", "p_attrs_none", "p_attrs_all"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise UserError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
+        if self.p_attrs_none + self.p_attrs_all > 1:
+            raise UserError("--p-attrs-none plus --p-attrs-all must not exceed 1")
+        if self.beta < 0:
+            raise UserError(f"--beta must be >= 0, got {self.beta}")
+        if self.batch_size % dist_env().world_size:
+            raise UserError(
+                f"--batch-size {self.batch_size} is not divisible by the {dist_env().world_size} processes"
+            )
+
+
+# ----------------------------------------------------------------------------
+# Data: images of a dataset (with their attributes when it has them) or the digits vectors.
+
+
+@dataclass
+class CVAEData:
+    train: object
+    val: object
+    class_names: list[str]
+    attribute_names: list[str]
+    x_shape: tuple[int, ...]
+    value_range: tuple[float, float]
+    dataset_info: dict
+
+
+def image_spec(cfg: CVAEConfig):
+    from datasets.registry import DataSpec
+
+    return DataSpec(cfg.dataset, cfg.data_dir, cfg.world, cfg.image_size, cfg.val_fraction, cfg.seed,
+                    cfg.bbox_crop, cfg.skip_bad_images)  # fmt: skip
+
+
+def build_data(cfg: CVAEConfig, quiet: bool = False) -> CVAEData:
+    if cfg.dataset == "digits":
+        from datasets.digits import SIDE, DigitsDataset
+
+        train, val = (DigitsDataset(s, cfg.val_fraction, cfg.seed) for s in ("train", "val"))
+        attrs = train.attribute_names if cfg.attributes else []
+        info = {"name": "digits", "source": "sklearn.datasets.load_digits"}
+        return CVAEData(train, val, train.class_names, attrs, (1, SIDE, SIDE), (0.0, 1.0), info)
+    from datasets.registry import build_dataset, resolve_meta
+    from datasets.transforms import square_transform
+
+    spec = image_spec(cfg)
+    meta = resolve_meta(spec, quiet=quiet)
+    transform = square_transform(cfg.image_size)
+    train, val = (build_dataset(spec, s, False, meta=meta, attributes=None if cfg.attributes else False,
+                                transform=transform) for s in ("train", "val"))  # fmt: skip
+    if len(train) == 0 or len(val) == 0:
+        raise UserError(f"dataset {cfg.dataset}: the train or val split is empty (check --val-fraction)")
+    attrs = list(train.attribute_names or []) if cfg.attributes else []
+    info = {
+        "name": cfg.dataset,
+        "root": str(meta.root),
+        "world": cfg.world if cfg.dataset == "world" else None,
+    }
+    return CVAEData(
+        train, val, meta.class_names, attrs, (3, cfg.image_size, cfg.image_size), (-1.0, 1.0), info
+    )
+
+
+def unpack(batch: dict, device: torch.device, with_attributes: bool):
+    """(x, labels, attributes or None) of a collated batch, on `device`; images are already in [-1, 1]."""
+    x = batch["x"] if "x" in batch else batch["image"]
+    attributes = batch["attributes"].to(device, non_blocking=True).float() if with_attributes else None
+    return x.to(device, non_blocking=True).float(), batch["label"].to(device, non_blocking=True), attributes
+
+
+def batches(loader, device, with_attributes: bool):
+    for batch in loader:
+        if "label" in batch:
+            yield unpack(batch, device, with_attributes)
+
+
+# ----------------------------------------------------------------------------
+# One step.
+
+
+def condition_masks(labels: torch.Tensor, attributes: torch.Tensor | None, cfg: CVAEConfig):
+    """Which conditions each sample is given: (class present [N], attribute present [N, K] or None)."""
+    n, device = labels.shape[0], labels.device
+    label_present = (torch.rand(n, device=device) < cfg.p_class).float()
+    if attributes is None:
+        return label_present, None
+    u = torch.rand(n, 1, device=device)
+    keep = torch.rand(n, 1, device=device)  # the per-sample share of attributes given in the partial case
+    partial = (torch.rand_like(attributes) < keep).float()
+    none, everything = u < cfg.p_attrs_none, u >= 1 - cfg.p_attrs_all
+    present = torch.where(
+        everything, torch.ones_like(partial), torch.where(none, torch.zeros_like(partial), partial)
+    )
+    return label_present, present
+
+
+def train_step(net, model: CVAE, opt: torch.optim.Optimizer, x, labels, attributes, cfg: CVAEConfig) -> dict:
+    """Draw the conditions, one ELBO step; returns detached device tensors (loss, rec, kl, kl_per_dim)."""
+    label_present, attribute_present = condition_masks(labels, attributes, cfg)
+    c = model.conditions(x.shape[0], labels, label_present, attributes, attribute_present)
+    with autocast(x.device, cfg.amp):
+        recon, mu, logvar, prior = net(x, c)
+    terms = elbo_terms(x, recon, mu, logvar, cfg.beta, cfg.sigma, prior)
+    opt.zero_grad(set_to_none=True)
+    terms["loss"].backward()
+    opt.step()
+    return {"loss": terms["loss"].detach(), "rec": terms["rec"].detach().mean(), "kl": terms["kl"].detach().mean(),
+            "kl_per_dim": terms["kl_per_dim"].detach()}  # fmt: skip
+
+
+def build_model(cfg: CVAEConfig, data: CVAEData) -> CVAE:
+    return CVAE(cfg.arch, data.x_shape, len(data.class_names), len(data.attribute_names), cfg.latent_dim,
+                cfg.channels, cfg.max_channels, cfg.hidden, cfg.layers, cfg.depth)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------
+# Evaluation and snapshots.
+
+
+def to_images(x: torch.Tensor, value_range: tuple[float, float]) -> torch.Tensor:
+    """Model outputs as [-1, 1] RGB NCHW: vectors become grey images, [0, 1] values are rescaled."""
+    low, high = value_range
+    x = (x.float() - low) / (high - low) * 2 - 1
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+def load_recogniser(path: str, num_classes: int, device: torch.device):
+    """A project classifier for the recognition rate, which must know as many classes as the data."""
+    from models.classifiers import load_classifier
+
+    clf, meta = load_classifier(path, device=str(device))
+    if clf.num_classes != num_classes:
+        raise UserError(f"--classifier {path} knows {clf.num_classes} classes, the data {num_classes}")
+    return clf.eval().requires_grad_(False), meta.get("image_size")
+
+
+class Evaluator:
+    def __init__(self, cfg: CVAEConfig, data: CVAEData, device: torch.device):
+        self.cfg, self.data, self.device = cfg, data, device
+        settings = {**loader_settings(device, cfg.num_workers), "persistent_workers": False}
+        self.loader = DataLoader(data.val, batch_size=cfg.batch_size, shuffle=False, **settings)
+        labels = np.asarray([data.val[i]["label"] for i in range(len(data.val))])
+        attrs = (
+            np.stack([data.val[i]["attributes"] for i in range(len(data.val))])
+            if data.attribute_names
+            else None
+        )
+        self.per_class = evaluation.class_attributes(labels, attrs, len(data.class_names))
+        self.recogniser = None
+        if cfg.classifier:
+            self.recogniser = load_recogniser(cfg.classifier, len(data.class_names), device)
+
+    def __call__(self, model: CVAE) -> dict:
+        with_attributes = bool(self.data.attribute_names)
+        result = evaluation.evaluate_elbo(model, batches(self.loader, self.device, with_attributes), self.device,
+                                          seed=derive_seed(self.cfg.seed, "eval"), beta=self.cfg.beta, sigma=self.cfg.sigma)  # fmt: skip
+        if self.recogniser is not None:
+            classifier, size = self.recogniser
+            result["recognition"] = evaluation.recognition(
+                model, classifier, self.per_class, self.cfg.recognition_samples, EVAL_SEED, size
+            )
+        model.train()
+        return result
+
+    def grid(self, model: CVAE, path: Path) -> None:
+        """Up to 8 classes (rows) x 8 samples, class only given, from fixed latents."""
+        classes = min(8, model.num_classes)
+        labels = torch.arange(classes, device=self.device).repeat_interleave(8)
+        c = evaluation.given_conditions(model, "class", labels, None)
+        images = evaluation.sample(model, c, list(range(EVAL_SEED, EVAL_SEED + len(labels))))
+        model.train()
+        save_grid(to_images(images, self.data.value_range), path, columns=8)
+
+
+def flat_metrics(result: dict) -> dict:
+    """The evaluation as log fields: <setting>_<term>, kl_per_dim_<setting> lists, recognition rates."""
+    out = {"n": result["n"]}
+    for setting, terms in result["settings"].items():
+        for key, value in terms.items():
+            out[f"kl_per_dim_{setting}" if key == "kl_per_dim" else f"{setting}_{key}"] = value
+    for key in ("class", "all", "chance"):
+        if key in result.get("recognition", {}):
+            out[f"recognition_{key}"] = result["recognition"][key]
+    return out
+
+
+def weights_meta(cfg: CVAEConfig, data: CVAEData, step: int, result: dict | None) -> dict:
+    settings = (result or {}).get("settings", {})
+    return {
+        "source": "train cvae",
+        "dataset": data.dataset_info,
+        "class_names": data.class_names,
+        "attribute_names": data.attribute_names,
+        "value_range": list(data.value_range),
+        "step": step,
+        "kl_per_dim": {s: v["kl_per_dim"] for s, v in settings.items()},
+        "metrics": flat_metrics(result) if result else {},
+        "config": to_dict(cfg),
+    }
+
+
+# ----------------------------------------------------------------------------
+# The training loop.
+
+
+def train_cvae(cfg: CVAEConfig, run_dir: Path, resume: bool = False, quiet: bool = False) -> dict:
+    """Train, evaluate every `eval_every` steps, keep the latest weights; returns the summary."""
+    cfg.validate()
+    env = dist_env()
+    device = resolve_device(cfg.device, env.local_rank)
+    init_distributed(env, device)
+    main, world = env.is_main, env.world_size
+    if main:
+        data = build_data(cfg, quiet=quiet)
+    barrier()
+    if not main:
+        data = build_data(cfg, quiet=True)
+    with_attributes = bool(data.attribute_names)
+
+    seed_everything(cfg.seed)
+    model = build_model(cfg, data).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    step = 0
+    if resume and (run_dir / "last.pt").is_file():
+        state = checkpoint.load_state(run_dir / "last.pt", device=str(device))
+        checkpoint.load_state_dict_checked(model, state["model"], str(run_dir / "last.pt"))
+        opt.load_state_dict(state["optimizer"])
+        step = state["step"]
+    net = model
+    if env.enabled:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    per_rank = cfg.batch_size // world
+    loader = DataLoader(data.train, batch_sampler=StepBatches(data.train, per_rank, env.rank, world, cfg.seed, step),
+                        **loader_settings(device, cfg.num_workers))  # fmt: skip
+    stream = iter(loader)
+    evaluator = Evaluator(cfg, data, device) if main else None
+    if main:
+        write_text(run_dir / "config.yaml", to_yaml(cfg))
+        mark_run(run_dir, status="running", world_size=world, device=str(device))
+    log = RunLog(run_dir / "log.jsonl", enabled=main)
+
+    window, count, tick, result = None, 0, time.time(), None
+    with Progress(max(cfg.steps - step, 0), "train cvae", enabled=main and not quiet) as bar:
+        while step < cfg.steps:
+            torch.manual_seed(derive_seed(cfg.seed, "step", step, env.rank))
+            x, labels, attributes = unpack(next(stream), device, with_attributes)
+            out = train_step(net, model, opt, x, labels, attributes, cfg)
+            step += 1
+            scalars = torch.stack([out["loss"], out["rec"], out["kl"]]).double()
+            window = scalars if window is None else window + scalars
+            count += 1
+            shown = {}
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                loss, rec, kl = (window / count).tolist()
+                if not all(math.isfinite(v) for v in (loss, rec, kl)):
+                    raise FloatingPointError(f"non-finite CVAE loss at step {step}; lower --lr")
+                rate = count * cfg.batch_size / max(time.time() - tick, 1e-9)
+                log.write(step, "train", loss=loss, rec=rec, kl=kl, kl_per_dim=out["kl_per_dim"].tolist(),
+                          images_per_s=round(rate, 2))  # fmt: skip
+                shown = {"loss": round(loss, 2), "kl": round(kl, 2)}
+                window, count, tick = None, 0, time.time()
+            bar.update(1, **shown)
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                if main:
+                    result = evaluator(model)
+                    log.write(step, "val", **flat_metrics(result))
+                    evaluator.grid(model, run_dir / "samples" / f"step_{step:07d}.png")
+                    save_cvae(run_dir / RUN_FILE, model, weights_meta(cfg, data, step, result))
+                    checkpoint.save_state(run_dir / "last.pt", {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                                                "step": step, "config": to_dict(cfg)})  # fmt: skip
+                barrier()
+                tick = time.time()
+
+    summary = {"steps": step, "run_dir": str(run_dir)}
+    if main:
+        if result is None:  # resumed a finished run: evaluate what it holds
+            result = evaluator(model)
+            save_cvae(run_dir / RUN_FILE, model, weights_meta(cfg, data, step, result))
+        kl = {s: v["kl_per_dim"] for s, v in result["settings"].items()}
+        evaluation.plot_kl_per_dim(kl, run_dir / "kl_per_dim.png")
+        summary["val"] = {
+            s: {k: v for k, v in t.items() if k != "kl_per_dim"} for s, t in result["settings"].items()
+        }
+        summary["active_dims"] = {s: int(sum(v > 0.05 for v in values)) for s, values in kl.items()}
+        if "recognition" in result:
+            summary["recognition"] = {
+                k: v for k, v in result["recognition"].items() if not k.endswith("per_class")
+            }
+        write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+        mark_run(run_dir, status="finished")
+    return summary
