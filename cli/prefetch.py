@@ -48,16 +48,24 @@ def weights(
     arch: Annotated[
         str,
         typer.Argument(
-            help="A torchvision model: resnet18/34/50, vgg16 (LPIPS), inception_v3 (FID), vit_b_16."
+            help="fid-inception (pytorch-fid's TF-ported FID Inception, for `test viscoin`), or a torchvision "
+            "model: resnet18/34/50, vgg16 (LPIPS), inception_v3 (--fid-network torchvision), vit_b_16."
         ),
     ],
 ) -> None:
-    """torchvision ImageNet weights into the torch hub cache ($TORCH_HOME), checked against their sha256."""
+    """Weights into the torch hub cache ($TORCH_HOME), checked against their sha256: the FID Inception or
+    torchvision's ImageNet weights."""
     from core.weights import cached_file
-    from models.classifiers import imagenet_url
 
     hint = "check this machine's internet access (proxy, firewall) or copy the file into the cache by hand"
-    path = cached_file(imagenet_url(arch), f"ImageNet weights for {arch}", hint)
+    if arch == "fid-inception":
+        from testing.fid import FID_WEIGHTS_SHA256, FID_WEIGHTS_URL
+
+        path = cached_file(FID_WEIGHTS_URL, "FID Inception weights", hint, FID_WEIGHTS_SHA256)
+    else:
+        from models.classifiers import imagenet_url
+
+        path = cached_file(imagenet_url(arch), f"ImageNet weights for {arch}", hint)
     typer.echo(f"{arch}: {path} ({path.stat().st_size / 2**20:.0f} MiB, sha256 checked)")
 
 
