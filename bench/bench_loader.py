@@ -138,10 +138,8 @@ def sync(device) -> None:
 
 
 def step_rate(arch: str, size: int, batch: int, steps: int, device) -> float:
-    """Images/s of the classifier's optimisation step on batches already on the device.
-
-    TODO(loop engineer): time `training.classifier.classifier_step` (the trainer's importable step, once it
-    is extracted) instead of bench_classifier's copy of the loop body."""
+    """Images/s of the trainer's own step, `training.classifier.classifier_step`, on a batch already on the
+    device (bench_classifier.measure)."""
     sys.path.insert(0, str(ROOT / "bench"))
     from bench_classifier import measure
 

@@ -72,6 +72,9 @@ def test_signal_saves_mid_epoch_and_resume_auto_matches_uninterrupted(whole, tmp
         if e["split"] == "train" and "loss" in e
     ]
     assert steps == sorted(set(steps)), "each step logged once"
+    logs = [[{k: v for k, v in e.items() if k not in ("time", "images_per_s")}
+             for e in map(json.loads, (r / "log.jsonl").read_text().splitlines())] for r in (whole, run)]  # fmt: skip
+    assert logs[0] == logs[1], "the resumed run logs the uninterrupted run's values (sums saved mid-epoch)"
 
 
 def test_resume_auto_starts_a_new_run_and_refuses_overwrite(whole, tmp_path):

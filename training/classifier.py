@@ -1,12 +1,15 @@
-"""Classifier training: one function over (config, run directory).
+"""Classifier training: one optimisation step (`classifier_step`) and the loop around it (`train_classifier`).
 
-Per epoch: shuffled (DistributedSampler) batches with fresh augmentation, cross-entropy, AMP bf16 and
-channels_last on CUDA, then validation on the held-out part of train. `last.*` is written every epoch,
-`best.*` when validation top-1 improves. Resume restores model, optimiser, schedule and counters, and
-every epoch's randomness derives from (seed, epoch), so a resumed run reaches the same weights as an
-uninterrupted one. A preemption signal (core.preemption) stops it between two steps with a mid-epoch
-resume state: the resumed run replays the data of the epoch's finished batches (same order, same worker
-seeds) without training on them, then restores the random state, and goes on exactly as it would have.
+Per epoch: shuffled (DistributedSampler) batches of uint8 images from the workers, made model input on the
+device with fresh augmentation (`to_model_batch`: batched random resized crops and flips), cross-entropy,
+bf16 autocast, channels_last and fused Adam on CUDA, then validation on the held-out part of train. The step
+makes no host sync: the loop sums losses on the device and reads them once per `log_every` steps (where it
+also checks they are finite). `last.*` is written every epoch, `best.*` when validation top-1 improves.
+Resume restores model, optimiser, schedule and counters, and every epoch's randomness derives from
+(seed, epoch), so a resumed run reaches the same weights as an uninterrupted one. A preemption signal
+(core.preemption) stops it between two steps with a mid-epoch resume state: the resumed run replays the data
+of the epoch's finished batches (same order) without training on them, then restores the random state (the
+CPU's and the GPU's), and goes on exactly as it would have.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from core.progress import Progress
 from core.rundir import mark_run
 from core.runlog import RunLog
 from core.seeding import derive_seed, seed_everything
+from datasets.gpu_transforms import to_model_batch
 from datasets.registry import (
     MAX_IMAGE_SIZE,
     MIN_IMAGE_SIZE,
@@ -78,6 +82,7 @@ class ClassifierConfig:
     num_workers: int | None = None
     seed: int = 0
     log_every: int = 20
+    compile: bool = False  # torch.compile the model (opt-in: not measured to win yet)
 
     def validate(self) -> None:
         require_positive(self, "batch_size", "epochs", "lr", "log_every")
@@ -129,6 +134,20 @@ def _weights_meta(cfg: ClassifierConfig, model, meta, epoch: int, metrics: dict)
     }
 
 
+def classifier_step(net, batch: dict, optimizer: torch.optim.Optimizer, cfg: ClassifierConfig) -> dict:
+    """One optimisation step on a model-ready batch (`to_model_batch`'s: images and labels on the device):
+    bf16 autocast on CUDA when `cfg.amp`, cross-entropy, backward, optimiser step. Returns device tensors:
+    the mean `loss` and the number of `correct` top-1 predictions. No host sync."""
+    images, labels = batch["image"], batch["label"]
+    with autocast(images.device, cfg.amp):
+        logits, _ = net(images)
+    loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return {"loss": loss.detach(), "correct": (logits.detach().argmax(1) == labels).sum()}
+
+
 def train_classifier(cfg: ClassifierConfig, run_dir: Path, resume: bool = False, quiet: bool = False) -> dict:
     """Train, validate every epoch, keep best and last; returns the summary written to summary.json."""
     cfg.validate()
@@ -143,52 +162,64 @@ def train_classifier(cfg: ClassifierConfig, run_dir: Path, resume: bool = False,
     barrier()
     if not main:
         meta = resolve_meta(spec, quiet=True)
-    train_set = build_dataset(spec, "train", train_transform=True, meta=meta)
-    val_set = build_dataset(spec, "val", train_transform=False, meta=meta)
+    train_set = build_dataset(spec, "train", train_transform=True, meta=meta, output="uint8")
+    val_set = build_dataset(spec, "val", train_transform=False, meta=meta, output="uint8")
     if len(train_set) == 0 or len(val_set) == 0:
         raise UserError(f"dataset {cfg.dataset}: the train or val split is empty (check --val-fraction)")
     train_loader = _loader(train_set, cfg, device, env, train=True)
     val_loader = _loader(val_set, cfg, device, env, train=False)
 
     seed_everything(cfg.seed)
+    cuda = device.type == "cuda"
     model = build_classifier(cfg.arch, meta.num_classes, cfg.weights).to(device)
-    if device.type == "cuda":
+    if cuda:
         model = model.to(memory_format=torch.channels_last)
     net = model
     if env.enabled:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    optimizer = build_optimizer(model.parameters(), cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+    if cfg.compile:
+        net = torch.compile(net)
+    optimizer = build_optimizer(model.parameters(), cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay,
+                                fused=cuda)  # fmt: skip
     schedule = build_schedule(optimizer, cfg.schedule, cfg.epochs, cfg.step_size, cfg.gamma)
 
     start_epoch, step, best = 0, 0, {"top1": -1.0, "epoch": None}
-    done, sums, rng = 0, [0.0, 0.0, 0], None  # a mid-epoch state: batches done, epoch sums, random state
+    done, sums, rng = 0, {}, {}  # a mid-epoch state: batches done, epoch and log sums, random states
     if resume and (run_dir / "last.pt").is_file():
         state = checkpoint.load_state(run_dir / "last.pt", device=str(device))
         checkpoint.load_state_dict_checked(model, state["model"], str(run_dir / "last.pt"))
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         start_epoch, step, best = state["epoch"], state["step"], state["best"]
-        done, sums, rng = state.get("batch", 0), state.get("epoch_sums", sums), state.get("rng")
+        done, sums = state.get("batch", 0), {k: state.get(k) for k in ("epoch_sums", "log_sums", "skipped")}
+        rng = {"cpu": state.get("rng"), "cuda": state.get("cuda_rng")}
     if main:
         write_text(run_dir / "config.yaml", to_yaml(cfg))
         mark_run(run_dir, status="running", world_size=env.world_size, device=str(device))
     log = RunLog(run_dir / "log.jsonl", enabled=main, resume_step=step if resume else None)
 
+    def epoch_sums() -> list:  # loss * n, correct, n of this rank's epoch so far (one sync)
+        loss_sum, correct = totals.tolist()
+        if not math.isfinite(loss_sum):  # never save a model trained on a non-finite loss
+            raise TrainingDiverged("the training loss", step)
+        return [loss_sum, correct, count]
+
     def save_mid_epoch() -> None:  # the resume state between two steps, when a preemption signal came
         checkpoint.save_state(run_dir / "last.pt", {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-            "epoch": epoch, "batch": done, "epoch_sums": epoch_sums, "rng": torch.get_rng_state(), "step": step,
-            "best": best, "config": to_dict(cfg),
+            "epoch": epoch, "batch": done, "epoch_sums": epoch_sums(), "log_sums": logged, "skipped": skipped,
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if cuda else None, "step": step, "best": best,
+            "config": to_dict(cfg),
         })  # fmt: skip
 
     for epoch in range(start_epoch, cfg.epochs):
-        torch.manual_seed(derive_seed(cfg.seed, epoch, env.rank))  # augmentation and worker seeds
+        torch.manual_seed(derive_seed(cfg.seed, epoch, env.rank))  # augmentation (CPU and GPU) and workers
         train_loader.sampler.set_epoch(epoch)
         net.train()
         seen, tick = 0, time.time()
-        epoch_sums = [0.0, 0.0, 0]  # loss * n, correct, n (this rank)
+        totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss * n, correct (this rank's epoch)
+        count, logged, skipped = 0, [0.0, 0.0, 0], 0  # images, the sums at the last log line, unreadable
         with Progress(
             len(train_loader), f"epoch {epoch + 1}/{cfg.epochs}", enabled=main and not quiet
         ) as bar:
@@ -196,44 +227,42 @@ def train_classifier(cfg: ClassifierConfig, run_dir: Path, resume: bool = False,
             if done:  # resumed mid-epoch: replay the finished batches' data, then the random state
                 bar.update(sum(1 for _ in itertools.islice(batches, done)))
                 if env.world_size == 1:
-                    torch.set_rng_state(rng)
+                    torch.set_rng_state(rng["cpu"])
+                    if cuda and rng["cuda"] is not None:
+                        torch.cuda.set_rng_state(rng["cuda"], device)
                 else:  # only rank 0's state was saved: under DDP each rank reseeds (exact on one process)
                     torch.manual_seed(derive_seed(cfg.seed, epoch, env.rank, done))
-                epoch_sums = sums
+                totals = torch.tensor(sums["epoch_sums"][:2], dtype=torch.float64, device=device)
+                count = int(sums["epoch_sums"][2])
+                logged, skipped = sums["log_sums"] or sums["epoch_sums"], sums["skipped"] or 0
             for batch in batches:
                 done += 1
+                skipped += batch["skipped"]
                 if "image" not in batch:
                     bar.update(1)
                     continue
-                images = batch["image"].to(device, non_blocking=True)
-                labels = batch["label"].to(device, non_blocking=True)
-                if device.type == "cuda":
-                    images = images.contiguous(memory_format=torch.channels_last)
-                with autocast(device, cfg.amp):
-                    logits, _ = net(images)
-                loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged("the training loss", step)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                batch = to_model_batch(batch, device, train=True, channels_last=cuda)
+                out = classifier_step(net, batch, optimizer, cfg)
+                n = len(batch["label"])
+                totals += torch.stack([out["loss"].double() * n, out["correct"].double()])
                 step += 1
-                seen += len(labels) * env.world_size
-                loss_value = loss.item()
-                acc = (logits.argmax(1) == labels).float().mean().item()
-                epoch_sums[0] += loss_value * len(labels)
-                epoch_sums[1] += acc * len(labels)
-                epoch_sums[2] += len(labels)
-                bar.update(1, loss=loss_value, acc=acc)
-                if step % cfg.log_every == 0:
+                count += n
+                seen += n * env.world_size
+                shown = {}
+                if step % cfg.log_every == 0:  # the one host sync of a log interval
+                    now = epoch_sums()
+                    images = max(now[2] - logged[2], 1)
+                    shown = {"loss": (now[0] - logged[0]) / images, "acc": (now[1] - logged[1]) / images}
                     rate = seen / max(time.time() - tick, 1e-9)
-                    log.write(step, "train", epoch=epoch + 1, loss=loss_value, acc=acc, lr=optimizer.param_groups[0]["lr"],
-                              images_per_s=round(rate, 2), skipped=batch["skipped"])  # fmt: skip
+                    log.write(step, "train", epoch=epoch + 1, **shown, lr=optimizer.param_groups[0]["lr"],
+                              images_per_s=round(rate, 2), skipped=skipped)  # fmt: skip
+                    logged, skipped = now, 0
+                bar.update(1, **shown)
                 preempt.check(step, save_mid_epoch)
         done = 0
-        if epoch_sums[2]:
-            log.write(step, "train", epoch=epoch + 1, epoch_loss=epoch_sums[0] / epoch_sums[2],
-                      epoch_acc=epoch_sums[1] / epoch_sums[2])  # fmt: skip
+        if count:
+            loss_sum, correct, n = epoch_sums()
+            log.write(step, "train", epoch=epoch + 1, epoch_loss=loss_sum / n, epoch_acc=correct / n)
         schedule.step()
         result = evaluate_classifier(net, val_loader, device, meta.num_classes, amp=cfg.amp, progress=False)
         val = {k: result[k] for k in ("loss", "top1", "top5", "n", "skipped")}

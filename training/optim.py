@@ -10,12 +10,15 @@ OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("none", "step", "cosine")
 
 
-def build_optimizer(params, name: str, lr: float, momentum: float = 0.9, weight_decay: float = 0.0):
+def build_optimizer(params, name: str, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                    fused: bool = False):  # fmt: skip
+    """`fused`: one kernel for the whole update (CUDA; the CPU keeps torch's default implementation)."""
+    fused = fused or None
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused)
     if name == "sgd":
         return torch.optim.SGD(
-            params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=momentum > 0
+            params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=momentum > 0, fused=fused
         )
     raise UserError(f"unknown optimizer {name!r}; choices: {', '.join(OPTIMIZERS)}")
 
