@@ -271,7 +271,8 @@ def train_classifier(cfg: ClassifierConfig, run_dir: Path, resume: bool = False,
             print(
                 f"epoch {epoch + 1}: val top-1 {val['top1']:.4f} top-5 {val['top5']:.4f} loss {val['loss']:.4f}"
             )
-        if not math.isfinite(val["loss"]) or not all(torch.isfinite(p).all() for p in model.parameters()):
+        finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()  # one sync
+        if not math.isfinite(val["loss"]) or not finite:
             raise TrainingDiverged("the model (validation loss or weights)", step)
         improved = val["top1"] > best["top1"]
         if improved:
