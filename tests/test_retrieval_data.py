@@ -13,7 +13,7 @@ from core.errors import UserError
 from datasets.bioscan.dna import UNK_ID, KmerTokenizer, clean_dna, read_fasta
 from datasets.bioscan.export import POOLS, export_world
 from datasets.bioscan.hdf5 import BioscanSplit, check_split, read_labels
-from datasets.bioscan.taxonomy import TaxonomyTokenizer, group_ids
+from datasets.bioscan.taxonomy import TaxonomyTokenizer, lineage_ids
 from datasets.world import load_barcodes, load_taxonomy
 
 
@@ -75,8 +75,17 @@ def test_taxonomy_tokens_mask_unclassified():
                             ("Diptera", "Sciaridae", "Bradysia", "")])  # fmt: skip
     assert mask.tolist() == [[True, True, False, False], [True, True, True, False]]
     assert (ids[0, :2] == ids[1, :2]).all() and ids[0, 2] == 0
-    groups = group_ids([("a", "b", "c", "d"), ("a", "b", "c", "d"), ("a", "b", "c", "e")])
-    assert groups[0] == groups[1] != groups[2]
+    rows = [
+        ("a", "b", "c", "d"),
+        ("a", "b", "c", "d"),
+        ("a", "b", "c", "e"),
+        ("a", "b", "not_classified", "d"),
+    ]
+    lineage = lineage_ids(rows, [0, 1, 2, 3])
+    assert (lineage[0] == lineage[1]).all()  # same species
+    assert (lineage[0] == lineage[2]).tolist() == [True, True, True, False]  # same genus
+    assert (lineage[0] == lineage[3]).tolist() == [True, True, False, False]  # unknown genus: unique below
+    assert lineage[3, 2] != lineage[3, 3] and lineage[3, 2] < 0
 
 
 @pytest.fixture(scope="module")

@@ -44,7 +44,8 @@ def pair_loss(a: torch.Tensor, b: torch.Tensor, a_all: torch.Tensor, b_all: torc
     logits_ab, logits_ba = scale * a @ b_all.T, scale * b @ a_all.T
     if groups is not None:
         duplicate = groups[:, None] == groups_all[None, :]
-        duplicate[torch.arange(a.shape[0], device=a.device), targets] = False
+        own = torch.arange(a.shape[0], device=a.device)
+        duplicate[own, own + offset] = False
         logits_ab = logits_ab.masked_fill(duplicate, -torch.inf)
         logits_ba = logits_ba.masked_fill(duplicate, -torch.inf)
     return (F.cross_entropy(logits_ab, targets) + F.cross_entropy(logits_ba, targets)) / 2
@@ -55,8 +56,8 @@ def contrastive_loss(embeddings: dict[str, torch.Tensor], scale: torch.Tensor, t
     """(mean loss over modality pairs, per-pair losses) for embeddings of one rank's batch.
 
     `text_groups` (int64 per record, equal for equal text tokens) masks same-text records out of the
-    negatives of pairs with text. `species_groups` (equal for records of the same named species, unique
-    otherwise) does the same in the other pairs. None keeps every other record a negative (the reference).
+    negatives of pairs with text. In the other pairs, `species_groups` (equal for records of one named
+    species, unique otherwise) does the same. None keeps every other record a negative (the reference).
     """
     names = [m for m in ("image", "dna", "text") if m in embeddings]
     gathered = {m: gather(embeddings[m]) for m in names}

@@ -69,9 +69,7 @@ class RetrievalConfig:
     temperature: float = 0.07
     learn_temperature: bool = True
     mask_text_duplicates: bool = True  # same taxonomy tokens: not a negative in pairs with text
-    mask_same_species: bool = (
-        False  # same named species: not a negative in image-DNA pairs (reference: False)
-    )
+    mask_same_species: bool = False  # same species: not a negative in image-DNA pairs
     # optimisation (batch_size per process, as CLIBD)
     batch_size: int = 500
     epochs: float = 50
@@ -127,13 +125,14 @@ def build_model(cfg: RetrievalConfig) -> RetrievalModel:
     return RetrievalModel(cfg.spec(), image_weights=cfg.weights, dna_weights=cfg.dna_weights)
 
 
-def train_step(net, model: RetrievalModel, inputs: dict, optimizer, schedule, text_groups, species_groups,
-               rank: int, amp: bool) -> dict:  # fmt: skip
-    """One optimisation step; returns device tensors (no host sync): loss, per-pair losses, logit scale."""
+def train_step(net, model: RetrievalModel, inputs: dict, optimizer, schedule, rank: int, amp: bool,
+               targets: dict) -> dict:  # fmt: skip
+    """One optimisation step; returns device tensors (no host sync): loss, per-pair losses, logit scale.
+    `targets` are the contrastive loss's keyword arguments (text groups, species groups)."""
     with autocast(inputs["dna_ids" if "dna_ids" in inputs else "text_ids"].device, amp):
         out = net(inputs)
     embeddings = {m: out[m] for m in model.spec.modalities}
-    loss, per_pair = contrastive_loss(embeddings, out["logit_scale"], text_groups, species_groups, rank)
+    loss, per_pair = contrastive_loss(embeddings, out["logit_scale"], rank=rank, **targets)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -222,14 +221,13 @@ def train_retrieval(cfg: RetrievalConfig, run_dir: Path, resume: bool = False, q
             batch = next(batches)
             inputs = model_inputs(batch, device, cfg.image_size, train=True, vflip=cfg.vflip,
                                   crop_scale=(cfg.crop_scale, 1.0))  # fmt: skip
-            text_groups = None
+            targets: dict = {}
             if "text_ids" in inputs and cfg.mask_text_duplicates:
-                text_groups = token_groups(inputs["text_ids"], inputs["text_mask"])
-            species_groups = batch["species_group"].to(device) if cfg.mask_same_species else None
+                targets["text_groups"] = token_groups(inputs["text_ids"], inputs["text_mask"])
+            if cfg.mask_same_species:
+                targets["species_groups"] = inputs["lineage"][:, -1]
             model.train()
-            out = train_step(
-                net, model, inputs, optimizer, schedule, text_groups, species_groups, env.rank, cfg.amp
-            )
+            out = train_step(net, model, inputs, optimizer, schedule, env.rank, cfg.amp, targets)
             model.logit_scale.data.clamp_(max=math.log(100.0))
             values = torch.cat([out["loss"][None], out["pairs"], out["logit_scale"][None]]).double()
             window = values if window is None else window + values

@@ -19,7 +19,7 @@ import torch
 
 from core.errors import UserError
 from datasets.bioscan.dna import KmerTokenizer, clean_dna
-from datasets.bioscan.taxonomy import RANKS, TaxonomyTokenizer, group_ids, is_classified
+from datasets.bioscan.taxonomy import RANKS, TaxonomyTokenizer, lineage_ids
 
 LABELS = ("barcode", *RANKS)
 IMAGE = ("image", "image_mask")
@@ -119,7 +119,8 @@ def square_uint8(img, size: int) -> np.ndarray:
 
 class BioscanSplit(torch.utils.data.Dataset):
     """One split of a BIOSCAN HDF5 file as dicts of tensors: `image` (uint8 [3, S, S]), `dna_ids`/`dna_mask`,
-    `text_ids`/`text_mask`, `species_group` (equal for records of one named species, else unique) and `index`. Only the requested modalities are read."""
+    `text_ids`/`text_mask`, `lineage` (one id per rank, equal for equal taxonomy prefixes, unique where a rank
+    is not classified) and `index`. Only the requested modalities are read."""
 
     def __init__(
         self,
@@ -163,9 +164,10 @@ class BioscanSplit(torch.utils.data.Dataset):
         unique, inverse = np.unique(np.asarray(indices, dtype=np.int64), return_inverse=True)
         rows = unique.tolist()
         names = list(zip(*([text(v) for v in group[rank][rows]] for rank in RANKS), strict=True))
-        groups = group_ids(names).tolist()
-        species = [g if is_classified(n[3]) else -1 - i for g, n, i in zip(groups, names, rows, strict=True)]
-        columns: dict[str, list] = {"index": rows, "species_group": species}
+        columns: dict[str, list] = {
+            "index": rows,
+            "lineage": list(torch.from_numpy(lineage_ids(names, rows))),
+        }
         if "image" in self.modalities:
             lengths, data = group["image_mask"][rows], group["image"][rows]
             columns["image"] = [

@@ -51,9 +51,16 @@ class TaxonomyTokenizer:
         return ids, ids != PAD_ID
 
 
-def group_ids(rows: list[tuple[str, str, str, str]]) -> np.ndarray:
-    """int64 per row, equal for equal taxonomy strings (63-bit hash of the joined names)."""
-    return np.array([_hash("|".join(row)) >> 1 for row in rows], dtype=np.int64)
+def lineage_ids(rows: list[tuple[str, str, str, str]], indices: list[int]) -> np.ndarray:
+    """int64 [n, 4]: per rank, a 63-bit hash of the names from the order down to that rank; where that rank
+    (or one above it) is not classified, a negative id unique to the record (`indices`) and rank."""
+    out = np.empty((len(rows), len(RANKS)), dtype=np.int64)
+    for i, (row, index) in enumerate(zip(rows, indices, strict=True)):
+        known = True
+        for j in range(len(RANKS)):
+            known = known and is_classified(row[j])
+            out[i, j] = _hash("|".join(row[: j + 1])) >> 1 if known else -1 - index * len(RANKS) - j
+    return out
 
 
 def token_groups(ids, mask):
