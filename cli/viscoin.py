@@ -116,6 +116,14 @@ def train_viscoin_command(
     eval_images: Annotated[
         int | None, typer.Option(help="Size of the fixed validation subset.", rich_help_panel=OUTPUT)
     ] = None,
+    select_metric: Annotated[
+        str | None,
+        typer.Option(
+            help="Validation metric that picks best.safetensors: fidelity (default), accuracy_theta, "
+            "accuracy_f_reconstructions, faithfulness (higher wins), l1, l2, lpips (lower wins); ties: later step.",
+            rich_help_panel=OUTPUT,
+        ),
+    ] = None,
     checkpoint_every: Annotated[
         int | None, typer.Option(help="Optimiser steps between resume checkpoints.", rich_help_panel=OUTPUT)
     ] = None,
@@ -142,7 +150,8 @@ def train_viscoin_command(
         classifier=str(classifier) if classifier else None, generator=str(generator) if generator else None,
         n_concepts=n_concepts, learn_w_avg=learn_w_avg, decoder_lr_multiplier=decoder_lr_multiplier, lpips_weights=lpips_weights, batch_size=batch_size,
         iterations=iterations, grad_accum=grad_accum, lr=lr, alpha=alpha, beta=beta, gamma=gamma, delta=delta, w_reg=w_reg,
-        seed=seed, eval_every=eval_every, eval_images=eval_images, checkpoint_every=checkpoint_every,
+        seed=seed, eval_every=eval_every, eval_images=eval_images, select_metric=select_metric,
+        checkpoint_every=checkpoint_every,
         log_every=log_every, device=device, amp=amp, num_workers=num_workers,
     )  # fmt: skip
     run_dir = run_dir_for("train-viscoin", out, name)
@@ -182,7 +191,22 @@ def test_viscoin_command(
     max_images: Annotated[
         int | None, typer.Option(help="Evaluate only the first N images of the split.", rich_help_panel=DATA)
     ] = None,
-    top_k: Annotated[int, typer.Option(help="Concepts removed for faithfulness.", rich_help_panel=MODEL)] = 5,
+    concept_threshold: Annotated[
+        float,
+        typer.Option(
+            help="Faithfulness removes the concepts whose relevance / max|relevance| exceeds this tau (the "
+            "paper's rule; `amplify` selects with the same default).",
+            rich_help_panel=MODEL,
+        ),
+    ] = 0.2,
+    consistency_images: Annotated[
+        int,
+        typer.Option(
+            help="Images (the first of the split) whose concepts are removed one by one for the consistency "
+            "metric; 0 skips it (K decodes per image).",
+            rich_help_panel=MODEL,
+        ),
+    ] = 64,
     lpips_weights: Annotated[
         str | None,
         typer.Option(
@@ -190,10 +214,19 @@ def test_viscoin_command(
             rich_help_panel=MODEL,
         ),
     ] = None,
+    fid_network: Annotated[
+        str,
+        typer.Option(
+            help="fid-inception: pytorch-fid's TF-ported Inception (comparable with papers); torchvision: "
+            "torchvision's ImageNet Inception-v3 (not comparable).",
+            rich_help_panel=MODEL,
+        ),
+    ] = "fid-inception",
     fid_weights: Annotated[
         str,
         typer.Option(
-            help="Inception-v3 weights for FID: imagenet (torchvision), a path, or none.",
+            help="FID: none (skip), pretrained (the network's published weights; `prefetch weights "
+            "fid-inception` caches them), a path, or random (smoke tests).",
             rich_help_panel=MODEL,
         ),
     ] = "none",
@@ -208,12 +241,14 @@ def test_viscoin_command(
 ) -> None:
     """Accuracy of f and Theta, fidelity, reconstruction, faithfulness, sparsity (and attribute alignment)."""
     from datasets.registry import canonical_name
+    from testing.fid import fid_line
     from testing.viscoin_report import run_viscoin_test
 
     dataset = canonical_name(dataset) if dataset else None
     run_dir = run_dir_for("test-viscoin", out, name)
     m = run_viscoin_test(bundle, run_dir, split=split, dataset=dataset, data_dir=str(data_dir) if data_dir else None,
-                         batch_size=batch_size, max_images=max_images, top_k=top_k, lpips_weights=lpips_weights,
+                         batch_size=batch_size, max_images=max_images, threshold=concept_threshold,
+                         consistency_images=consistency_images, lpips_weights=lpips_weights, fid_network=fid_network,
                          fid_weights=fid_weights, device=device, num_workers=num_workers, amp=amp, show=show, quiet=quiet,
                          overwrite=overwrite)  # fmt: skip
     typer.echo(f"{m['dataset']}/{split}, {m['n']} images, K={m['n_concepts']}")
@@ -225,14 +260,17 @@ def test_viscoin_command(
         rec += f"   LPIPS {m['lpips']:.4f} (VGG-16 {m['lpips_backbone']})"
     typer.echo(rec)
     if "fid" in m:
-        typer.echo(
-            f"  FID {m['fid']:.2f}  [{m['fid_extractor']}, {m['fid_images']} images, {m['fid_resize']}]"
-        )
-    typer.echo(f"  faithfulness (top-{m['faithfulness_k']} removed vs random) {m['faithfulness']:.4f}"
-               f"   drop top {m['drop_top']:.4f}   drop random {m['drop_random']:.4f}")  # fmt: skip
+        typer.echo("  " + fid_line(m))
+    typer.echo(f"  faithfulness {m['faithfulness']:.4f} (drop in f's p(class) when the concepts with normalised "
+               f"relevance > {m['faithfulness_threshold']:g} are removed, {m['faithfulness_removed']:.1f} per image)"
+               f"   random baseline {m['faithfulness_random']:.4f} (as many random concepts removed)")  # fmt: skip
+    if m.get("consistency") is not None:
+        typer.echo(f"  consistency {m['consistency']:.4f} (held-out accuracy telling a concept's removal apart, chance "
+                   f"0.5; {m['consistency_concepts']} concepts over {m['consistency_images']} images)")  # fmt: skip
     typer.echo(f"  active concepts per image {m['active_concepts']:.2f}")
     if "alignment_mean_best_auc" in m:
-        typer.echo(f"  concept-attribute alignment: mean best AUC {m['alignment_mean_best_auc']:.3f}")
+        typer.echo(f"  concept-attribute alignment: mean best AUC {m['alignment_mean_best_auc']:.3f}   null (shuffled "
+                   f"attributes) {m['alignment_null_mean']:.3f}, 95th percentile {m['alignment_null_p95']:.3f}")  # fmt: skip
     typer.echo(f"results: {run_dir}")
 
 

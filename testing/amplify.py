@@ -1,7 +1,8 @@
 """Concept amplification (the `amplify` command): scale chosen concepts, regenerate, and ask f what it sees.
 
-For each chosen image, the concepts that explain Theta's prediction are selected by a relevance threshold, a
-top-k or an explicit list; their maps are multiplied by each multiplier, decoded by Omega with constant noise,
+For each chosen image, the concepts that explain Theta's prediction are selected by a relevance threshold
+(default: the paper's rule, normalised relevance > 0.2, as `test viscoin`'s faithfulness), a top-k or an
+explicit list; their maps are multiplied by each multiplier, decoded by Omega with constant noise,
 and f classifies the decoded image. The probability recorded is that of the class Theta predicted on the
 original image (the class being explained). The baseline scales as many random concepts, drawn among the
 unselected ones (those that fire on the image first), by the same multipliers.
@@ -22,9 +23,8 @@ import torch.nn.functional as F
 
 from core.errors import UserError
 from models.viscoin import concept_activations
-from testing.viscoin_metrics import random_baseline, scale_selected
+from testing.viscoin_metrics import DEFAULT_THRESHOLD, normalised_relevance, random_baseline, scale_selected
 
-DEFAULT_TOP_K = 3
 DEFAULT_IMAGES = 5
 
 
@@ -78,7 +78,8 @@ def resolve_selection(
     top_k: int | None = None,
     indices: list[int] | None = None,
 ) -> Selection:
-    """Exactly one of threshold / top-k / indices (none: top-3), validated against the bundle's K."""
+    """Exactly one of threshold / top-k / indices (none: the threshold `DEFAULT_THRESHOLD`, as `test viscoin`),
+    validated against the bundle's K."""
     check_selection_options(threshold, top_k, indices)
     if threshold is not None:
         return Selection("threshold", float(threshold))
@@ -91,15 +92,11 @@ def resolve_selection(
                 f"--concept-indices {bad} out of range: the bundle has K={n_concepts}, valid 0..{n_concepts - 1}"
             )
         return Selection("indices", tuple(dict.fromkeys(indices)))
-    if top_k is not None and not 1 <= top_k <= n_concepts:
+    if top_k is None:
+        return Selection("threshold", DEFAULT_THRESHOLD)
+    if not 1 <= top_k <= n_concepts:
         raise UserError(f"--concept-top-k must be in 1..{n_concepts} (the bundle's K), got {top_k}")
-    return Selection("top_k", top_k if top_k is not None else min(DEFAULT_TOP_K, n_concepts))
-
-
-def normalised_relevance(relevance: torch.Tensor) -> torch.Tensor:
-    """r_k / max_k |r_k| per image, in [-1, 1]; an all-zero row stays zero."""
-    scale = relevance.abs().amax(dim=1, keepdim=True)
-    return torch.where(scale > 0, relevance / scale.clamp_min(1e-30), torch.zeros_like(relevance))
+    return Selection("top_k", top_k)
 
 
 def select_concepts(relevance: torch.Tensor, selection: Selection) -> torch.Tensor:

@@ -16,20 +16,23 @@ from core.rundir import mark_run
 from datasets.registry import DataSpec, build_dataset, collate_skipping, resolve_meta
 from datasets.transforms import to_uint8_images
 from models.viscoin_io import check_compatible, load_viscoin
-from testing.viscoin import InceptionFeatures, concept_alignment_summary, evaluate_viscoin, load_lpips
+from testing.fid import build_fid_network, check_fid_options
+from testing.viscoin import concept_alignment_summary, evaluate_viscoin, load_lpips
+from testing.viscoin_metrics import DEFAULT_THRESHOLD
 
-HEADLINE = (
-    "accuracy_f",
-    "accuracy_theta",
-    "fidelity",
-    "accuracy_f_reconstructions",
-    "l1",
-    "l2",
-    "lpips",
-    "faithfulness",
-    "drop_top",
-    "drop_random",
-)
+# metrics.png: one panel per unit, so that no axis mixes fractions, pixel errors and probability drops
+PANELS = (
+    ("predictions", "fraction of images", (
+        ("accuracy_f", "accuracy of f"), ("accuracy_theta", "accuracy of Theta"),
+        ("fidelity", "fidelity (Theta = f)"), ("accuracy_f_reconstructions", "f correct on\nreconstructions"))),
+    ("reconstruction error", "mean per-image distance\n(pixels in [-1, 1])", (
+        ("l1", "L1"), ("l2", "L2 (squared)"), ("lpips", "LPIPS"))),
+    ("faithfulness", "drop in f's probability\nof the explained class", (
+        ("faithfulness", "important\nconcepts removed"), ("faithfulness_random", "as many random\nconcepts removed"))),
+    ("consistency and alignment", "held-out accuracy / AUC\n(chance 0.5)", (
+        ("consistency", "consistency"), ("alignment_mean_best_auc", "alignment AUC"),
+        ("alignment_null_mean", "alignment AUC,\nshuffled attributes"))),
+)  # fmt: skip
 
 
 def data_spec_for(models, dataset: str | None, data_dir: str | None) -> DataSpec:
@@ -63,13 +66,37 @@ def plot_reconstructions(models, dataset, device, path: Path, n: int = 8, show: 
 
 
 def plot_metrics(metrics: dict, path: Path, show: bool = False) -> Path:
+    """One bar panel per kind of number (fractions, pixel errors, probability drops, held-out scores)."""
     plt = pyplot()
-    names = [k for k in HEADLINE if k in metrics]
-    fig, ax = plt.subplots(figsize=(7, 3))
-    ax.bar(names, [metrics[k] for k in names], color="tab:blue")
-    ax.set_title(f"VisCoIN on {metrics['dataset']}/{metrics['split']} ({metrics['n']} images)")
-    ax.tick_params(axis="x", rotation=45, labelsize=8)
-    ax.grid(axis="y", alpha=0.3)
+    panels = [
+        (t, y, [(k, label) for k, label in bars if metrics.get(k) is not None]) for t, y, bars in PANELS
+    ]
+    panels = [p for p in panels if p[2]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.6), squeeze=False)
+    for ax, (title, ylabel, bars) in zip(axes[0], panels, strict=True):
+        values = [metrics[k] for k, _ in bars]
+        colours = ["tab:gray" if ("random" in k or "null" in k) else "tab:blue" for k, _ in bars]
+        ax.bar(range(len(bars)), values, color=colours)
+        for i, v in enumerate(values):
+            ax.annotate(f"{v:.3g}", (i, v), ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(range(len(bars)), [label for _, label in bars], fontsize=7, rotation=30, ha="right")
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+        if title in ("predictions", "consistency and alignment"):
+            ax.set_ylim(0, 1.08)
+        else:
+            ax.set_ylim(min(0, *values) * 1.15, max(0, *values) * 1.15 or 1)
+        if title == "consistency and alignment":
+            ax.axhline(0.5, color="black", lw=0.8, ls=":", label="chance")
+            ax.legend(fontsize=7, loc="lower right")
+    tau = metrics.get("faithfulness_threshold")
+    fid = "" if metrics.get("fid") is None else (
+        f"; reconstruction FID {metrics['fid']:.2f} ({metrics['fid_network']}, {metrics['fid_images_real']} vs "
+        f"{metrics['fid_images_fake']} images)")  # fmt: skip
+    fig.suptitle(f"VisCoIN on {metrics['dataset']}/{metrics['split']} ({metrics['n']} images, K={metrics['n_concepts']}; "
+                 f"important concepts: normalised relevance > {tau}{fid})", fontsize=9)  # fmt: skip
+    fig.tight_layout()
     save_figure(fig, path)
     show_or_close(fig, show)
     return path
@@ -83,8 +110,10 @@ def run_viscoin_test(
     data_dir: str | None = None,
     batch_size: int = 32,
     max_images: int | None = None,
-    top_k: int = 5,
+    threshold: float = DEFAULT_THRESHOLD,
+    consistency_images: int = 64,
     lpips_weights: str | None = None,
+    fid_network: str = "fid-inception",
     fid_weights: str = "none",
     device: str = "auto",
     num_workers: int | None = None,
@@ -100,18 +129,19 @@ def run_viscoin_test(
 
     if batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {batch_size}")
-    if top_k <= 0:
-        raise UserError(f"--top-k must be positive, got {top_k}")
+    if not 0.0 <= threshold < 1.0:
+        raise UserError(
+            f"--concept-threshold must be in [0, 1) (relative to the top relevance), got {threshold}"
+        )
+    if consistency_images < 0:
+        raise UserError(f"--consistency-images must be >= 0 (0 skips consistency), got {consistency_images}")
+    check_fid_options(fid_network, fid_weights)
     if max_images is not None and max_images < 1:
         raise UserError(
             f"--max-images must be at least 1 (leave it out for the whole split), got {max_images}"
         )
     dev = resolve_device(device)
     models = load_viscoin(bundle, device=str(dev))
-    if top_k > models.n_concepts:
-        raise UserError(
-            f"--top-k must be between 1 and the bundle's {models.n_concepts} concepts, got {top_k}"
-        )
     spec = data_spec_for(models, dataset, data_dir)
     meta = resolve_meta(spec, quiet=quiet)
     check_compatible(models, num_classes=meta.num_classes)
@@ -121,29 +151,33 @@ def run_viscoin_test(
                         **loader_settings(dev, num_workers))  # fmt: skip
     lpips_weights = lpips_weights or (models.meta.get("config") or {}).get("lpips_weights", "imagenet")
     lpips = load_lpips(lpips_weights, dev)
-    fid = None if fid_weights == "none" else InceptionFeatures(fid_weights).to(dev)
+    fid = build_fid_network(fid_network, fid_weights, dev)
     run_dir = prepare_run_dir(
         run_dir, "test viscoin", overwrite=overwrite, inputs=[bundle, spec.data_dir], resumable=False
     )
-    result = evaluate_viscoin(models, loader, dev, lpips=lpips, fid=fid, top_k=top_k, amp=amp,
-                              attributes=data.attributes is not None, progress=not quiet)  # fmt: skip
+    result = evaluate_viscoin(models, loader, dev, lpips=lpips, fid=fid, threshold=threshold, amp=amp,
+                              attributes=data.attributes is not None, consistency_images=consistency_images,
+                              progress=not quiet)  # fmt: skip
     metrics = {
         "bundle": str(bundle),
         "dataset": spec.dataset,
         "split": split,
         "n_concepts": models.n_concepts,
     }
-    auc = result.pop("alignment_auc", None)
+    auc, null = result.pop("alignment_auc", None), result.pop("alignment_null", None)
+    per_concept = result.pop("consistency_per_concept", None)
     metrics.update(result)
     if lpips is not None:
         metrics["lpips_backbone"] = lpips_weights
-    if fid is not None:
-        metrics["fid_extractor"] = f"inception_v3 ({fid_weights})"
-        metrics["fid_resize"] = InceptionFeatures.resize_mode
-        metrics["fid_images"] = result["n"]
+    if per_concept is not None:
+        save_table(pd.DataFrame({"concept": range(len(per_concept)), "consistency": per_concept.numpy()}),
+                   run_dir / "concept_consistency.csv")  # fmt: skip
     if auc is not None:
         alignment = concept_alignment_summary(auc, data.attribute_names)
         metrics["alignment_mean_best_auc"] = alignment["mean_best_auc"]
+        metrics["alignment_null_mean"] = float(null.mean())
+        metrics["alignment_null_p95"] = float(null.quantile(0.95))
+        metrics["alignment_null_permutations"] = len(null)
         save_table(pd.DataFrame(alignment["per_concept"]), run_dir / "concept_attribute_alignment.csv")
         save_table(
             pd.DataFrame(auc.numpy(), columns=data.attribute_names), run_dir / "concept_attribute_auc.csv"

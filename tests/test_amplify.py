@@ -43,8 +43,9 @@ def test_selection_threshold_topk_indices():
     assert rows(select_concepts(RELEVANCE, resolve_selection(5, threshold=0.0))) == [[0, 1, 2], [], [2, 3, 4]]
     assert rows(select_concepts(RELEVANCE, resolve_selection(5, top_k=2))) == [[0, 1], [3, 4], [2, 4]]
     assert rows(select_concepts(RELEVANCE, resolve_selection(5, indices=[4, 1, 4]))) == [[1, 4]] * 3
-    assert resolve_selection(5) == Selection("top_k", 3)  # neither given: top 3
-    assert resolve_selection(2) == Selection("top_k", 2)  # ... at most K
+    # none given: the paper's rule, as `test viscoin`
+    assert resolve_selection(5) == Selection("threshold", 0.2)
+    assert resolve_selection(5, top_k=2) == Selection("top_k", 2)
 
 
 @pytest.mark.parametrize(

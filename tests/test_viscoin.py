@@ -109,8 +109,7 @@ def test_metric_formulas_on_constructed_cases():
     assert vm.active_concepts(concepts).tolist() == [2]
     weight = torch.tensor([[1.0, 3.0, -1.0, 5.0]])
     assert vm.top_relevant(concepts, weight, torch.tensor([0]), 2).tolist() == [[1, 0]]
-    top = vm.top_k_mask(concepts, weight, torch.tensor([0]), 2)
-    assert top.tolist() == [[True, True, False, False]]
+    top = torch.tensor([[True, True, False, False]])
     # the random baseline prefers concepts that fire: concept 2 (0.05) before concept 3 (0.0)
     rand = vm.random_baseline(top, torch.tensor([[0.1, 0.2, 0.9, 0.0]]), vm.concept_activations(concepts) > 0)
     assert rand.tolist() == [[False, False, True, True]]
@@ -120,9 +119,57 @@ def test_metric_formulas_on_constructed_cases():
     assert one.tolist() == [[False, False, True]]
     scaled = vm.scale_selected(concepts, torch.tensor([[True, False, False, False]]), 0.0)
     assert scaled[0, 0].abs().sum() == 0 and torch.equal(scaled[0, 1], concepts[0, 1])
-    f = vm.faithfulness(torch.tensor([0.9, 0.8]), torch.tensor([0.3, 0.4]), torch.tensor([0.85, 0.8]))
-    assert f["drop_top"] == pytest.approx(0.5) and f["drop_random"] == pytest.approx(0.025)
-    assert f["faithfulness"] == pytest.approx(0.475)
+
+
+def test_faithfulness_is_the_papers_threshold_rule():
+    """Important concepts: r_k / max|r| > tau; faithfulness: mean drop of p_f(class), random one beside it."""
+    concepts = torch.zeros(3, 5, 3, 3)
+    concepts[:, :, 1, 1] = torch.tensor(
+        [[2.0, 1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0, 1.0]]
+    )
+    weight = torch.tensor([[0.5, 0.6, 0.4, -2.0, 1.0], [-1.0, -0.5, -0.2, -0.1, 0.0]])
+    r = vm.relevance(concepts, weight, torch.tensor([0, 1, 0]))
+    # image 0: r = [1, .6, .4, -2, 0] -> normalised [.5, .3, .2, -1, 0]: tau 0.2 keeps 0 and 1 (0.2 is not > 0.2),
+    # whatever a top-k would take; image 1: nothing positive; image 2: r = [0, 0, .4, -2, 1] -> [0, 0, .2, -1, .5]
+    torch.testing.assert_close(vm.normalised_relevance(r)[0], torch.tensor([0.5, 0.3, 0.2, -1.0, 0.0]))
+    mask = vm.relevant_mask(r, 0.2)
+    assert [row.nonzero().flatten().tolist() for row in mask] == [[0, 1], [], [4]]
+    assert vm.relevant_mask(r, 0.0).sum(1).tolist() == [3, 0, 2]
+    f = vm.faithfulness(
+        torch.tensor([0.9, 0.8, 0.5]), torch.tensor([0.3, 0.8, 0.2]), torch.tensor([0.85, 0.8, 0.5])
+    )
+    assert f["faithfulness"] == pytest.approx((0.6 + 0.0 + 0.3) / 3)
+    assert f["faithfulness_random"] == pytest.approx(0.05 / 3)
+
+
+def test_separability_probe_known_cases():
+    """Consistency's probe: the same change on every image is separable (1.0), image-specific noise is not."""
+    torch.manual_seed(0)
+    original = torch.randn(40, 16)
+    shifted = original + torch.tensor([8.0] + [0.0] * 15)  # one direction, every image, beyond the spread
+    assert vm.separability(original, shifted) == 1.0
+    noisy = original + torch.randn(40, 16)  # a different change per image: no common direction
+    assert 0.3 <= vm.separability(original, noisy) <= 0.7
+    # the L2-logistic fit is the minimiser: its gradient vanishes
+    x, y = torch.randn(30, 3).double(), (torch.rand(30) < 0.5).double()
+    w, b = vm.fit_logistic(x, y, l2=2.0)
+    p = torch.sigmoid(x @ w + b)
+    torch.testing.assert_close(
+        x.T @ (p - y) / 30 + 2.0 / 30 * w, torch.zeros(3, dtype=torch.float64), atol=1e-7, rtol=0
+    )
+    torch.testing.assert_close((p - y).mean(), torch.tensor(0.0, dtype=torch.float64), atol=1e-7, rtol=0)
+
+
+def test_alignment_null_is_what_unrelated_concepts_score():
+    torch.manual_seed(0)
+    attrs = (torch.rand(200, 12) < 0.3).long()
+    aligned = attrs[:, :4].float() + 0.1 * torch.rand(200, 4)  # concepts that are attributes 0..3
+    assert vm.mean_best_auc(vm.attribute_auc(aligned, attrs)) == pytest.approx(1.0)
+    null = vm.alignment_null(aligned, attrs, permutations=10)
+    assert null.shape == (10,) and 0.5 < float(null.mean()) < 0.7  # max over 12 attributes: above 0.5
+    unrelated = torch.rand(200, 4)
+    real = vm.mean_best_auc(vm.attribute_auc(unrelated, attrs))
+    assert abs(real - float(vm.alignment_null(unrelated, attrs).mean())) < 0.05  # noise scores like its null
 
 
 def test_attribute_auc_matches_pairwise_definition():
@@ -140,15 +187,53 @@ def test_attribute_auc_matches_pairwise_definition():
     assert perfect[0, 0].item() == 1.0 and math.isnan(perfect[0, 1].item())
 
 
-def test_frozen_parts_receive_no_gradient_and_do_not_change(trained, parts):
-    clf_before = load_file(str(parts / "clf" / "best.safetensors"))
+def test_frozen_parts_receive_no_gradient_and_do_not_change(trained, parts, tmp_path, monkeypatch):
+    """f's in-memory state (weights and BatchNorm buffers) and G's synthesis are the same objects' values
+    before and after real training steps, while the trainable trio moved."""
+    from core.config import from_preset
+    from core.rundir import prepare_run_dir
+    from training import viscoin as tv
+
+    seen = {}
+
+    def capture(name, loader):
+        def load(*args, **kwargs):
+            module, meta = loader(*args, **kwargs)
+            seen[name] = (module, {k: v.detach().clone() for k, v in module.state_dict().items()})
+            return module, meta
+
+        return load
+
+    class Net(tv.VisCoINNet):
+        def __init__(self, *args):
+            super().__init__(*args)
+            seen["net"] = (self, {k: v.detach().clone() for k, v in self.state_dict().items()})
+
+    monkeypatch.setattr(tv, "load_classifier", capture("f", tv.load_classifier))
+    monkeypatch.setattr(tv, "load_generator", capture("G", tv.load_generator))
+    monkeypatch.setattr(tv, "VisCoINNet", Net)
+    cfg = from_preset(tv.VisCoINConfig, tv.PRESETS, "tiny", dict(world="small", classifier=str(parts / "clf"),
+                      generator=str(parts / "gan.safetensors"), iterations=2, warmup=0, eval_every=2,
+                      checkpoint_every=2, eval_images=8, device="cpu", amp=False, num_workers=0))  # fmt: skip
+    tv.train_viscoin(cfg, prepare_run_dir(tmp_path / "run", "t"), quiet=True)
+    f, f_before = seen["f"]
+    assert any("running_mean" in k for k in f_before) and any("num_batches_tracked" in k for k in f_before)
+    assert not f.training and f_before.keys() == f.state_dict().keys()
+    for key, value in f.state_dict().items():
+        assert torch.equal(value, f_before[key]), key
+    G, G_before = seen["G"]
+    for key, value in G.state_dict().items():
+        assert torch.equal(value, G_before[key]), key
+    net, net_before = seen["net"]
+    after = net.state_dict()
+    for key, value in after.items():
+        if key.startswith("decoder.synthesis.") or key == "decoder.w_avg":
+            assert torch.equal(value, net_before[key]), key  # Omega's copy of G stays frozen
+    assert not torch.equal(after["extractor.conv5.weight"], net_before["extractor.conv5.weight"])
+    assert not torch.equal(after["decoder.heads.0.weight"], net_before["decoder.heads.0.weight"])
     gan = load_file(str(parts / "gan.safetensors"))
     final = load_file(str(trained / "final.safetensors"))
-    for key, value in gan.items():
-        if key.startswith("synthesis."):
-            assert torch.equal(final[f"decoder.{key}"], value), key
     assert torch.equal(final["decoder.w_avg"], gan["mapping.w_avg"])
-    assert clf_before.keys() == load_file(str(parts / "clf" / "best.safetensors")).keys()
     # and in one explicit step: f's weights get no gradient, the synthesis neither, Psi does
     from models.classifiers import load_classifier
 
@@ -234,11 +319,17 @@ def test_cli_test_and_to_pickle(trained, tmp_path):
         "--quiet",
         "--device",
         "cpu",
+        "--consistency-images",
+        "24",
     )
     assert result.returncode == 0, result.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n"] == 64 and 0 <= metrics["accuracy_theta"] <= 1 and "alignment_mean_best_auc" in metrics
     assert "fidelity" in result.stdout and (out / "reconstructions.png").is_file()
+    assert metrics["faithfulness_threshold"] == 0.2 and -1 <= metrics["faithfulness_random"] <= 1
+    assert 0.5 <= metrics["alignment_null_mean"] <= metrics["alignment_null_p95"] <= 1
+    assert metrics["consistency_images"] == 24 and 0 <= metrics["consistency"] <= 1
+    assert "random baseline" in result.stdout and "null (shuffled attributes)" in result.stdout
     bundle = tmp_path / "bundle.pt"
     assert run_cli("to-pickle", str(trained), "--out", str(bundle)).returncode == 0
     out2 = tmp_path / "t2"
@@ -253,6 +344,8 @@ def test_cli_test_and_to_pickle(trained, tmp_path):
         "--quiet",
         "--device",
         "cpu",
+        "--consistency-images",
+        "24",
     )
     assert result.returncode == 0, result.stderr
     again = json.loads((out2 / "metrics.json").read_text())
@@ -264,6 +357,8 @@ def test_cli_test_and_to_pickle(trained, tmp_path):
         "l1",
         "l2",
         "faithfulness",
+        "faithfulness_random",
+        "consistency",
     ):
         assert again[key] == pytest.approx(metrics[key], abs=1e-6), key
 

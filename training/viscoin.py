@@ -32,7 +32,7 @@ from models.classifiers import load_classifier
 from models.stylegan2.checkpoint import load_generator
 from models.viscoin import ConceptDecoder, ConceptExtractor, Explainer
 from models.viscoin_io import VisCoINModels, part_configs, parts_state
-from testing.viscoin import evaluate_viscoin, fixed_subset, load_lpips
+from testing.viscoin import SELECT_METRICS, evaluate_viscoin, fixed_subset, load_lpips, selection_score
 from training import viscoin_losses as losses
 
 PRESETS = Path(__file__).parent / "presets" / "viscoin.yaml"
@@ -67,6 +67,7 @@ class VisCoINConfig:
     lpips_weights: str = "imagenet"
     eval_every: int = 2000
     eval_images: int = 512
+    select_metric: str = "fidelity"  # picks best.safetensors (testing.viscoin.SELECT_METRICS)
     checkpoint_every: int = 10000
     log_every: int = 50
     val_fraction: float = 0.1
@@ -84,6 +85,12 @@ class VisCoINConfig:
                 raise UserError(f"--{name} must not be negative")
         require_range(self, "num_workers", 0, optional=True)
         require_range(self, "lr", 0, MAX_LR)
+        if self.select_metric not in SELECT_METRICS:
+            raise UserError(
+                f"--select-metric must be one of {', '.join(SELECT_METRICS)}, got {self.select_metric!r}"
+            )
+        if self.select_metric == "lpips" and self.lpips_weights == "none":
+            raise UserError("--select-metric lpips needs --lpips-weights imagenet|PATH")
         if self.beta > 0 and self.lpips_weights == "none":
             raise UserError(
                 "--beta > 0 weights an LPIPS term: give --lpips-weights imagenet|PATH, or --beta 0"
@@ -314,9 +321,9 @@ def train_viscoin(cfg: VisCoINConfig, run_dir: Path, resume: bool = False, quiet
                 )
                 net.train()
                 log.write(step, "val", **result)
-                score = result["l1"] + result["l2"] + (1 - result["fidelity"])
-                if score < best["score"]:
-                    best = {"score": score, "step": step}
+                score = selection_score(cfg.select_metric, result)
+                if score <= best["score"]:  # ties: the later, longer-trained weights
+                    best = {"score": score, "step": step, "metric": cfg.select_metric}
                     if main:
                         save("best", result)
                 if main:
