@@ -85,6 +85,27 @@ def train_gan(
     mbstd_group: Annotated[
         int | None, typer.Option(help="Minibatch-stddev group.", rich_help_panel=MODEL)
     ] = None,
+    aug: Annotated[
+        str | None,
+        typer.Option(
+            help="Discriminator augmentation (NVlabs' bgc transforms on reals and fakes): ada (p adapts so that "
+            "E[sign D(real)] stays near --ada-target), fixed (p = --aug-p), none.",
+            rich_help_panel=OPTIM,
+        ),
+    ] = None,
+    aug_p: Annotated[
+        float | None,
+        typer.Option(
+            help="Augmentation probability for --aug fixed (ada: its starting p).", rich_help_panel=OPTIM
+        ),
+    ] = None,
+    ada_target: Annotated[
+        float | None, typer.Option(help="ADA target r_t (NVlabs 0.6).", rich_help_panel=OPTIM)
+    ] = None,
+    ada_kimg: Annotated[
+        float | None,
+        typer.Option(help="ADA speed: kimg for p to move by 1 (NVlabs 500).", rich_help_panel=OPTIM),
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.", rich_help_panel=OPTIM)] = None,
     snapshot_kimg: Annotated[
         float | None, typer.Option(help="kimg between grids, metric and checkpoints.", rich_help_panel=OUTPUT)
@@ -124,7 +145,8 @@ def train_gan(
         dataset=dataset, data_dir=str(data_dir) if data_dir else None, world=world, image_size=image_size,
         mirror=mirror, skip_bad_images=skip_bad_images, channel_base=channel_base, channel_max=channel_max,
         mapping_layers=mapping_layers, batch_size=batch_size, kimg=kimg, lr=lr, gamma=gamma, pl_weight=pl_weight,
-        style_mixing=style_mixing, ema_kimg=ema_kimg, mbstd_group=mbstd_group, seed=seed,
+        style_mixing=style_mixing, ema_kimg=ema_kimg, mbstd_group=mbstd_group, aug=aug, aug_p=aug_p,
+        ada_target=ada_target, ada_kimg=ada_kimg, seed=seed,
         snapshot_kimg=snapshot_kimg, metric_images=metric_images,
         metric_classifier=str(metric_classifier) if metric_classifier else None, log_every=log_every,
         device=device, amp=amp, num_workers=num_workers,

@@ -41,6 +41,8 @@ from models.stylegan2 import Discriminator, Generator
 from models.stylegan2.checkpoint import save_generator
 from testing import gan_metrics
 from testing.sampling import render, save_grid, z_from_seeds
+from training.augment import MODES as AUG_MODES
+from training.augment import AugmentPipe, build_augment
 from training.losses_gan import (
     d_logistic,
     ema_beta,
@@ -88,6 +90,12 @@ class GanConfig:
     style_mixing: float = 0.0
     ema_kimg: float = 10.0
     ema_rampup: float | None = 0.05
+    # discriminator augmentation (training/augment.py): ada adapts p towards ada_target, fixed keeps aug_p
+    aug: str = "none"
+    aug_p: float = 0.0  # fixed p, or ada's initial p
+    ada_target: float = 0.6
+    ada_interval: int = 4
+    ada_kimg: float = 500.0
     # bookkeeping
     snapshot_kimg: float = 50.0
     log_every: int = 50
@@ -111,6 +119,13 @@ class GanConfig:
             raise UserError("--gamma and --pl-weight must be >= 0")
         require_range(self, "num_workers", 0, optional=True)
         require_range(self, "lr", 0, MAX_LR)
+        if self.aug not in AUG_MODES:
+            raise UserError(f"--aug must be one of {', '.join(AUG_MODES)}, got {self.aug!r}")
+        if not 0 <= self.aug_p <= 1 or not 0 < self.ada_target < 1:
+            raise UserError(
+                f"--aug-p must be in [0, 1] and --ada-target in (0, 1), got {self.aug_p}, {self.ada_target}"
+            )
+        require_positive(self, "ada_interval", "ada_kimg")
         if not 0 <= self.style_mixing <= 1:
             raise UserError(f"--style-mixing must be in [0, 1], got {self.style_mixing}")
         if self.ema_rampup is not None and self.ema_rampup <= 0:
@@ -259,6 +274,7 @@ class GanState:
     step: int = 0
     nimg: int = 0
     best: dict = dataclasses.field(default_factory=lambda: {"fd": None, "kimg": None})
+    augment: AugmentPipe | None = None  # D's augmentation, p and the ADA statistics in its buffers
 
     def to_resume_state(self, cfg: GanConfig) -> dict:
         """Tensors and plain values only (loadable with weights_only=True)."""
@@ -266,7 +282,7 @@ class GanState:
             "G": self.G.state_dict(), "D": self.D.state_dict(), "G_ema": self.G_ema.state_dict(),
             "opt_G": self.opt_G.state_dict(), "opt_D": self.opt_D.state_dict(),
             "pl_mean": self.pl_mean.detach().cpu(), "step": self.step, "nimg": self.nimg, "best": self.best,
-            "config": to_dict(cfg),
+            "config": to_dict(cfg), "augment": self.augment.state_dict() if self.augment is not None else None,
         }  # fmt: skip
 
     def load(self, path: Path, device: torch.device) -> None:
@@ -277,6 +293,8 @@ class GanState:
         self.opt_D.load_state_dict(state["opt_D"])
         self.pl_mean = state["pl_mean"].to(device)
         self.step, self.nimg, self.best = state["step"], state["nimg"], state["best"]
+        if self.augment is not None and state.get("augment") is not None:
+            self.augment.load_state_dict(state["augment"])
 
 
 def new_state(cfg: GanConfig, device: torch.device) -> GanState:
@@ -287,7 +305,13 @@ def new_state(cfg: GanConfig, device: torch.device) -> GanState:
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
     opt_G = adam(G.parameters(), cfg.lr, cfg.pl_interval, cfg.pl_weight > 0)
     opt_D = adam(D.parameters(), cfg.lr, cfg.r1_interval, cfg.gamma > 0)
-    return GanState(G, D, G_ema, opt_G, opt_D, torch.zeros([], device=device))
+    augment = build_augment(cfg.aug, cfg.aug_p, device)
+    return GanState(G, D, G_ema, opt_G, opt_D, torch.zeros([], device=device), augment=augment)
+
+
+def run_D(s: GanState, images: torch.Tensor) -> torch.Tensor:
+    """D's logits, on augmented images when augmentation is on (reals, fakes and R1 alike, as NVlabs)."""
+    return s.D(s.augment(images) if s.augment is not None else images)
 
 
 def train_step(s: GanState, real: torch.Tensor, cfg: GanConfig, world: int, amp: bool) -> dict:
@@ -298,7 +322,7 @@ def train_step(s: GanState, real: torch.Tensor, cfg: GanConfig, world: int, amp:
     s.D.requires_grad_(False)
     with autocast(device, amp):
         fake, _ = generate(s.G, torch.randn(n, cfg.z_dim, device=device), cfg.style_mixing)
-        loss_G = g_nonsaturating(s.D(fake))
+        loss_G = g_nonsaturating(run_D(s, fake))
     optimiser_step(s.opt_G, s.G, loss_G, world)
     if cfg.pl_weight > 0 and s.step % cfg.pl_interval == 0:
         images, ws = generate(s.G, torch.randn(max(1, n // cfg.pl_batch_shrink), cfg.z_dim, device=device),
@@ -313,12 +337,20 @@ def train_step(s: GanState, real: torch.Tensor, cfg: GanConfig, world: int, amp:
     with autocast(device, amp):
         with torch.no_grad():
             fake, _ = generate(s.G, torch.randn(n, cfg.z_dim, device=device), cfg.style_mixing)
-        fake_logits, real_logits = s.D(fake), s.D(real)
+        fake_logits, real_logits = run_D(s, fake), run_D(s, real)
         loss_D = d_logistic(real_logits, fake_logits)
     optimiser_step(s.opt_D, s.D, loss_D, world)
+    if s.augment is not None:
+        if cfg.aug == "ada":  # r_t from the signs of D on (augmented) reals; p moves every ada_interval steps
+            s.augment.observe(real_logits)
+            if (s.step + 1) % cfg.ada_interval == 0:
+                out["ada_r_t"] = s.augment.adjust(
+                    cfg.ada_target, cfg.batch_size * cfg.ada_interval, cfg.ada_kimg, world
+                )
+        out["aug_p"] = s.augment.p.clone()
     if cfg.gamma > 0 and s.step % cfg.r1_interval == 0:
-        real_in = real.detach().requires_grad_(True)
-        penalty = r1_penalty(real_in, s.D(real_in))
+        real_in = real.detach().requires_grad_(True)  # R1 on the reals before augmentation, through it
+        penalty = r1_penalty(real_in, run_D(s, real_in))
         optimiser_step(s.opt_D, s.D, penalty.mean() * (cfg.gamma / 2) * cfg.r1_interval, world)
         out["r1"] = penalty.detach().mean()
 
