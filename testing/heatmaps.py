@@ -2,7 +2,8 @@
 
 For each chosen image, the concepts most relevant to Theta's predicted class (activation x weight) are
 taken; each one's g x g map is upsampled bilinearly to the image size, divided by its own maximum (so every
-panel spans [0, 1] and a silent map stays 0) and overlaid on the image with a colormap.
+panel spans [0, 1] and a silent map stays 0) and overlaid on the image with a colormap. Each row is titled
+with the true and the predicted class; a colour bar and a caption say what the colours and r are.
 """
 
 from __future__ import annotations
@@ -48,28 +49,47 @@ def heatmap_table(image_ids: list[int], found: dict):
     return pd.concat([table, pd.DataFrame(flat, columns=[f"map_{i}" for i in range(flat.shape[1])])], axis=1)
 
 
+def _wrap(text: str, width: int = 22) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width)) or text
+
+
 def plot_heatmaps(
     images: torch.Tensor, image_ids: list[int], found: dict, titles: list[str], path: Path, show: bool = False
 ) -> Path:
-    """One row per image: the image, then each top concept's heat map over it."""
+    """One row per image: the image (titled with `titles`), then each top concept's heat map over it, a colour
+    bar for the heat maps and a caption saying what r is."""
+    from matplotlib import cm, colors
+
     from core.plotting import pyplot, save_figure, show_or_close
     from datasets.transforms import to_uint8_images
 
     plt = pyplot()
     pictures = to_uint8_images(images)
     n, k = found["concepts"].shape
-    fig, axes = plt.subplots(n, k + 1, figsize=(1.8 * (k + 1), 1.9 * n), squeeze=False)
+    fig, axes = plt.subplots(n, k + 1, figsize=(1.9 * (k + 1) + 0.8, 2.3 * n + 0.8), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for i in range(n):
         axes[i, 0].imshow(pictures[i])
-        axes[i, 0].set_title(f"image {image_ids[i]}\n{titles[i]}", fontsize=7)
+        axes[i, 0].set_title(titles[i], fontsize=6.5, loc="left")
         for j in range(k):
             axes[i, j + 1].imshow(pictures[i])
             axes[i, j + 1].imshow(found["heat"][i, j].numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
             concept, relevance = int(found["concepts"][i, j]), float(found["relevance"][i, j])
-            axes[i, j + 1].set_title(f"concept {concept}\nr={relevance:.3g}", fontsize=7)
-    fig.tight_layout()
+            axes[i, j + 1].set_title(f"#{j + 1}: concept {concept}\nr = {relevance:.3g}", fontsize=7)
+    fig.subplots_adjust(left=0.02, right=0.88, top=1 - 0.35 / (2.3 * n + 0.8), bottom=0.8 / (2.3 * n + 0.8) + 0.02,
+                        hspace=0.75, wspace=0.08)  # fmt: skip
+    bar = fig.colorbar(
+        cm.ScalarMappable(colors.Normalize(0, 1), "jet"), cax=fig.add_axes([0.9, 0.3, 0.015, 0.4])
+    )
+    bar.set_label("concept map / its maximum on the image", fontsize=7)
+    bar.ax.tick_params(labelsize=6)
+    caption = ("Columns: the concepts with the largest r for the predicted class, in order. r = the concept's "
+               "activation (max over its map) x Theta's weight for the predicted class, i.e. its contribution to "
+               "that class's logit. Maps are upsampled bilinearly.")  # fmt: skip
+    fig.text(0.02, 0.01, _wrap(caption, 120), fontsize=7, va="bottom")
     save_figure(fig, path)
     show_or_close(fig, show)
     return path
@@ -89,7 +109,12 @@ def run_heatmaps(
     predicted = logits.argmax(dim=1)
     relevance = models.explainer.relevance(concepts.to(analysis.device), predicted.to(analysis.device)).cpu()
     found = top_concept_maps(concepts, relevance.float(), top, images.shape[-1])
-    names = [analysis.class_names[int(c)].split(".")[-1][:16] for c in predicted]
+    labels = [int(analysis.data[i]["label"]) for i in image_ids]
+    name = lambda c: analysis.class_names[c].split(".", 1)[-1].replace("_", " ")  # noqa: E731
+    titles = [f"image {i}" + (" (prediction right)" if t == int(p) else " (prediction wrong)")
+              + f"\n{_wrap('true: ' + name(t), 30)}\n{_wrap('predicted by Theta: ' + name(int(p)), 30)}"
+              for i, t, p in zip(image_ids, labels, predicted, strict=True)]  # fmt: skip
     save_table(heatmap_table(image_ids, found), run_dir / "heatmaps.csv")
-    plot_heatmaps(images, image_ids, found, names, run_dir / "heatmaps.png", show=show)
-    return {"images": image_ids, "top": int(found["concepts"].shape[1]), "predicted": predicted.tolist()}
+    plot_heatmaps(images, image_ids, found, titles, run_dir / "heatmaps.png", show=show)
+    return {"images": image_ids, "top": int(found["concepts"].shape[1]), "predicted": predicted.tolist(),
+            "labels": labels}  # fmt: skip

@@ -16,6 +16,13 @@ from core.atomic import write_text
 from core.plotting import pyplot, save_figure, save_table, show_or_close
 from core.vdna import VDNA
 
+# Histogram panels say how much mass sits in the last bin when it exceeds this fraction. vdna maps the
+# calibrated range [min, max] widened by 1.2 onto [-1, 1] and clamps what lies beyond into the end bins. For
+# non-negative (ReLU) activations the calibrated maximum maps to 2/3, so with 12 bins or more the last bin
+# holds only activations above the range: a tail the histogram cannot show. (The first bin also holds
+# in-range values, the zeros of ReLU units, so it is not flagged.)
+END_BIN_NOTE = 0.005
+
 
 def plot_layer_distances(
     per_layer: Any, distance: str, title: str, path: Path, highlight: str | None = None, show: bool = False
@@ -28,6 +35,7 @@ def plot_layer_distances(
     ax.bar(range(n), per_layer["distance"], color=colours)
     ax.set_xticks(range(n), list(per_layer["layer"]), rotation=60, ha="right", fontsize=8)
     ax.set_ylabel(distance.upper() + (" (mean over neurons)" if distance != "fd" else ""))
+    ax.set_xlabel("layer")
     ax.set_title(title, fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     save_figure(fig, path)
@@ -61,7 +69,9 @@ def plot_top_neurons(
     a: VDNA, b: VDNA, top: Any, metric: str, labels: tuple[str, str], path: Path, show: bool = False
 ) -> list[dict[str, Any]]:
     """Overlay A's and B's distributions of the neurons in `top` (rank, layer, neuron, metric columns);
-    returns the plotted numbers. Histograms are drawn on vdna's normalised axis [-1, 1]."""
+    returns the plotted numbers. Histograms are drawn on vdna's normalised axis [-1, 1] (the calibrated range
+    widened by 1.2); the mass of their first and last bins, where out-of-range values are clamped, is recorded
+    (`first_bin`, `last_bin`) and a panel's title says when the mass above the range exceeds `END_BIN_NOTE`."""
     plt = pyplot()
     k = max(1, len(top))
     cols = min(4, k)
@@ -69,6 +79,7 @@ def plot_top_neurons(
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
     numbers = []
     for ax, row in zip(axes.flat, top.itertuples(index=False), strict=False):
+        above = [0.0, 0.0]
         layer, neuron, value = row.layer, int(row.neuron), float(getattr(row, metric))
         ea, eb = _neuron_entry(a, layer, neuron), _neuron_entry(b, layer, neuron)
         numbers.append(
@@ -80,6 +91,11 @@ def plot_top_neurons(
             ax.step(centres, ea["probabilities"], where="mid", color="tab:blue", label=labels[0], lw=0.8)
             ax.step(centres, eb["probabilities"], where="mid", color="tab:orange", label=labels[1], lw=0.8)
             ax.set_xlim(-1, 1)
+            ax.set_xlabel("activation, calibrated range -> [-1, 1]", fontsize=7)
+            ax.set_ylabel("fraction of activations", fontsize=7)
+            above = [e["probabilities"][-1] for e in (ea, eb)]
+            ea["last_bin"], eb["last_bin"] = above
+            ea["first_bin"], eb["first_bin"] = ea["probabilities"][0], eb["probabilities"][0]
         else:
             sds = [math.sqrt(max(e["var"], 0.0)) for e in (ea, eb)]
             lo = min(ea["mu"] - 4 * sds[0], eb["mu"] - 4 * sds[1])
@@ -87,7 +103,13 @@ def plot_top_neurons(
             span = (lo, hi) if hi > lo else (lo - 1, hi + 1)
             _draw_gaussian(ax, ea, labels[0], "tab:blue", span)
             _draw_gaussian(ax, eb, labels[1], "tab:orange", span)
-        ax.set_title(f"#{row.rank} {layer}[{neuron}]  {metric.upper()}={value:.4g}", fontsize=8)
+            ax.set_xlabel("activation", fontsize=7)
+            ax.set_ylabel("probability density (fitted Gaussian)", fontsize=7)
+        title = f"#{row.rank} {layer}[{neuron}]  {metric.upper()}={value:.4g}"
+        outside = max(above) > END_BIN_NOTE
+        if outside:
+            title += f"\nabove the calibrated range: {labels[0]} {above[0]:.1%}, {labels[1]} {above[1]:.1%}"
+        ax.set_title(title, fontsize=7, color="tab:red" if outside else "black")
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(top) :]:
         ax.axis("off")
