@@ -13,7 +13,9 @@ sizes on CUDA (256 px, ResNet-50 f, K=256, Psi latent 512, G z/w 512 with a 2-la
   (one sync per iteration boundary), its test and checkpoint hooks stubbed; HF ResNet-50 built offline from
   microsoft/resnet-50's config; the `lpips` package with a random VGG (or, without the package, the same
   computation written out here); NVlabs ops compiled if they build, else NVlabs' own fallback (reported).
-- ours / ours-amp: the project's VisCoIN step (see `ours_step`) in float32 / under bf16 autocast.
+- ours / ours-amp: the project's VisCoIN step, `training.viscoin.viscoin_step` (the function `train viscoin`
+  calls), on the models as the trainer prepares them (`step_models`: channels_last on CUDA; fused Adam),
+  in float32 / under bf16 autocast. `--compile` and `--amp-lpips` time those opt-in settings.
 """
 
 from __future__ import annotations
@@ -62,9 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--lpips", choices=("on", "off"), default="on", help="the beta * LPIPS-VGG term, both sides"
     )
-    p.add_argument(
-        "--channels-last", action="store_true", help="ours on CUDA: f and Omega's synthesis channels-last"
-    )
+    p.add_argument("--compile", action="store_true", help="ours: torch.compile f and the trio (cfg.compile)")
+    p.add_argument("--amp-lpips", action="store_true", help="ours-amp: LPIPS under bf16 too (cfg.amp_lpips)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads in the workers (0: torch's)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per worker")
     p.add_argument("--worker", choices=("ref", "ours"), help=argparse.SUPPRESS)
@@ -211,57 +212,20 @@ def run_ref(args) -> None:
 # ----- ours -----
 
 
-def ours_step(m: types.SimpleNamespace, real: torch.Tensor, step: int) -> None:
-    """One optimisation step as `train viscoin` runs it: G samples the generated half, f encodes both halves,
-    Psi/Theta/Omega forward, f classifies the reconstructions, every loss term (LPIPS included), backward, two
-    Adam steps and their schedules; no host sync.
-
-    TODO(loop engineer): time `training.viscoin.viscoin_step` here (the trainer's importable step, once it is
-    extracted from `train_viscoin`) instead of this copy of the loop body, so the benchmark times the code
-    that trains."""
-    from core.device import autocast
-    from core.seeding import derive_seed
-    from training import viscoin_losses as losses
-
-    cfg, device = m.cfg, real.device
-    torch.manual_seed(derive_seed(cfg.seed, "step", step, 0))
-    with torch.no_grad():
-        fake = m.G(torch.randn(len(real), m.G.z_dim, device=device), noise_mode="random").clamp(-1, 1)
-        x = torch.cat([real, fake])
-        with autocast(device, cfg.amp):
-            logits_f, features = m.classifier(x)
-    with autocast(device, cfg.amp):
-        concepts, logits_theta, x_hat, ws = m.net([f.detach() for f in features])
-        logits_hat, _ = m.classifier(x_hat)
-    lpips = m.lpips(x_hat, x) if m.lpips is not None and cfg.beta > 0 else None
-    parts = losses.reconstruction(x_hat, x, logits_f, logits_hat, lpips, cfg.beta, cfg.gamma)
-    on = 1.0 if step >= cfg.warmup else 0.0
-    loss = (parts["rec"] + losses.orthogonality(m.net.extractor.conv5.weight)
-            + cfg.w_reg * losses.w_regulariser(ws, m.net.decoder.w_avg)
-            + on * (cfg.alpha * losses.output_fidelity(logits_f, logits_theta)
-                    + cfg.delta * losses.sparsity(concepts)))  # fmt: skip
-    (loss / cfg.grad_accum).backward()
-    for opt in m.optimisers:
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    for schedule in m.schedules:
-        schedule.step()
-
-
 def build_ours(args, dev) -> types.SimpleNamespace:
-    """The project's VisCoIN parts at the bench's sizes, as `train_viscoin` builds them."""
+    """The project's VisCoIN parts at the bench's sizes, as `train_viscoin` builds and prepares them."""
     sys.path.insert(0, str(ROOT))
     import models.lpips as plpips
     from models.classifiers import Classifier
     from models.stylegan2 import Generator
     from models.viscoin import ConceptDecoder, ConceptExtractor, Explainer
     from testing.viscoin import load_lpips
-    from training.viscoin import VisCoINConfig, VisCoINNet, _lr_factor
+    from training.viscoin import VisCoINConfig, VisCoINNet, _lr_factor, build_optimisers, step_models
 
     K = args.concepts
     cfg = VisCoINConfig(n_concepts=K, latent_channels=args.latent, batch_size=args.batch, iterations=100_000,
-                        amp=args.amp, beta=3.0 if args.lpips == "on" else 0.0, warmup=0,
-                        lpips_weights="random" if args.lpips == "on" else "none")  # fmt: skip
+                        amp=args.amp, beta=3.0 if args.lpips == "on" else 0.0, warmup=0, compile=args.compile,
+                        amp_lpips=args.amp_lpips, lpips_weights="random" if args.lpips == "on" else "none")  # fmt: skip
     classifier = Classifier(args.arch, args.classes).to(dev).eval().requires_grad_(False)
     G = Generator(z_dim=args.z_dim, c_dim=0, w_dim=args.z_dim, img_resolution=args.size, img_channels=3,
                   mapping_kwargs=dict(num_layers=args.map_layers, w_avg_beta=0.995),
@@ -272,42 +236,48 @@ def build_ours(args, dev) -> types.SimpleNamespace:
     decoder = ConceptDecoder.from_generator(G, K, cfg.grid, lr_multiplier=cfg.decoder_lr_multiplier,
                                             learn_w_avg=cfg.learn_w_avg)  # fmt: skip
     net = VisCoINNet(extractor, explainer, decoder).to(dev).train()
-    if args.channels_last and dev.type == "cuda":
-        for module in (classifier, G, decoder.synthesis):
-            module.to(memory_format=torch.channels_last)
-    optimisers = [torch.optim.Adam([*extractor.parameters(), *explainer.parameters()], lr=cfg.lr),
-                  torch.optim.Adam([p for p in decoder.parameters() if p.requires_grad], lr=cfg.lr)]  # fmt: skip
+    optimisers = build_optimisers(net, cfg)
     schedules = [torch.optim.lr_scheduler.LambdaLR(o, _lr_factor(cfg)) for o in optimisers]
     if cfg.lpips_weights != "none" and not sbs.has_module("lpips"):  # the heads file comes with the package
         heads = Path(tempfile.mkdtemp(prefix="bench_viscoin_")) / "vgg.pth"
         torch.save({f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) * 0.1 for i, c in enumerate(plpips.CHANNELS)},
                    heads)  # fmt: skip
         plpips._heads_file = lambda: heads
-    lpips = load_lpips(cfg.lpips_weights, dev)
-    return types.SimpleNamespace(cfg=cfg, classifier=classifier, G=G, net=net, optimisers=optimisers,
-                                 schedules=schedules, lpips=lpips)  # fmt: skip
+    models = step_models(classifier, G, net, load_lpips(cfg.lpips_weights, dev), cfg)
+    return types.SimpleNamespace(cfg=cfg, models=models, optimisers=optimisers, schedules=schedules)
 
 
 def run_ours(args) -> None:
+    """`viscoin_step` and the schedules' step, as `train viscoin` runs them per step (the batch already on
+    the device, in the trainer's memory format), timed per step between syncs."""
     dev = worker_setup(args)
-    m = build_ours(args, dev)
+    m = build_ours(args, dev)  # puts the project on sys.path
+    from core.seeding import derive_seed
+    from training.viscoin import viscoin_step
+
     real = torch.rand(args.batch, 3, args.size, args.size, device=dev) * 2 - 1
     if dev.type == "cuda":
+        real = real.contiguous(memory_format=torch.channels_last)
         torch.cuda.reset_peak_memory_stats(dev)
     seconds = []
     for step in range(args.warmup + args.steps):
         sbs.sync(dev)
         start = time.perf_counter()
-        ours_step(m, real, step)
+        torch.manual_seed(derive_seed(m.cfg.seed, "step", step, 0))
+        viscoin_step(m.models, real, m.optimisers, m.cfg, step)
+        for schedule in m.schedules:
+            schedule.step()
         sbs.sync(dev)
         seconds.append(time.perf_counter() - start)
-    decoder = m.net.decoder
+    net = m.models.net
+    decoder = net.decoder
     sbs.report("ours-amp" if args.amp else "ours", dev, seconds[args.warmup :], 2 * args.batch, {
-        "params": {"f": sbs.count(m.classifier), "psi": sbs.count(m.net.extractor),
-                   "theta": sbs.count(m.net.explainer), "omega trainable": sbs.count(decoder, trainable_only=True),
+        "params": {"f": sbs.count(m.models.classifier), "psi": sbs.count(net.extractor),
+                   "theta": sbs.count(net.explainer), "omega trainable": sbs.count(decoder, trainable_only=True),
                    "synthesis": sbs.count(decoder.synthesis)},
-        "precision": "bf16 autocast" if args.amp and dev.type == "cuda" else "float32",
-        "channels_last": bool(args.channels_last and dev.type == "cuda"),
+        "precision": ("bf16 autocast" + (", LPIPS too" if args.amp_lpips else ", LPIPS float32")
+                      if args.amp and dev.type == "cuda" else "float32"),
+        "channels_last": dev.type == "cuda", "compiled": args.compile,
     })  # fmt: skip
 
 
@@ -347,7 +317,9 @@ def main(argv: list[str] | None = None) -> int:
           f"channel_base {args.channel_base} channel_max {args.channel_max}, LPIPS {args.lpips}; median of "
           f"{args.steps} steps after {args.warmup}", flush=True)  # fmt: skip
     results = sbs.run_workers(Path(__file__).resolve(), argv, impls, args.timeout)
-    return sbs.summarise(results, "ref", ("params", "precision", "channels_last", "nvlabs_ops", "stubbed"))
+    return sbs.summarise(
+        results, "ref", ("params", "precision", "channels_last", "compiled", "nvlabs_ops", "stubbed")
+    )
 
 
 if __name__ == "__main__":

@@ -45,3 +45,44 @@ def test_classifier_step_makes_no_host_sync():
     assert torch.allclose(out["loss"], expected) and not out["loss"].requires_grad
     assert out["correct"] == (logits.argmax(1) == batch["label"]).sum()
     assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), before.parameters(), strict=True))
+
+
+TINY_G = dict(z_dim=32, c_dim=0, w_dim=32, img_resolution=32, img_channels=3, mapping_kwargs=dict(num_layers=2),
+              synthesis_kwargs=dict(channel_base=512, channel_max=32))  # fmt: skip
+
+
+def test_viscoin_step_makes_no_host_sync():
+    """With gradient accumulation and LPIPS: the parts' means add up to the loss, the trio moves, f, G and
+    Omega's synthesis do not."""
+    from models.classifiers import Classifier
+    from models.stylegan2 import Generator
+    from models.viscoin import ConceptDecoder, ConceptExtractor, Explainer
+    from testing.viscoin import load_lpips
+    from training.viscoin import StepModels, VisCoINConfig, VisCoINNet, viscoin_step
+
+    torch.manual_seed(0)
+    cfg = VisCoINConfig(n_concepts=6, latent_channels=8, batch_size=2, grad_accum=2, warmup=0,
+                        lpips_weights="random", beta=3.0)  # fmt: skip
+    f = Classifier("tiny", 5).eval().requires_grad_(False)
+    G = Generator(**TINY_G).eval().requires_grad_(False)
+    decoder = ConceptDecoder.from_generator(G, cfg.n_concepts, cfg.grid)
+    net = VisCoINNet(ConceptExtractor(f.feature_channels, 6, 8, cfg.grid), Explainer(6, 5), decoder).train()
+    optimisers = [torch.optim.Adam([*net.extractor.parameters(), *net.explainer.parameters()], lr=1e-3),
+                  torch.optim.Adam([p for p in decoder.parameters() if p.requires_grad], lr=1e-3)]  # fmt: skip
+    before = copy.deepcopy(net.state_dict())
+    frozen = [copy.deepcopy(module.state_dict()) for module in (f, G)]
+    with no_syncs():
+        parts = viscoin_step(StepModels(f, G, net, load_lpips("random", "cpu")), torch.rand(4, 3, 32, 32) * 2 - 1,
+                             optimisers, cfg, step=0)  # fmt: skip
+    assert {"loss", "rec", "l1", "l2", "ce_rec", "lpips", "ortho", "w_reg", "of", "sparsity"} == set(parts)
+    assert all(v.ndim == 0 and not v.requires_grad for v in parts.values())
+    total = parts["rec"] + parts["ortho"] + cfg.w_reg * parts["w_reg"] + cfg.alpha * parts["of"]
+    assert torch.allclose(parts["loss"], total + cfg.delta * parts["sparsity"])
+    after = net.state_dict()
+    for key, value in after.items():
+        if key.startswith("decoder.synthesis.") or key == "decoder.w_avg":
+            assert torch.equal(value, before[key]), key  # Omega's copy of G stays frozen
+    assert not torch.equal(after["decoder.heads.0.weight"], before["decoder.heads.0.weight"])
+    assert not torch.equal(after["extractor.conv5.weight"], before["extractor.conv5.weight"])
+    for module, state in zip((f, G), frozen, strict=True):
+        assert all(torch.equal(v, state[k]) for k, v in module.state_dict().items())

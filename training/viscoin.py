@@ -4,12 +4,19 @@ Each optimiser step: B real images plus B images drawn from G, all in [-1, 1] (o
 reference's real/fake scale mismatch cannot happen); f, G and Omega's synthesis stay in eval mode without
 gradients for their weights. Gradient accumulation divides the loss; the learning-rate schedule, evaluation
 and checkpoint cadences count optimiser steps. Randomness of each step derives from (seed, step), so a
-resumed run (num_workers=0) reaches the same weights as an uninterrupted one.
+resumed run reaches the same weights as an uninterrupted one.
+
+`viscoin_step` is that optimisation step as a function (what `bench/bench_viscoin.py` times): bf16 autocast
+on CUDA through all of it when `amp` (G's sampling and Omega's synthesis included; StyleGAN2 keeps styles,
+demodulation and the running image in float32; the losses reduce in float32), no host sync. The loop sums
+its loss parts on the device and reads them once per `log_every` steps, where it checks they are finite
+(and before any save). On CUDA: channels_last, fused Adam, uint8 batches augmented on the device.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +34,7 @@ from core.progress import Progress
 from core.rundir import mark_run
 from core.runlog import RunLog
 from core.seeding import derive_seed, seed_everything
+from datasets.gpu_transforms import to_model_batch
 from datasets.registry import DataSpec, build_dataset, collate_skipping, resolve_meta
 from models.classifiers import load_classifier
 from models.stylegan2.checkpoint import load_generator
@@ -75,6 +83,8 @@ class VisCoINConfig:
     amp: bool = True
     num_workers: int | None = None
     seed: int = 0
+    amp_lpips: bool = False  # LPIPS-VGG under bf16 too (its input gradients then differ by 15-25%: opt-in)
+    compile: bool = False  # torch.compile f and the trainable trio (opt-in: not measured to win yet)
 
     def validate(self) -> None:
         require_positive(self, "batch_size", "iterations", "grad_accum", "lr", "n_concepts", "latent_channels",
@@ -122,7 +132,7 @@ class StepBatches:
     """Batch sampler drawing each step's real images from a generator seeded by (seed, step, rank).
 
     Steps are independent of each other, so resuming at step s draws exactly what an uninterrupted run draws
-    (augmentation too when the images are loaded in this process, num_workers=0).
+    (the augmentation is drawn on the device from the step's seed, whatever the number of workers).
     """
 
     def __init__(self, n: int, batch: int, seed: int, rank: int, start: int, stop: int):
@@ -134,10 +144,7 @@ class StepBatches:
     def __iter__(self):
         for step in range(self.start, self.stop):
             g = torch.Generator().manual_seed(derive_seed(self.seed, "batch", step, self.rank))
-            indices = torch.randint(0, self.n, (self.batch,), generator=g).tolist()
-            # with num_workers=0 the augmentation of this batch runs right after the yield, on this RNG
-            torch.manual_seed(derive_seed(self.seed, "augment", step, self.rank))
-            yield indices
+            yield torch.randint(0, self.n, (self.batch,), generator=g).tolist()
 
 
 class VisCoINNet(torch.nn.Module):
@@ -152,6 +159,94 @@ class VisCoINNet(torch.nn.Module):
         logits_theta = self.explainer(concepts)
         x_hat, ws = self.decoder(concepts, support, noise_mode="const")
         return concepts, logits_theta, x_hat, ws
+
+
+@dataclass
+class StepModels:
+    """What one optimisation step runs: the frozen f and G, the trainable trio (and its DDP wrapper, which
+    the forward goes through), LPIPS (or None)."""
+
+    classifier: torch.nn.Module
+    G: torch.nn.Module
+    net: VisCoINNet
+    lpips: torch.nn.Module | None = None
+    ddp: torch.nn.Module | None = None
+
+
+def viscoin_step(m: StepModels, real: torch.Tensor, optimisers: list[torch.optim.Optimizer],
+                 cfg: VisCoINConfig, step: int) -> dict[str, torch.Tensor]:  # fmt: skip
+    """One optimisation step on `real` (model input on the device, grad_accum x batch_size images): per
+    micro-batch G samples as many images, f encodes both halves, Psi/Theta/Omega forward, f classifies the
+    reconstructions, every loss term, backward; then each optimiser steps and zeroes its gradients. Returns
+    the loss parts averaged over the micro-batches, as device tensors. No host sync."""
+    device, micro = real.device, cfg.batch_size
+    extractor, decoder = m.net.extractor, m.net.decoder
+    on = 1.0 if step >= cfg.warmup else 0.0  # output fidelity and sparsity after the warm-up
+    totals: dict[str, torch.Tensor] = {}
+    for part in range(cfg.grad_accum):
+        chunk = real[part * micro : (part + 1) * micro]
+        with torch.no_grad(), autocast(device, cfg.amp):
+            fake = m.G(torch.randn(len(chunk), m.G.z_dim, device=device), noise_mode="random").clamp(-1, 1)
+            x = torch.cat([chunk, fake.to(chunk.dtype)])
+            logits_f, features = m.classifier(x)
+        with autocast(device, cfg.amp):
+            concepts, logits_theta, x_hat, ws = (m.net if m.ddp is None else m.ddp)(features)
+            logits_hat, _ = m.classifier(x_hat)
+        distance = None
+        if m.lpips is not None and cfg.beta > 0:
+            with autocast(device, cfg.amp and cfg.amp_lpips):
+                distance = m.lpips(x_hat, x)
+        parts = losses.reconstruction(x_hat, x, logits_f, logits_hat, distance, cfg.beta, cfg.gamma)
+        parts["ortho"] = losses.orthogonality(extractor.conv5.weight)
+        parts["w_reg"] = losses.w_regulariser(ws, decoder.w_avg)
+        parts["of"] = losses.output_fidelity(logits_f, logits_theta)
+        parts["sparsity"] = losses.sparsity(concepts)
+        loss = (
+            parts["rec"]
+            + parts["ortho"]
+            + cfg.w_reg * parts["w_reg"]
+            + on * (cfg.alpha * parts["of"] + cfg.delta * parts["sparsity"])
+        )
+        (loss / cfg.grad_accum).backward()
+        parts["loss"] = loss
+        for key, value in parts.items():
+            share = value.detach() / cfg.grad_accum
+            totals[key] = totals[key] + share if key in totals else share
+    for optimiser in optimisers:
+        optimiser.step()
+        optimiser.zero_grad(set_to_none=True)
+    return totals
+
+
+def step_models(
+    classifier, G, net: VisCoINNet, lpips, cfg: VisCoINConfig, distributed: bool = False
+) -> StepModels:
+    """The step's models as `train viscoin` runs them: on CUDA channels_last (f, G, the trio with Omega's
+    synthesis, LPIPS's VGG); the trio in DDP when `distributed`; f and the trio compiled when `cfg.compile`."""
+    device = next(net.parameters()).device
+    cuda = device.type == "cuda"
+    if cuda:
+        for module in (classifier, G, net, lpips):
+            if module is not None:
+                module.to(memory_format=torch.channels_last)
+    ddp = None
+    if distributed:
+        ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if cuda else None)
+    models = StepModels(classifier, G, net, lpips, ddp)
+    if cfg.compile:
+        models.classifier, models.ddp = torch.compile(classifier), torch.compile(net if ddp is None else ddp)
+    return models
+
+
+def build_optimisers(net: VisCoINNet, cfg: VisCoINConfig) -> list[torch.optim.Optimizer]:
+    """Adam for Psi and Theta, Adam for Omega's trainable part; fused on CUDA."""
+    fused = True if next(net.parameters()).device.type == "cuda" else None
+    concepts = [*net.extractor.parameters(), *net.explainer.parameters()]
+    decoder = [p for p in net.decoder.parameters() if p.requires_grad]
+    return [
+        torch.optim.Adam(concepts, lr=cfg.lr, fused=fused),
+        torch.optim.Adam(decoder, lr=cfg.lr, fused=fused),
+    ]
 
 
 def _lr_factor(cfg: VisCoINConfig):
@@ -190,7 +285,7 @@ def train_viscoin(cfg: VisCoINConfig, run_dir: Path, resume: bool = False, quiet
         raise UserError(
             f"the classifier predicts {classifier.num_classes} classes; dataset {cfg.dataset} has {meta.num_classes}"
         )
-    train_set = build_dataset(spec, "train", train_transform=True, meta=meta)
+    train_set = build_dataset(spec, "train", train_transform=True, meta=meta, output="uint8")
     val_set = build_dataset(spec, "val", train_transform=False, meta=meta, attributes=None)
 
     seed_everything(cfg.seed)
@@ -206,15 +301,10 @@ def train_viscoin(cfg: VisCoINConfig, run_dir: Path, resume: bool = False, quiet
         learn_w_avg=cfg.learn_w_avg,
     )
     net = VisCoINNet(extractor, explainer, decoder).to(device)
-    ddp = net
-    if env.enabled:
-        ddp = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    opt_concepts = torch.optim.Adam([*extractor.parameters(), *explainer.parameters()], lr=cfg.lr)
-    opt_decoder = torch.optim.Adam([p for p in decoder.parameters() if p.requires_grad], lr=cfg.lr)
+    models = step_models(classifier, G, net, load_lpips(cfg.lpips_weights, device), cfg, env.enabled)
+    lpips, cuda = models.lpips, device.type == "cuda"
+    opt_concepts, opt_decoder = build_optimisers(net, cfg)
     schedules = [torch.optim.lr_scheduler.LambdaLR(o, _lr_factor(cfg)) for o in (opt_concepts, opt_decoder)]
-    lpips = load_lpips(cfg.lpips_weights, device)
 
     step = 0
     best = {"score": float("inf"), "step": None}
@@ -259,7 +349,19 @@ def train_viscoin(cfg: VisCoINConfig, run_dir: Path, resume: bool = False, quiet
         checkpoint.save_weights(run_dir / f"{name}.safetensors", parts_state(extractor, explainer, decoder),
                                 {**weights_meta, "step": step, "metrics": metrics})  # fmt: skip
 
+    window, names, window_steps = None, [], 0  # the loss parts summed on the device since the last log line
+
+    def finite_window() -> dict:  # the window's means (one sync); never log or save a non-finite loss
+        if window is None:
+            return {}
+        means = dict(zip(names, (window / window_steps).tolist(), strict=True))
+        bad = [k for k, v in means.items() if not math.isfinite(v)]
+        if bad:
+            raise TrainingDiverged(f"the VisCoIN loss ({', '.join(bad)})", step)
+        return means
+
     def save_resume() -> None:
+        finite_window()
         checkpoint.save_state(run_dir / "last.pt", {
             "model": net.state_dict(), "opt_concepts": opt_concepts.state_dict(), "opt_decoder": opt_decoder.state_dict(),
             "schedules": [s.state_dict() for s in schedules], "step": step, "best": best, "config": to_dict(cfg),
@@ -269,55 +371,29 @@ def train_viscoin(cfg: VisCoINConfig, run_dir: Path, resume: bool = False, quiet
     net.train()
     with Progress(cfg.iterations - step, "viscoin", enabled=main and not quiet) as bar:
         for batch in loader:
-            torch.manual_seed(derive_seed(cfg.seed, "step", step, env.rank))
-            real_all = batch["image"].to(device, non_blocking=True)
-            totals: dict[str, float] = {}
-            for part in range(cfg.grad_accum):
-                real = real_all[part * micro : (part + 1) * micro]
-                with torch.no_grad():
-                    fake = G(torch.randn(len(real), G.z_dim, device=device), noise_mode="random").clamp(-1, 1)
-                    x = torch.cat([real, fake])
-                    with autocast(device, cfg.amp):
-                        logits_f, features = classifier(x)
-                with autocast(device, cfg.amp):
-                    concepts, logits_theta, x_hat, ws = ddp([f.detach() for f in features])
-                    logits_hat, _ = classifier(x_hat)
-                parts = losses.reconstruction(x_hat, x, logits_f, logits_hat,
-                                              lpips(x_hat, x) if lpips is not None and cfg.beta > 0 else None,
-                                              cfg.beta, cfg.gamma)  # fmt: skip
-                parts["ortho"] = losses.orthogonality(extractor.conv5.weight)
-                parts["w_reg"] = losses.w_regulariser(ws, decoder.w_avg)
-                parts["of"] = losses.output_fidelity(logits_f, logits_theta)
-                parts["sparsity"] = losses.sparsity(concepts)
-                on = 1.0 if step >= cfg.warmup else 0.0
-                loss = (
-                    parts["rec"]
-                    + parts["ortho"]
-                    + cfg.w_reg * parts["w_reg"]
-                    + on * (cfg.alpha * parts["of"] + cfg.delta * parts["sparsity"])
-                )
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged("the VisCoIN loss", step)
-                (loss / cfg.grad_accum).backward()
-                parts["loss"] = loss
-                for key, value in parts.items():
-                    totals[key] = totals.get(key, 0.0) + float(value.detach()) / cfg.grad_accum
-            opt_concepts.step()
-            opt_decoder.step()
-            opt_concepts.zero_grad(set_to_none=True)
-            opt_decoder.zero_grad(set_to_none=True)
+            torch.manual_seed(derive_seed(cfg.seed, "step", step, env.rank))  # G's latents, augmentation
+            real = to_model_batch(batch, device, train=True, channels_last=cuda)["image"]
+            parts = viscoin_step(models, real, [opt_concepts, opt_decoder], cfg, step)
             for schedule in schedules:
                 schedule.step()
             step += 1
-            seen += len(real_all) * 2 * env.world_size
-            bar.update(1, loss=totals["loss"], rec=totals["rec"], of=totals["of"])
-            if step % cfg.log_every == 0:
+            seen += len(real) * 2 * env.world_size
+            values = torch.stack(list(parts.values()))
+            window = values if window is None else window + values
+            names, window_steps = list(parts), window_steps + 1
+            shown = {}
+            if step % cfg.log_every == 0:  # the one host sync of a log interval
+                totals = finite_window()
                 log.write(step, "train", lr=opt_concepts.param_groups[0]["lr"],
                           images_per_s=round(seen / max(time.time() - tick, 1e-9), 2), **totals)  # fmt: skip
+                shown = {k: totals[k] for k in ("loss", "rec", "of")}
+                window, window_steps = None, 0
+            bar.update(1, **shown)
             if step % cfg.eval_every == 0 or step == cfg.iterations:
-                models = VisCoINModels(classifier, extractor, explainer, decoder, weights_meta)
+                finite_window()
+                parts_now = VisCoINModels(classifier, extractor, explainer, decoder, weights_meta)
                 result = evaluate_viscoin(
-                    models, eval_loader, device, lpips=lpips, amp=cfg.amp, progress=False
+                    parts_now, eval_loader, device, lpips=lpips, amp=cfg.amp, progress=False
                 )
                 net.train()
                 log.write(step, "val", **result)
@@ -336,6 +412,7 @@ def train_viscoin(cfg: VisCoINConfig, run_dir: Path, resume: bool = False, quiet
 
     summary = {"best": best, "steps": step, "run_dir": str(run_dir)}
     if main:
+        finite_window()
         save("final", {})
         save_resume()
         write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
