@@ -31,6 +31,17 @@ FID_WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb
 PREFETCH_HINT = "run `python main.py prefetch weights fid-inception` on a machine with internet, or pass --fid-weights PATH"
 
 
+def _library():
+    """pytorch-fid's modules, or a one-line error saying how to install it."""
+    try:
+        from pytorch_fid import fid_score, inception
+    except ImportError:
+        raise UserError(
+            "FID needs the pytorch-fid package: pip install pytorch-fid (or --fid-weights none)"
+        ) from None
+    return inception, fid_score
+
+
 def fid_inception_state() -> dict:
     """pytorch-fid's Inception weights from the verified cache (downloaded when online and missing)."""
     from core.weights import load_url_state_dict
@@ -70,8 +81,7 @@ class FIDInception(torch.nn.Module):
         super().__init__()
         from unittest import mock
 
-        from pytorch_fid import inception
-
+        inception, _ = _library()
         state = _weights_state(weights, seed)
 
         def verified(url, *args, **kwargs):  # the library's download-and-unpickle, replaced by our file
@@ -149,8 +159,9 @@ def build_fid_network(network: str, weights: str, device) -> torch.nn.Module | N
 
 def frechet_inception_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
     """FID of two (N, 2048) feature sets: numpy statistics, pytorch-fid's `calculate_frechet_distance`."""
-    from pytorch_fid.fid_score import calculate_frechet_distance
     from scipy.linalg import LinAlgWarning
+
+    calculate_frechet_distance = _library()[1].calculate_frechet_distance
 
     if len(real) < 2 or len(fake) < 2:
         raise UserError("FID needs at least 2 images on each side")
