@@ -6,19 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from test_gan_training import one_thread  # noqa: F401  (autouse: these small networks on one thread)
 
 from core.config import from_preset
 from training.augment import AugmentPipe, grid_sample
 from training.gan import PRESETS, GanConfig, build_networks, new_state, train_step
 from training.losses_gan import d_logistic, r1_penalty
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _grid(n: int, h: int, w: int, dtype=torch.float64) -> torch.Tensor:
