@@ -70,9 +70,11 @@ def concept_consistency(
 ) -> dict:
     """Consistency of each concept's visual effect across images, the paper's second interpretability metric.
 
-    As VisCoIN (arXiv 2407.01331, Sec. 4) evaluates it: concept k is consistent when changing it alters
+    After VisCoIN's evaluation (arXiv 2407.01331, Sec. 4): concept k is consistent when changing it alters
     the decoded images in the same way whatever the image, so that a binary classifier can tell the
-    modified images from the unmodified reconstructions. For every concept k and every image on which k
+    modified images from the unmodified reconstructions. (The paper's section text was not available
+    offline when this was written; the intervention, removal by default, and the embedding, f's own
+    features, are this implementation's choices.) For every concept k and every image on which k
     fires (activation > 0), k's maps are multiplied by `multiplier` (0: removed) and decoded; f's pooled
     last-stage features of the modified and of the plain reconstruction are the two classes of a linear
     (L2-logistic) classifier trained on half the images and tested on the other half
