@@ -239,7 +239,8 @@ def test_viscoin_command(
     show: Show = False,
     quiet: Quiet = False,
 ) -> None:
-    """Accuracy of f and Theta, fidelity, reconstruction, faithfulness, sparsity (and attribute alignment)."""
+    """Accuracy of f and Theta, fidelity, reconstruction (L1, L2, LPIPS, FID), faithfulness beside its random
+    baseline, consistency, sparsity, and concept-attribute alignment beside its shuffled-attribute null."""
     from datasets.registry import canonical_name
     from testing.fid import fid_line
     from testing.viscoin_report import run_viscoin_test
