@@ -16,7 +16,8 @@ cycle; a sync at cycle boundaries only. Real images are random and already in (p
   (reported). ref-aug adds AugmentPipe 'bgc' at fixed p (on torch >= 1.10 its R1 pass fails: NVlabs'
   grid_sample gradfix predates it).
 - ours / ours-amp: the body of `training/gan.py`'s loop around its importable `train_step` (per-step seed, the
-  batch to the device, mirror, train_step), `cub` preset with these sizes, float32 / bf16 autocast.
+  uint8 batch to the device as reals by `real_batch`: [-1, 1], mirror, channels_last on CUDA; train_step),
+  `cub` preset with these sizes, float32 / bf16 autocast (every phase, the regularisers included).
 """
 
 from __future__ import annotations
@@ -197,7 +198,7 @@ def run_ours(args) -> None:
     dev = worker_setup(args)
     from core.config import from_preset
     from core.seeding import derive_seed
-    from training.gan import PRESETS, GanConfig, mirror, new_state, train_step
+    from training.gan import PRESETS, GanConfig, new_state, real_batch, train_step
 
     overrides = dict(image_size=args.size, batch_size=args.batch, z_dim=args.z_dim, w_dim=args.z_dim,
                      mapping_layers=args.map_layers, channel_base=args.channel_base, channel_max=args.channel_max,
@@ -206,22 +207,21 @@ def run_ours(args) -> None:
     cfg.validate()
     s = new_state(cfg, dev)
     group = min(cfg.mbstd_group, cfg.batch_size)
-    reals = torch.rand(cfg.batch_size, 3, cfg.image_size, cfg.image_size) * 2 - 1  # the loader's float batch
+    shape = (cfg.batch_size, 3, cfg.image_size, cfg.image_size)
+    reals = torch.randint(0, 256, shape, dtype=torch.uint8)  # the loader's batch (Uint8Images squares)
     if dev.type == "cuda":
         reals = reals.pin_memory()
     window = []
 
     def iteration() -> None:  # train_gan's loop body around train_step, minus its log and snapshot blocks
         torch.manual_seed(derive_seed(cfg.seed, "step", s.step, 0))
-        real = reals.to(dev, non_blocking=True)
-        real = real[: real.shape[0] // group * group]
-        out = train_step(s, mirror(real) if cfg.mirror else real, cfg, 1, cfg.amp)
+        out = train_step(s, real_batch({"image": reals}, dev, cfg, group), cfg, 1, cfg.amp)
         window.append(out.pop("window"))
 
     seconds = cycles(args, dev, iteration)
     sbs.report("ours-amp" if args.amp else "ours", dev, seconds, cfg.batch_size * args.iters, {
         "params": {"G": sbs.count(s.G), "D": sbs.count(s.D)},
-        "precision": "bf16 autocast over the main phases" if cfg.amp and dev.type == "cuda" else "float32",
+        "precision": "bf16 autocast, regularisers too" if cfg.amp and dev.type == "cuda" else "float32",
         "augment": cfg.aug,
     })  # fmt: skip
 

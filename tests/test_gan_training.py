@@ -24,6 +24,7 @@ from core.config import build, from_preset
 from core.errors import UserError
 from core.seeding import seed_everything
 from datasets.registry import build_dataset, resolve_meta
+from datasets.transforms import square_transform
 from models.stylegan2.checkpoint import load_generator, save_generator
 from testing.gan_metrics import feature_statistics, frechet_distance
 from testing.sampling import image_grid
@@ -34,7 +35,6 @@ from training.gan import (
     StepBatches,
     build_networks,
     new_state,
-    square_transform,
     train_step,
 )
 from training.losses_gan import (

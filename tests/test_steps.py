@@ -86,3 +86,40 @@ def test_viscoin_step_makes_no_host_sync():
     assert not torch.equal(after["extractor.conv5.weight"], before["extractor.conv5.weight"])
     for module, state in zip((f, G), frozen, strict=True):
         assert all(torch.equal(v, state[k]) for k, v in module.state_dict().items())
+
+
+@pytest.mark.parametrize("aug", ["none", "ada"])
+def test_gan_train_step_makes_no_host_sync(aug):
+    """Step 0 runs all four phases (path length and R1 included), with style mixing and D's augmentation."""
+    from core.config import from_preset
+    from training.gan import PRESETS, GanConfig, new_state, train_step
+
+    overrides = dict(pl_weight=2.0, style_mixing=0.9, device="cpu", aug=aug, aug_p=0.2, ada_interval=1)
+    cfg = from_preset(GanConfig, PRESETS, "tiny", overrides)
+    state = new_state(cfg, torch.device("cpu"))
+    before = copy.deepcopy(state.D.state_dict())
+    torch.manual_seed(0)
+    with no_syncs():
+        out = train_step(state, torch.rand(8, 3, 32, 32) * 2 - 1, cfg, world=1, amp=False)
+    assert {"window", "pl", "pl_mean", "r1"} <= set(out) and torch.isfinite(out["window"]).all()
+    assert all(torch.is_tensor(v) for v in out.values()) and state.step == 1
+    assert any(not torch.equal(v, before[k]) for k, v in state.D.state_dict().items())
+
+
+def test_style_mixing_switches_every_image_to_the_second_latent_at_one_cutoff():
+    """NVlabs' rule, drawn on the device: with probability p a cutoff in [1, num_ws) for the whole batch."""
+    from models.stylegan2 import Generator
+    from training.gan import generate
+
+    torch.manual_seed(0)
+    G = Generator(**TINY_G)
+    cutoffs = []
+    for _ in range(12):
+        z = torch.randn(2, G.z_dim)
+        _, plain = generate(G, z, 0.0)
+        _, ws = generate(G, z, 0.5)
+        own = (ws == plain[:, :1]).all(2)  # [N, num_ws]: the rows still from z's own latent
+        cutoff = int(own[0].sum())
+        assert torch.equal(own, (torch.arange(G.num_ws) < cutoff).expand_as(own)), "one prefix for the batch"
+        cutoffs.append(cutoff)
+    assert min(cutoffs) >= 1 and G.num_ws in cutoffs and len(set(cutoffs)) > 2

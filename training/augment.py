@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 
 MODES = ("ada", "fixed", "none")
+# the hue rotation's axis, as host numbers with float32's values (reading a device vector would sync)
+LUMA_AXIS = tuple((torch.tensor([1.0, 1.0, 1.0]) / math.sqrt(3)).tolist())
 _SAMPLE = {"mode": "bilinear", "padding_mode": "reflection", "align_corners": False}
 
 
@@ -113,9 +115,9 @@ def scale3d(s, like):
     return _matrix([[s, 0, 0, 0], [0, s, 0, 0], [0, 0, s, 0], [0, 0, 0, 1]], like)
 
 
-def rotate3d(axis: torch.Tensor, theta: torch.Tensor, like):
-    """Rotation by `theta` about the unit `axis` (3,) (Rodrigues), homogeneous 4x4."""
-    x, y, z = (float(a) for a in axis)
+def rotate3d(axis: tuple[float, float, float], theta: torch.Tensor, like):
+    """Rotation by `theta` about the unit `axis` (three numbers on the host) (Rodrigues), homogeneous 4x4."""
+    x, y, z = axis
     c, s = torch.cos(theta), torch.sin(theta)
     cc = 1 - c
     return _matrix([[x * x * cc + c, x * y * cc - z * s, x * z * cc + y * s, 0],
@@ -173,7 +175,7 @@ class AugmentPipe(torch.nn.Module):
         flip = self._draw(n, p, torch.floor(torch.rand(n, device=device) * 2), 0.0)
         C = (eye - 2 * outer * flip[:, None, None]) @ C  # luma flip (Householder reflection)
         hue = self._draw(n, p, (torch.rand(n, device=device) * 2 - 1) * math.pi, 0.0)
-        C = rotate3d(luma[:3], hue, like) @ C
+        C = rotate3d(LUMA_AXIS, hue, like) @ C
         sat = self._draw(n, p, torch.exp2(torch.randn(n, device=device)), 1.0)
         return (eye + (eye - outer) * (sat - 1)[:, None, None]) @ C  # = outer + (eye - outer) * sat
 
@@ -187,7 +189,7 @@ class AugmentPipe(torch.nn.Module):
         G = self.geometry(n, h, w, images.device)
         # normalised coordinates (align_corners=False): pixel units = normalised * size / 2
         to_pixels = scale2d(w / 2, h / 2, G[:, 0, 0])
-        theta = torch.linalg.solve(to_pixels, G @ to_pixels)[:, :2, :]
+        theta = torch.linalg.solve_ex(to_pixels, G @ to_pixels).result[:, :2, :]  # solve syncs on CUDA
         grid = F.affine_grid(theta, [n, c, 2 * h, 2 * w], align_corners=False)
         warped = F.avg_pool2d(grid_sample(images, grid), 2)
         identity = (torch.eye(3, device=G.device) == G).flatten(1).all(dim=1)

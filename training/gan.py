@@ -3,8 +3,11 @@
 Every step runs four phases, each with its own optimiser step: G main (non-saturating loss), G reg
 (path-length, every `pl_interval` steps when `pl_weight` > 0), D main (logistic loss), D reg (R1 on reals,
 every `r1_interval` steps when `gamma` > 0); then the EMA generator follows G. Gradients are averaged over DDP
-ranks by hand (one flat all-reduce per phase), which keeps R1's double backward simple. bf16 autocast covers
-the main phases on CUDA; both regularisers run in float32. Each step's randomness derives from
+ranks by hand (one flat all-reduce per phase), which keeps R1's double backward simple. On CUDA with `amp`,
+bf16 autocast covers all four phases, the regularisers' double backward included (as NVlabs runs them in its
+mixed precision; StyleGAN2 keeps mapping, styles, demodulation and the running image in float32, and the
+penalties reduce in float32); channels_last and fused Adam too. `train_step` makes no host sync: the loop
+sums the losses on the device and reads them once per `log_every` steps. Each step's randomness derives from
 (seed, step, rank) and the data order from (seed, epoch), so a run resumed from `last.pt` reaches the same
 weights as an uninterrupted one. Every `snapshot_kimg`: a sample grid from fixed seeds, the Fréchet distance
 on a fixed real subset, `G_ema.safetensors`, `last.pt` (and `G_ema_best.safetensors` when the distance improves).
@@ -35,8 +38,9 @@ from core.progress import Progress
 from core.rundir import mark_run
 from core.runlog import RunLog
 from core.seeding import derive_seed, seed_everything
+from datasets.gpu_transforms import to_model_batch
 from datasets.registry import DataSpec, build_dataset, collate_skipping, resolve_meta
-from datasets.transforms import square_transform
+from datasets.transforms import Uint8Images
 from models.stylegan2 import Discriminator, Generator
 from models.stylegan2.checkpoint import save_generator
 from testing import gan_metrics
@@ -147,7 +151,8 @@ class GanConfig:
 
 
 # ----------------------------------------------------------------------------
-# Data: the train split, resized and centre-cropped to a square; mirroring happens on the batch.
+# Data: the train split, resized and centre-cropped to a square by the workers (uint8); [-1, 1] and
+# mirroring happen on the batch, on the device.
 
 
 class StepBatches(Sampler):
@@ -188,6 +193,15 @@ def mirror(images: torch.Tensor) -> torch.Tensor:
     return torch.where(flip[:, None, None, None], images.flip(3), images)
 
 
+def real_batch(batch: dict, device: torch.device, cfg: GanConfig, group: int) -> torch.Tensor:
+    """A loader batch as D's reals on `device`: [-1, 1] (converted there from the workers' uint8 squares,
+    float batches moved), trimmed to a multiple of the minibatch-stddev `group`, mirrored when `cfg.mirror`;
+    channels_last on CUDA."""
+    real = to_model_batch(batch, device, train=False, channels_last=device.type == "cuda")["image"]
+    real = real[: real.shape[0] // group * group]
+    return mirror(real) if cfg.mirror else real
+
+
 # ----------------------------------------------------------------------------
 # Networks and optimisation.
 
@@ -218,24 +232,29 @@ def build_networks(cfg: GanConfig) -> tuple[Generator, Discriminator]:
     return G, D
 
 
-def adam(params, lr: float, interval: int, lazy: bool) -> torch.optim.Adam:
-    """Adam(0, 0.99), with the lazy-regularisation correction when a regulariser runs every `interval` steps."""
+def adam(params, lr: float, interval: int, lazy: bool, fused: bool = False) -> torch.optim.Adam:
+    """Adam(0, 0.99), with the lazy-regularisation correction when a regulariser runs every `interval` steps;
+    `fused` (CUDA): one kernel for the whole update."""
     betas = ADAM_BETAS
     if lazy:
         lr, betas = lazy_regularization(lr, betas, interval)
-    return torch.optim.Adam(params, lr=lr, betas=betas, eps=1e-8)
+    return torch.optim.Adam(params, lr=lr, betas=betas, eps=1e-8, fused=fused or None)
 
 
 def generate(G: Generator, z: torch.Tensor, style_mixing: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(images, ws) from the training G; with probability `style_mixing` ws after a random cutoff come from
-    a second latent (mixing regularisation). The mapping runs in float32 even inside autocast: its w_avg
-    update mixes dtypes otherwise, and NVlabs keeps it in float32 too."""
+    a second latent (mixing regularisation; drawn on the device and applied as a mask, so no host sync). The
+    mapping runs in float32 even inside autocast: its w_avg update mixes dtypes otherwise, and NVlabs keeps it
+    in float32 too."""
     with torch.autocast(z.device.type, enabled=False):
         ws = G.mapping(z)
         if style_mixing > 0:
-            cutoff = int(torch.randint(1, ws.shape[1], ()).item())
-            if torch.rand(()).item() < style_mixing:
-                ws[:, cutoff:] = G.mapping(torch.randn_like(z), skip_w_avg_update=True)[:, cutoff:]
+            num_ws = ws.shape[1]
+            cutoff = torch.randint(1, num_ws, (), device=z.device)
+            cutoff = torch.where(torch.rand((), device=z.device) < style_mixing, cutoff, num_ws)
+            mixed = G.mapping(torch.randn_like(z), skip_w_avg_update=True)
+            later = torch.arange(num_ws, device=z.device) >= cutoff
+            ws = torch.where(later[None, :, None], mixed, ws)
     return G.synthesis(ws), ws
 
 
@@ -302,9 +321,12 @@ def new_state(cfg: GanConfig, device: torch.device) -> GanState:
     seed_everything(cfg.seed)
     G, D = build_networks(cfg)
     G, D = G.to(device).train(), D.to(device).train()
+    cuda = device.type == "cuda"
+    if cuda:
+        G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
-    opt_G = adam(G.parameters(), cfg.lr, cfg.pl_interval, cfg.pl_weight > 0)
-    opt_D = adam(D.parameters(), cfg.lr, cfg.r1_interval, cfg.gamma > 0)
+    opt_G = adam(G.parameters(), cfg.lr, cfg.pl_interval, cfg.pl_weight > 0, fused=cuda)
+    opt_D = adam(D.parameters(), cfg.lr, cfg.r1_interval, cfg.gamma > 0, fused=cuda)
     augment = build_augment(cfg.aug, cfg.aug_p, device)
     return GanState(G, D, G_ema, opt_G, opt_D, torch.zeros([], device=device), augment=augment)
 
@@ -315,7 +337,8 @@ def run_D(s: GanState, images: torch.Tensor) -> torch.Tensor:
 
 
 def train_step(s: GanState, real: torch.Tensor, cfg: GanConfig, world: int, amp: bool) -> dict:
-    """G main, G reg, D main, D reg, EMA; returns detached tensors for the log (losses, D scores, penalties)."""
+    """G main, G reg, D main, D reg, EMA; returns detached device tensors for the log (losses, D scores,
+    penalties). bf16 autocast over every phase when `amp` (CUDA). No host sync."""
     n, device = real.shape[0], real.device
     out = {}
     s.G.requires_grad_(True)
@@ -325,9 +348,11 @@ def train_step(s: GanState, real: torch.Tensor, cfg: GanConfig, world: int, amp:
         loss_G = g_nonsaturating(run_D(s, fake))
     optimiser_step(s.opt_G, s.G, loss_G, world)
     if cfg.pl_weight > 0 and s.step % cfg.pl_interval == 0:
-        images, ws = generate(s.G, torch.randn(max(1, n // cfg.pl_batch_shrink), cfg.z_dim, device=device),
-                              cfg.style_mixing)  # fmt: skip
-        penalty, pl_mean = path_length_penalty(path_lengths(images, ws), s.pl_mean, cfg.pl_decay)
+        with autocast(device, amp):
+            images, ws = generate(s.G, torch.randn(max(1, n // cfg.pl_batch_shrink), cfg.z_dim, device=device),
+                                  cfg.style_mixing)  # fmt: skip
+            lengths = path_lengths(images, ws)
+        penalty, pl_mean = path_length_penalty(lengths.float(), s.pl_mean, cfg.pl_decay)
         s.pl_mean = pl_mean.detach()
         optimiser_step(s.opt_G, s.G, penalty.mean() * cfg.pl_weight * cfg.pl_interval, world)
         out["pl"], out["pl_mean"] = penalty.detach().mean(), s.pl_mean
@@ -350,7 +375,8 @@ def train_step(s: GanState, real: torch.Tensor, cfg: GanConfig, world: int, amp:
         out["aug_p"] = s.augment.p.clone()
     if cfg.gamma > 0 and s.step % cfg.r1_interval == 0:
         real_in = real.detach().requires_grad_(True)  # R1 on the reals before augmentation, through it
-        penalty = r1_penalty(real_in, run_D(s, real_in))
+        with autocast(device, amp):
+            penalty = r1_penalty(real_in, run_D(s, real_in))
         optimiser_step(s.opt_D, s.D, penalty.mean() * (cfg.gamma / 2) * cfg.r1_interval, world)
         out["r1"] = penalty.detach().mean()
 
@@ -377,7 +403,7 @@ class Evaluator:
         settings = {**loader_settings(device, cfg.num_workers), "persistent_workers": False}
         subset = torch.utils.data.Subset(dataset, indices)
         loader = DataLoader(subset, batch_size=batch_size, collate_fn=collate_skipping, **settings)
-        reals = (b["image"].to(device) for b in loader if "image" in b)
+        reals = (to_model_batch(b, device, train=False)["image"] for b in loader if "image" in b)
         self.real_stats = gan_metrics.feature_statistics(gan_metrics.extract_features(self.extractor, reals))
         self.n = len(indices)
         self.z = z_from_seeds(list(range(METRIC_SEED, METRIC_SEED + self.n)), cfg.z_dim)
@@ -450,7 +476,7 @@ def train_gan(cfg: GanConfig, run_dir: Path, resume: bool = False, quiet: bool =
     if not main:
         meta = resolve_meta(spec, quiet=True)
     dataset = build_dataset(
-        spec, "train", train_transform=False, meta=meta, transform=square_transform(cfg.image_size)
+        spec, "train", train_transform=False, meta=meta, transform=Uint8Images(cfg.image_size, "square")
     )
 
     s = new_state(cfg, device)
@@ -472,35 +498,44 @@ def train_gan(cfg: GanConfig, run_dir: Path, resume: bool = False, quiet: bool =
         write_text(run_dir / "config.yaml", to_yaml(cfg))
         mark_run(run_dir, status="running", world_size=world, device=str(device))
         if s.step == 0:
-            reals = [dataset[i]["image"] for i in range(min(cfg.grid_size, len(dataset)))]
-            save_grid(torch.stack(reals), run_dir / "samples" / "reals.png")
+            reals = collate_skipping([dataset[i] for i in range(min(cfg.grid_size, len(dataset)))])
+            save_grid(to_model_batch(reals, "cpu", train=False)["image"], run_dir / "samples" / "reals.png")
     log = RunLog(run_dir / "log.jsonl", enabled=main, resume_step=s.step if resume else None)
 
     total_steps = math.ceil(cfg.kimg * 1000 / cfg.batch_size)
     snapshot_nimg = max(1, round(cfg.snapshot_kimg * 1000))
-    window, window_steps, last, tick = 0.0, 0, {}, time.time()
+    window, window_steps, last, tick = 0.0, 0, {}, time.time()  # losses summed on the device between logs
+
+    def check_window() -> None:  # before a save: nothing trained on a non-finite loss (one sync)
+        if torch.is_tensor(window) and not torch.isfinite(window).all():
+            raise TrainingDiverged("the GAN loss", s.step)
+
+    def save_resume() -> None:
+        check_window()
+        checkpoint.save_state(run_dir / "last.pt", s.to_resume_state(cfg))
+
     with Progress(max(total_steps - s.step, 0), "train gan", enabled=main and not quiet) as bar:
         while s.step < total_steps:
             torch.manual_seed(derive_seed(cfg.seed, "step", s.step, env.rank))
             batch = next(batches)
             if "image" not in batch or batch["image"].shape[0] < group:
                 raise UserError(f"step {s.step}: too many unreadable images in one batch to train on")
-            real = batch["image"].to(device, non_blocking=True)
-            real = real[: real.shape[0] // group * group]
             previous = s.nimg
-            out = train_step(s, mirror(real) if cfg.mirror else real, cfg, world, cfg.amp)
+            out = train_step(s, real_batch(batch, device, cfg, group), cfg, world, cfg.amp)
             window, window_steps = window + out.pop("window"), window_steps + 1
             last.update(out)
 
             shown = {}
             if s.step % cfg.log_every == 0:
                 names = ("loss_G", "loss_D", "d_real", "d_fake")
-                means = dict(zip(names, (window / window_steps).tolist(), strict=True))
+                values = [window / window_steps, *(v.double().reshape(1) for v in last.values())]
+                values = torch.cat(values).tolist()  # the one host sync of a log interval
+                means = dict(zip(names, values[: len(names)], strict=True))
                 if not all(math.isfinite(v) for v in means.values()):
                     bad = ", ".join(k for k, v in means.items() if not math.isfinite(v))
                     raise TrainingDiverged(f"the GAN loss ({bad})", s.step)
                 rate = window_steps * cfg.batch_size / max(time.time() - tick, 1e-9)
-                penalties = {k: float(v) for k, v in last.items()}
+                penalties = dict(zip(last, values[len(names) :], strict=True))
                 log.write(
                     s.step, "train", kimg=s.nimg / 1000, **means, **penalties, images_per_s=round(rate, 2)
                 )
@@ -510,10 +545,11 @@ def train_gan(cfg: GanConfig, run_dir: Path, resume: bool = False, quiet: bool =
 
             if s.nimg // snapshot_nimg > previous // snapshot_nimg or s.step == total_steps:
                 if main:
+                    check_window()
                     snapshot(cfg, run_dir, meta, s, evaluator, log, per_rank, quiet)
                 barrier()
                 tick = time.time()
-            preempt.check(s.step, lambda: checkpoint.save_state(run_dir / "last.pt", s.to_resume_state(cfg)))
+            preempt.check(s.step, save_resume)
 
     summary = {"best": s.best, "kimg": s.nimg / 1000, "steps": s.step, "run_dir": str(run_dir)}
     if main:
