@@ -7,7 +7,8 @@
    the encoder (the reference's adversary ran under no_grad and never did).
 2. Prior (`prior_steps`): the code sequences of the training images (mirrored too) under the frozen
    autoencoder; each sample is conditioned on its group at a random level (species included), and the loss
-   covers every one of the sequence's tokens, exactly what sampling generates.
+   covers every one of the sequence's tokens, exactly what sampling generates. The prior kept is the one with
+   the lowest held-out NLL (checked every `prior_eval_every` steps): it overfits the few training sequences.
 3. Baseline (`baseline`): the same autoencoder without heads or adversary, into `baseline/`.
 Then the correlation analysis of `testing.phylo` on the test split. Each stage saves its own resume state and
 draws its randomness from (seed, stage, step, rank), so a resumed run reaches the same weights.
@@ -89,6 +90,8 @@ class PhyloConfig:
     prior_steps: int = 1500
     prior_batch_size: int = 64
     prior_lr: float = 1e-3
+    prior_dropout: float = 0.1
+    prior_eval_every: int = 100
     # baseline and bookkeeping
     baseline: bool = True
     eval_every: int = 500
@@ -105,7 +108,14 @@ class PhyloConfig:
         require_positive(self, "embed_dim", "n_embed", "codes_per_level", "free_codes", "adversary_hidden")
         require_positive(self, "batch_size", "steps", "lr", "adversary_lr", "prior_width", "prior_layers")
         require_positive(
-            self, "prior_heads", "prior_steps", "prior_batch_size", "prior_lr", "eval_every", "log_every"
+            self,
+            "prior_heads",
+            "prior_steps",
+            "prior_eval_every",
+            "prior_batch_size",
+            "prior_lr",
+            "eval_every",
+            "log_every",
         )
         if not self.cuts or any(not 0 < c < 1 for c in self.cuts) or len(set(self.cuts)) != len(self.cuts):
             raise UserError(
@@ -114,6 +124,8 @@ class PhyloConfig:
         for name in ("phylo_weight", "adv_weight", "vq_beta"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.prior_dropout < 1:
+            raise UserError(f"--prior-dropout must be in [0, 1), got {self.prior_dropout}")
         if not 0 <= self.level_beta <= 1:
             raise UserError(f"--level-beta must be in [0, 1], got {self.level_beta}")
         if self.prior_width % self.prior_heads:
@@ -187,7 +199,7 @@ def build_autoencoder(cfg: PhyloConfig, levels: Levels, plain: bool) -> PhyloAut
 def build_prior(cfg: PhyloConfig, autoencoder: PhyloAutoencoder, levels: Levels) -> CodePrior:
     n_conditions = sum(len(g) for g in levels.groups)
     return CodePrior(cfg.n_embed, autoencoder.sequence_length, n_conditions, cfg.prior_width, cfg.prior_layers,
-                     cfg.prior_heads)  # fmt: skip
+                     cfg.prior_heads, cfg.prior_dropout)  # fmt: skip
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -427,12 +439,12 @@ def train_prior_stage(
     seed_everything(derive_seed(cfg.seed, "prior"))
     prior = build_prior(cfg, autoencoder, levels).to(device)
     opt = torch.optim.AdamW(prior.parameters(), lr=cfg.prior_lr, betas=(0.9, 0.95), weight_decay=0.01)
-    state_path, step = run_dir / "last_prior.pt", 0
+    state_path, step, best = run_dir / "last_prior.pt", 0, {"nll": None, "step": None, "model": None}
     if state_path.is_file():
         state = checkpoint.load_state(state_path, device=str(device))
         checkpoint.load_state_dict_checked(prior, state["model"], str(state_path))
         opt.load_state_dict(state["opt"])
-        step = state["step"]
+        step, best = state["step"], state["best"]
     if world > 1:
         for tensor in prior.state_dict().values():
             torch.distributed.broadcast(tensor, 0)
@@ -461,19 +473,25 @@ def train_prior_stage(
                 log.write(step, "train", stage="prior", prior_nll=mean, sequences_per_s=round(rate, 2))
                 shown, window, count, tick = {"nll": round(mean, 3)}, 0.0, 0, time.time()
             bar.update(1, **shown)
-            if step % cfg.eval_every == 0 or step == cfg.prior_steps:
+            if step % cfg.prior_eval_every == 0 or step == cfg.prior_steps:
                 if main:
                     prior.eval()
                     with torch.no_grad():
                         nll = float(prior.loss(species_cond, val_codes))
-                    log.write(step, "val", stage="prior", prior_nll=nll)
-                    meta = _weights_meta(cfg, ctx["meta"], ctx["record"], {"autoencoder": cfg.steps, "prior": step},
-                                         {"prior_val_nll": nll})  # fmt: skip
-                    save_phylo(run_dir / RUN_FILE, autoencoder, prior, meta)
+                    improved = best["nll"] is None or nll < best["nll"]
+                    log.write(step, "val", stage="prior", prior_nll=nll, best=improved)
+                    if improved:  # keep the prior that predicts held-out images' codes best
+                        weights = {k: v.detach().clone() for k, v in prior.state_dict().items()}
+                        best = {"nll": nll, "step": step, "model": weights}
+                        steps = {"autoencoder": cfg.steps, "prior": step}
+                        meta = _weights_meta(cfg, ctx["meta"], ctx["record"], steps, {"prior_val_nll": nll})
+                        save_phylo(run_dir / RUN_FILE, autoencoder, prior, meta)
                     checkpoint.save_state(state_path, {"model": prior.state_dict(), "opt": opt.state_dict(), "step": step,
-                                                       "config": to_dict(cfg)})  # fmt: skip
+                                                       "best": best, "config": to_dict(cfg)})  # fmt: skip
                 barrier()
                 tick = time.time()
+    if best["model"] is not None:
+        prior.load_state_dict(best["model"])
     return prior.eval().requires_grad_(False)
 
 

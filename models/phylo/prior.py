@@ -15,8 +15,12 @@ from torch import nn
 
 
 class Block(nn.Module):
-    def __init__(self, width: int, heads: int):
+    """Pre-norm causal self-attention and MLP, with dropout on attention weights and both residual branches."""
+
+    def __init__(self, width: int, heads: int, dropout: float = 0.0):
         super().__init__()
+        self.dropout = dropout
+        self.drop = nn.Dropout(dropout)
         self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
@@ -26,25 +30,34 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, t, c = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(n, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(attn.transpose(1, 2).reshape(n, t, c))
-        return x + self.mlp(self.norm2(x))
+        p = self.dropout if self.training else 0.0
+        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        x = x + self.drop(self.proj(attn.transpose(1, 2).reshape(n, t, c)))
+        return x + self.drop(self.mlp(self.norm2(x)))
 
 
 class CodePrior(nn.Module):
     """`forward(cond [N], codes [N, T]) -> logits [N, T, vocab]` for next-code prediction of every position."""
 
     def __init__(
-        self, vocab: int, length: int, n_conditions: int, width: int = 64, layers: int = 2, heads: int = 4
+        self,
+        vocab: int,
+        length: int,
+        n_conditions: int,
+        width: int = 64,
+        layers: int = 2,
+        heads: int = 4,
+        dropout: float = 0.0,
     ):
         super().__init__()
         self._config = dict(vocab=vocab, length=length, n_conditions=n_conditions, width=width, layers=layers,
-                            heads=heads)  # fmt: skip
+                            heads=heads, dropout=dropout)  # fmt: skip
         self.vocab, self.length = vocab, length
         self.condition = nn.Embedding(n_conditions, width)
         self.token = nn.Embedding(vocab, width)
         self.position = nn.Parameter(torch.randn(1, length, width) * 0.02)
-        self.blocks = nn.Sequential(*(Block(width, heads) for _ in range(layers)))
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.Sequential(*(Block(width, heads, dropout) for _ in range(layers)))
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, vocab, bias=False)
         for module in self.modules():
@@ -60,7 +73,7 @@ class CodePrior(nn.Module):
     def forward(self, cond: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """Logits for positions 0..t where t = codes.shape[1] (codes may be a prefix, even empty)."""
         x = torch.cat([self.condition(cond)[:, None], self.token(codes[:, : self.length - 1])], dim=1)
-        x = x + self.position[:, : x.shape[1]]
+        x = self.drop(x + self.position[:, : x.shape[1]])
         return self.head(self.norm(self.blocks(x)))
 
     def loss(self, cond: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
