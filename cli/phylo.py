@@ -1,0 +1,207 @@
+"""`train phylo` and `test phylo`: the phylogeny-guided VQ autoencoder with its code prior, and the analysis of
+how well its codes follow the tree."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli.common import (
+    DATA,
+    MODEL,
+    OPTIM,
+    OUTPUT,
+    Amp,
+    DataDir,
+    Dataset,
+    Device,
+    Name,
+    Out,
+    Overwrite,
+    Quiet,
+    Resume,
+    Show,
+    Workers,
+    WorldPreset,
+    is_main_process,
+    resolve_config,
+    run_dir_for,
+)
+
+RESUMABLE = {"device", "num_workers", "amp", "log_every", "eval_every"}
+
+
+def parse_cuts(text: str | None) -> list[float] | None:
+    """`0.5,0.8,0.95` -> [0.5, 0.8, 0.95]."""
+    from core.errors import UserError
+
+    if text is None:
+        return None
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UserError(
+            f"--cuts must be comma-separated numbers such as 0.5,0.8,0.95, got {text!r}"
+        ) from None
+
+
+def train_phylo_command(
+    dataset: Dataset = "world",
+    data_dir: DataDir = None,
+    world: WorldPreset = None,
+    tree: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="Newick tree whose leaves are the class names (default: the world's tree.nwk).",
+            rich_help_panel=DATA,
+        ),
+    ] = None,
+    cuts: Annotated[
+        str | None,
+        typer.Option(
+            help="Relative depths cutting the tree into levels, e.g. 0.5,0.8,0.95 (species is the last level).",
+            rich_help_panel=DATA,
+        ),
+    ] = None,
+    image_size: Annotated[
+        int | None, typer.Option(help="Image side in pixels.", rich_help_panel=DATA)
+    ] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(help="Recipe from training/presets/phylo.yaml: tiny, cub.", rich_help_panel=MODEL),
+    ] = None,
+    codes_per_level: Annotated[
+        int | None, typer.Option(help="Code vectors per tree level.", rich_help_panel=MODEL)
+    ] = None,
+    free_codes: Annotated[
+        int | None, typer.Option(help="Code vectors of the free part.", rich_help_panel=MODEL)
+    ] = None,
+    n_embed: Annotated[int | None, typer.Option(help="Codebook entries.", rich_help_panel=MODEL)] = None,
+    phylo_weight: Annotated[
+        float | None, typer.Option(help="Weight of the level heads' loss.", rich_help_panel=OPTIM)
+    ] = None,
+    adv_weight: Annotated[
+        float | None,
+        typer.Option(help="Weight of the free part's adversarial (confusion) loss.", rich_help_panel=OPTIM),
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Images per step over all processes.", rich_help_panel=OPTIM)
+    ] = None,
+    steps: Annotated[
+        int | None, typer.Option(help="Autoencoder steps (and the baseline's).", rich_help_panel=OPTIM)
+    ] = None,
+    prior_steps: Annotated[int | None, typer.Option(help="Prior steps.", rich_help_panel=OPTIM)] = None,
+    lr: Annotated[
+        float | None, typer.Option("--lr", help="Autoencoder learning rate.", rich_help_panel=OPTIM)
+    ] = None,
+    baseline: Annotated[
+        bool | None,
+        typer.Option(
+            "--baseline/--no-baseline",
+            help="Also train the plain VQ autoencoder of equal size.",
+            rich_help_panel=MODEL,
+        ),
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.", rich_help_panel=OPTIM)] = None,
+    eval_every: Annotated[
+        int | None, typer.Option(help="Steps between evaluations and checkpoints.", rich_help_panel=OUTPUT)
+    ] = None,
+    log_every: Annotated[
+        int | None, typer.Option(help="Steps between log lines.", rich_help_panel=OUTPUT)
+    ] = None,
+    device: Device = "auto",
+    amp: Amp = True,
+    num_workers: Workers = None,
+    out: Out = None,
+    name: Name = None,
+    overwrite: Overwrite = False,
+    resume: Resume = False,
+    quiet: Quiet = False,
+) -> None:
+    """Train Phylo-NN: per-level phylo codes + adversarial free codes, the conditional code prior, the plain VQ
+    baseline, then the code-tree correlation analysis (analysis/)."""
+    from core.rundir import prepare_run_dir
+    from datasets.registry import canonical_name, check_data_spec
+    from training.phylo import DEFAULT_PRESET, PRESETS, PhyloConfig, train_phylo
+
+    dataset = canonical_name(dataset)
+    overrides = dict(
+        dataset=dataset, data_dir=str(data_dir) if data_dir else None, world=world, tree=str(tree) if tree else None,
+        cuts=parse_cuts(cuts), image_size=image_size, codes_per_level=codes_per_level, free_codes=free_codes,
+        n_embed=n_embed, phylo_weight=phylo_weight, adv_weight=adv_weight, batch_size=batch_size, steps=steps,
+        prior_steps=prior_steps, lr=lr, baseline=baseline, seed=seed, eval_every=eval_every, log_every=log_every,
+        device=device, amp=amp, num_workers=num_workers,
+    )  # fmt: skip
+    run_dir = run_dir_for("train-phylo", out, name)
+    cfg = resolve_config(PhyloConfig, PRESETS, preset or DEFAULT_PRESET[dataset], overrides, run_dir, resume,
+                         RESUMABLE, command="train phylo")  # fmt: skip
+    cfg.validate()
+    check_data_spec(cfg.data_spec())
+    if is_main_process():
+        prepare_run_dir(
+            run_dir, "train phylo", overwrite=overwrite, resume=resume, inputs=[cfg.data_dir, cfg.tree]
+        )
+    summary = train_phylo(cfg, Path(run_dir), resume=resume, quiet=quiet)
+    if is_main_process():
+        print_correlations(summary["correlation"])
+        typer.echo(f"weights: {Path(run_dir) / 'phylo.safetensors'}; analysis: {Path(run_dir) / 'analysis'}")
+
+
+def print_correlations(rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Spearman correlation of code distances with tree distances")
+    columns = [c for c in ("phylo", "free", "plain_vq") if c in rows[0]]
+    for column in ("level", "groups", *columns):
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(str(row["level"]), str(row["groups"]), *(f"{row[c]:.3f}" for c in columns))
+    Console().print(table)
+
+
+def test_phylo_command(
+    checkpoint: Annotated[
+        Path,
+        typer.Option(
+            "--checkpoint",
+            "-c",
+            exists=True,
+            help="phylo.safetensors or a train phylo run.",
+            rich_help_panel=MODEL,
+        ),
+    ],
+    baseline: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            help="Plain VQ autoencoder to compare (default: the run's baseline/ when present).",
+            rich_help_panel=MODEL,
+        ),
+    ] = None,
+    split: Annotated[str, typer.Option(help="test, val, train or trainval.", rich_help_panel=DATA)] = "test",
+    data_dir: DataDir = None,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.", rich_help_panel=DATA)] = 64,
+    device: Device = "auto",
+    num_workers: Workers = None,
+    out: Out = None,
+    name: Name = None,
+    overwrite: Overwrite = False,
+    show: Show = False,
+    quiet: Quiet = False,
+) -> None:
+    """Per tree level, the Spearman correlation between code distances and tree distances across species,
+    beside the free part's and a plain VQ autoencoder's (correlation.json/.png, heatmaps.png)."""
+    from testing.phylo import run_phylo_test
+
+    run_dir = run_dir_for("test-phylo", out, name)
+    summary = run_phylo_test(
+        checkpoint, run_dir, baseline=baseline, split=split, data_overrides={"data_dir": str(data_dir) if data_dir else None},
+        batch_size=batch_size, device=device, num_workers=num_workers, overwrite=overwrite, show=show, quiet=quiet,
+    )  # fmt: skip
+    print_correlations(summary["levels"])
+    typer.echo(f"results: {run_dir}")

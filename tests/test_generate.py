@@ -1,0 +1,221 @@
+"""`generate cvae|phylo|traverse|interpolate` as a user runs them: same seed -> same bytes, manifests that name
+every image's condition, seed and checkpoint, folders `vdna make` reads, and what each mode promises."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import assert_user_error, snapshot
+from helpers_generate import cvae as tiny_cvae
+from helpers_generate import phylo as tiny_phylo
+from PIL import Image
+from test_gan_cli import cli  # noqa: F401  (the in-process CLI fixture)
+from test_gan_training import one_thread  # noqa: F401  (autouse: small networks on one thread)
+
+from core.checkpoint import file_hash
+from datasets.phylogeny import levels_from_record
+from models.cvae import load_cvae
+from models.phylo import load_phylo
+from testing.vdna_sources import resolve_source
+
+
+@pytest.fixture(scope="module")
+def runs(small_world, tmp_path_factory):
+    root = tmp_path_factory.getbasetemp()
+    cvae_run, phylo_run = tiny_cvae(root), tiny_phylo(root)
+    cvae_meta = load_cvae(cvae_run)[1]
+    levels = levels_from_record(load_phylo(phylo_run).meta["phylogeny"])
+    images = sorted((small_world / "images").rglob("*.png"))
+    return {"cvae": cvae_run, "phylo": phylo_run, "classes": cvae_meta["class_names"], "levels": levels,
+            "images": [str(images[0]), str(images[-1])]}  # fmt: skip
+
+
+def generate(cli, out, *args):  # noqa: F811
+    result = cli("generate", *args, "--out", out, "--device", "cpu", "--quiet")
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+
+
+def mode_args(runs, mode: str) -> list[str]:
+    classes, levels = runs["classes"], runs["levels"]
+    species = levels.species
+    return {
+        "cvae": ["cvae", "-c", runs["cvae"], "--class", "all", "--n", "3"],
+        "cvae-attr": [
+            "cvae",
+            "-c",
+            runs["cvae"],
+            "--class",
+            classes[1],
+            "--attr",
+            "has_crest::yes=1",
+            "--n",
+            "2",
+        ],
+        "phylo": ["phylo", "-c", runs["phylo"], "--species", "all", "--n", "2"],
+        "phylo-node": ["phylo", "-c", runs["phylo"], "--node", levels.groups[0][1], "--n", "3"],
+        "traverse-cvae": [
+            "traverse",
+            "-c",
+            runs["cvae"],
+            "--class",
+            classes[2],
+            "--top",
+            "2",
+            "--steps",
+            "4",
+        ],
+        "traverse-phylo": ["traverse", "-c", runs["phylo"], "--species", species[3], "--steps", "4"],
+        "interpolate-cvae": [
+            "interpolate",
+            "-c",
+            runs["cvae"],
+            "--from-class",
+            classes[0],
+            "--to-class",
+            classes[5],
+            "--n",
+            "2",
+            "--steps",
+            "5",
+        ],  # fmt: skip
+        "interpolate-phylo": [
+            "interpolate",
+            "-c",
+            runs["phylo"],
+            "--from-species",
+            species[0],
+            "--to-species",
+            species[7],
+            "--n",
+            "2",
+        ],  # fmt: skip
+        "interpolate-images": [
+            "interpolate",
+            "-c",
+            runs["cvae"],
+            "--from-image",
+            runs["images"][0],
+            "--to-image",
+            runs["images"][1],
+            "--steps",
+            "3",
+        ],  # fmt: skip
+    }[mode]
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "cvae",
+        "cvae-attr",
+        "phylo",
+        "phylo-node",
+        "traverse-cvae",
+        "traverse-phylo",
+        "interpolate-cvae",
+        "interpolate-phylo",
+        "interpolate-images",
+    ],  # fmt: skip
+)
+def test_every_mode_same_seed_same_bytes_with_a_manifest(runs, cli, tmp_path, mode):  # noqa: F811
+    args = [str(a) for a in mode_args(runs, mode)]
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    rows = generate(cli, a, *args, "--seed", "5")
+    assert generate(cli, b, *args, "--seed", "5") == rows
+    files = {k: v for k, v in snapshot(a).items() if k != "run.yaml"}
+    assert files == {k: v for k, v in snapshot(b).items() if k != "run.yaml"}
+    weights = runs["cvae"] / "cvae.safetensors" if "cvae" in args[2] else runs["phylo"] / "phylo.safetensors"
+    digest = file_hash(weights)
+    kind = args[0]
+    for row in rows:
+        assert row["mode"] == kind and row["checkpoint"] == digest and "condition" in row and "seed" in row
+        assert (a / row["file"]).is_file()
+    assert {p.name for p in a.iterdir()} == {"images", "grid.png", "manifest.jsonl", "run.yaml"}
+    source = resolve_source(str(a))
+    assert source.kind == "generated" and len(source) == len(rows)  # what `vdna make` reads
+    groups = {row["file"].split("/")[1] for row in rows}
+    grid = np.asarray(Image.open(a / "grid.png"))
+    assert grid.shape[0] == 32 * len(groups)  # one row per group
+    if "images" not in mode:  # endpoints drawn from seeds: another seed, other images
+        generate(cli, c, *args, "--seed", "6")
+        assert snapshot(c / "images") != snapshot(a / "images")
+
+
+def test_node_keeps_coarse_codes_and_resamples_the_rest(runs, cli, tmp_path):  # noqa: F811
+    levels = runs["levels"]
+    for level in (0, 1):
+        node = levels.groups[level][0]
+        rows = generate(cli, tmp_path / f"l{level}", "phylo", "-c", str(runs["phylo"]), "--node", node, "--level",
+                        str(level), "--n", "6", "--seed", "11")  # fmt: skip
+        kept = rows[0]["condition"]["kept_positions"]
+        assert kept == 4 * (level + 1)  # codes_per_level 4 (tiny preset)
+        assert all(row["codes"][:kept] == rows[0]["codes"][:kept] for row in rows)
+        assert len({tuple(row["codes"][kept:]) for row in rows}) > 1
+        assert rows[0]["condition"] == {"node": node, "level": level, "kept_positions": kept}
+
+
+def test_phylo_interpolation_swaps_one_part_at_a_time(runs, cli, tmp_path):  # noqa: F811
+    species = runs["levels"].species
+    path = generate(cli, tmp_path / "path", "interpolate", "-c", str(runs["phylo"]), "--from-species", species[0],
+                    "--to-species", species[5], "--n", "1", "--seed", "3")  # fmt: skip
+    ends = [generate(cli, tmp_path / s, "phylo", "-c", str(runs["phylo"]), "--species", s, "--n", "1", "--seed", "3")
+            for s in (species[0], species[5])]  # fmt: skip
+    assert path[0]["codes"] == ends[0][0]["codes"] and path[-1]["codes"] == ends[1][0]["codes"]
+    assert [row["swapped_last"] for row in path] == [
+        "none",
+        "free",
+        "level 0",
+        "level 1",
+        "level 2",
+        "level 3",
+    ]
+    phylo_positions = 16  # 4 levels x 4 codes
+    for previous, row in zip(path[:-1], path[1:], strict=True):
+        changed = {i for i, (p, q) in enumerate(zip(previous["codes"], row["codes"], strict=True)) if p != q}
+        part = row["swapped_last"]
+        allowed = (set(range(phylo_positions, len(row["codes"]))) if part == "free"
+                   else set(range(4 * int(part[-1]), 4 * int(part[-1]) + 4)))  # fmt: skip
+        assert changed <= allowed
+
+
+def test_cvae_interpolation_ends_are_the_conditional_samples(runs, cli, tmp_path):  # noqa: F811
+    a, b = runs["classes"][0], runs["classes"][5]
+    generate(cli, tmp_path / "path", "interpolate", "-c", str(runs["cvae"]), "--from-class", a, "--to-class", b,
+             "--n", "1", "--steps", "4", "--seed", "9")  # fmt: skip
+    frames = [
+        np.asarray(Image.open(p)) for p in sorted((tmp_path / "path" / "images" / "row000").glob("*.png"))
+    ]
+    for name, frame in ((a, frames[0]), (b, frames[-1])):
+        generate(
+            cli, tmp_path / name, "cvae", "-c", str(runs["cvae"]), "--class", name, "--n", "1", "--seed", "9"
+        )
+        sample = np.asarray(Image.open(next((tmp_path / name / "images").rglob("*.png"))))
+        assert np.abs(sample.astype(int) - frame).max() <= 1  # same latent and condition (float rounding)
+
+
+def test_traversals_sweep_what_they_say(runs, cli, tmp_path):  # noqa: F811
+    meta = load_cvae(runs["cvae"])[1]
+    rows = generate(cli, tmp_path / "cvae", "traverse", "-c", str(runs["cvae"]), "--top", "3", "--steps", "5")
+    kl = meta["kl_per_dim"]["none"]
+    top = sorted(range(len(kl)), key=lambda d: -kl[d])[:3]
+    assert [rows[5 * i]["dimension"] for i in range(3)] == top
+    assert [row["value"] for row in rows[:5]] == [-3.0, -1.5, 0.0, 1.5, 3.0]
+    rows = generate(cli, tmp_path / "phylo", "traverse", "-c", str(runs["phylo"]), "--species", runs["levels"].species[0],
+                    "--positions", "2,17", "--steps", "4")  # fmt: skip
+    assert [(row["position"], row["part"], row["code"]) for row in rows[:5]] == [
+        (2, "level 0", 0), (2, "level 0", 21), (2, "level 0", 42), (2, "level 0", 63), (17, "free", 0)]  # fmt: skip
+
+
+def test_output_folder_may_not_hold_the_checkpoint(runs, cli, tmp_path):  # noqa: F811
+    run = runs["cvae"]
+    before = snapshot(run)
+    result = cli("generate", "cvae", "-c", run, "--out", run, "--overwrite", "--device", "cpu")
+    assert_user_error(result, "would hold the command's own input")
+    assert_user_error(cli("generate", "traverse", "-c", run, "--species", "x", "--out", tmp_path / "t"),
+                      "--species does not apply to a cvae checkpoint", "Phylo-NN")  # fmt: skip
+    assert_user_error(cli("generate", "phylo", "-c", runs["phylo"], "--node", runs["levels"].groups[0][0],
+                          "--level", "9", "--out", tmp_path / "n"), "--level must be in 0..3")  # fmt: skip
+    assert snapshot(run) == before and not (tmp_path / "t").exists()
