@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core.device import resolve_device  # noqa: E402
+from core.device import autotune, resolve_device  # noqa: E402
 from models.classifiers import Classifier  # noqa: E402
 from training.classifier import ClassifierConfig, classifier_step  # noqa: E402
 from training.optim import build_optimizer  # noqa: E402
@@ -23,6 +23,7 @@ from training.optim import build_optimizer  # noqa: E402
 def measure(arch: str, size: int, batch: int, steps: int, device, compile: bool = False) -> float:
     """Images/s of `classifier_step` over `steps` steps after two warm-up steps, on one device batch."""
     cuda = device.type == "cuda"
+    autotune(device)  # as train_classifier: cuDNN's fastest algorithms on CUDA
     cfg = ClassifierConfig(arch=arch, image_size=size, batch_size=batch, lr=1e-4, compile=compile)
     model = Classifier(arch, 200).to(device)
     if cuda:

@@ -197,6 +197,7 @@ def run_ours(args) -> None:
     sys.path.insert(0, str(ROOT))
     dev = worker_setup(args)
     from core.config import from_preset
+    from core.device import autotune
     from core.seeding import derive_seed
     from training.gan import PRESETS, GanConfig, new_state, real_batch, train_step
 
@@ -205,6 +206,7 @@ def run_ours(args) -> None:
                      mbstd_group=args.mbstd, amp=args.amp, device=str(dev), aug=args.ours_aug)  # fmt: skip
     cfg = from_preset(GanConfig, PRESETS, "cub", overrides)
     cfg.validate()
+    autotune(dev)  # as train_gan: cuDNN's fastest algorithms on CUDA
     s = new_state(cfg, dev)
     group = min(cfg.mbstd_group, cfg.batch_size)
     shape = (cfg.batch_size, 3, cfg.image_size, cfg.image_size)

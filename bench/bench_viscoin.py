@@ -216,12 +216,14 @@ def build_ours(args, dev) -> types.SimpleNamespace:
     """The project's VisCoIN parts at the bench's sizes, as `train_viscoin` builds and prepares them."""
     sys.path.insert(0, str(ROOT))
     import models.lpips as plpips
+    from core.device import autotune
     from models.classifiers import Classifier
     from models.stylegan2 import Generator
     from models.viscoin import ConceptDecoder, ConceptExtractor, Explainer
     from testing.viscoin import load_lpips
     from training.viscoin import VisCoINConfig, VisCoINNet, _lr_factor, build_optimisers, step_models
 
+    autotune(dev)  # as train_viscoin: cuDNN's fastest algorithms on CUDA
     K = args.concepts
     cfg = VisCoINConfig(n_concepts=K, latent_channels=args.latent, batch_size=args.batch, iterations=100_000,
                         amp=args.amp, beta=3.0 if args.lpips == "on" else 0.0, warmup=0, compile=args.compile,

@@ -32,6 +32,16 @@ def resolve_device(name: str = "auto", local_rank: int | None = None):
     return torch.device(name)
 
 
+def autotune(device) -> None:
+    """On CUDA, let cuDNN time its convolution algorithms once per shape and keep the fastest (a trainer's
+    shapes are fixed; NVlabs' training loop does the same). The chosen algorithms may differ between
+    processes, so GPU runs agree to rounding, not bit for bit; a no-op elsewhere."""
+    import torch
+
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
 def autocast(device, enabled: bool = True):
     """bf16 autocast on CUDA when enabled; a no-op context elsewhere."""
     import torch

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from core import checkpoint, preemption
 from core.atomic import write_text
 from core.config import MAX_LR, require_positive, require_range, to_dict, to_yaml
-from core.device import autocast, loader_settings, resolve_device
+from core.device import autocast, autotune, loader_settings, resolve_device
 from core.distributed import barrier, dist_env, init_distributed
 from core.errors import TrainingDiverged, UserError
 from core.progress import Progress
@@ -154,6 +154,7 @@ def train_classifier(cfg: ClassifierConfig, run_dir: Path, resume: bool = False,
     preempt = preemption.watch(run_dir)
     env = dist_env()
     device = resolve_device(cfg.device, env.local_rank)
+    autotune(device)
     init_distributed(env, device)
     main = env.is_main
     spec = cfg.data_spec()

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from core import checkpoint, preemption
 from core.atomic import write_text
 from core.config import MAX_LR, require_positive, require_range, to_dict, to_yaml
-from core.device import autocast, loader_settings, resolve_device
+from core.device import autocast, autotune, loader_settings, resolve_device
 from core.distributed import barrier, dist_env, init_distributed
 from core.errors import TrainingDiverged, UserError
 from core.progress import Progress
@@ -464,6 +464,7 @@ def train_gan(cfg: GanConfig, run_dir: Path, resume: bool = False, quiet: bool =
     preempt = preemption.watch(run_dir)  # SIGUSR1/SIGTERM: save last.pt between two steps, requeue
     env = dist_env()
     device = resolve_device(cfg.device, env.local_rank)
+    autotune(device)
     init_distributed(env, device)
     main, world = env.is_main, env.world_size
     per_rank = cfg.batch_size // world

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from core import checkpoint, preemption
 from core.atomic import write_text
 from core.config import MAX_LR, require_positive, require_range, to_dict, to_yaml
-from core.device import autocast, loader_settings, resolve_device
+from core.device import autocast, autotune, loader_settings, resolve_device
 from core.distributed import barrier, dist_env, init_distributed
 from core.errors import TrainingDiverged, UserError
 from core.progress import Progress
@@ -264,6 +264,7 @@ def train_viscoin(cfg: VisCoINConfig, run_dir: Path, resume: bool = False, quiet
     preempt = preemption.watch(run_dir)  # SIGUSR1/SIGTERM: save last.pt between two steps, requeue
     env = dist_env()
     device = resolve_device(cfg.device, env.local_rank)
+    autotune(device)
     init_distributed(env, device)
     main = env.is_main
     clf_path, gan_path = resolve_inputs(cfg)
