@@ -5,14 +5,20 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
-from conftest import assert_user_error, snapshot
+import yaml
+from conftest import ROOT, assert_user_error, run_cli, snapshot
 from helpers_generate import classifier as tiny_classifier
 from helpers_generate import cvae as tiny_cvae
 from test_gan_cli import cli  # noqa: F401  (the in-process CLI fixture)
-from test_gan_training import one_thread  # noqa: F401  (autouse: small networks on one thread)
+from test_gan_training import ONE_THREAD, one_thread  # noqa: F401  (autouse: small networks on one thread)
 
 from core.config import from_preset
 from core.rundir import prepare_run_dir
@@ -152,6 +158,32 @@ def test_resume_reaches_the_same_weights(tmp_path):
     train_cvae(from_preset(CVAEConfig, PRESETS, "digits", {**overrides, "steps": 6}), halves, quiet=True)
     train_cvae(from_preset(CVAEConfig, PRESETS, "digits", overrides), halves, resume=True, quiet=True)
     a, b = (load_cvae(run)[0].state_dict() for run in (straight, halves))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_saves_and_resume_auto_matches_uninterrupted(tmp_path):
+    """SLURM's preemption signal between two steps: last.pt at that step, the run marked preempted, exit 75;
+    `--resume auto` then ends with the weights of an uninterrupted run."""
+    args = ["train", "cvae", "--dataset", "digits", "--steps", "200", "--eval-every", "50", "--device", "cpu"]
+    run = tmp_path / "run"
+    command = [sys.executable, str(ROOT / "main.py"), *args, "--out", str(run), "--resume", "auto", "--quiet"]
+    proc = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **ONE_THREAD}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.time() + 240
+    while not (run / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 75, err[-3000:]
+    step = torch.load(run / "last.pt", weights_only=True)["step"]
+    info = yaml.safe_load((run / "run.yaml").read_text())
+    assert info["status"] == "preempted" and info["reason"] == f"SIGTERM at step {step}" and 50 <= step < 200
+    result = run_cli(*args, "--out", str(run), "--resume", "auto", "--quiet", env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr[-3000:]
+    whole = prepare_run_dir(tmp_path / "whole", "train cvae")
+    train_cvae(from_preset(CVAEConfig, PRESETS, "digits", {"steps": 200, "eval_every": 50, "device": "cpu"}),
+               whole, quiet=True)  # fmt: skip
+    a, b = (load_cvae(r)[0].state_dict() for r in (whole, run))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

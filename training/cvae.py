@@ -2,9 +2,11 @@
 
 Every step draws which conditions each sample is given (the class with probability `p_class`; no attributes,
 all attributes, or each attribute with a per-sample random probability), so one network learns every subset a
-user may give at sampling time. Loss: summed squared error + beta * KL (the negative ELBO when beta = 1).
+user may give at sampling time. Loss: the Gaussian reconstruction NLL (std `sigma`) + beta * KL(q(z|x,c) ||
+p(z|c)), the negative ELBO when beta = 1.
 Each step's randomness derives from (seed, step, rank) and the data order from (seed, epoch), so a run resumed
-from `last.pt` reaches the same weights as an uninterrupted one. Every `eval_every` steps: held-out ELBO and
+from `last.pt` reaches the same weights as an uninterrupted one, also after a preemption signal
+(core.preemption), which saves `last.pt` between two steps. Every `eval_every` steps: held-out ELBO and
 per-dimension KL for each condition setting, a sample grid, optionally the rate at which a classifier
 recognises conditional samples, `cvae.safetensors` and `last.pt`. The end adds the KL-per-dimension figure.
 """
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from core import checkpoint
+from core import checkpoint, preemption
 from core.atomic import write_text
 from core.config import require_positive, to_dict, to_yaml
 from core.device import autocast, loader_settings, resolve_device
@@ -307,6 +309,7 @@ def weights_meta(cfg: CVAEConfig, data: CVAEData, step: int, result: dict | None
 def train_cvae(cfg: CVAEConfig, run_dir: Path, resume: bool = False, quiet: bool = False) -> dict:
     """Train, evaluate every `eval_every` steps, keep the latest weights; returns the summary."""
     cfg.validate()
+    preempt = preemption.watch(run_dir)  # SIGUSR1/SIGTERM: save last.pt between two steps, requeue
     env = dist_env()
     device = resolve_device(cfg.device, env.local_rank)
     init_distributed(env, device)
@@ -342,6 +345,15 @@ def train_cvae(cfg: CVAEConfig, run_dir: Path, resume: bool = False, quiet: bool
         mark_run(run_dir, status="running", world_size=world, device=str(device))
     log = RunLog(run_dir / "log.jsonl", enabled=main)
 
+    def save_resume() -> None:
+        state = {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "step": step,
+            "config": to_dict(cfg),
+        }
+        checkpoint.save_state(run_dir / "last.pt", state)
+
     window, count, tick, result = None, 0, time.time(), None
     with Progress(max(cfg.steps - step, 0), "train cvae", enabled=main and not quiet) as bar:
         while step < cfg.steps:
@@ -369,10 +381,10 @@ def train_cvae(cfg: CVAEConfig, run_dir: Path, resume: bool = False, quiet: bool
                     log.write(step, "val", **flat_metrics(result))
                     evaluator.grid(model, run_dir / "samples" / f"step_{step:07d}.png")
                     save_cvae(run_dir / RUN_FILE, model, weights_meta(cfg, data, step, result))
-                    checkpoint.save_state(run_dir / "last.pt", {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                                                "step": step, "config": to_dict(cfg)})  # fmt: skip
+                    save_resume()
                 barrier()
                 tick = time.time()
+            preempt.check(step, save_resume)
 
     summary = {"steps": step, "run_dir": str(run_dir)}
     if main:

@@ -10,8 +10,9 @@
    covers every one of the sequence's tokens, exactly what sampling generates. The prior kept is the one with
    the lowest held-out NLL (checked every `prior_eval_every` steps): it overfits the few training sequences.
 3. Baseline (`baseline`): the same autoencoder without heads or adversary, into `baseline/`.
-Then the correlation analysis of `testing.phylo` on the test split. Each stage saves its own resume state and
-draws its randomness from (seed, stage, step, rank), so a resumed run reaches the same weights.
+Then the correlation analysis of `testing.phylo` on the test split. Each stage saves its own resume state (at
+evaluations, and between two steps when a preemption signal comes, see core.preemption) and draws its
+randomness from (seed, stage, step, rank), so a resumed run reaches the same weights.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from core import checkpoint
+from core import checkpoint, preemption
 from core.atomic import write_text
 from core.config import require_positive, to_dict, to_yaml
 from core.device import autocast, loader_settings, resolve_device
@@ -373,6 +374,18 @@ def train_autoencoder_stage(
     stream, val_loader = iter(loader), eval_loader(ctx["splits"]["val"], cfg, device)
     assignment = ctx["assignment"]
     names = ("rec", "vq", "phylo", "confusion", "adversary_ce")
+
+    def save_resume() -> None:
+        state = {
+            "model": model.state_dict(),
+            "opt_ae": opt_ae.state_dict(),
+            "step": step,
+            "config": to_dict(cfg),
+        }
+        if opt_adv is not None:
+            state["opt_adv"] = opt_adv.state_dict()
+        checkpoint.save_state(state_path, state)
+
     window, count, tick = 0.0, 0, time.time()
     with Progress(max(cfg.steps - step, 0), f"train phylo: {name}", enabled=main and not quiet) as bar:
         while step < cfg.steps:
@@ -404,16 +417,13 @@ def train_autoencoder_stage(
                     reconstruction_grid(
                         model, ctx["splits"]["val"], stage_dir / "samples" / f"{name}_{step:07d}.png", device
                     )
-                    state = {"model": model.state_dict(), "opt_ae": opt_ae.state_dict(), "step": step,
-                             "config": to_dict(cfg)}  # fmt: skip
-                    if opt_adv is not None:
-                        state["opt_adv"] = opt_adv.state_dict()
-                    checkpoint.save_state(state_path, state)
+                    save_resume()
                     if plain:
                         save_plain(stage_dir / Path(PLAIN_RUN_FILE).name, model,
                                    _weights_meta(cfg, ctx["meta"], ctx["record"], {"autoencoder": step}, metrics))  # fmt: skip
                 barrier()
                 tick = time.time()
+            ctx["preempt"].check(step, save_resume)
     return model.eval().requires_grad_(False)
 
 
@@ -457,6 +467,17 @@ def train_prior_stage(
     offsets = torch.tensor(levels.condition_offsets, device=device)
     species_cond = offsets[-1] + val_labels
     window, count, tick = 0.0, 0, time.time()
+
+    def save_resume() -> None:
+        state = {
+            "model": prior.state_dict(),
+            "opt": opt.state_dict(),
+            "step": step,
+            "best": best,
+            "config": to_dict(cfg),
+        }
+        checkpoint.save_state(state_path, state)
+
     with Progress(max(cfg.prior_steps - step, 0), "train phylo: prior", enabled=main and not quiet) as bar:
         while step < cfg.prior_steps:
             torch.manual_seed(derive_seed(cfg.seed, "prior", step, env.rank))
@@ -486,10 +507,10 @@ def train_prior_stage(
                         steps = {"autoencoder": cfg.steps, "prior": step}
                         meta = _weights_meta(cfg, ctx["meta"], ctx["record"], steps, {"prior_val_nll": nll})
                         save_phylo(run_dir / RUN_FILE, autoencoder, prior, meta)
-                    checkpoint.save_state(state_path, {"model": prior.state_dict(), "opt": opt.state_dict(), "step": step,
-                                                       "best": best, "config": to_dict(cfg)})  # fmt: skip
+                    save_resume()
                 barrier()
                 tick = time.time()
+            ctx["preempt"].check(step, save_resume)
     if best["model"] is not None:
         prior.load_state_dict(best["model"])
     return prior.eval().requires_grad_(False)
@@ -498,6 +519,9 @@ def train_prior_stage(
 def train_phylo(cfg: PhyloConfig, run_dir: Path, resume: bool = False, quiet: bool = False) -> dict:
     """The three stages, then the code-tree correlation analysis; returns the summary (summary.json)."""
     cfg.validate()
+    preempt = preemption.watch(
+        run_dir
+    )  # SIGUSR1/SIGTERM: the stage's resume state between two steps, requeue
     env = dist_env()
     device = resolve_device(cfg.device, env.local_rank)
     init_distributed(env, device)
@@ -508,7 +532,7 @@ def train_phylo(cfg: PhyloConfig, run_dir: Path, resume: bool = False, quiet: bo
     if not main:
         meta, path, levels, splits = build_data(cfg, True)
     record = phylogeny_record(path, cfg.cuts, meta.class_names)
-    ctx = {"env": env, "device": device, "meta": meta, "levels": levels, "splits": splits, "record": record,
+    ctx = {"env": env, "device": device, "meta": meta, "levels": levels, "splits": splits, "record": record, "preempt": preempt,
            "assignment": torch.as_tensor(levels.assignment, device=device)}  # fmt: skip
     if main:
         write_text(run_dir / "config.yaml", to_yaml(cfg))
