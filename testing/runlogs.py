@@ -27,7 +27,7 @@ Y_LABELS = {
     "pl": "path-length penalty", "pl_mean": "mean path length |J^T y|", "aug_p": "augmentation probability p",
     "ada_r_t": "r_t = E[sign D(real)] (ADA)", "fd_": "Fréchet distance (feature units^2)", "fid": "FID",
     "l1": "mean |x_hat - x| (pixels in [-1, 1])", "l2": "mean (x_hat - x)^2 (pixels in [-1, 1])",
-    "lpips": "LPIPS distance", "rec": "reconstruction loss", "of": "output fidelity (cross-entropy, nats)",
+    "lpips": "LPIPS distance", "rec": "reconstruction loss", "ce_rec": "f's cross-entropy on reconstructions (nats)", "of": "output fidelity (cross-entropy, nats)",
     "sparsity": "sparsity loss", "ortho": "orthogonality loss", "w_reg": "|w - w_avg|^2",
     "fidelity": "fraction where Theta agrees with f", "accuracy_": "accuracy (fraction)",
     "faithfulness": "drop in f's p(class)", "faithfulness_removed": "concepts removed per image",
@@ -120,7 +120,7 @@ def plot_curves(
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / (3.1 * rows)))  # room for the title above the top panels
     save_figure(fig, path)
     show_or_close(fig, show)
     return path
