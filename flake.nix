@@ -10,7 +10,16 @@
       system = "x86_64-linux";
       pkgs = import nixpkgs { inherit system; config.allowUnfree = true; };
       python = pkgs.python311;
-      env = python.withPackages (ps: with ps; [
+      env = python.withPackages (ps: with ps; let
+        # pytorch-fid (the TF-ported FID Inception network) is not in nixpkgs: built from its PyPI sdist.
+        pytorch-fid = buildPythonPackage rec {
+          pname = "pytorch-fid";
+          version = "0.3.0";
+          src = fetchPypi { inherit pname version; hash = "sha256-HIDREsnPXry8xCigt+phXDAoBa1ngOwp6OKVW6MVccg="; };
+          propagatedBuildInputs = [ numpy pillow scipy torch-bin torchvision-bin ];
+          doCheck = false;
+        };
+      in [
         torch-bin
         torchvision-bin
         numpy
@@ -27,6 +36,7 @@
         faiss
         transformers
         (lpips.override { torch = torch-bin; torchvision = torchvision-bin; })
+        pytorch-fid
         pytest
       ]);
     in {
