@@ -37,7 +37,7 @@ def conda() -> dict[str, str]:
 
 def nix() -> set[str]:
     text = (ROOT / "flake.nix").read_text()
-    listed = re.search(r"withPackages \(ps: with ps;(?: let .*? in)? \[(.*?)\]\);", text, re.S).group(1)
+    listed = re.search(r"withPackages \(ps: with ps;(?:\s+let\s.*?\sin)?\s+\[(.*?)\]\);", text, re.S).group(1)
     names = re.findall(r"^\s*\(?([A-Za-z0-9_\-]+)", re.sub(r"#.*", "", listed), re.M)
     tools = re.findall(r"pkgs\.([a-z0-9\-]+)", re.search(r"packages = \[(.*?)\];", text).group(1))
     return {NIX_NAMES.get(n, n) for n in names + tools}
