@@ -9,7 +9,7 @@ import sys
 
 import typer
 
-from cli import amplify, concepts, demo, gan, logs, prefetch, retrieve, test, train, vdna, viscoin
+from cli import amplify, concepts, demo, gan, generate, logs, prefetch, retrieve, test, train, vdna, viscoin
 from cli.common import CONTEXT
 from cli.submit import submit
 from core.errors import UserError
@@ -27,7 +27,7 @@ app.command("logs")(logs.logs)
 app.add_typer(prefetch.app, name="prefetch")
 app.command("demo")(demo.demo)
 app.command("import-gan")(gan.import_gan)
-app.add_typer(gan.generate_app, name="generate")
+app.add_typer(generate.app, name="generate")
 app.command("to-pickle")(viscoin.to_pickle)
 app.add_typer(concepts.app, name="concepts")
 app.command("amplify")(amplify.amplify)

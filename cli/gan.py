@@ -1,4 +1,4 @@
-"""StyleGAN2 commands: `train gan`, `import-gan` (NVlabs snapshot -> safetensors) and `generate gan`."""
+"""StyleGAN2 commands: `train gan` and `import-gan` (NVlabs snapshot -> safetensors); `generate gan` is in cli/generate.py."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from cli.common import (
-    CONTEXT,
     DATA,
     MODEL,
     OPTIM,
@@ -29,10 +28,6 @@ from cli.common import (
     run_dir_for,
 )
 from core.errors import UserError
-
-generate_app = typer.Typer(
-    help="Sample from a trained generator.", no_args_is_help=True, context_settings=CONTEXT
-)
 
 # Settings a resumed run may change; everything else must match the run's saved config.
 RESUMABLE = {"kimg", "device", "num_workers", "amp", "log_every", "snapshot_kimg"}
@@ -209,50 +204,3 @@ def import_gan(
         meta["dataset"] = {"name": dataset}
     save_generator(out, G, meta)
     typer.echo(f"generator {G.img_resolution} px, z {G.z_dim}, w {G.w_dim}, {G.num_ws} ws -> {out}")
-
-
-@generate_app.command("gan")
-def generate_gan(
-    checkpoint: Annotated[
-        Path,
-        typer.Option(
-            "--checkpoint",
-            "-c",
-            exists=True,
-            help="Generator .safetensors or a train gan run.",
-            rich_help_panel=MODEL,
-        ),
-    ],
-    n: Annotated[int, typer.Option("--n", help="Number of images.", rich_help_panel=MODEL)] = 64,
-    seed: Annotated[
-        int, typer.Option(help="Seed of image 0; image i uses seed + i.", rich_help_panel=MODEL)
-    ] = 0,
-    truncation: Annotated[
-        float, typer.Option(help="Truncation psi in [0, 1] (1 = none).", rich_help_panel=MODEL)
-    ] = 1.0,
-    noise_mode: Annotated[str, typer.Option(help="const or random.", rich_help_panel=MODEL)] = "const",
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.", rich_help_panel=MODEL)] = 16,
-    device: Device = "auto",
-    out: Out = None,
-    name: Name = None,
-    overwrite: Overwrite = False,
-    quiet: Quiet = False,
-) -> None:
-    """Write DIR/images/NNNNNN.png (one per seed), DIR/grid.png and DIR/manifest.jsonl."""
-    from core.checkpoint import file_hash
-    from core.device import resolve_device
-    from core.rundir import mark_run, prepare_run_dir
-    from models.stylegan2.checkpoint import load_generator, resolve_generator_path
-    from testing.sampling import check_sampling_args, generate_folder
-
-    check_sampling_args(n, seed, truncation, batch_size, noise_mode)
-    torch_device = resolve_device(device)
-    weights = resolve_generator_path(checkpoint)
-    G, _ = load_generator(weights, device=torch_device)
-    run_dir = prepare_run_dir(run_dir_for("generate-gan", out, name), "generate gan", overwrite=overwrite)
-    summary = generate_folder(
-        G, run_dir, n, seed=seed, truncation=truncation, batch_size=batch_size, noise_mode=noise_mode,
-        checkpoint_hash=file_hash(weights), quiet=quiet,
-    )  # fmt: skip
-    mark_run(run_dir, status="finished", checkpoint=str(weights), n=n, seed=seed, truncation=truncation)
-    typer.echo(f"{summary['n']} images: {summary['images']}  grid: {summary['grid']}")

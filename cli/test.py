@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cli import viscoin
+from cli import phylo, viscoin
 from cli.common import (
     CONTEXT,
     DATA,
@@ -85,3 +85,4 @@ def classifier(
 
 
 app.command("viscoin")(viscoin.test_viscoin_command)
+app.command("phylo")(phylo.test_phylo_command)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cli import gan, retrieve, viscoin
+from cli import cvae, gan, phylo, retrieve, viscoin
 from cli.common import (
     CONTEXT,
     DATA,
@@ -143,5 +143,7 @@ def classifier(
 
 
 app.command("gan")(gan.train_gan)
+app.command("cvae")(cvae.train_cvae_command)
+app.command("phylo")(phylo.train_phylo_command)
 app.command("viscoin")(viscoin.train_viscoin_command)
 app.command("retrieval")(retrieve.train_retrieval_command)
