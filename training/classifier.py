@@ -227,10 +227,10 @@ def train_classifier(cfg: ClassifierConfig, run_dir: Path, resume: bool = False,
             batches = iter(train_loader)
             if done:  # resumed mid-epoch: replay the finished batches' data, then the random state
                 bar.update(sum(1 for _ in itertools.islice(batches, done)))
-                if env.world_size == 1:
-                    torch.set_rng_state(rng["cpu"])
+                if env.world_size == 1:  # states loaded onto the device: generators take host tensors
+                    torch.set_rng_state(rng["cpu"].cpu())
                     if cuda and rng["cuda"] is not None:
-                        torch.cuda.set_rng_state(rng["cuda"], device)
+                        torch.cuda.set_rng_state(rng["cuda"].cpu(), device)
                 else:  # only rank 0's state was saved: under DDP each rank reseeds (exact on one process)
                     torch.manual_seed(derive_seed(cfg.seed, epoch, env.rank, done))
                 totals = torch.tensor(sums["epoch_sums"][:2], dtype=torch.float64, device=device)
