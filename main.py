@@ -73,9 +73,28 @@ def fail(error: UserError) -> None:
     sys.exit(error.exit_code)
 
 
+def run_app() -> None:
+    """The app with click's usage errors (unknown option, a path that does not exist, a bad number) in one
+    line with exit code 2, like every other bad input, instead of click's multi-line usage box."""
+    try:
+        code = app(standalone_mode=False)
+    except Exception as error:  # typer >= 0.29 raises its vendored click's exceptions, older typer click's
+        kind = {cls.__name__ for cls in type(error).__mro__}
+        if "NoArgsIsHelpError" in kind:  # the help was printed already
+            sys.exit(error.exit_code)
+        if "Abort" in kind:
+            raise KeyboardInterrupt from None
+        if "ClickException" not in kind:
+            raise
+        ctx = getattr(error, "ctx", None)
+        where = f" (see `{ctx.command_path} -h`)" if ctx is not None else ""
+        raise UserError(f"{error.format_message()}{where}") from None
+    sys.exit(code if isinstance(code, int) else 0)
+
+
 def main() -> None:
     try:
-        app()
+        run_app()
     except UserError as error:
         fail(error)
     except OSError as error:

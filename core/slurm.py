@@ -63,6 +63,25 @@ def parse_signal(value: str) -> tuple[str, int]:
     return name, int(seconds)
 
 
+# sbatch --time: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS (or UNLIMITED)
+_TIME = re.compile(r"UNLIMITED|\d+(:[0-5]?\d){0,2}|\d+-\d{1,2}(:[0-5]?\d){0,2}")
+
+
+def _valid_array(spec: str) -> bool:
+    """sbatch --array: comma-separated N or A-B[:STEP] with A <= B, then an optional %MAX_RUNNING."""
+    indices, _, limit = spec.partition("%")
+    if limit and not (limit.isdigit() and int(limit) > 0):
+        return False
+    for part in indices.split(","):
+        match = re.fullmatch(r"(\d+)(?:-(\d+)(?::(\d+))?)?", part)
+        if not match:
+            return False
+        first, last, step = match.groups()
+        if (last is not None and int(last) < int(first)) or (step is not None and int(step) < 1):
+            return False
+    return True
+
+
 def _check(job: SlurmJob) -> None:
     if job.nodes < 1 or job.gpus < 0 or (job.cpus is not None and job.cpus < 1):
         raise UserError("--nodes and --cpus must be at least 1, --gpus at least 0")
@@ -71,8 +90,14 @@ def _check(job: SlurmJob) -> None:
     for option, value in named.items():
         if value is not None and not _SAFE_VALUE.fullmatch(value):
             raise UserError(f"{option} {value!r} holds characters that SLURM does not take there")
-    if job.array is not None and not re.fullmatch(r"[0-9,\-:]+(%[0-9]+)?", job.array):
-        raise UserError(f"--array takes indices like 0-3, 1,5,9 or 0-15%4, got {job.array!r}")
+    if job.array is not None and not _valid_array(job.array):
+        raise UserError(f"--array takes indices like 0-3, 1,5,9, 0-15:2 or 0-15%4, got {job.array!r}")
+    if job.time is not None and not _TIME.fullmatch(job.time):
+        raise UserError(
+            f"--time takes MINUTES, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS (e.g. 12:00:00), got {job.time!r}"
+        )
+    if job.mem is not None and not re.fullmatch(r"[1-9][0-9]*[KMGT]?", job.mem):
+        raise UserError(f"--mem takes a size per node like 64G or 500M, got {job.mem!r}")
     for option in job.extra:
         if not option.startswith("--") or "\n" in option:
             raise UserError(f"--sbatch takes sbatch options like --constraint=a100, got {option!r}")

@@ -444,3 +444,40 @@ def test_offline_fid_and_lpips_weights_name_their_own_option(tmp_path, monkeypat
         monkeypatch.setenv(var, "http://127.0.0.1:9")
     with pytest.raises(UserError, match="--lpips-weights PATH"):
         LPIPS("imagenet")
+
+
+# ----- the commands that landed later, tried the same way -----
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["train", "classifier", "--bogus"], "No such option: --bogus"),
+        (["train", "classifier", "--epochs", "abc"], "Invalid value for '--epochs'"),
+        (["retrieve", "query", "--model", "/nonexistent", "--dna", "ACGT"], "does not exist"),
+        (["logs"], "Missing argument"),
+        (["submit", "--dry-run", "--time", "99x", "--", "train", "classifier"], "--time takes"),
+        (["submit", "--dry-run", "--array", "3-1", "--", "train", "classifier"], "--array takes"),
+        (["submit", "--dry-run", "--mem", "lots", "--", "train", "classifier"], "--mem takes"),
+        (["submit", "--dry-run", "--", "nonsense"], "not a main.py command"),
+        (["train", "retrieval", "--lr", "nan"], "--lr must be a finite number"),
+        (["train", "cvae", "--image-size", "100000"], "--image-size must be between 8 and 4096"),
+        (["train", "phylo", "--cuts", "2,1"], "--cuts must be"),
+    ],
+)
+def test_usage_and_new_command_errors_are_one_line(args, fragment, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, err = cli(capsys, *args)
+    assert_one_line(code, err, fragment)
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_new_commands_refuse_a_checkpoint_of_another_family(classifier_run, capsys, tmp_path):
+    out = ["--out", str(tmp_path / "out")]
+    for args in (["retrieve", "query", "--model", str(classifier_run), "--dna", "ACGT"],
+                 ["generate", "cvae", "-c", str(classifier_run), "--class", "1", *out],
+                 ["generate", "phylo", "-c", str(classifier_run), "--species", "all", *out],
+                 ["test", "phylo", "--checkpoint", str(classifier_run), *out]):  # fmt: skip
+        code, err = cli(capsys, *args)
+        assert_one_line(code, err, str(classifier_run))
+    assert not (tmp_path / "out").exists()
