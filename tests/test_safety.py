@@ -324,7 +324,9 @@ def test_vdna_sizes_never_mean_all(args, fragment, tmp_path, capsys):
 def test_viscoin_test_limits_are_checked(viscoin, tmp_path, capsys):
     base = ["test", "viscoin", "--bundle", str(viscoin.bundle), "--quiet", "--out", str(tmp_path / "t")]
     assert_one_line(*cli(capsys, *base, "--max-images", "0"), "--max-images must be at least 1")
-    assert_one_line(*cli(capsys, *base, "--top-k", "999"), "--top-k must be between 1 and")
+    assert_one_line(
+        *cli(capsys, *base, "--concept-threshold", "1.5"), "--concept-threshold must be in [0, 1)"
+    )
     assert not (tmp_path / "t").exists()
 
 
