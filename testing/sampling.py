@@ -112,8 +112,8 @@ def generate_folder(
                 name = f"{index:06d}.png"
                 (tmp / name).write_bytes(png_bytes(image))
                 manifest.append(
-                    {"file": f"images/{name}", "seed": chunk[offset], "truncation": truncation,
-                     "noise_mode": noise_mode, "checkpoint": checkpoint_hash}
+                    {"file": f"images/{name}", "mode": "gan", "condition": None, "seed": chunk[offset],
+                     "truncation": truncation, "noise_mode": noise_mode, "checkpoint": checkpoint_hash}
                 )  # fmt: skip
             if len(grid) < GRID_MAX:
                 grid.extend(images[: GRID_MAX - len(grid)])

@@ -123,6 +123,8 @@ def test_generate_is_deterministic_with_manifest(generator, tmp_path, cli) -> No
     assert rows == [
         {
             "file": f"images/{i:06d}.png",
+            "mode": "gan",
+            "condition": None,
             "seed": 10 + i,
             "truncation": 0.7,
             "noise_mode": "const",
