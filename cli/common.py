@@ -32,7 +32,17 @@ DataDir = Annotated[
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", rich_help_panel=HARDWARE)]
 Workers = Annotated[
     int | None,
-    typer.Option(help="DataLoader workers (default: 0 on CPU, up to 8 on CUDA).", rich_help_panel=HARDWARE),
+    typer.Option(
+        help="DataLoader workers (default: 0 on CPU, one per usable core on CUDA).", rich_help_panel=HARDWARE
+    ),
+]
+Compile = Annotated[
+    bool | None,
+    typer.Option(
+        "--compile/--no-compile",
+        help="torch.compile the networks (opt-in: try it on your GPU with the bench first).",
+        rich_help_panel=HARDWARE,
+    ),
 ]
 Amp = Annotated[bool, typer.Option("--amp/--no-amp", help="bf16 autocast on CUDA.", rich_help_panel=HARDWARE)]
 Out = Annotated[

@@ -16,6 +16,7 @@ from cli.common import (
     OUTPUT,
     Amp,
     AutoResumeGroup,
+    Compile,
     DataDir,
     Dataset,
     Device,
@@ -34,7 +35,7 @@ from cli.common import (
 app = typer.Typer(help="Train a model.", no_args_is_help=True, context_settings=CONTEXT, cls=AutoResumeGroup)
 
 # Settings a resumed run may change; everything else must match the run's saved config.
-RESUMABLE = {"epochs", "device", "num_workers", "amp", "log_every"}
+RESUMABLE = {"epochs", "device", "num_workers", "amp", "log_every", "compile"}
 
 
 @app.command("classifier", no_args_is_help=False)
@@ -92,6 +93,7 @@ def classifier(
     ] = None,
     device: Device = "auto",
     amp: Amp = True,
+    compile: Compile = None,
     num_workers: Workers = None,
     out: Out = None,
     name: Name = None,
@@ -115,7 +117,7 @@ def classifier(
         dataset=dataset, data_dir=str(data_dir) if data_dir else None, world=world, image_size=image_size,
         val_fraction=val_fraction, bbox_crop=bbox_crop, skip_bad_images=skip_bad_images, arch=arch, weights=weights,
         batch_size=batch_size, epochs=epochs, lr=lr, optimizer=optimizer, schedule=schedule,
-        weight_decay=weight_decay, seed=seed, log_every=log_every, device=device, amp=amp, num_workers=num_workers,
+        weight_decay=weight_decay, seed=seed, log_every=log_every, device=device, amp=amp, compile=compile, num_workers=num_workers,
     )  # fmt: skip
     run_dir = run_dir_for("train-classifier", out, name)
     cfg = resolve_config(
