@@ -7,12 +7,11 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import run_cli, snapshot
+from conftest import run_cli, run_main, snapshot
 from test_vdna_pipeline import copy_images, one_thread, save_tiny_classifier, world_images  # noqa: F401
 
 from core.vdna import emd, load_vdna
@@ -31,29 +30,14 @@ def setup(small_world, tmp_path_factory) -> dict:
     return {"root": root, "a": root / "a", "b": b, "extractor": f"classifier:{checkpoint}:blocks", "env": env}
 
 
-class Result:
-    def __init__(self, returncode: int, stdout: str, stderr: str):
-        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
-
-
 @pytest.fixture()
 def vdna_cli(setup, capsys, monkeypatch):
     """`python main.py vdna ARGS` in this process: exit code, stdout and stderr."""
-    import main
-
     for key, value in setup["env"].items():
         monkeypatch.setenv(key, value)
 
-    def run(*args: str) -> Result:
-        monkeypatch.setattr(sys, "argv", ["main.py", "vdna", *args])
-        capsys.readouterr()
-        try:
-            main.main()
-            code = 0
-        except SystemExit as done:
-            code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
-        out = capsys.readouterr()
-        return Result(code, out.out, out.err)
+    def run(*args: str):
+        return run_main(("vdna", *args), capsys, monkeypatch)
 
     return run
 
