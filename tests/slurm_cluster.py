@@ -77,6 +77,7 @@ class Cluster:
             "SelectType=select/cons_tres", "SelectTypeParameters=CR_CPU", "SchedulerType=sched/builtin",
             "MpiDefault=none", "ReturnToService=2", "KillWait=10", "MinJobAge=600", "InactiveLimit=0",
             "SlurmctldTimeout=30", "SlurmdTimeout=30", "JobRequeue=1",
+            "SchedulerParameters=sched_interval=1",  # a requeued job waits for the periodic pass (60 s by default)
             node_line.strip() + " State=UNKNOWN",
             f"PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP",
         ]) + "\n"  # fmt: skip
