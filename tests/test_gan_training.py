@@ -294,32 +294,6 @@ def test_sample_grid_is_regenerated_by_generate_gan(tiny_run, tmp_path, cli) -> 
     assert np.array_equal(image_grid(images), grid)
 
 
-def test_killed_and_resumed_gan_matches_uninterrupted(tiny_run, tmp_path) -> None:
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *TRAIN, "--out", str(killed)], cwd=ROOT,
-                            env={**os.environ, **ONE_THREAD}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 240
-    while not (killed / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    assert torch.load(killed / "last.pt", weights_only=True)["step"] < 200
-    result = run_cli(*TRAIN, "--out", str(killed), "--resume", env=ONE_THREAD)
-    assert result.returncode == 0, result.stderr[-3000:]
-    for name in ("G_ema.safetensors", "G_ema_best.safetensors"):
-        a, b = load_file(str(tiny_run / name)), load_file(str(killed / name))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-    whole, resumed = (
-        torch.load(tiny_run / "last.pt", weights_only=True),
-        torch.load(killed / "last.pt", weights_only=True),
-    )
-    for key in ("G", "D"):
-        assert all(torch.equal(whole[key][k], resumed[key][k]) for k in whole[key]), key
-    assert whole["opt_D"]["state"][0]["exp_avg_sq"].equal(resumed["opt_D"]["state"][0]["exp_avg_sq"])
-    fd = lambda run: [e["fd_random_resnet18"] for e in _events(run) if e["split"] == "val"][-1]  # noqa: E731
-    assert fd(killed) == fd(tiny_run)
-
-
 def test_bad_training_settings(small_world, tmp_path, cli) -> None:  # noqa: F811
     assert_user_error(cli(*TRAIN, "--image-size", "48", "--out", tmp_path / "a"), "power of two", "48")
     assert_user_error(cli(*TRAIN, "--batch-size", "6", "--out", tmp_path / "b"), "multiple of --mbstd-group")
@@ -376,16 +350,26 @@ def test_metric_features_from_the_projects_classifier(tmp_path) -> None:
     torch.testing.assert_close(random(images), build_extractor(None, torch.device("cpu"))(images))  # seeded
 
 
-def test_sigterm_saves_and_resume_auto_matches_uninterrupted(tiny_run, tmp_path) -> None:
+def test_preempted_then_killed_run_ends_with_the_uninterrupted_weights(tiny_run, tmp_path) -> None:
     """SIGTERM (SLURM's preemption) between two steps: last.pt at that step, the run marked preempted, exit
-    75; `--resume auto` then ends with the weights of the uninterrupted run."""
+    75. `--resume auto` continues it; SIGKILL after its next snapshot; `--resume` then ends with the weights,
+    optimiser state and metric of the uninterrupted run."""
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *TRAIN, "--out", str(run), "--resume", "auto"],
-                            cwd=ROOT, env={**os.environ, **ONE_THREAD}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
-    deadline = time.time() + 240
-    while not (run / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.01)
+
+    def start(*extra: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, str(ROOT / "main.py"), *TRAIN, "--out", str(run), *extra],
+                                cwd=ROOT, env={**os.environ, **ONE_THREAD}, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+    def wait_for_snapshot(proc: subprocess.Popen, after_ns: int) -> None:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if (run / "last.pt").exists() and (run / "last.pt").stat().st_mtime_ns != after_ns:
+                return
+            time.sleep(0.01)
+
+    proc = start("--resume", "auto")
+    wait_for_snapshot(proc, after_ns=-1)
     time.sleep(0.5)  # a few steps past the first snapshot
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=240)
@@ -393,7 +377,14 @@ def test_sigterm_saves_and_resume_auto_matches_uninterrupted(tiny_run, tmp_path)
     info = yaml.safe_load((run / "run.yaml").read_text())
     step = torch.load(run / "last.pt", weights_only=True)["step"]
     assert info["status"] == "preempted" and info["reason"] == f"SIGTERM at step {step}" and 50 <= step < 200
-    result = run_cli(*TRAIN, "--out", str(run), "--resume", "auto", env=ONE_THREAD)
+
+    proc = start("--resume", "auto")
+    wait_for_snapshot(proc, after_ns=(run / "last.pt").stat().st_mtime_ns)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert step < torch.load(run / "last.pt", weights_only=True)["step"] < 200
+
+    result = run_cli(*TRAIN, "--out", str(run), "--resume", env=ONE_THREAD)
     assert result.returncode == 0, result.stderr[-3000:]
     for name in ("G_ema.safetensors", "G_ema_best.safetensors"):
         a, b = load_file(str(tiny_run / name)), load_file(str(run / name))
@@ -401,3 +392,6 @@ def test_sigterm_saves_and_resume_auto_matches_uninterrupted(tiny_run, tmp_path)
     whole, resumed = (torch.load(p / "last.pt", weights_only=True) for p in (tiny_run, run))
     for key in ("G", "D"):
         assert all(torch.equal(whole[key][k], resumed[key][k]) for k in whole[key]), key
+    assert whole["opt_D"]["state"][0]["exp_avg_sq"].equal(resumed["opt_D"]["state"][0]["exp_avg_sq"])
+    fd = lambda run: [e["fd_random_resnet18"] for e in _events(run) if e["split"] == "val"][-1]  # noqa: E731
+    assert fd(run) == fd(tiny_run)
