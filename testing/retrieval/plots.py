@@ -83,7 +83,8 @@ def plot_projection(embeddings: dict[str, np.ndarray], labels: np.ndarray, rank:
         part = table[table["modality"] == m]
         other = part[~part[rank].isin(shown)]
         if len(other):
-            ax.scatter(other["pc1"], other["pc2"], s=10, c="lightgrey", marker=markers[m], alpha=0.6)
+            ax.scatter(other["pc1"], other["pc2"], s=10, c="lightgrey", marker=markers[m], alpha=0.6,
+                       label=f"other {len(names) - len(shown)} taxa" if m == modalities[0] else None)  # fmt: skip
         for i, name in enumerate(shown):
             sel = part[part[rank] == name]
             ax.scatter(sel["pc1"], sel["pc2"], s=14, color=colours(i), marker=markers[m], alpha=0.8,
