@@ -13,7 +13,8 @@ shipped size):
 
 Every random draw happens on the device from its global generator (which trainers seed per step), so no host
 sync and no randomness in the workers. Batches without these keys (float images, VDNA's uint8 images) are
-converted and moved as they are.
+converted and moved as they are. `square_images` does the same for loaders that ship fixed uint8 squares
+(retrieval's HDF5 reader): the same crops drawn in the square's geometry, or its centre crop for eval.
 """
 
 from __future__ import annotations
@@ -23,13 +24,17 @@ import math
 import torch
 import torch.nn.functional as F
 
-from datasets.device_batch import to_pm1
 from datasets.transforms import UINT8_MODES, eval_resize
 
 TRAIN, EVAL, SQUARE = (UINT8_MODES.index(m) for m in ("train", "eval", "square"))
 CROP_SCALE = (0.5, 1.0)  # build_transform's default
 CROP_RATIO = (3 / 4, 4 / 3)  # torchvision's default
 CROP_ATTEMPTS = 10  # torchvision's
+
+
+def to_pm1(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float32 [-1, 1]."""
+    return images.float().mul_(2 / 255).sub_(1)
 
 
 def sample_crops(source_size: torch.Tensor, scale: tuple[float, float] = CROP_SCALE,
@@ -60,15 +65,18 @@ def sample_crops(source_size: torch.Tensor, scale: tuple[float, float] = CROP_SC
 
 
 def crop_resize(x: torch.Tensor, source_size: torch.Tensor, crops: torch.Tensor, size: int,
-                flips: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                flips: torch.Tensor | None = None, vflips: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """Crops (top, left, height, width) in source pixels of images `x` [N, C, L, L] that show their source of
-    (height, width) squashed, each resized to `size` x `size` (bilinear) and mirrored where `flips`."""
+    (height, width) squashed, each resized to `size` x `size` (bilinear), mirrored where `flips` and turned
+    upside down where `vflips`."""
     hw = source_size.to(x.dtype)
     top, left, h, w = crops.to(x.dtype).unbind(1)
     sx, sy = w / hw[:, 1], h / hw[:, 0]
     cx, cy = (2 * left + w) / hw[:, 1] - 1, (2 * top + h) / hw[:, 0] - 1
     if flips is not None:
         sx = torch.where(flips, -sx, sx)
+    if vflips is not None:
+        sy = torch.where(vflips, -sy, sy)
     theta = torch.zeros(len(x), 2, 3, dtype=x.dtype, device=x.device)
     theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx, cx, sy, cy
     grid = F.affine_grid(theta, [len(x), x.shape[1], size, size], align_corners=False)
@@ -125,6 +133,21 @@ def to_model_images(images: torch.Tensor, device, train: bool, geometry: torch.T
         flips = torch.rand(len(x), device=x.device) < 0.5 if hflip else None
         return crop_resize(x, hw, sample_crops(hw, scale), size, flips)
     return crop_resize(x, hw, centre_crops(hw, size), size)
+
+
+def square_images(images: torch.Tensor, device, size: int, train: bool, vflip: bool = False,
+                  scale: tuple[float, float] = CROP_SCALE) -> torch.Tensor:  # fmt: skip
+    """A batch of uint8 squares [N, C, L, L] as model input on `device`: for training, torchvision-rule crops of
+    the square with horizontal (and, with `vflip`, vertical) flips, resized to `size`; for eval the centre
+    `size` x `size` pixels."""
+    x = to_pm1(images.to(device, non_blocking=True))
+    side = x.shape[-1]
+    if not train:
+        offset = (side - size) // 2
+        return x[..., offset : offset + size, offset : offset + size]
+    hw = torch.tensor([[x.shape[-2], side]], device=x.device).expand(len(x), 2)
+    coin = torch.rand(len(x), 2, device=x.device) < 0.5
+    return crop_resize(x, hw, sample_crops(hw, scale), size, coin[:, 0], coin[:, 1] if vflip else None)
 
 
 def to_model_batch(batch: dict, device, train: bool, scale: tuple[float, float] = CROP_SCALE,

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from core.errors import UserError
-from datasets.device_batch import to_pm1
+from datasets.gpu_transforms import to_pm1
 from datasets.images import BadImageError, is_image_file, open_rgb
 
 RESIZE_MODES = ("center-crop", "clean", "clean-center")
@@ -152,7 +152,7 @@ class Preprocess:
     """PIL RGB -> float [3, S, S] in [-1, 1] (`__call__`), or what the loader workers ship (`pixels`).
 
     ``center-crop``: bicubic resize of the shorter side to S (antialiased), then a centre crop; shipped as
-    uint8 and converted on the device by `datasets.device_batch.to_pm1` (the same tensor as `__call__`).
+    uint8 and converted on the device by `datasets.gpu_transforms.to_pm1` (the same tensor as `__call__`).
     ``clean``: vdna's default, a squash to S x S by bicubic resizing of each channel as a float image (no
     uint8 rounding), clipped to [0, 255]; shipped as float. ``clean-center``: vdna's
     ``crop_to_square_pre_resize="center"`` (central square first), then ``clean``.

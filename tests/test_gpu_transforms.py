@@ -10,8 +10,7 @@ from helpers_cub import make_mini_cub
 from PIL import Image
 
 from datasets.cub import CUBDataset
-from datasets.device_batch import to_pm1
-from datasets.gpu_transforms import crop_resize, decode_on_device, sample_crops, to_model_batch
+from datasets.gpu_transforms import crop_resize, decode_on_device, sample_crops, to_model_batch, to_pm1
 from datasets.registry import collate_skipping
 from datasets.transforms import Uint8Images, build_transform, square_transform
 

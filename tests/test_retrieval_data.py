@@ -155,18 +155,25 @@ def test_reader_errors(world_h5, tmp_path):
     assert len(labels["id"]) == check_split(world_h5, "all_keys") and labels["id"][0].startswith("WORLD")
 
 
-def test_device_augmentation():
-    """The full-image crop without flips is the identity; eval input is the centre crop in [-1, 1]."""
+def test_square_images_crop_flip_and_centre():
+    """Train crops of the whole square without flips are the identity; flags flip; eval input is the centre
+    crop in [-1, 1]."""
     import torch
 
-    from datasets.device_batch import center_crop, device_images, random_resized_crop
+    from datasets.gpu_transforms import crop_resize, square_images, to_pm1
 
     torch.manual_seed(0)
     x = torch.rand(4, 3, 12, 12) * 2 - 1
-    same = random_resized_crop(x, 12, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=False)
-    assert torch.allclose(same, x, atol=1e-5)
-    assert random_resized_crop(x, 8).shape == (4, 3, 8, 8)
+    hw = torch.tensor([[12, 12]]).expand(4, 2)
+    whole = torch.tensor([[0, 0, 12, 12]]).expand(4, 4)
+    assert torch.allclose(crop_resize(x, hw, whole, 12), x, atol=1e-5)
+    both = torch.tensor([True, False, True, False])
+    flipped = crop_resize(x, hw, whole, 12, flips=both, vflips=both.roll(1))
+    assert torch.allclose(flipped[0], x[0].flip(-1), atol=1e-5) and torch.allclose(
+        flipped[1], x[1].flip(-2), atol=1e-5
+    )
     pixels = torch.randint(0, 256, (2, 3, 14, 14), dtype=torch.uint8)
-    out = device_images(pixels, "cpu", 12, train=False)
-    assert torch.allclose(out, center_crop(pixels.float() * 2 / 255 - 1, 12), atol=1e-6)
+    assert square_images(pixels, "cpu", 8, train=True, vflip=True).shape == (2, 3, 8, 8)
+    out = square_images(pixels, "cpu", 12, train=False)
+    assert torch.equal(out, to_pm1(pixels)[..., 1:13, 1:13])
     assert out.min() >= -1 and out.max() <= 1

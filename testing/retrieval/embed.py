@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from core.device import autocast, loader_settings
 from core.progress import Progress
 from datasets.bioscan.hdf5 import BioscanSplit
-from datasets.device_batch import device_images
+from datasets.gpu_transforms import square_images
 
 
 def split_dataset(model, path: str | os.PathLike, split: str, modalities) -> BioscanSplit:
@@ -29,7 +29,7 @@ def model_inputs(batch: dict, device, image_size: int, train: bool = False, vfli
     out = {}
     for name, value in batch.items():
         if name == "image":
-            out[name] = device_images(value, device, image_size, train, vflip, crop_scale)
+            out[name] = square_images(value, device, image_size, train, vflip, crop_scale)
         elif isinstance(value, torch.Tensor):
             out[name] = value.to(device, non_blocking=True)
     return out

@@ -18,7 +18,7 @@ from core.errors import UserError
 from core.search import search
 from datasets.bioscan.hdf5 import square_uint8
 from datasets.bioscan.taxonomy import RANKS
-from datasets.device_batch import device_images
+from datasets.gpu_transforms import square_images
 
 
 def embed_images(model, paths: list[Path], device) -> np.ndarray:
@@ -27,7 +27,7 @@ def embed_images(model, paths: list[Path], device) -> np.ndarray:
     spec = model.spec
     pixels = np.stack([square_uint8(open_rgb(p), spec.load_size) for p in paths])
     with torch.inference_mode():
-        x = device_images(torch.from_numpy(pixels), device, spec.image_size, train=False)
+        x = square_images(torch.from_numpy(pixels), device, spec.image_size, train=False)
         return model.encode("image", {"image": x}).cpu().numpy()
 
 
