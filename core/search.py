@@ -87,23 +87,51 @@ def _torch_search(queries: np.ndarray, keys: Any, k: int, device: str, chunk: in
     resident = torch.from_numpy(np.asarray(keys, dtype=np.float16)).to(dev) if cuda else None
     out_scores = np.empty((len(queries), k), dtype=np.float32)
     out_index = np.empty((len(queries), k), dtype=np.int64)
+    threads = torch.get_num_threads()
+    if (
+        not cuda
+    ):  # torch's idle OpenMP threads spin and slow NumPy's BLAS threads down (0.25 s per 100k x 1024)
+        torch.set_num_threads(1)
+    try:
+        _search_blocks(queries, keys, k, dev, resident, chunk, query_batch, out_scores, out_index)
+    finally:
+        torch.set_num_threads(threads)
+    return out_scores, out_index
+
+
+def _float32(block) -> np.ndarray:
+    """A key chunk as float32; float16 converted by torch (NumPy's half conversion is several times slower)."""
+    import torch
+
+    if getattr(block, "dtype", None) == np.float16:
+        return torch.from_numpy(np.ascontiguousarray(block)).float().numpy()
+    return np.asarray(block, dtype=np.float32)
+
+
+def _search_blocks(queries, keys, k, dev, resident, chunk, query_batch, out_scores, out_index) -> None:
+    """Fill out_scores / out_index [Q, k] block by block: one query batch against every key chunk."""
+    import torch
+
+    cuda, n_keys = resident is not None, len(keys)
     with torch.inference_mode():
         for q0 in range(0, len(queries), query_batch):
-            q = torch.from_numpy(queries[q0 : q0 + query_batch]).to(dev)
+            q_host = queries[q0 : q0 + query_batch]
+            q = torch.from_numpy(q_host).to(dev)
             best_s = best_i = None
             for c0 in range(0, n_keys, chunk):
                 if cuda:
                     block = resident[c0 : c0 + chunk].float()
-                else:
-                    block = torch.from_numpy(np.asarray(keys[c0 : c0 + chunk], dtype=np.float32))
-                s, i = _chunk_topk(q @ block.T, min(k, block.shape[0]), c0)
+                    scores = q @ block.T
+                else:  # NumPy's BLAS (OpenBLAS, as faiss'): 1.5x torch's MKL sgemm on a 2-core AMD EPYC
+                    block = _float32(keys[c0 : c0 + chunk])
+                    scores = torch.from_numpy(q_host @ block.T)
+                s, i = _chunk_topk(scores, min(k, block.shape[0]), c0)
                 if best_s is None:
                     best_s, best_i = s, i
                 else:
                     best_s, best_i = _ordered(torch.cat([best_s, s], 1), torch.cat([best_i, i], 1), k)
             out_scores[q0 : q0 + len(q)] = best_s.cpu().numpy()
             out_index[q0 : q0 + len(q)] = best_i.cpu().numpy()
-    return out_scores, out_index
 
 
 def faiss_available() -> bool:
