@@ -103,8 +103,8 @@ def _float32(block) -> np.ndarray:
     """A key chunk as float32; float16 converted by torch (NumPy's half conversion is several times slower)."""
     import torch
 
-    if getattr(block, "dtype", None) == np.float16:
-        return torch.from_numpy(np.ascontiguousarray(block)).float().numpy()
+    if getattr(block, "dtype", None) == np.float16:  # a copy: index memory maps are read-only
+        return torch.from_numpy(np.array(block, dtype=np.float16)).float().numpy()
     return np.asarray(block, dtype=np.float32)
 
 
