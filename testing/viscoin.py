@@ -14,6 +14,7 @@ from torch.utils.data import Subset
 from core.device import autocast
 from core.errors import UserError
 from core.progress import Progress
+from datasets.gpu_transforms import to_model_batch
 from testing import viscoin_metrics as vm
 
 
@@ -153,8 +154,8 @@ def evaluate_viscoin(
             if "image" not in batch:
                 bar.update(1)
                 continue
-            x = batch["image"].to(device)
-            labels = batch["label"].to(device)
+            batch = to_model_batch(batch, device, train=False)  # float or uint8 batches alike
+            x, labels = batch["image"], batch["label"]
             with autocast(device, amp):
                 logits_f, features = classifier(x)
                 concepts, support = extractor(features)

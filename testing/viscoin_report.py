@@ -13,6 +13,7 @@ from core.device import loader_settings, resolve_device
 from core.errors import UserError
 from core.plotting import pyplot, save_figure, save_table, show_or_close
 from core.rundir import mark_run
+from datasets.gpu_transforms import to_model_batch
 from datasets.registry import DataSpec, build_dataset, collate_skipping, resolve_meta
 from datasets.transforms import to_uint8_images
 from models.viscoin_io import check_compatible, load_viscoin
@@ -49,7 +50,7 @@ def plot_reconstructions(models, dataset, device, path: Path, n: int = 8, show: 
     plt = pyplot()
     items = [dataset[i] for i in range(min(n, len(dataset)))]
     items = [it for it in items if it is not None]
-    x = torch.stack([it["image"] for it in items]).to(device)
+    x = to_model_batch(collate_skipping(items), device, train=False)["image"]
     with torch.no_grad():
         _, concepts, support, _ = models.encode(x)
         x_hat, _ = models.decoder(concepts, support, noise_mode="const")
@@ -145,7 +146,7 @@ def run_viscoin_test(
     spec = data_spec_for(models, dataset, data_dir)
     meta = resolve_meta(spec, quiet=quiet)
     check_compatible(models, num_classes=meta.num_classes)
-    data = build_dataset(spec, split, train_transform=False, meta=meta, attributes=None)
+    data = build_dataset(spec, split, train_transform=False, meta=meta, attributes=None, output="uint8")
     subset = data if not max_images or max_images >= len(data) else Subset(data, range(max_images))
     loader = DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=collate_skipping,
                         **loader_settings(dev, num_workers))  # fmt: skip

@@ -379,3 +379,25 @@ def test_bad_inputs(parts, trained, tmp_path):
     )
     assert snapshot(trained) == before
     assert not Path(tmp_path / "r" / "final.safetensors").exists()
+
+
+def test_evaluation_is_the_same_from_uint8_and_float_batches(viscoin):
+    """test viscoin ships uint8 batches (converted on the device); every metric equals the float path's."""
+    from torch.utils.data import DataLoader
+
+    from datasets.registry import build_dataset, collate_skipping, resolve_meta
+    from models.viscoin_io import load_viscoin
+    from testing.viscoin import evaluate_viscoin
+    from testing.viscoin_report import data_spec_for
+
+    models = load_viscoin(viscoin.bundle, device="cpu")
+    spec = data_spec_for(models, None, None)
+    meta = resolve_meta(spec, quiet=True)
+    results = []
+    for output in ("float", "uint8"):
+        data = build_dataset(spec, "test", train_transform=False, meta=meta, attributes=None, output=output)
+        loader = DataLoader(data, batch_size=16, collate_fn=collate_skipping)
+        results.append(evaluate_viscoin(models, loader, torch.device("cpu"), amp=False, progress=False))
+    floats, uint8s = ({k: v for k, v in r.items() if isinstance(v, float | int)} for r in results)
+    assert floats.keys() == uint8s.keys() and len(floats) > 5
+    assert floats == uint8s, (floats, uint8s)
