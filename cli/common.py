@@ -44,6 +44,8 @@ Compile = Annotated[
         rich_help_panel=HARDWARE,
     ),
 ]
+TrainSeed = Annotated[int | None, typer.Option(help="Random seed.", rich_help_panel=OPTIM)]
+LogEvery = Annotated[int | None, typer.Option(help="Steps between log lines.", rich_help_panel=OUTPUT)]
 Amp = Annotated[bool, typer.Option("--amp/--no-amp", help="bf16 autocast on CUDA.", rich_help_panel=HARDWARE)]
 Out = Annotated[
     Path | None, typer.Option(help="Run directory (default runs/<command>/<name>).", rich_help_panel=OUTPUT)

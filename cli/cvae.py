@@ -15,11 +15,13 @@ from cli.common import (
     Amp,
     DataDir,
     Device,
+    LogEvery,
     Name,
     Out,
     Overwrite,
     Quiet,
     Resume,
+    TrainSeed,
     Workers,
     WorldPreset,
     is_main_process,
@@ -97,7 +99,7 @@ def train_cvae_command(
     lr: Annotated[
         float | None, typer.Option("--lr", help="Adam learning rate.", rich_help_panel=OPTIM)
     ] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed.", rich_help_panel=OPTIM)] = None,
+    seed: TrainSeed = None,
     classifier: Annotated[
         Path | None,
         typer.Option(
@@ -109,9 +111,7 @@ def train_cvae_command(
     eval_every: Annotated[
         int | None, typer.Option(help="Steps between evaluations and checkpoints.", rich_help_panel=OUTPUT)
     ] = None,
-    log_every: Annotated[
-        int | None, typer.Option(help="Steps between log lines.", rich_help_panel=OUTPUT)
-    ] = None,
+    log_every: LogEvery = None,
     device: Device = "auto",
     amp: Amp = True,
     num_workers: Workers = None,

@@ -16,11 +16,13 @@ from cli.common import (
     DataDir,
     Dataset,
     Device,
+    LogEvery,
     Name,
     Out,
     Overwrite,
     Quiet,
     Resume,
+    TrainSeed,
     Workers,
     WorldPreset,
     is_main_process,
@@ -101,7 +103,7 @@ def train_gan(
         float | None,
         typer.Option(help="ADA speed: kimg for p to move by 1 (NVlabs 500).", rich_help_panel=OPTIM),
     ] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed.", rich_help_panel=OPTIM)] = None,
+    seed: TrainSeed = None,
     snapshot_kimg: Annotated[
         float | None, typer.Option(help="kimg between grids, metric and checkpoints.", rich_help_panel=OUTPUT)
     ] = None,
@@ -116,9 +118,7 @@ def train_gan(
             rich_help_panel=OUTPUT,
         ),
     ] = None,
-    log_every: Annotated[
-        int | None, typer.Option(help="Steps between log lines.", rich_help_panel=OUTPUT)
-    ] = None,
+    log_every: LogEvery = None,
     device: Device = "auto",
     amp: Amp = True,
     num_workers: Workers = None,

@@ -17,12 +17,14 @@ from cli.common import (
     DataDir,
     Dataset,
     Device,
+    LogEvery,
     Name,
     Out,
     Overwrite,
     Quiet,
     Resume,
     Show,
+    TrainSeed,
     Workers,
     WorldPreset,
     is_main_process,
@@ -106,13 +108,11 @@ def train_phylo_command(
             rich_help_panel=MODEL,
         ),
     ] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed.", rich_help_panel=OPTIM)] = None,
+    seed: TrainSeed = None,
     eval_every: Annotated[
         int | None, typer.Option(help="Steps between evaluations and checkpoints.", rich_help_panel=OUTPUT)
     ] = None,
-    log_every: Annotated[
-        int | None, typer.Option(help="Steps between log lines.", rich_help_panel=OUTPUT)
-    ] = None,
+    log_every: LogEvery = None,
     device: Device = "auto",
     amp: Amp = True,
     num_workers: Workers = None,

@@ -20,12 +20,14 @@ from cli.common import (
     Amp,
     DataDir,
     Device,
+    LogEvery,
     Name,
     Out,
     Overwrite,
     Quiet,
     Resume,
     Show,
+    TrainSeed,
     Workers,
     WorldPreset,
     is_main_process,
@@ -431,13 +433,11 @@ def train_retrieval_command(
     weight_decay: Annotated[
         float | None, typer.Option(help="AdamW weight decay.", rich_help_panel=OPTIM)
     ] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed.", rich_help_panel=OPTIM)] = None,
+    seed: TrainSeed = None,
     eval_every: Annotated[
         int | None, typer.Option(help="Steps between validations (0: every epoch).", rich_help_panel=OUTPUT)
     ] = None,  # fmt: skip
-    log_every: Annotated[
-        int | None, typer.Option(help="Steps between log lines.", rich_help_panel=OUTPUT)
-    ] = None,
+    log_every: LogEvery = None,
     device: Device = "auto",
     amp: Amp = True,
     num_workers: Workers = None,

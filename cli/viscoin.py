@@ -24,6 +24,7 @@ from cli.common import (
     Quiet,
     Resume,
     Show,
+    TrainSeed,
     Workers,
     WorldPreset,
     is_main_process,
@@ -112,7 +113,7 @@ def train_viscoin_command(
     w_reg: Annotated[
         float | None, typer.Option(help="Weight of the ||w - w_avg||^2 regulariser.", rich_help_panel=OPTIM)
     ] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed.", rich_help_panel=OPTIM)] = None,
+    seed: TrainSeed = None,
     eval_every: Annotated[
         int | None, typer.Option(help="Optimiser steps between evaluations.", rich_help_panel=OUTPUT)
     ] = None,
