@@ -14,6 +14,7 @@ concepts also shrinks all the others after normalisation, and scaling *every* co
 from __future__ import annotations
 
 import json
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -273,9 +274,9 @@ def plot_amplify(
         ax.axis("off")
     has = plan.selected.any(dim=1).tolist()
     for i in range(n):
-        name = class_names[int(plan.target[i])].split(".")[-1][:16]
+        name = textwrap.fill(class_names[int(plan.target[i])].split(".")[-1].replace("_", " "), 22)
         axes[2 * i, 0].imshow(original[i])
-        axes[2 * i, 0].set_title(f"image {plan.image_ids[i]}\n{name}", fontsize=7)
+        axes[2 * i, 0].set_title(f"image {plan.image_ids[i]}, Theta predicts\n{name}", fontsize=7)
         if not has[i]:
             axes[2 * i, 1].imshow(recon[i])
             axes[2 * i, 1].set_title(
@@ -292,7 +293,9 @@ def plot_amplify(
                 p = float(result[f"p_{kind}"][i, j])
                 tag = "" if kind == "selected" else "random "
                 axes[row, j + 1].set_title(f"{tag}x{plan.multipliers[j]:g} p={p:.2f}", fontsize=7)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.02 / n, 1, 1))
+    fig.text(0.01, 0.002, "x k: the selected concepts (upper row) or as many random ones (lower row) scaled by k, "
+             "then decoded; p: f's probability of Theta's class on that image.", fontsize=7, wrap=True)  # fmt: skip
     save_figure(fig, path)
     show_or_close(fig, show)
     return path
