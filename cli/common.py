@@ -66,7 +66,7 @@ Resume = Annotated[
     ),
 ]
 WorldPreset = Annotated[
-    str | None, typer.Option(help="Synthetic world preset: default or small.", rich_help_panel=DATA)
+    str | None, typer.Option(help="Synthetic world preset: default, small or bioscan.", rich_help_panel=DATA)
 ]
 Show = Annotated[bool, typer.Option(help="Also open the figures in a window.", rich_help_panel=OUTPUT)]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.", rich_help_panel=OUTPUT)]

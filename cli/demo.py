@@ -10,7 +10,9 @@ from cli.common import Device, Name, Out, Quiet, run_dir_for
 
 
 def demo(
-    world: Annotated[str, typer.Option(help="Synthetic world preset: default or small.")] = "default",
+    world: Annotated[
+        str, typer.Option(help="Synthetic world preset: default, small or bioscan.")
+    ] = "default",
     image_size: Annotated[
         int | None,
         typer.Option(help="Resolution of every model, a power of two (default: 32 on CPU, 64 on a GPU)."),

@@ -29,7 +29,7 @@ def cub(force: Annotated[bool, typer.Option(help="Download again even if cached.
 
 @app.command("world")
 def world(
-    preset: Annotated[str, typer.Option(help="World preset: default or small.")] = "default",
+    preset: Annotated[str, typer.Option(help="World preset: default, small or bioscan.")] = "default",
     data_dir: Annotated[
         Path | None, typer.Option(help="Data root (default $BIOVIS_DATA or ~/.cache/biovis/data).")
     ] = None,

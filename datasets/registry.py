@@ -23,6 +23,9 @@ WORLD_PRESETS = {
         images_per_species=16,
         image_size=32,
     ),
+    # BIOSCAN-like: four species per genus that share the primary colour, so that an unseen species has three
+    # seen congeners that look like it (48 species, 30 images each); `train retrieval --preset tiny` uses it
+    "bioscan": dict(species_per_genus=4, images_per_species=30, colour_rank="genus"),
 }
 
 

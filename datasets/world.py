@@ -7,6 +7,9 @@ function of the `WorldConfig`: the same config gives byte-identical files, whate
 
 Heritable traits are fixed per tree level (order: body and tail shape; family: bill; genus: wing pattern and
 crest; species: three colours); nuisances (pose, scale, position, background, colour jitter) vary per image.
+With `colour_rank="genus"` the genus fixes the primary colour too and its species differ in wing and head
+colour, so congeneric species look alike as they often do in nature (the `bioscan` preset): only then can an
+image of an unseen species be placed in its genus by what it shares with its siblings.
 """
 
 from __future__ import annotations
@@ -75,7 +78,13 @@ ProgressFn = Callable[[int, int], None]  # progress(done, total)
 # Independent random streams: every draw is seeded by (config.seed, stream, ids...), never by draw order.
 _NAMES, _TRAITS, _IMAGE, _SPLIT, _DNA, _SPECIMEN = range(1, 7)
 _COLOUR_TRAITS = ("primary_color", "wing_color", "head_color")
+COLOUR_RANKS = ("species", "genus")
 _COUNTS = ("n_orders", "families_per_order", "genera_per_family", "species_per_genus", "barcode_length")
+
+
+def trait_rank(config: WorldConfig, trait: str) -> str:
+    """The tree level that fixes `trait` in worlds of this config."""
+    return config.colour_rank if trait == "primary_color" else TRAIT_RANK[trait]
 
 
 def attribute_names() -> list[str]:
@@ -96,13 +105,20 @@ class WorldConfig:
     test_fraction: float = 0.5
     image_size: int = 64
     barcode_length: int = 650
+    colour_rank: str = "species"  # the rank that fixes the primary colour: species or genus
 
     def __post_init__(self):
         self.validate()
 
     def validate(self) -> None:
         """Raise `UserError` for values no world can be built from."""
+        if self.colour_rank not in COLOUR_RANKS:
+            raise UserError(
+                f"world colour_rank must be one of {', '.join(COLOUR_RANKS)}, got {self.colour_rank!r}"
+            )
         for f in fields(self):
+            if f.name == "colour_rank":
+                continue
             value = getattr(self, f.name)
             number = (int, float) if f.name == "test_fraction" else int
             if isinstance(value, bool) or not isinstance(value, number):
@@ -122,7 +138,10 @@ class WorldConfig:
 
     def key(self) -> str:
         """Short stable hash of the config and the generator version (12 hex digits)."""
-        payload = json.dumps({"version": WORLD_VERSION, **asdict(self)}, sort_keys=True)
+        config = asdict(self)
+        if config["colour_rank"] == "species":  # the default, left out: worlds from before it keep their key
+            del config["colour_rank"]
+        payload = json.dumps({"version": WORLD_VERSION, **config}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
     @property
@@ -218,17 +237,26 @@ def _higher_traits(config: WorldConfig, rng: np.random.Generator) -> list[dict[s
 
 
 def _species_colours(config: WorldConfig, rng: np.random.Generator, genera: list[dict]) -> list[dict]:
-    """Colour triples per species: siblings differ in primary colour while they last; full tuples never repeat."""
+    """Colour triples per species; full tuples never repeat. By default siblings differ in primary colour while
+    they last; with `colour_rank="genus"` a genus has one primary colour and its species differ in wing colour
+    while they last."""
     colours = list(PALETTE)
     triples = [(a, b, c) for a in colours for b in colours for c in colours]
+    by_genus = config.colour_rank == "genus"
+    # drawn only for by_genus, so default worlds stay byte-identical to those made before the option
+    genus_primaries = rng.permutation(len(colours)) if by_genus else None
     used: set[tuple[str, ...]] = set()
     traits = []
-    for higher in genera:
-        primaries = rng.permutation(len(colours))
+    for g, higher in enumerate(genera):
+        varied = rng.permutation(len(colours))
         for s in range(config.species_per_genus):
-            preferred = colours[primaries[s % len(colours)]]
+            preferred = colours[varied[s % len(colours)]]
             shuffled = (triples[i] for i in rng.permutation(len(triples)))
-            candidates = sorted(shuffled, key=lambda t: t[0] != preferred)  # stable: preferred primary first
+            if by_genus:
+                primary = colours[genus_primaries[g % len(colours)]]
+                candidates = sorted((t for t in shuffled if t[0] == primary), key=lambda t: t[1] != preferred)
+            else:  # stable sort: the preferred primary colour first
+                candidates = sorted(shuffled, key=lambda t: t[0] != preferred)
             fixed = tuple(higher.values())
             choice = next((t for t in candidates if fixed + t not in used), None)
             if choice is None:
@@ -577,7 +605,9 @@ def _world_info(config: WorldConfig, species: list[Species], n_train: int) -> di
             "test": config.n_images - n_train,
             "attributes": len(ATTRIBUTES),
         },
-        "traits": {trait: {"rank": TRAIT_RANK[trait], "values": list(vs)} for trait, vs in TRAITS.items()},
+        "traits": {
+            trait: {"rank": trait_rank(config, trait), "values": list(vs)} for trait, vs in TRAITS.items()
+        },
         "palette": {name: list(rgb) for name, rgb in PALETTE.items()},
         "attributes": [
             {"id": i, "name": name, "trait": trait, "value": value}

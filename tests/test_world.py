@@ -17,6 +17,7 @@ from core.errors import UserError
 from datasets.phylogeny import parse_newick
 from datasets.world import (
     DNA_RATES,
+    PALETTE,
     TRAIT_RANK,
     TRAITS,
     WorldConfig,
@@ -111,6 +112,9 @@ def test_key_is_short_and_stable():
     assert re.fullmatch(r"[0-9a-f]{12}", key)
     assert key == WorldConfig().key()
     assert key != WorldConfig(image_size=32).key()
+    # colour_rank came later: at its default it stays out of the key, so cached worlds keep their folders
+    assert key == "b94a47abecac"
+    assert key != WorldConfig(colour_rank="genus").key()
 
 
 # ------------------------------------------------------------------------------------------ CUB formats
@@ -231,6 +235,25 @@ def test_large_worlds_keep_species_distinct(shape):
     for a, b in combinations(species, 2):
         if a.genus == b.genus and a.class_id + 8 > b.class_id:  # up to 8 siblings get distinct primaries
             assert a.traits["primary_color"] != b.traits["primary_color"]
+
+
+def test_genus_colour_rank_makes_congeners_share_their_primary_colour(tmp_path):
+    """The bioscan-like world: one primary colour per genus, siblings told apart by wing (and head) colour."""
+    config = WorldConfig(species_per_genus=4, colour_rank="genus")
+    species = build_species(config)
+    assert len({tuple(sp.traits[t] for t in TRAITS) for sp in species}) == len(species)
+    for a, b in combinations(species, 2):
+        if a.genus == b.genus:
+            assert a.traits["primary_color"] == b.traits["primary_color"]
+            assert a.traits["wing_color"] != b.traits["wing_color"]
+    genera = {sp.genus: sp.traits["primary_color"] for sp in species}
+    assert len(set(genera.values())) == min(len(genera), len(PALETTE))  # genera spread over the palette
+    default = build_species(WorldConfig(species_per_genus=4))
+    assert [sp.name for sp in default] == [sp.name for sp in species]  # same tree and names, other colours
+    root = generate_world(tmp_path / "w", WorldConfig(n_orders=1, image_size=16, images_per_species=2,
+                                                      colour_rank="genus"))  # fmt: skip
+    meta = info(root)
+    assert meta["traits"]["primary_color"]["rank"] == "genus" and meta["config"]["colour_rank"] == "genus"
 
 
 def test_extreme_test_fraction_still_leaves_train_and_test(tmp_path):
@@ -362,6 +385,7 @@ def test_generate_world_refuses_an_existing_folder(tmp_path):
         dict(seed=-1),
         dict(image_size=32.0),
         dict(n_orders="3"),
+        dict(colour_rank="family"),
     ],
 )
 def test_bad_config_values_raise_user_error(bad):
