@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from core.errors import UserError
 from core.search import faiss_available, search
@@ -18,17 +19,46 @@ def brute_force(queries: np.ndarray, keys: np.ndarray, k: int) -> tuple[np.ndarr
     return np.take_along_axis(scores, order, 1), order
 
 
-@pytest.mark.parametrize("chunk", [None, 7, 64])
-def test_exact_search_equals_brute_force(chunk):
+@pytest.mark.parametrize("bf16_pass", [False, True])
+@pytest.mark.parametrize("chunk", [None, 7, 64, 130])
+def test_exact_search_equals_brute_force(chunk, bf16_pass):
     rng = np.random.default_rng(0)
     keys = rng.standard_normal((300, 16)).astype(np.float32)
     keys /= np.linalg.norm(keys, axis=1, keepdims=True)
     queries = rng.standard_normal((50, 16)).astype(np.float32)
-    scores, index = search(queries, keys.astype(np.float16), 5, chunk=chunk, query_batch=16, normalize=True)
+    scores, index = search(queries, keys.astype(np.float16), 5, chunk=chunk, query_batch=16, normalize=True,
+                           bf16_pass=bf16_pass)  # fmt: skip
     unit = queries / np.linalg.norm(queries, axis=1, keepdims=True)
     expected_scores, expected_index = brute_force(unit, keys.astype(np.float16).astype(np.float32), 5)
     assert (index == expected_index).all()
     assert np.allclose(scores, expected_scores, atol=1e-5)
+
+
+def test_bf16_pass_keeps_keys_closer_than_bfloat16_can_tell():
+    """Query i has key i at cosine a (first chunk) and key n + i at a + 1e-5 (second chunk). bfloat16 values
+    near 0.9 are 2^-8 apart and a sits just above the midpoint 0.900390625 of two of them, so a's rounding goes
+    up while about half of the bfloat16 scores of the keys n + i go down, below it. The candidate pass must
+    keep every key that may beat the running best: each query finds its key n + i, with its float32 score."""
+    rng = np.random.default_rng(3)
+    n, dim = 200, 64
+    queries = rng.standard_normal((n, dim))
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+
+    def at_cosine(c: float) -> np.ndarray:
+        side = rng.standard_normal((n, dim))
+        side -= (side * queries).sum(1, keepdims=True) * queries
+        side /= np.linalg.norm(side, axis=1, keepdims=True)
+        return c * queries + np.sqrt(1 - c**2) * side
+
+    a = 0.900390625 + 2e-6
+    keys = np.concatenate([at_cosine(a), at_cosine(a + 1e-5)]).astype(np.float32)
+    queries = queries.astype(np.float32)
+    rough = (torch.from_numpy(queries).bfloat16() @ torch.from_numpy(keys).bfloat16().T).float().numpy()
+    assert (rough[np.arange(n), n + np.arange(n)] < rough[np.arange(n), np.arange(n)]).sum() > n // 10
+    for query_batch in (7, 1024):
+        scores, index = search(queries, keys, 1, chunk=n, query_batch=query_batch, bf16_pass=True)
+        assert (index[:, 0] == n + np.arange(n)).all()
+        assert np.allclose(scores[:, 0], a + 1e-5, rtol=0, atol=1e-6)
 
 
 def test_ties_go_to_the_lower_index_across_chunks():
@@ -38,11 +68,13 @@ def test_ties_go_to_the_lower_index_across_chunks():
     target = np.ones(8, dtype=np.float32)
     for i in (3, 9, 14, 20):
         keys[i] = target
-    for chunk in (None, 2, 5, 10, 11):
-        _, index = search(target[None], keys, 3, chunk=chunk)
-        assert index[0].tolist() == [3, 9, 14], chunk
-    equal = np.ones((6, 4), dtype=np.float32)  # all tied: the order is the index order
-    assert search(np.ones((1, 4), np.float32), equal, 6, chunk=4)[1][0].tolist() == list(range(6))
+    for bf16_pass in (False, True):
+        for chunk in (None, 2, 5, 10, 11):
+            _, index = search(target[None], keys, 3, chunk=chunk, bf16_pass=bf16_pass)
+            assert index[0].tolist() == [3, 9, 14], (chunk, bf16_pass)
+        equal = np.ones((6, 4), dtype=np.float32)  # all tied: the order is the index order
+        top = search(np.ones((1, 4), np.float32), equal, 6, chunk=4, bf16_pass=bf16_pass)[1]
+        assert top[0].tolist() == list(range(6))
 
 
 @pytest.mark.skipif(not faiss_available(), reason="faiss not installed")
