@@ -34,6 +34,8 @@ def test_features_equal_pytorch_fids_pipeline_on_png_files(fid_net, tmp_path):
     np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6 * np.abs(theirs).max())
 
 
+# pytorch-fid passes SciPy's deprecated `disp` argument itself
+@pytest.mark.filterwarnings("ignore:The `disp` argument is deprecated:DeprecationWarning")
 def test_frechet_distance_is_the_librarys_and_agrees_with_an_eigh_version():
     from pytorch_fid.fid_score import calculate_frechet_distance
 
