@@ -8,8 +8,9 @@ function of the `WorldConfig`: the same config gives byte-identical files, whate
 Heritable traits are fixed per tree level (order: body and tail shape; family: bill; genus: wing pattern and
 crest; species: three colours); nuisances (pose, scale, position, background, colour jitter) vary per image.
 With `colour_rank="genus"` the genus fixes the primary colour too and its species differ in wing and head
-colour, so congeneric species look alike as they often do in nature (the `bioscan` preset): only then can an
-image of an unseen species be placed in its genus by what it shares with its siblings.
+colour, so congeneric species look alike, as they often do in nature (the `bioscan` preset). A small image
+encoder trained on the default world tells species apart by colour alone and places an unseen species by its
+colours, not its genus; on this one it finds the genus (README, retrieval).
 """
 
 from __future__ import annotations
