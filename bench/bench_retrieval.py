@@ -35,46 +35,55 @@ def unit_rows(n: int, dim: int, seed: int) -> np.ndarray:
     return out
 
 
-def timed(fn, sync: bool, rounds: int) -> tuple[float, object]:
-    """The fastest of `rounds` runs after a warm-up (on a shared machine the minimum is the stable figure)."""
-    result = fn()
-    best = float("inf")
+def timed(fns: dict, sync: bool, rounds: int) -> dict[str, tuple[float, object]]:
+    """name -> (fastest of `rounds` runs after a warm-up, result). The functions take turns in every round, so
+    that a slow spell of a shared machine hits them alike; the minimum is the stable figure there."""
+    results = {name: fn() for name, fn in fns.items()}
+    best = dict.fromkeys(fns, float("inf"))
     for _ in range(rounds):
-        if sync:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        result = fn()
-        if sync:
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best, result
+        for name, fn in fns.items():
+            if sync:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            results[name] = fn()
+            if sync:
+                torch.cuda.synchronize()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: (best[name], results[name]) for name in fns}
 
 
 def bench_search(n_keys: int, dim: int, n_queries: int, k: int, device, rounds: int) -> None:
     keys = unit_rows(n_keys, dim, 0)
     queries = unit_rows(n_queries, dim, 1)
-    sync = device.type == "cuda"
-    seconds, (_, ours) = timed(lambda: search(queries, keys, k, device=str(device)), sync, rounds)
-    line = f"{n_keys:>9,} keys x {dim}, {n_queries} queries, top-{k}: ours, fp32 keys {n_queries / seconds:9.1f} q/s"
+    half = keys.astype(np.float16)
+    fns = {
+        "ours": lambda: search(queries, keys, k, device=str(device))[1],
+        "half": lambda: search(queries, half, k, device=str(device))[1],
+    }
+    if device.type == "cpu" and native_bf16():  # the default uses the bfloat16 candidate pass: also without
+        fns["plain"] = lambda: search(queries, keys, k, bf16_pass=False)[1]
     if faiss_available():
         import faiss
 
         index = faiss.IndexFlatIP(dim)
         index.add(keys)
-        f_seconds, (_, theirs) = timed(lambda: index.search(queries, k), False, rounds)
+        fns["faiss"] = lambda: index.search(queries, k)[1]
+    runs = timed(fns, device.type == "cuda", rounds)
+    (seconds, ours), (h_seconds, top_half) = runs["ours"], runs["half"]
+    line = f"{n_keys:>9,} keys x {dim}, {n_queries} queries, top-{k}: ours, fp32 keys {n_queries / seconds:9.1f} q/s"
+    if "faiss" in runs:
+        f_seconds, theirs = runs["faiss"]
         same = (ours == theirs).all(1).mean()
         line += f" | faiss IndexFlatIP {n_queries / f_seconds:9.1f} q/s | ratio {f_seconds / seconds:5.2f}x"
         line += f" | identical top-{k}: {same:.2%} of queries"
     else:
         line += " | faiss not installed"
-    if device.type == "cpu" and native_bf16():  # the default used the bfloat16 candidate pass: show without
-        p_seconds, (_, plain) = timed(lambda: search(queries, keys, k, bf16_pass=False), False, rounds)
+    if "plain" in runs:
+        p_seconds, plain = runs["plain"]
         same = (plain == ours).all(1).mean()
         line += (
             f"\n{'':>9}  without the bfloat16 pass {n_queries / p_seconds:9.1f} q/s, same top-{k}: {same:.2%}"
         )
-    half = keys.astype(np.float16)
-    h_seconds, (_, top_half) = timed(lambda: search(queries, half, k, device=str(device)), sync, rounds)
     agree = (top_half == ours).all(1).mean()
     print(line)
     print(

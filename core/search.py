@@ -6,10 +6,15 @@ into a running top-k. Ties are broken deterministically by the lower key index, 
 boundary. `backend="faiss"` runs faiss' exact `IndexFlatIP` instead (when faiss is installed).
 
 On a CPU that multiplies bfloat16 natively (AVX512-BF16, AMX), a chunk is first scored in bfloat16, at about
-twice the float32 rate, and only the keys that may still enter a query's top-k are scored again in float32:
-those within a proven bound of the running k-th score. A bfloat16 score differs from the exact one by at
-most |q| |k| (2u + u^2 + d 2^-23) with u = 2^-8 (Cauchy-Schwarz over the rounded products, float32
-accumulation), plus one rounding of the output, so the result is the exact search's, ties included.
+twice the float32 rate, and only the keys that may still enter a query's top-k are scored again in float32, by
+a per-pair dot product: those whose bfloat16 score reaches the running k-th float32 score (or, before there
+is one, the chunk's own k-th bfloat16 score) minus a proven bound. Before the rounding of its output, a
+bfloat16 score differs from the float32 one by at most |q| |k| (2u + u^2 + d 2^-22) with u = 2^-8
+(Cauchy-Schwarz over the rounded products, two float32 accumulations); the output rounding is monotone, so
+a floor rounded down to bfloat16 keeps every key at or above it, and no key of the top-k is missed. Every
+score of a search comes from the same float32 kernel, so equal keys score equally and ties go to the lower
+index; the scores may differ from an sgemm's (faiss', the float32 path's) in the last bits. A chunk with too
+many candidates for the pass to pay (near-duplicate keys) sends its query batch to the float32 path.
 """
 
 from __future__ import annotations
@@ -26,6 +31,13 @@ BACKENDS = ("torch", "faiss")
 _TOP_INDEX = np.iinfo(np.int64).max
 _U = 2.0**-8  # bfloat16's unit roundoff
 _BLOCK = 64  # keys per block maximum when looking for candidates in a bfloat16 score chunk
+_PAIRS = 1 << 14  # candidate (query, key) pairs rescored at once: 64 MB of gathered rows at d = 512
+_DENSE_SHARE = 1 / 8  # a larger share of a chunk's scores are candidates: the bfloat16 pass does not pay
+_TINY = 2.0**-60  # |q| |k| below this: bfloat16's products may underflow, the bound no longer holds
+
+
+class _Dense(Exception):
+    """The bfloat16 pass cannot help this query batch (too many candidates, tiny or non-finite norms)."""
 
 
 def _ordered(scores, indices, k: int):
@@ -66,8 +78,8 @@ def search(queries, keys, k: int, backend: str = "torch", device: str = "cpu", n
 
     `normalize` scales queries to unit length (keys are expected unit-length already). Memory: one score
     block of `query_batch x chunk` (chosen within `max_bytes` when `chunk` is None: 16 MB on the CPU, 256 MB
-    on CUDA) plus one key chunk. `bf16_pass` (CPU only; None: when the CPU has native bfloat16) finds
-    candidates in bfloat16 first; the result is the same.
+    on CUDA) plus one key chunk. `bf16_pass` (CPU only; None: when the CPU has native bfloat16 and the keys
+    fill more than three chunks) finds candidates in bfloat16 first; the top-k is the same.
     """
     if backend not in BACKENDS:
         raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -104,23 +116,38 @@ def _torch_search(queries: np.ndarray, keys: Any, k: int, device: str, chunk: in
     cuda = dev.type == "cuda"
     query_batch = max(1, min(query_batch, len(queries)))
     max_bytes = max_bytes or (1 << 28 if cuda else 1 << 24)
-    bf16 = not cuda and (native_bf16() if bf16_pass is None else bf16_pass)
-    chunk = chunk or max(k, min(n_keys, max_bytes // ((2 if bf16 else 4) * query_batch)))
+    bf16_chunk = chunk or max(k, min(n_keys, max_bytes // (2 * query_batch)))  # 2-byte scores
+    chunk = chunk or max(k, min(n_keys, max_bytes // (4 * query_batch)))
+    auto = native_bf16() and n_keys > 3 * bf16_chunk  # measured: below, the float32 path is as fast or faster
+    bf16 = not cuda and (auto if bf16_pass is None else bf16_pass)
     out_scores = np.empty((len(queries), k), dtype=np.float32)
     out_index = np.empty((len(queries), k), dtype=np.int64)
-    if bf16:
-        _search_bf16(queries, keys, k, chunk, query_batch, out_scores, out_index)
-        return out_scores, out_index
-    resident = torch.from_numpy(np.asarray(keys, dtype=np.float16)).to(dev) if cuda else None
-    threads = torch.get_num_threads()
-    # torch's idle OpenMP threads spin and slow NumPy's BLAS threads down (0.25 s per 100k x 1024)
-    if not cuda:
-        torch.set_num_threads(1)
-    try:
+    if cuda:
+        resident = torch.from_numpy(np.asarray(keys, dtype=np.float16)).to(dev)
         _search_blocks(queries, keys, k, dev, resident, chunk, query_batch, out_scores, out_index)
+        return out_scores, out_index
+    for q0 in range(0, len(queries), query_batch):
+        batch, rows = queries[q0 : q0 + query_batch], slice(q0, q0 + query_batch)
+        try:
+            if not bf16:
+                raise _Dense
+            out_scores[rows], out_index[rows] = _bf16_batch(batch, keys, k, bf16_chunk)
+        except _Dense:
+            _cpu_float32(batch, keys, k, chunk, out_scores[rows], out_index[rows])
+    return out_scores, out_index
+
+
+def _cpu_float32(queries, keys, k, chunk, out_scores, out_index) -> None:
+    """The float32 search of a query batch on the CPU, with NumPy's BLAS."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # torch's idle OpenMP threads spin and slow NumPy's BLAS threads down
+    try:
+        cpu = torch.device("cpu")
+        _search_blocks(queries, keys, k, cpu, None, chunk, len(queries), out_scores, out_index)
     finally:
         torch.set_num_threads(threads)
-    return out_scores, out_index
 
 
 def _float32(block) -> np.ndarray:
@@ -163,7 +190,7 @@ def _merge(best_s, best_i, s, i, k: int):
     import torch
 
     if best_s is None:
-        return s, i
+        return _ordered(s, i, k)
     return _ordered(torch.cat([best_s, s], 1), torch.cat([best_i, i], 1), k)
 
 
@@ -199,36 +226,60 @@ def _padded(rows, values, indices, n_rows: int):
     return out_s, out_i
 
 
-def _search_bf16(queries, keys, k, chunk, query_batch, out_scores, out_index) -> None:
-    """CPU search with a bfloat16 candidate pass per chunk (module docstring). The first chunk is scored in
-    float32 to start the running top-k; after it, only keys whose bfloat16 score reaches the running k-th
-    score minus the error bound are rescored in float32 and merged."""
+def _bf16_floor(x):
+    """The largest bfloat16 value at most x (float32): every rounding of a score >= x stays >= it."""
+    import torch
+
+    rounded = x.bfloat16()
+    return torch.where(
+        rounded.float() > x, torch.nextafter(rounded, torch.full_like(rounded, -torch.inf)), rounded
+    )
+
+
+def _rescore(q, block, rows, cols):
+    """float32 scores of the (query row, key column) pairs, a bounded number of pairs at a time."""
+    import torch
+
+    parts = [(q[r] * block[c]).sum(1) for r, c in zip(rows.split(_PAIRS), cols.split(_PAIRS), strict=True)]
+    return torch.cat(parts)
+
+
+def _bf16_batch(queries: np.ndarray, keys: Any, k: int, chunk: int):
+    """Top-k of one query batch with a bfloat16 candidate pass per chunk (module docstring); raises `_Dense`
+    when the pass cannot help, before anything is returned."""
     import torch
 
     n_keys, dim = len(keys), queries.shape[1]
-    slack = 2 * _U + _U * _U + dim * 2.0**-23
+    slack = 2 * _U + _U * _U + dim * 2.0**-22
+    best_s = best_i = None
     with torch.inference_mode():
-        for q0 in range(0, len(queries), query_batch):
-            q = torch.from_numpy(queries[q0 : q0 + query_batch])
-            q_bf16, q_norm = q.bfloat16(), torch.linalg.vector_norm(q, dim=1)
-            best_s = best_i = None
-            for c0 in range(0, n_keys, chunk):
-                block = _float32(keys[c0 : c0 + chunk])
-                block = torch.from_numpy(block if block.flags.writeable else block.copy())
-                bound = q_norm * torch.linalg.vector_norm(block, dim=1).max() * slack
-                if best_s is None or best_s.shape[1] < k or not bool(torch.isfinite(bound).all()):
-                    s, i = _chunk_topk(q @ block.T, min(k, block.shape[0]), c0)
-                    best_s, best_i = _merge(best_s, best_i, s, i, k)
-                    continue
+        q = torch.from_numpy(queries)
+        q_bf16, q_norm = q.bfloat16(), torch.linalg.vector_norm(q, dim=1)
+        for c0 in range(0, n_keys, chunk):
+            block = _float32(keys[c0 : c0 + chunk])
+            block = torch.from_numpy(block if block.flags.writeable else block.copy())
+            scale = q_norm * torch.linalg.vector_norm(block, dim=1).max()
+            if not bool(torch.isfinite(scale).all()) or bool((scale < _TINY).any()):
+                raise _Dense
+            bound = scale * slack
+            approx = q_bf16 @ block.bfloat16().T
+            # a key of the top-k reaches the running k-th score, and the chunk's k-th: its bfloat16 score less
+            # the bound and the output's rounding
+            if best_s is not None and best_s.shape[1] == k:
                 floor = best_s[:, k - 1] - bound
-                floor = (floor - 4 * _U * floor.abs()).bfloat16()  # below any rounding of the output
-                rows, cols = _at_least(q_bf16 @ block.bfloat16().T, floor)
-                if len(rows):
-                    exact = torch.einsum("nd,nd->n", q[rows], block[cols])
-                    s, i = _padded(rows, exact, cols + c0, len(q))
-                    best_s, best_i = _merge(best_s, best_i, s, i, k)
-            out_scores[q0 : q0 + len(q)] = best_s.numpy()
-            out_index[q0 : q0 + len(q)] = best_i.numpy()
+            elif block.shape[0] >= k:
+                kth = approx.topk(k, dim=1).values[:, k - 1].float()
+                floor = kth - 2 * bound - 3 * _U * kth.abs()
+            else:
+                floor = torch.full_like(bound, -torch.inf)
+            floor = _bf16_floor(floor - (floor.abs() + bound) * 2.0**-22)  # and the subtraction's rounding
+            rows, cols = _at_least(approx, floor)
+            if len(rows) > _DENSE_SHARE * approx.numel() and block.shape[0] > k:
+                raise _Dense
+            if len(rows):
+                s, i = _padded(rows, _rescore(q, block, rows, cols), cols + c0, len(q))
+                best_s, best_i = _merge(best_s, best_i, s, i, k)
+    return best_s.numpy(), best_i.numpy()
 
 
 def faiss_available() -> bool:

@@ -7,8 +7,8 @@ function of the `WorldConfig`: the same config gives byte-identical files, whate
 
 Heritable traits are fixed per tree level (order: body and tail shape; family: bill; genus: wing pattern and
 crest; species: three colours); nuisances (pose, scale, position, background, colour jitter) vary per image.
-With `colour_rank="genus"` the genus fixes the primary colour too and its species differ in wing and head
-colour, so congeneric species look alike, as they often do in nature (the `bioscan` preset). A small image
+With `colour_rank="genus"` the genus fixes the primary colour too and its species differ in wing colour
+(while the palette lasts) and head colour, so congeneric species look alike, as they often do in nature (the `bioscan` preset). A small image
 encoder trained on the default world tells species apart by colour alone and places an unseen species by its
 colours, not its genus; on this one it finds the genus (README, retrieval).
 """
@@ -136,14 +136,25 @@ class WorldConfig:
             raise UserError(f"world images_per_species must be >= 2 (one train, one test), got {n}")
         if self.image_size < 16:
             raise UserError(f"world image_size must be at least 16 pixels, got {self.image_size}")
+        pairs = len(PALETTE) ** 2  # a genus of colour_rank genus has one primary colour
+        if self.colour_rank == "genus" and self.species_per_genus > pairs:
+            raise UserError(
+                f"world species_per_genus must be at most {pairs} with colour_rank genus (one primary colour, "
+                f"{pairs} wing and head colour pairs), got {self.species_per_genus}"
+            )
 
     def key(self) -> str:
         """Short stable hash of the config and the generator version (12 hex digits)."""
-        config = asdict(self)
-        if config["colour_rank"] == "species":  # the default, left out: worlds from before it keep their key
-            del config["colour_rank"]
-        payload = json.dumps({"version": WORLD_VERSION, **config}, sort_keys=True)
+        payload = json.dumps({"version": WORLD_VERSION, **self.recorded()}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+    def recorded(self) -> dict:
+        """The fields as the key and world.json record them: `colour_rank` came later and is left out at its
+        default, so worlds made before it keep their key and files."""
+        config = asdict(self)
+        if config["colour_rank"] == "species":
+            del config["colour_rank"]
+        return config
 
     @property
     def n_species(self) -> int:
@@ -595,7 +606,7 @@ def _world_info(config: WorldConfig, species: list[Species], n_train: int) -> di
     return {
         "version": WORLD_VERSION,
         "key": config.key(),
-        "config": asdict(config),
+        "config": config.recorded(),
         "counts": {
             "orders": config.n_orders,
             "families": n_families,

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import core.search
 from core.errors import UserError
 from core.search import faiss_available, search
 from testing.retrieval.novelty import auroc, calibrate
@@ -19,9 +20,21 @@ def brute_force(queries: np.ndarray, keys: np.ndarray, k: int) -> tuple[np.ndarr
     return np.take_along_axis(scores, order, 1), order
 
 
+def bf16_only(monkeypatch) -> None:
+    """Make the bfloat16 pass run on every chunk, however many candidates: no fall back to float32."""
+
+    def fail(*args):
+        raise AssertionError("the search fell back to float32")
+
+    monkeypatch.setattr(core.search, "_DENSE_SHARE", 1.0)
+    monkeypatch.setattr(core.search, "_cpu_float32", fail)
+
+
 @pytest.mark.parametrize("bf16_pass", [False, True])
 @pytest.mark.parametrize("chunk", [None, 7, 64, 130])
-def test_exact_search_equals_brute_force(chunk, bf16_pass):
+def test_exact_search_equals_brute_force(chunk, bf16_pass, monkeypatch):
+    if bf16_pass:
+        bf16_only(monkeypatch)
     rng = np.random.default_rng(0)
     keys = rng.standard_normal((300, 16)).astype(np.float32)
     keys /= np.linalg.norm(keys, axis=1, keepdims=True)
@@ -34,11 +47,10 @@ def test_exact_search_equals_brute_force(chunk, bf16_pass):
     assert np.allclose(scores, expected_scores, atol=1e-5)
 
 
-def test_bf16_pass_keeps_keys_closer_than_bfloat16_can_tell():
-    """Query i has key i at cosine a (first chunk) and key n + i at a + 1e-5 (second chunk). bfloat16 values
-    near 0.9 are 2^-8 apart and a sits just above the midpoint 0.900390625 of two of them, so a's rounding goes
-    up while about half of the bfloat16 scores of the keys n + i go down, below it. The candidate pass must
-    keep every key that may beat the running best: each query finds its key n + i, with its float32 score."""
+def test_bf16_pass_keeps_keys_closer_than_bfloat16_can_tell(monkeypatch):
+    """Query i has key i at cosine a and key n + i at a + 1e-5 (in a later chunk or the same), and bfloat16
+    often ranks the two the wrong way: each query still finds its key n + i, with its float32 score, in query
+    batches and chunks of several sizes."""
     rng = np.random.default_rng(3)
     n, dim = 200, 64
     queries = rng.standard_normal((n, dim))
@@ -55,26 +67,86 @@ def test_bf16_pass_keeps_keys_closer_than_bfloat16_can_tell():
     queries = queries.astype(np.float32)
     rough = (torch.from_numpy(queries).bfloat16() @ torch.from_numpy(keys).bfloat16().T).float().numpy()
     assert (rough[np.arange(n), n + np.arange(n)] < rough[np.arange(n), np.arange(n)]).sum() > n // 10
-    for query_batch in (7, 1024):
-        scores, index = search(queries, keys, 1, chunk=n, query_batch=query_batch, bf16_pass=True)
+    bf16_only(monkeypatch)
+    for query_batch, chunk in ((7, n), (1024, n), (1024, 2 * n)):  # in the second chunk or in the same one
+        scores, index = search(queries, keys, 1, chunk=chunk, query_batch=query_batch, bf16_pass=True)
         assert (index[:, 0] == n + np.arange(n)).all()
         assert np.allclose(scores[:, 0], a + 1e-5, rtol=0, atol=1e-6)
 
 
-def test_ties_go_to_the_lower_index_across_chunks():
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_bf16_pass_keeps_a_key_that_rounding_puts_two_steps_low(chunk, monkeypatch):
+    """The bound's worst case by construction: every component of the query and of key B sits just below a
+    bfloat16 rounding midpoint, so B's bfloat16 score (7.0) is two grid steps below its float32 one (7.0537);
+    key A's components round up instead, so A (7.0527) looks best in bfloat16 (7.0625). With B in its own
+    chunk the floor comes from A's float32 score, in one chunk from A's bfloat16 score: either way only the
+    bound keeps B, the true best. (Each of the two floors without its bound returns A.)"""
+    bf16_only(monkeypatch)
+    t = np.float32(1 + 0.49 * 2**-7)  # bfloat16 rounds it down to 1
+    query, b = np.full(7, t, np.float32), np.full(7, t, np.float32)
+    score_b = float(query.astype(np.float64) @ b)
+    a = 1 + 0.51 * 2**-7  # rounded up
+    keys = np.stack([np.array([a] * 6 + [(score_b - 1e-3) / t - 6 * a], np.float32), b])
+    rough = torch.from_numpy(query).bfloat16() @ torch.from_numpy(keys).bfloat16().T
+    assert rough.tolist() == [7.0625, 7.0]
+    scores, index = search(query[None], keys, 1, chunk=chunk, bf16_pass=True)
+    assert index.tolist() == [[1]] and scores[0, 0] == pytest.approx(score_b, abs=1e-5)
+
+
+def test_bf16_pass_scores_equal_keys_equally_at_full_size():
+    """Specimens with one barcode give equal keys. At d = 512 (where float32 kernels round differently) equal
+    keys in one chunk or in different chunks get the same score, ties go to the lower index, and a key's score
+    does not depend on the chunking; keys are float16, as an index stores them."""
+    rng = np.random.default_rng(4)
+    keys = rng.standard_normal((3000, 512)).astype(np.float32)
+    keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+    queries = rng.standard_normal((40, 512)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    keys[[5, 9, 2900]] = queries[0] + 0.01 * keys[[5, 5, 5]]  # one vector at rows 5, 9 (chunk 0) and 2900
+    keys = keys.astype(np.float16)
+    results = [search(queries, keys, 4, chunk=chunk, bf16_pass=True) for chunk in (1000, 2950, None)]
+    for scores, index in results:
+        assert index[0, :3].tolist() == [5, 9, 2900] and scores[0, 0] == scores[0, 1] == scores[0, 2]
+        assert (index == results[0][1]).all() and (scores == results[0][0]).all()
+    exact = search(queries, keys, 4, bf16_pass=False)  # NumPy's sgemm: the same up to float32 rounding
+    assert np.allclose(results[0][0], exact[0], rtol=0, atol=2e-6)
+    apart = (np.diff(exact[0], axis=1) < -2e-6).all(1)
+    assert apart.sum() > 30 and (results[0][1][apart] == exact[1][apart]).all()
+
+
+def test_bf16_pass_hands_near_duplicate_keys_to_float32(monkeypatch):
+    """When most keys are candidates the bfloat16 pass cannot pay: the query batch goes to the float32 path,
+    whose result it then is, bit for bit."""
+    rng = np.random.default_rng(5)
+    centre = rng.standard_normal(64).astype(np.float32)
+    keys = centre + 1e-3 * rng.standard_normal((500, 64)).astype(np.float32)
+    keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+    queries = centre + 1e-3 * rng.standard_normal((8, 64)).astype(np.float32)
+    calls = []
+    float32_batch = core.search._cpu_float32
+    monkeypatch.setattr(core.search, "_cpu_float32", lambda *a: calls.append(1) or float32_batch(*a))
+    fast = search(queries, keys, 5, chunk=100, normalize=True, bf16_pass=True)
+    assert calls
+    exact = search(queries, keys, 5, chunk=100, normalize=True, bf16_pass=False)
+    assert (fast[1] == exact[1]).all() and (fast[0] == exact[0]).all()
+
+
+@pytest.mark.parametrize("bf16_pass", [False, True])
+def test_ties_go_to_the_lower_index_across_chunks(bf16_pass, monkeypatch):
     """Keys 3, 9, 14 and 20 are the same vector: the top-3 is 3, 9, 14 whatever the chunking."""
+    if bf16_pass:
+        bf16_only(monkeypatch)
     rng = np.random.default_rng(1)
     keys = rng.standard_normal((24, 8)).astype(np.float32) * 0.1
     target = np.ones(8, dtype=np.float32)
     for i in (3, 9, 14, 20):
         keys[i] = target
-    for bf16_pass in (False, True):
-        for chunk in (None, 2, 5, 10, 11):
-            _, index = search(target[None], keys, 3, chunk=chunk, bf16_pass=bf16_pass)
-            assert index[0].tolist() == [3, 9, 14], (chunk, bf16_pass)
-        equal = np.ones((6, 4), dtype=np.float32)  # all tied: the order is the index order
-        top = search(np.ones((1, 4), np.float32), equal, 6, chunk=4, bf16_pass=bf16_pass)[1]
-        assert top[0].tolist() == list(range(6))
+    for chunk in (None, 2, 5, 10, 11):
+        _, index = search(target[None], keys, 3, chunk=chunk, bf16_pass=bf16_pass)
+        assert index[0].tolist() == [3, 9, 14], chunk
+    equal = np.ones((6, 4), dtype=np.float32)  # all tied: the order is the index order
+    top = search(np.ones((1, 4), np.float32), equal, 6, chunk=4, bf16_pass=bf16_pass)[1]
+    assert top[0].tolist() == list(range(6))
 
 
 @pytest.mark.skipif(not faiss_available(), reason="faiss not installed")

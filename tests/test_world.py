@@ -254,6 +254,8 @@ def test_genus_colour_rank_makes_congeners_share_their_primary_colour(tmp_path):
                                                       colour_rank="genus"))  # fmt: skip
     meta = info(root)
     assert meta["traits"]["primary_color"]["rank"] == "genus" and meta["config"]["colour_rank"] == "genus"
+    assert "colour_rank" not in info(generate_world(tmp_path / "d", WorldConfig(n_orders=1, image_size=16,
+                                                                               images_per_species=2)))["config"]  # fmt: skip
 
 
 def test_extreme_test_fraction_still_leaves_train_and_test(tmp_path):
@@ -386,6 +388,7 @@ def test_generate_world_refuses_an_existing_folder(tmp_path):
         dict(image_size=32.0),
         dict(n_orders="3"),
         dict(colour_rank="family"),
+        dict(species_per_genus=65, colour_rank="genus"),
     ],
 )
 def test_bad_config_values_raise_user_error(bad):
