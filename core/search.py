@@ -12,9 +12,10 @@ is one, the chunk's own k-th bfloat16 score) minus a proven bound. Before the ro
 bfloat16 score differs from the float32 one by at most |q| |k| (2u + u^2 + d 2^-22) with u = 2^-8
 (Cauchy-Schwarz over the rounded products, two float32 accumulations); the output rounding is monotone, so
 a floor rounded down to bfloat16 keeps every key at or above it, and no key of the top-k is missed. Every
-score of a search comes from the same float32 kernel, so equal keys score equally and ties go to the lower
-index; the scores may differ from an sgemm's (faiss', the float32 path's) in the last bits. A chunk with too
-many candidates for the pass to pay (near-duplicate keys) sends its query batch to the float32 path.
+score of a query batch comes from one float32 kernel, so equal keys score equally and ties go to the lower
+index; scores may differ from an sgemm's (faiss', the float32 path's) in the last bits, so near-ties closer
+than that may order differently than there. A query with over an eighth of a chunk's keys as candidates
+(near-duplicate keys) or extreme norms sends its query batch to the float32 path: memory stays bounded.
 """
 
 from __future__ import annotations
@@ -31,13 +32,13 @@ BACKENDS = ("torch", "faiss")
 _TOP_INDEX = np.iinfo(np.int64).max
 _U = 2.0**-8  # bfloat16's unit roundoff
 _BLOCK = 64  # keys per block maximum when looking for candidates in a bfloat16 score chunk
-_PAIRS = 1 << 14  # candidate (query, key) pairs rescored at once: 64 MB of gathered rows at d = 512
-_DENSE_SHARE = 1 / 8  # a larger share of a chunk's scores are candidates: the bfloat16 pass does not pay
-_TINY = 2.0**-60  # |q| |k| below this: bfloat16's products may underflow, the bound no longer holds
+_RESCORED = 1 << 22  # floats gathered per side when rescoring candidate pairs (16 MB; 8,192 pairs at d = 512)
+_DENSE_SHARE = 1 / 8  # a query with more of a chunk's keys as candidates: the bfloat16 pass does not pay
+_TINY, _HUGE = 2.0**-60, 2.0**100  # |q| |k| outside: bfloat16 products may underflow or overflow
 
 
 class _Dense(Exception):
-    """The bfloat16 pass cannot help this query batch (too many candidates, tiny or non-finite norms)."""
+    """The bfloat16 pass cannot help this query batch (too many candidates for a query, extreme norms)."""
 
 
 def _ordered(scores, indices, k: int):
@@ -78,8 +79,9 @@ def search(queries, keys, k: int, backend: str = "torch", device: str = "cpu", n
 
     `normalize` scales queries to unit length (keys are expected unit-length already). Memory: one score
     block of `query_batch x chunk` (chosen within `max_bytes` when `chunk` is None: 16 MB on the CPU, 256 MB
-    on CUDA) plus one key chunk. `bf16_pass` (CPU only; None: when the CPU has native bfloat16 and the keys
-    fill more than three chunks) finds candidates in bfloat16 first; the top-k is the same.
+    on CUDA) plus one key chunk (with the bfloat16 pass, also up to 16 MB of candidate rows). `bf16_pass` (CPU only; None: when the CPU has native bfloat16 and the keys
+    fill more than three chunks) finds candidates in bfloat16 first; the top-k is the float32 one (module
+    docstring: up to near-ties in the last bits).
     """
     if backend not in BACKENDS:
         raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -194,19 +196,25 @@ def _merge(best_s, best_i, s, i, k: int):
     return _ordered(torch.cat([best_s, s], 1), torch.cat([best_i, i], 1), k)
 
 
-def _at_least(scores, floor):
+def _at_least(scores, floor, cap: int):
     """(rows, cols) of the entries of scores [Q, C] that are >= floor [Q], row-major; the column blocks whose
-    maximum is below the floor are skipped without looking at their entries again."""
+    maximum is below the floor are skipped without looking at their entries again. Raises `_Dense`, before
+    any pair is listed, when a row has more than `cap` of them."""
     import torch
 
     n_rows, width = scores.shape
     whole = width - width % _BLOCK
     blocks = scores[:, :whole].view(n_rows, whole // _BLOCK, _BLOCK)
     b_rows, b_cols = (blocks.amax(2) >= floor[:, None]).nonzero(as_tuple=True)
-    hit, offset = (blocks[b_rows, b_cols] >= floor[b_rows, None]).nonzero(as_tuple=True)
+    inside = blocks[b_rows, b_cols] >= floor[b_rows, None]  # [candidate blocks, _BLOCK]
+    tail = scores[:, whole:] >= floor[:, None]
+    counts = torch.bincount(b_rows, weights=inside.sum(1), minlength=n_rows) + tail.sum(1)
+    if n_rows and int(counts.max()) > cap:
+        raise _Dense
+    hit, offset = inside.nonzero(as_tuple=True)
     rows, cols = b_rows[hit], b_cols[hit] * _BLOCK + offset
     if whole < width:
-        t_rows, t_cols = (scores[:, whole:] >= floor[:, None]).nonzero(as_tuple=True)
+        t_rows, t_cols = tail.nonzero(as_tuple=True)
         rows, cols = torch.cat([rows, t_rows]), torch.cat([cols, t_cols + whole])
         order = torch.sort(rows, stable=True).indices
         rows, cols = rows[order], cols[order]
@@ -240,7 +248,8 @@ def _rescore(q, block, rows, cols):
     """float32 scores of the (query row, key column) pairs, a bounded number of pairs at a time."""
     import torch
 
-    parts = [(q[r] * block[c]).sum(1) for r, c in zip(rows.split(_PAIRS), cols.split(_PAIRS), strict=True)]
+    step = max(1, _RESCORED // q.shape[1])
+    parts = [(q[r] * block[c]).sum(1) for r, c in zip(rows.split(step), cols.split(step), strict=True)]
     return torch.cat(parts)
 
 
@@ -253,13 +262,13 @@ def _bf16_batch(queries: np.ndarray, keys: Any, k: int, chunk: int):
     slack = 2 * _U + _U * _U + dim * 2.0**-22
     best_s = best_i = None
     with torch.inference_mode():
-        q = torch.from_numpy(queries)
+        q = torch.from_numpy(queries if queries.flags.writeable else queries.copy())
         q_bf16, q_norm = q.bfloat16(), torch.linalg.vector_norm(q, dim=1)
         for c0 in range(0, n_keys, chunk):
             block = _float32(keys[c0 : c0 + chunk])
             block = torch.from_numpy(block if block.flags.writeable else block.copy())
             scale = q_norm * torch.linalg.vector_norm(block, dim=1).max()
-            if not bool(torch.isfinite(scale).all()) or bool((scale < _TINY).any()):
+            if not bool(((scale >= _TINY) & (scale <= _HUGE)).all()):  # also catches NaN
                 raise _Dense
             bound = scale * slack
             approx = q_bf16 @ block.bfloat16().T
@@ -273,9 +282,7 @@ def _bf16_batch(queries: np.ndarray, keys: Any, k: int, chunk: int):
             else:
                 floor = torch.full_like(bound, -torch.inf)
             floor = _bf16_floor(floor - (floor.abs() + bound) * 2.0**-22)  # and the subtraction's rounding
-            rows, cols = _at_least(approx, floor)
-            if len(rows) > _DENSE_SHARE * approx.numel() and block.shape[0] > k:
-                raise _Dense
+            rows, cols = _at_least(approx, floor, max(k, int(_DENSE_SHARE * block.shape[0])))
             if len(rows):
                 s, i = _padded(rows, _rescore(q, block, rows, cols), cols + c0, len(q))
                 best_s, best_i = _merge(best_s, best_i, s, i, k)

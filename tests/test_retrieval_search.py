@@ -114,21 +114,32 @@ def test_bf16_pass_scores_equal_keys_equally_at_full_size():
     assert apart.sum() > 30 and (results[0][1][apart] == exact[1][apart]).all()
 
 
-def test_bf16_pass_hands_near_duplicate_keys_to_float32(monkeypatch):
-    """When most keys are candidates the bfloat16 pass cannot pay: the query batch goes to the float32 path,
-    whose result it then is, bit for bit."""
+@pytest.mark.parametrize("case", ["all near-duplicates", "one query on a cluster", "huge norms"])
+def test_bf16_pass_hands_hard_batches_to_float32(case, monkeypatch):
+    """A query with most of a chunk's keys as candidates (the pass cannot pay, and its padded candidates would
+    grow with the cluster), or norms whose bfloat16 products could overflow: the query batch goes to the
+    float32 path, whose result it then is, bit for bit."""
     rng = np.random.default_rng(5)
     centre = rng.standard_normal(64).astype(np.float32)
-    keys = centre + 1e-3 * rng.standard_normal((500, 64)).astype(np.float32)
+    keys = rng.standard_normal((500, 64)).astype(np.float32)
+    queries = rng.standard_normal((8, 64)).astype(np.float32)
+    if case == "all near-duplicates":
+        keys = centre + 1e-3 * keys
+        queries = centre + 1e-3 * queries
+    elif case == "one query on a cluster":
+        keys[100:400] = centre + 1e-3 * keys[100:400]
+        queries[3] = centre
     keys /= np.linalg.norm(keys, axis=1, keepdims=True)
-    queries = centre + 1e-3 * rng.standard_normal((8, 64)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    if case == "huge norms":
+        keys, queries = keys * 1e16, queries * 1e16
     calls = []
     float32_batch = core.search._cpu_float32
     monkeypatch.setattr(core.search, "_cpu_float32", lambda *a: calls.append(1) or float32_batch(*a))
-    fast = search(queries, keys, 5, chunk=100, normalize=True, bf16_pass=True)
-    assert calls
-    exact = search(queries, keys, 5, chunk=100, normalize=True, bf16_pass=False)
-    assert (fast[1] == exact[1]).all() and (fast[0] == exact[0]).all()
+    fast = search(queries, keys, 5, chunk=100, query_batch=4, bf16_pass=True)
+    assert len(calls) == (2 if case != "one query on a cluster" else 1)  # the other batch of 4 keeps the pass
+    exact = search(queries, keys, 5, chunk=100, query_batch=4, bf16_pass=False)
+    assert (fast[1] == exact[1]).all() and np.isfinite(fast[0]).all()
 
 
 @pytest.mark.parametrize("bf16_pass", [False, True])
