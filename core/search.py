@@ -130,12 +130,13 @@ def _torch_search(queries: np.ndarray, keys: Any, k: int, device: str, chunk: in
         return out_scores, out_index
     for q0 in range(0, len(queries), query_batch):
         batch, rows = queries[q0 : q0 + query_batch], slice(q0, q0 + query_batch)
-        try:
-            if not bf16:
-                raise _Dense
-            out_scores[rows], out_index[rows] = _bf16_batch(batch, keys, k, bf16_chunk)
-        except _Dense:
-            _cpu_float32(batch, keys, k, chunk, out_scores[rows], out_index[rows])
+        if bf16:
+            try:
+                out_scores[rows], out_index[rows] = _bf16_batch(batch, keys, k, bf16_chunk)
+                continue
+            except _Dense:  # the pass cannot help this batch: float32 it is
+                pass
+        _cpu_float32(batch, keys, k, chunk, out_scores[rows], out_index[rows])
     return out_scores, out_index
 
 
@@ -179,16 +180,13 @@ def _search_blocks(queries, keys, k, dev, resident, chunk, query_batch, out_scor
                     block = _float32(keys[c0 : c0 + chunk])
                     scores = torch.from_numpy(q_host @ block.T)
                 s, i = _chunk_topk(scores, min(k, block.shape[0]), c0)
-                if best_s is None:
-                    best_s, best_i = s, i
-                else:
-                    best_s, best_i = _ordered(torch.cat([best_s, s], 1), torch.cat([best_i, i], 1), k)
+                best_s, best_i = _merge(best_s, best_i, s, i, k)
             out_scores[q0 : q0 + len(q)] = best_s.cpu().numpy()
             out_index[q0 : q0 + len(q)] = best_i.cpu().numpy()
 
 
 def _merge(best_s, best_i, s, i, k: int):
-    """The running top-k merged with new (scores, indices) rows."""
+    """The running top-k merged with new (scores, indices) rows (the first ones: just ordered)."""
     import torch
 
     if best_s is None:

@@ -8,9 +8,9 @@ function of the `WorldConfig`: the same config gives byte-identical files, whate
 Heritable traits are fixed per tree level (order: body and tail shape; family: bill; genus: wing pattern and
 crest; species: three colours); nuisances (pose, scale, position, background, colour jitter) vary per image.
 With `colour_rank="genus"` the genus fixes the primary colour too and its species differ in wing colour
-(while the palette lasts) and head colour, so congeneric species look alike, as they often do in nature (the `bioscan` preset). A small image
-encoder trained on the default world tells species apart by colour alone and places an unseen species by its
-colours, not its genus; on this one it finds the genus (README, retrieval).
+(while the palette lasts) and head colour, so congeneric species look alike, as they often do in nature (the
+`bioscan` preset). A small image encoder trained on the default world tells species apart by colour alone and
+places an unseen species by its colours, not its genus; on this one it finds the genus (README, retrieval).
 """
 
 from __future__ import annotations
@@ -261,11 +261,11 @@ def _species_colours(config: WorldConfig, rng: np.random.Generator, genera: list
     traits = []
     for g, higher in enumerate(genera):
         varied = rng.permutation(len(colours))
+        primary = colours[genus_primaries[g % len(colours)]] if by_genus else None
         for s in range(config.species_per_genus):
             preferred = colours[varied[s % len(colours)]]
             shuffled = (triples[i] for i in rng.permutation(len(triples)))
             if by_genus:
-                primary = colours[genus_primaries[g % len(colours)]]
                 candidates = sorted((t for t in shuffled if t[0] == primary), key=lambda t: t[1] != preferred)
             else:  # stable sort: the preferred primary colour first
                 candidates = sorted(shuffled, key=lambda t: t[0] != preferred)
