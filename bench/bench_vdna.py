@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.vdna import emd, load_vdna, save_vdna, vdna_paths  # noqa: E402
 from models.extractors import build_extractor  # noqa: E402
-from testing.vdna import make_vdna  # noqa: E402
+from testing.vdna.pipeline import make_vdna  # noqa: E402
 
 INSTALL = (
     "vdna is not importable: python -m venv /tmp/vdna-venv && /tmp/vdna-venv/bin/pip install vdna==0.1.1 "

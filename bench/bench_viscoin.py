@@ -220,7 +220,7 @@ def build_ours(args, dev) -> types.SimpleNamespace:
     from models.classifiers import Classifier
     from models.stylegan2 import Generator
     from models.viscoin import ConceptDecoder, ConceptExtractor, Explainer
-    from testing.viscoin import load_lpips
+    from testing.viscoin.evaluate import load_lpips
     from training.viscoin import VisCoINConfig, VisCoINNet, _lr_factor, build_optimisers, step_models
 
     autotune(dev)  # as train_viscoin: cuDNN's fastest algorithms on CUDA

@@ -96,14 +96,14 @@ def amplify(
 
     from core.atomic import write_text
     from core.rundir import mark_run, prepare_run_dir
-    from testing.amplify import (
+    from testing.viscoin.amplify import (
         check_selection_options,
         choose_images,
         plan_amplify,
         resolve_selection,
         run_amplify,
     )
-    from testing.concepts import open_analysis
+    from testing.viscoin.concepts import open_analysis
 
     factors = parse_list(multipliers, "--multipliers", float)
     if not all(math.isfinite(m) and m >= 0 for m in factors):

@@ -65,7 +65,7 @@ def concepts(
     if bundle is None:
         raise UserError("concepts needs --bundle PATH (a to-pickle bundle or a VisCoIN run directory)")
     from core.rundir import mark_run, prepare_run_dir
-    from testing.concepts import open_analysis, run_concepts
+    from testing.viscoin.concepts import open_analysis, run_concepts
 
     check_batch_size(batch_size)
     analysis = open_analysis(bundle, dataset, data_dir, split, device, quiet=quiet)
@@ -111,9 +111,9 @@ def heatmaps(
 ) -> None:
     """For chosen images, each top concept's map upsampled and overlaid on the image: grid PNG + CSV."""
     from core.rundir import mark_run, prepare_run_dir
-    from testing.amplify import choose_images
-    from testing.concepts import open_analysis
-    from testing.heatmaps import check_top, run_heatmaps
+    from testing.viscoin.amplify import choose_images
+    from testing.viscoin.concepts import open_analysis
+    from testing.viscoin.heatmaps import check_top, run_heatmaps
 
     check_batch_size(batch_size)
     indices = parse_list(image_indices, "--image-indices")

@@ -136,7 +136,7 @@ def make(
     """Build the VDNA of SOURCE in one streaming pass and save it."""
     check_sizes(image_size, num_images, batch_size)
     from core.vdna import save_vdna, vdna_paths
-    from testing.vdna import make_vdna
+    from testing.vdna.pipeline import make_vdna
 
     json_path, npz_path = vdna_paths(out)
     if (json_path.exists() or npz_path.exists()) and not overwrite:
@@ -173,7 +173,7 @@ def calibrate(
 ) -> None:
     """Per-neuron activation ranges of SOURCE for histograms, cached per extractor ($BIOVIS_CACHE)."""
     check_sizes(image_size, num_images, batch_size)
-    from testing.vdna import calibrate as run_calibration
+    from testing.vdna.pipeline import calibrate as run_calibration
 
     vdna, path, cached = run_calibration(source, extractor, batch_size, num_workers, device, image_size,
                                          num_images, seed, weights=weights, resize=resize, amp=amp, force=force,
@@ -232,8 +232,8 @@ def compare(
     check_sizes(image_size, num_images, batch_size)
     from cli.common import run_dir_for
     from core.rundir import check_apart, mark_run, prepare_run_dir
-    from testing.vdna import BuildOptions, compare_vdnas, is_saved_vdna, open_or_make
-    from testing.vdna_plots import write_comparison
+    from testing.vdna.pipeline import BuildOptions, compare_vdnas, is_saved_vdna, open_or_make
+    from testing.vdna.plots import write_comparison
 
     if top_k < 0:
         raise UserError(f"--top-k must be at least 0, got {top_k}")
@@ -279,7 +279,7 @@ def inspect(
     from rich.table import Table
 
     from core.vdna import load_vdna
-    from testing.vdna import summarize
+    from testing.vdna.pipeline import summarize
 
     vdna = load_vdna(path)
     typer.echo(_describe(vdna))

@@ -256,7 +256,7 @@ def test_viscoin_command(
     baseline, consistency, sparsity, and concept-attribute alignment beside its shuffled-attribute null."""
     from datasets.registry import canonical_name
     from testing.fid import fid_line
-    from testing.viscoin_report import run_viscoin_test
+    from testing.viscoin.report import run_viscoin_test
 
     dataset = canonical_name(dataset) if dataset else None
     run_dir = run_dir_for("test-viscoin", out, name)

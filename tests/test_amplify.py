@@ -11,7 +11,7 @@ import torch
 from helpers_viscoin import invoke
 
 from core.errors import UserError
-from testing.amplify import (
+from testing.viscoin.amplify import (
     AmplifyPlan,
     Selection,
     choose_images,

@@ -12,8 +12,8 @@ import torch
 from helpers_viscoin import invoke
 
 from testing import cache as cache_mod
-from testing import concepts as concepts_mod
-from testing.concepts import concept_statistics, correlation, prediction_summary
+from testing.viscoin import concepts as concepts_mod
+from testing.viscoin.concepts import concept_statistics, correlation, prediction_summary
 
 # ---- statistics on constructed activations ----------------------------------------------------------------
 

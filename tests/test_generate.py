@@ -18,7 +18,7 @@ from core.checkpoint import file_hash
 from datasets.phylogeny import levels_from_record
 from models.cvae import load_cvae
 from models.phylo import load_phylo
-from testing.vdna_sources import resolve_source
+from testing.vdna.sources import resolve_source
 
 
 @pytest.fixture(scope="module")

@@ -57,7 +57,7 @@ def test_viscoin_step_makes_no_host_sync():
     from models.classifiers import Classifier
     from models.stylegan2 import Generator
     from models.viscoin import ConceptDecoder, ConceptExtractor, Explainer
-    from testing.viscoin import load_lpips
+    from testing.viscoin.evaluate import load_lpips
     from training.viscoin import StepModels, VisCoINConfig, VisCoINNet, viscoin_step
 
     torch.manual_seed(0)

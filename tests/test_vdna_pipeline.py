@@ -13,9 +13,9 @@ import torch
 
 from core.errors import UserError
 from core.vdna import emd, fd, nfd, save_vdna
-from testing.vdna import calibrate, compare_vdnas, find_calibration, make_vdna, summarize
-from testing.vdna_plots import write_comparison
-from testing.vdna_sources import Preprocess, resolve_source
+from testing.vdna.pipeline import calibrate, compare_vdnas, find_calibration, make_vdna, summarize
+from testing.vdna.plots import write_comparison
+from testing.vdna.sources import Preprocess, resolve_source
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -239,7 +239,7 @@ def test_folder_list_and_batch_size_give_identical_vdnas(tmp_path, checkpoint, s
 def test_cpu_forward_batches_are_capped_by_feature_memory(tmp_path, checkpoint, species, cache, monkeypatch):
     """On the CPU the extractor runs on as many images as keep the features within CPU_FEATURE_BYTES; the
     loader batch shrinks with it and the VDNA is the same."""
-    import testing.vdna as pipeline
+    import testing.vdna.pipeline as pipeline
     from models.extractors import build_extractor
 
     folder = copy_images(species[0][:5], tmp_path / "imgs")
@@ -263,7 +263,7 @@ def test_uint8_shipping_equals_the_float_preprocessing(species):
     from PIL import Image
 
     from datasets.gpu_transforms import to_model_images
-    from testing.vdna_sources import ImageFiles, collate_images
+    from testing.vdna.sources import ImageFiles, collate_images
 
     files = species[0][:3]
     preprocess = Preprocess(24)

@@ -15,7 +15,7 @@ from core.errors import UserError
 from models.classifiers import Classifier
 from models.stylegan2 import Generator
 from models.viscoin import ConceptDecoder, ConceptExtractor, Explainer, default_concept_slots
-from testing import viscoin_metrics as vm
+from testing.viscoin import metrics as vm
 from training import viscoin_losses as L
 
 TINY_G = dict(z_dim=32, c_dim=0, w_dim=32, img_resolution=32, img_channels=3, mapping_kwargs=dict(num_layers=2),
@@ -387,8 +387,8 @@ def test_evaluation_is_the_same_from_uint8_and_float_batches(viscoin):
 
     from datasets.registry import build_dataset, collate_skipping, resolve_meta
     from models.viscoin_io import load_viscoin
-    from testing.viscoin import evaluate_viscoin
-    from testing.viscoin_report import data_spec_for
+    from testing.viscoin.evaluate import evaluate_viscoin
+    from testing.viscoin.report import data_spec_for
 
     models = load_viscoin(viscoin.bundle, device="cpu")
     spec = data_spec_for(models, None, None)

@@ -73,10 +73,10 @@ def run_demo(
 ) -> dict:
     """Run every stage into `out` with the device's budget (arguments given override it); returns headline
     numbers and the paths a user should look at."""
-    from testing.amplify import choose_images, plan_amplify, resolve_selection, run_amplify
     from testing.classifier import run_classifier_test
-    from testing.concepts import open_analysis, run_concepts
-    from testing.viscoin_report import run_viscoin_test
+    from testing.viscoin.amplify import choose_images, plan_amplify, resolve_selection, run_amplify
+    from testing.viscoin.concepts import open_analysis, run_concepts
+    from testing.viscoin.report import run_viscoin_test
     from training import classifier as tc
     from training import gan as tg
     from training import viscoin as tv

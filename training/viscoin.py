@@ -40,7 +40,13 @@ from models.classifiers import load_classifier
 from models.stylegan2.checkpoint import load_generator
 from models.viscoin import ConceptDecoder, ConceptExtractor, Explainer
 from models.viscoin_io import VisCoINModels, part_configs, parts_state
-from testing.viscoin import SELECT_METRICS, evaluate_viscoin, fixed_subset, load_lpips, selection_score
+from testing.viscoin.evaluate import (
+    SELECT_METRICS,
+    evaluate_viscoin,
+    fixed_subset,
+    load_lpips,
+    selection_score,
+)
 from training import viscoin_losses as losses
 
 PRESETS = Path(__file__).parent / "presets" / "viscoin.yaml"

@@ -1,7 +1,7 @@
 """Visual DNA pipeline: image source -> frozen extractor -> VDNA in one streaming pass; cached activation-range
 calibrations; comparison of two VDNAs (scalar, per layer, most different neurons) and per-layer summaries.
 
-Sources are resolved by `testing.vdna_sources`; extractors are built by `models.extractors`; distributions,
+Sources are resolved by `testing.vdna.sources`; extractors are built by `models.extractors`; distributions,
 distances and files are `core.vdna`'s.
 """
 
@@ -33,7 +33,7 @@ from core.vdna import (
     vdna_paths,
 )
 from models.extractors import FeatureExtractor, build_extractor
-from testing.vdna_sources import ImageSource, Preprocess, collate_images, resolve_source
+from testing.vdna.sources import ImageSource, Preprocess, collate_images, resolve_source
 
 DISTRIBUTIONS = ("histogram-N", "gaussian", "layer-gaussian", "activation-ranges")
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from core.errors import UserError
 from models.viscoin import concept_activations
-from testing.viscoin_metrics import DEFAULT_THRESHOLD, normalised_relevance, random_baseline, scale_selected
+from testing.viscoin.metrics import DEFAULT_THRESHOLD, normalised_relevance, random_baseline, scale_selected
 
 DEFAULT_IMAGES = 5
 

@@ -61,7 +61,7 @@ def open_analysis(
     from core.device import resolve_device
     from datasets.registry import build_dataset, canonical_name, resolve_meta
     from models.viscoin_io import check_compatible, load_viscoin
-    from testing.viscoin_report import data_spec_for
+    from testing.viscoin.report import data_spec_for
 
     dev = resolve_device(device)
     models = load_viscoin(bundle, device=str(dev))
@@ -333,7 +333,7 @@ def run_concepts(
 
     from core.atomic import write_text
     from testing.cache import cached_arrays
-    from testing.viscoin_metrics import active_concepts
+    from testing.viscoin.metrics import active_concepts
 
     # looked up at call time (not bound here), so tests can replace collect_activations
     result = cached_arrays(

@@ -18,8 +18,8 @@ from datasets.registry import DataSpec, build_dataset, collate_skipping, resolve
 from datasets.transforms import to_uint8_images
 from models.viscoin_io import check_compatible, load_viscoin
 from testing.fid import build_fid_network, check_fid_options
-from testing.viscoin import concept_alignment_summary, evaluate_viscoin, load_lpips
-from testing.viscoin_metrics import DEFAULT_THRESHOLD
+from testing.viscoin.evaluate import concept_alignment_summary, evaluate_viscoin, load_lpips
+from testing.viscoin.metrics import DEFAULT_THRESHOLD
 
 # metrics.png: one panel per unit, so that no axis mixes fractions, pixel errors and probability drops
 PANELS = (

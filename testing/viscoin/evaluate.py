@@ -15,7 +15,7 @@ from core.device import autocast
 from core.errors import UserError
 from core.progress import Progress
 from datasets.gpu_transforms import to_model_batch
-from testing import viscoin_metrics as vm
+from testing.viscoin import metrics as vm
 
 
 def fixed_subset(dataset, n: int, seed: int):
@@ -79,7 +79,7 @@ def concept_consistency(
     fires (activation > 0), k's maps are multiplied by `multiplier` (0: removed) and decoded; f's pooled
     last-stage features of the modified and of the plain reconstruction are the two classes of a linear
     (L2-logistic) classifier trained on half the images and tested on the other half
-    (`viscoin_metrics.separability`). Consistency is its held-out accuracy averaged over the concepts that
+    (`testing.viscoin.metrics.separability`). Consistency is its held-out accuracy averaged over the concepts that
     fire on at least `min_images` images (chance 0.5, 1 = the same change everywhere).
     """
     device = concepts.device

@@ -101,7 +101,7 @@ def run_heatmaps(
 ) -> dict:
     """Top concepts of Theta's predicted class for each image: `heatmaps.png` and `heatmaps.csv`."""
     from core.plotting import save_table
-    from testing.amplify import encode_images
+    from testing.viscoin.amplify import encode_images
 
     models = analysis.models
     check_top(top, models.n_concepts)
