@@ -21,9 +21,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from core import checkpoint
-from core.config import require_positive, to_dict
+from core.config import require_per_process, require_positive, to_dict
 from core.device import autocast, loader_settings
-from core.distributed import dist_env
 from core.errors import UserError
 from core.seeding import derive_seed, seed_everything
 from models.cvae import CVAE, RUN_FILE, elbo_terms, save_cvae
@@ -100,10 +99,7 @@ class CVAEConfig:
             raise UserError("--p-attrs-none plus --p-attrs-all must not exceed 1")
         if self.beta < 0:
             raise UserError(f"--beta must be >= 0, got {self.beta}")
-        if self.batch_size % dist_env().world_size:
-            raise UserError(
-                f"--batch-size {self.batch_size} is not divisible by the {dist_env().world_size} processes"
-            )
+        require_per_process(self, "batch_size")
 
 
 # ----------------------------------------------------------------------------

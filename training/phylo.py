@@ -27,9 +27,8 @@ import torch.nn.functional as F
 
 from core import checkpoint
 from core.atomic import write_text
-from core.config import require_positive, to_dict
+from core.config import require_per_process, require_positive, to_dict
 from core.device import autocast
-from core.distributed import dist_env
 from core.errors import UserError
 from core.runlog import RunLog
 from core.seeding import derive_seed, seed_everything
@@ -131,12 +130,7 @@ class PhyloConfig:
             raise UserError(
                 f"--prior-width {self.prior_width} must be a multiple of --prior-heads {self.prior_heads}"
             )
-        world = dist_env().world_size
-        for name in ("batch_size", "prior_batch_size"):
-            if getattr(self, name) % world:
-                raise UserError(
-                    f"--{name.replace('_', '-')} {getattr(self, name)} is not divisible by the {world} processes"
-                )
+        require_per_process(self, "batch_size", "prior_batch_size")
 
     @property
     def levels(self) -> int:

@@ -13,6 +13,7 @@ process exits for requeue.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -31,7 +32,8 @@ if TYPE_CHECKING:
 
 class LossWindow:
     """Named scalars summed on the device between two log lines (weighted: `sum / weight` is the mean), and
-    the latest value of others (penalties computed every few steps); read with one host sync."""
+    the latest value of others (penalties computed every few steps, kept until the next one); read with one
+    host sync."""
 
     def __init__(self, state: dict | None = None) -> None:
         self.names: list[str] | None = None
@@ -66,7 +68,7 @@ class LossWindow:
             size = tensor.numel()
             latest[key] = values[at] if tensor.dim() == 0 else values[at : at + size]
             at += size
-        self.names, self.sums, self.weight, self.latest = None, None, 0.0, {}
+        self.names, self.sums, self.weight = None, None, 0.0
         return means, latest
 
     def finite(self) -> bool:
@@ -120,8 +122,12 @@ class StepLoop:
         self.window = LossWindow((state or {}).get("window"))
         self.step = start
         self._steps_since, self._tick, self._paused, self._updated = 0, time.time(), 0.0, False
-        if run.resume and run.main:
+        if run.resume and run.main and self.truncates:
             self.runlog.truncate_after(start, stage=stage)
+
+    truncates = (
+        True  # on resume, drop the stage's log lines past `start` (an EpochLoop leaves that to begin())
+    )
 
     def __iter__(self) -> Iterator[int]:
         run = self.run
@@ -151,10 +157,11 @@ class StepLoop:
         """Add the step's losses (device tensors) to the window; on a log step write their means (one sync) and
         return them. Non-finite means: the line is written, then `TrainingDiverged`. `show`: the keys the
         progress bar displays (default all means)."""
+        self._advance()
         self.window.add(values, weight, latest)
         self._steps_since += 1
         self._updated = True
-        if not (self.step % self.log_every == 0 or (self.log_last and self.step == self.total)):
+        if not self._log_due():
             self.bar.update(1)
             return None
         means, latest_values = self.window.read()
@@ -187,5 +194,82 @@ class StepLoop:
         finally:
             self._paused += time.time() - began
 
-    def state(self) -> dict:
-        return self.window.state()
+    def resume_fields(self) -> dict:
+        """What the loop adds to a resume state saved while it runs."""
+        return {"window": self.window.state()}
+
+    def _advance(self) -> None:
+        """A step was taken (before its losses are logged)."""
+
+    def _log_due(self) -> bool:
+        return self.step % self.log_every == 0 or (self.log_last and self.step == self.total)
+
+
+class EpochLoop(StepLoop):
+    """The batches of epoch `epoch` of a DataLoader with a DistributedSampler: epoch-style training, where the
+    random stream (augmentation drawn on the device) runs through the epoch instead of being seeded per step.
+
+    Before the epoch, torch is seeded from (seed, epoch, rank) and the sampler set to the epoch. Each yielded
+    batch is one step once the body calls `log` (a batch without images may be passed over: no step). A resume
+    state saved mid-epoch records the batches consumed and the random state; resuming replays those batches'
+    data without training on them, then restores the random state (under DDP only rank 0's was saved: each
+    rank reseeds from (seed, epoch, rank, batches), exact on one process), so the run goes on as it would have.
+    """
+
+    truncates = False
+
+    def __init__(self, run: TrainingRun, loader, epoch: int, step: int, *, epochs: int, state: dict | None = None,
+                 **kwargs: Any) -> None:  # fmt: skip
+        mid = state if state is not None and state.get("epoch") == epoch and state.get("batch") else None
+        super().__init__(run, step + len(loader), step, seed_key=None, state=mid, log_last=False, **kwargs)
+        self.loader, self.epoch, self.epochs = loader, epoch, epochs
+        self.batches_done = mid["batch"] if mid else 0
+        self._rng = (mid["rng"], mid.get("cuda_rng")) if mid else None
+
+    def __iter__(self) -> Iterator[Any]:
+        run = self.run
+        torch.manual_seed(derive_seed(run.cfg.seed, self.epoch, run.rank))
+        self.loader.sampler.set_epoch(self.epoch)
+        previous, run.loop = run.loop, self
+        try:
+            description = f"epoch {self.epoch + 1}/{self.epochs}"
+            with Progress(len(self.loader), description, enabled=run.main and not run.quiet) as bar:
+                self.bar = bar
+                batches = iter(self.loader)
+                if self.batches_done:
+                    bar.update(sum(1 for _ in itertools.islice(batches, self.batches_done)))
+                    self._restore_random_state()
+                for batch in batches:
+                    self.batches_done += 1
+                    self._updated = False
+                    yield batch
+                    if not self._updated:
+                        bar.update(1)
+                    run.preempt.check(self.step, self.save)
+        finally:
+            run.loop = previous
+
+    def _restore_random_state(self) -> None:
+        run = self.run
+        if run.world == 1:  # states loaded onto the device: the generators take host tensors
+            cpu, cuda = self._rng
+            torch.set_rng_state(cpu.cpu())
+            if run.cuda and cuda is not None:
+                torch.cuda.set_rng_state(cuda.cpu(), run.device)
+        else:
+            torch.manual_seed(derive_seed(run.cfg.seed, self.epoch, run.rank, self.batches_done))
+
+    def _advance(self) -> None:
+        self.step += 1
+
+    def _log_due(self) -> bool:
+        return self.step % self.log_every == 0
+
+    def resume_fields(self) -> dict:
+        cuda = torch.cuda.get_rng_state(self.run.device) if self.run.cuda else None
+        return {
+            **super().resume_fields(),
+            "batch": self.batches_done,
+            "rng": torch.get_rng_state(),
+            "cuda_rng": cuda,
+        }

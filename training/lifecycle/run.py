@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from core import checkpoint, preemption
 from core.atomic import write_text
@@ -29,7 +29,7 @@ from core.device import autotune, loader_settings, resolve_device
 from core.distributed import barrier, dist_env, init_distributed
 from core.rundir import mark_run
 from core.runlog import RunLog
-from training.lifecycle.loop import StepLoop
+from training.lifecycle.loop import EpochLoop, StepLoop
 
 T = TypeVar("T")
 RESUME_FILE = "last.pt"
@@ -100,6 +100,21 @@ class TrainingRun:
             settings["persistent_workers"] = False
         return DataLoader(dataset, **kwargs, **settings)
 
+    def shuffled_loader(self, dataset, batch_size: int, seed: int, **kwargs: Any) -> DataLoader:
+        """This rank's share of `dataset`, reshuffled per epoch from (seed, epoch) (`EpochLoop` sets the epoch);
+        no size-1 last batch (BatchNorm) when there is more than one batch."""
+        sampler = DistributedSampler(
+            dataset, num_replicas=self.world, rank=self.rank, shuffle=True, seed=seed
+        )
+        drop_last = len(dataset) // self.world > batch_size
+        return self.loader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, **kwargs)
+
+    def sharded_loader(self, dataset, batch_size: int, **kwargs: Any) -> DataLoader:
+        """Every `world`-th item for this rank, in order: each item is evaluated exactly once over all ranks
+        (a DistributedSampler would pad with repeats)."""
+        indices = list(range(self.rank, len(dataset), self.world))
+        return self.loader(dataset, batch_size=batch_size, sampler=indices, **kwargs)
+
     def load_state(self, name: str | Path = RESUME_FILE) -> dict | None:
         """The resume state `name` (relative to the run directory) when resuming and it exists, else None."""
         path = self.run_dir / name
@@ -112,7 +127,7 @@ class TrainingRun:
         loop's loss window was found finite, with that window so that a resumed run logs the same lines."""
         if self.loop is not None:
             self.loop.check_finite()
-            state = {**state, "window": self.loop.state()}
+            state = {**state, **self.loop.resume_fields()}
         checkpoint.save_state(self.run_dir / name, state)
 
     def begin(self, resume_step: int | None = None, **record: Any) -> RunLog:
@@ -132,6 +147,10 @@ class TrainingRun:
     def steps(self, total: int, start: int = 0, **kwargs: Any) -> StepLoop:
         """The step loop of a stage (training.lifecycle.loop.StepLoop), logging into this run's log by default."""
         return StepLoop(self, total, start, **kwargs)
+
+    def epoch(self, loader, epoch: int, step: int, **kwargs: Any) -> EpochLoop:
+        """The batches of one epoch (training.lifecycle.loop.EpochLoop); `step` counts the steps before it."""
+        return EpochLoop(self, loader, epoch, step, **kwargs)
 
     def finish(self, summary: dict) -> dict:
         """summary.json and run.yaml `finished` (rank 0); returns `summary`."""
