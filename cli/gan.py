@@ -132,8 +132,8 @@ def train_gan(
     from core.checkpoint import read_meta
     from core.rundir import prepare_run_dir
     from datasets.registry import canonical_name, check_data_spec
-    from training.gan import DEFAULT_PRESET, PRESETS, GanConfig
-    from training.gan import train_gan as run_training
+    from training.gan.trainer import DEFAULT_PRESET, PRESETS, GanConfig
+    from training.gan.trainer import train_gan as run_training
 
     dataset = canonical_name(dataset)
     overrides = dict(

@@ -28,16 +28,7 @@ from datasets.transforms import square_transform
 from models.stylegan2.checkpoint import load_generator, save_generator
 from testing.gan_metrics import feature_statistics, frechet_distance
 from testing.sampling import image_grid
-from training.gan import (
-    PRESETS,
-    Evaluator,
-    GanConfig,
-    build_networks,
-    new_state,
-    train_step,
-)
-from training.lifecycle import ShuffledSteps
-from training.losses_gan import (
+from training.gan.losses import (
     d_logistic,
     ema_beta,
     g_nonsaturating,
@@ -47,6 +38,15 @@ from training.losses_gan import (
     r1_penalty,
     update_ema,
 )
+from training.gan.trainer import (
+    PRESETS,
+    Evaluator,
+    GanConfig,
+    build_networks,
+    new_state,
+    train_step,
+)
+from training.lifecycle import ShuffledSteps
 
 # ----------------------------------------------------------------------------
 # Formulas.

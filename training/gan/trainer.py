@@ -39,10 +39,9 @@ from models.stylegan2 import Discriminator, Generator
 from models.stylegan2.checkpoint import save_generator
 from testing import gan_metrics
 from testing.sampling import render, save_grid, z_from_seeds
-from training.augment import MODES as AUG_MODES
-from training.augment import AugmentPipe, build_augment
-from training.lifecycle import ShuffledSteps, TrainingRun
-from training.losses_gan import (
+from training.gan.augment import MODES as AUG_MODES
+from training.gan.augment import AugmentPipe, build_augment
+from training.gan.losses import (
     d_logistic,
     ema_beta,
     g_nonsaturating,
@@ -52,9 +51,10 @@ from training.losses_gan import (
     r1_penalty,
     update_ema,
 )
+from training.lifecycle import ShuffledSteps, TrainingRun
 from training.optim import optimiser_step
 
-PRESETS = Path(__file__).parent / "presets" / "gan.yaml"
+PRESETS = Path(__file__).parents[1] / "presets" / "gan.yaml"
 DEFAULT_PRESET = {"world": "world", "cub": "cub", "folder": "cub"}
 ADAM_BETAS = (0.0, 0.99)
 METRIC_SEED = 1_000_000  # latents of the metric's fakes: seeds METRIC_SEED, METRIC_SEED + 1, ...
@@ -90,7 +90,7 @@ class GanConfig:
     style_mixing: float = 0.0
     ema_kimg: float = 10.0
     ema_rampup: float | None = 0.05
-    # discriminator augmentation (training/augment.py): ada adapts p towards ada_target, fixed keeps aug_p
+    # discriminator augmentation (training/gan/augment.py): ada adapts p towards ada_target, fixed keeps aug_p
     aug: str = "none"
     aug_p: float = 0.0  # fixed p, or ada's initial p
     ada_target: float = 0.6
