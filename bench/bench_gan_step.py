@@ -209,7 +209,7 @@ def run_ours(args) -> None:
     autotune(dev)  # as train_gan: cuDNN's fastest algorithms on CUDA
     s = new_state(cfg, dev)
     group = min(cfg.mbstd_group, cfg.batch_size)
-    shape = (cfg.batch_size, 3, cfg.image_size, cfg.image_size)
+    shape = (cfg.batch_size, 3, cfg.data.image_size, cfg.data.image_size)
     reals = torch.randint(0, 256, shape, dtype=torch.uint8)  # the loader's batch (Uint8Images squares)
     if dev.type == "cuda":
         reals = reals.pin_memory()
@@ -217,13 +217,13 @@ def run_ours(args) -> None:
 
     def iteration() -> None:  # train_gan's loop body around train_step, minus its log and snapshot blocks
         torch.manual_seed(derive_seed(cfg.seed, "step", s.step, 0))
-        out = train_step(s, real_batch({"image": reals}, dev, cfg, group), cfg, 1, cfg.amp)
+        out = train_step(s, real_batch({"image": reals}, dev, cfg, group), cfg, 1, cfg.hardware.amp)
         window.append(out.pop("window"))
 
     seconds = cycles(args, dev, iteration)
     sbs.report("ours-amp" if args.amp else "ours", dev, seconds, cfg.batch_size * args.iters, {
         "params": {"G": sbs.count(s.G), "D": sbs.count(s.D)},
-        "precision": "bf16 autocast, regularisers too" if cfg.amp and dev.type == "cuda" else "float32",
+        "precision": "bf16 autocast, regularisers too" if cfg.hardware.amp and dev.type == "cuda" else "float32",
         "augment": cfg.aug,
     })  # fmt: skip
 

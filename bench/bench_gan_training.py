@@ -61,10 +61,10 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     state = new_state(cfg, device)
-    real = torch.rand(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=device) * 2 - 1
+    real = torch.rand(cfg.batch_size, 3, cfg.data.image_size, cfg.data.image_size, device=device) * 2 - 1
     n_params = sum(p.numel() for p in state.G.parameters()), sum(p.numel() for p in state.D.parameters())
     print(
-        f"device {device} ({torch.get_num_threads()} CPU threads), preset {args.preset}: {cfg.image_size} px, "
+        f"device {device} ({torch.get_num_threads()} CPU threads), preset {args.preset}: {cfg.data.image_size} px, "
         f"batch {cfg.batch_size}, G {n_params[0] / 1e6:.2f}M / D {n_params[1] / 1e6:.2f}M parameters, "
         f"amp {'bf16' if amp else 'off'}"
     )

@@ -20,19 +20,16 @@ from cli.common import (
     Amp,
     DataDir,
     Device,
-    LogEvery,
     Name,
     Out,
     Overwrite,
     Quiet,
-    Resume,
     Show,
-    TrainSeed,
+    TrainOptions,
     Workers,
     WorldPreset,
-    is_main_process,
-    resolve_config,
     run_dir_for,
+    training_command,
 )
 from core.errors import UserError
 
@@ -375,10 +372,13 @@ def plot_command(
 
 
 # Settings a resumed run may change (not epochs: the OneCycle schedule is laid out over the whole run).
-RESUMABLE = {"device", "num_workers", "amp", "log_every", "eval_batch_size"}
+# Settings a resumed run may change besides the hardware and log cadence; everything else must match.
+RESUMABLE = {"eval_batch_size"}
 
 
+@training_command("train retrieval", data=("world", "data_dir"))
 def train_retrieval_command(
+    options: TrainOptions,
     preset: Annotated[
         str,
         typer.Option(
@@ -397,8 +397,6 @@ def train_retrieval_command(
             rich_help_panel=DATA,
         ),
     ] = None,  # fmt: skip
-    world: WorldPreset = None,
-    data_dir: DataDir = None,
     modalities: Annotated[
         str | None, typer.Option(help="image,dna or image,dna,text.", rich_help_panel=MODEL)
     ] = None,
@@ -433,42 +431,25 @@ def train_retrieval_command(
     weight_decay: Annotated[
         float | None, typer.Option(help="AdamW weight decay.", rich_help_panel=OPTIM)
     ] = None,
-    seed: TrainSeed = None,
     eval_every: Annotated[
         int | None, typer.Option(help="Steps between validations (0: every epoch).", rich_help_panel=OUTPUT)
     ] = None,  # fmt: skip
-    log_every: LogEvery = None,
-    device: Device = "auto",
-    amp: Amp = True,
-    num_workers: Workers = None,
-    out: Out = None,
-    name: Name = None,
-    overwrite: Overwrite = False,
-    resume: Resume = False,
-    quiet: Quiet = False,
 ) -> None:
     """Train the image-DNA(-taxonomy) retrieval model contrastively (best/last, log.jsonl, resume, DDP)."""
-    from core.rundir import prepare_run_dir
     from training.retrieval import PRESETS, RetrievalConfig, train_retrieval
 
-    if preset.startswith("bioscan") and data is None and not resume:
+    if preset.startswith("bioscan") and data is None and not options.resume:
         raise UserError(f"--preset {preset} trains on BIOSCAN: pass --data PATH to its HDF5 file")
-    overrides = dict(
-        data=str(data) if data else None, world=world, data_dir=str(data_dir) if data_dir else None,
-        modalities=[m.strip() for m in modalities.split(",")] if modalities else None, image_arch=image_arch,
-        image_size=image_size, weights=weights, dna_weights=str(dna_weights) if dna_weights else None,
-        embed_dim=embed_dim, batch_size=batch_size, epochs=epochs, lr=lr, weight_decay=weight_decay, seed=seed,
-        eval_every=eval_every, log_every=log_every, device=device, amp=amp, num_workers=num_workers,
+    settings = dict(
+        data=data, modalities=[m.strip() for m in modalities.split(",")] if modalities else None,
+        image_arch=image_arch, image_size=image_size, weights=weights, dna_weights=dna_weights, embed_dim=embed_dim,
+        batch_size=batch_size, epochs=epochs, lr=lr, weight_decay=weight_decay, eval_every=eval_every,
     )  # fmt: skip
-    run_dir = run_dir_for("train-retrieval", out, name)
-    cfg = resolve_config(RetrievalConfig, PRESETS, preset, overrides, run_dir, resume, RESUMABLE,
-                         command="train retrieval")  # fmt: skip
-    cfg.validate()
-    inputs = [p for p in (data, dna_weights) if p is not None]
-    if is_main_process():
-        prepare_run_dir(run_dir, "train retrieval", overwrite=overwrite, resume=resume, inputs=inputs)
-    summary = train_retrieval(cfg, Path(run_dir), resume=resume, quiet=quiet)
-    if is_main_process():
+    _, run_dir, summary = options.train(
+        RetrievalConfig, PRESETS, preset, settings, RESUMABLE, train_retrieval,
+        inputs=lambda cfg: [cfg.data, cfg.dna_weights],
+    )  # fmt: skip
+    if summary is not None:
         best = summary["best"]
         typer.echo(f"best val mean micro top-1 {best['score']:.4f} at step {best['step']}; run: {run_dir}")
-        typer.echo(f"weights: {Path(run_dir) / 'best.safetensors'}")
+        typer.echo(f"weights: {run_dir / 'best.safetensors'}")

@@ -16,25 +16,21 @@ from cli.common import (
     Amp,
     Compile,
     DataDir,
-    Dataset,
     Device,
     Name,
     Out,
     Overwrite,
     Quiet,
-    Resume,
     Show,
-    TrainSeed,
+    TrainOptions,
     Workers,
-    WorldPreset,
-    is_main_process,
-    resolve_config,
     run_dir_for,
+    training_command,
 )
 from core.errors import UserError
 
-RESUMABLE = {"iterations", "device", "num_workers", "amp", "amp_lpips", "compile", "log_every", "eval_every",
-             "checkpoint_every"}  # fmt: skip
+# Settings a resumed run may change besides the hardware and log cadence; everything else must match.
+RESUMABLE = {"iterations", "amp_lpips", "compile", "eval_every", "checkpoint_every"}
 Bundle = Annotated[
     Path,
     typer.Option(
@@ -47,10 +43,13 @@ Bundle = Annotated[
 ]
 
 
+@training_command(
+    "train viscoin",
+    data=("dataset", "data_dir", "world", "val_fraction", "bbox_crop", "skip_bad_images"),
+    helps={"log_every": "Optimiser steps between log lines."},
+)
 def train_viscoin_command(
-    dataset: Dataset = "world",
-    data_dir: DataDir = None,
-    world: WorldPreset = None,
+    options: TrainOptions,
     classifier: Annotated[
         Path | None,
         typer.Option(
@@ -113,7 +112,6 @@ def train_viscoin_command(
     w_reg: Annotated[
         float | None, typer.Option(help="Weight of the ||w - w_avg||^2 regulariser.", rich_help_panel=OPTIM)
     ] = None,
-    seed: TrainSeed = None,
     eval_every: Annotated[
         int | None, typer.Option(help="Optimiser steps between evaluations.", rich_help_panel=OUTPUT)
     ] = None,
@@ -131,11 +129,6 @@ def train_viscoin_command(
     checkpoint_every: Annotated[
         int | None, typer.Option(help="Optimiser steps between resume checkpoints.", rich_help_panel=OUTPUT)
     ] = None,
-    log_every: Annotated[
-        int | None, typer.Option(help="Optimiser steps between log lines.", rich_help_panel=OUTPUT)
-    ] = None,
-    device: Device = "auto",
-    amp: Amp = True,
     amp_lpips: Annotated[
         bool | None,
         typer.Option(
@@ -145,48 +138,27 @@ def train_viscoin_command(
         ),
     ] = None,
     compile: Compile = None,
-    num_workers: Workers = None,
-    out: Out = None,
-    name: Name = None,
-    overwrite: Overwrite = False,
-    resume: Resume = False,
-    quiet: Quiet = False,
 ) -> None:
     """Train VisCoIN's concept extractor, explainer and concept decoder around a classifier and a StyleGAN2."""
-    from core.rundir import prepare_run_dir
-    from datasets.registry import DataSpec, canonical_name, check_data_spec
     from training.viscoin import DEFAULT_PRESET, PRESETS, VisCoINConfig, resolve_inputs, train_viscoin
 
-    dataset = canonical_name(dataset)
-    overrides = dict(
-        dataset=dataset, data_dir=str(data_dir) if data_dir else None, world=world,
-        classifier=str(classifier) if classifier else None, generator=str(generator) if generator else None,
-        n_concepts=n_concepts, learn_w_avg=learn_w_avg, decoder_lr_multiplier=decoder_lr_multiplier, lpips_weights=lpips_weights, batch_size=batch_size,
-        iterations=iterations, grad_accum=grad_accum, lr=lr, alpha=alpha, beta=beta, gamma=gamma, delta=delta, w_reg=w_reg,
-        seed=seed, eval_every=eval_every, eval_images=eval_images, select_metric=select_metric,
-        checkpoint_every=checkpoint_every,
-        log_every=log_every, device=device, amp=amp, amp_lpips=amp_lpips, compile=compile, num_workers=num_workers,
+    settings = dict(
+        classifier=classifier, generator=generator, n_concepts=n_concepts, learn_w_avg=learn_w_avg,
+        decoder_lr_multiplier=decoder_lr_multiplier, lpips_weights=lpips_weights, batch_size=batch_size,
+        iterations=iterations, grad_accum=grad_accum, lr=lr, alpha=alpha, beta=beta, gamma=gamma, delta=delta,
+        w_reg=w_reg, eval_every=eval_every, eval_images=eval_images, select_metric=select_metric,
+        checkpoint_every=checkpoint_every, amp_lpips=amp_lpips, compile=compile,
     )  # fmt: skip
-    run_dir = run_dir_for("train-viscoin", out, name)
-    cfg = resolve_config(
-        VisCoINConfig,
-        PRESETS,
-        preset or DEFAULT_PRESET[dataset],
-        overrides,
-        run_dir,
-        resume,
-        RESUMABLE,
-        command="train viscoin",
-    )
-    cfg.validate()
-    check_data_spec(DataSpec(cfg.dataset, cfg.data_dir, cfg.world))
-    clf, gan = resolve_inputs(cfg)
-    if is_main_process():
+
+    def inputs(cfg) -> list:
         lpips_file = None if cfg.lpips_weights in ("none", "imagenet", "random") else cfg.lpips_weights
-        inputs = [cfg.data_dir, clf, gan, lpips_file]
-        prepare_run_dir(run_dir, "train viscoin", overwrite=overwrite, resume=resume, inputs=inputs)
-    summary = train_viscoin(cfg, Path(run_dir), resume=resume, quiet=quiet)
-    if is_main_process():
+        return [*resolve_inputs(cfg), lpips_file]
+
+    _, run_dir, summary = options.train(
+        VisCoINConfig, PRESETS, preset or DEFAULT_PRESET[options.dataset], settings, RESUMABLE, train_viscoin,
+        inputs=inputs, check=resolve_inputs,
+    )  # fmt: skip
+    if summary is not None:
         typer.echo(
             f"finished {summary['steps']} steps; best at step {summary['best']['step']}; run: {run_dir}"
         )

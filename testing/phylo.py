@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from core.atomic import write_text
+from core.config import saved_settings
 from core.plotting import pyplot, save_figure, save_table, show_or_close
 from core.progress import Progress
 from datasets.phylogeny import Levels
@@ -224,7 +225,7 @@ def run_phylo_test(
     values = {"dataset": dataset_info.get("name", "world"), "data_dir": dataset_info.get("data_dir"),
               "world": dataset_info.get("world") or "default", "image_size": model.autoencoder.config["image_size"]}  # fmt: skip
     values.update({k: v for k, v in (data_overrides or {}).items() if v is not None})
-    spec = DataSpec(**values, val_fraction=(model.meta.get("config") or {}).get("val_fraction", 0.1))
+    spec = DataSpec(**values, val_fraction=saved_settings(model.meta.get("config")).get("val_fraction", 0.1))
     meta = resolve_meta(spec, quiet=quiet)
     if list(meta.class_names) != list(model.meta["phylogeny"]["class_names"]):
         raise UserError(f"dataset {spec.dataset} has other classes than the model was trained on "

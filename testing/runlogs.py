@@ -6,6 +6,7 @@ import math
 import os
 from pathlib import Path
 
+from core.config import saved_settings
 from core.errors import UserError
 from core.plotting import pyplot, save_figure, save_table, show_or_close
 
@@ -144,7 +145,7 @@ def plot_run_log(
     if config.is_file():
         import yaml
 
-        settings = yaml.safe_load(config.read_text()) or {}
+        settings = saved_settings(yaml.safe_load(config.read_text()))
         if settings.get("aug") == "ada":
             references["ada_r_t"] = (
                 f"target {settings.get('ada_target')}",

@@ -257,7 +257,7 @@ def test_tiny_gan_learns_and_snapshots(tiny_run) -> None:
     cfg = build(GanConfig, yaml.safe_load((tiny_run / "config.yaml").read_text()))
     spec = cfg.data_spec()
     dataset = build_dataset(spec, "train", train_transform=False, meta=resolve_meta(spec, quiet=True))
-    dataset.transform = square_transform(cfg.image_size)
+    dataset.transform = square_transform(cfg.data.image_size)
     evaluate = Evaluator(cfg, dataset, torch.device("cpu"), 8)
     seed_everything(cfg.seed)
     untrained = build_networks(cfg)[0].eval()

@@ -15,21 +15,20 @@ CPU's and the GPU's), and goes on exactly as it would have.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from core import checkpoint
-from core.config import MAX_LR, require_positive, require_range, to_dict
-from core.device import autocast
+from core.config import MAX_LR, require_positive, require_range, to_dict, validate_blocks
+from core.device import HardwareConfig, autocast
 from core.errors import TrainingDiverged, UserError
 from core.seeding import seed_everything
 from datasets.gpu_transforms import to_model_batch
 from datasets.registry import (
-    MAX_IMAGE_SIZE,
-    MIN_IMAGE_SIZE,
+    DataConfig,
     DataSpec,
     build_dataset,
     collate_skipping,
@@ -46,14 +45,7 @@ DEFAULT_PRESET = {"world": "tiny", "cub": "cub", "folder": "folder"}
 
 @dataclass
 class ClassifierConfig:
-    # data
-    dataset: str = "world"
-    data_dir: str | None = None
-    world: str = "default"
-    image_size: int = 64
-    val_fraction: float = 0.1
-    bbox_crop: bool = False
-    skip_bad_images: bool = False
+    data: DataConfig = field(default_factory=DataConfig)
     # model
     arch: str = "tiny"
     weights: str = "none"
@@ -69,36 +61,30 @@ class ClassifierConfig:
     gamma: float = 0.1
     label_smoothing: float = 0.0
     # hardware and bookkeeping
-    device: str = "auto"
-    amp: bool = True
-    num_workers: int | None = None
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
     seed: int = 0
     log_every: int = 20
     compile: bool = False  # torch.compile the model (opt-in: not measured to win yet)
 
     def validate(self) -> None:
+        validate_blocks(self)
         require_positive(self, "batch_size", "epochs", "lr", "log_every")
         require_range(self, "lr", 0, MAX_LR)
-        require_range(self, "image_size", MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
         require_range(self, "weight_decay", 0)
         require_range(self, "momentum", 0, 1)
-        require_range(self, "num_workers", 0, optional=True)
         if not 0 <= self.label_smoothing < 1:
             raise UserError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
 
     def data_spec(self) -> DataSpec:
-        return DataSpec(
-            self.dataset, self.data_dir, self.world, self.image_size, self.val_fraction, self.seed,
-            self.bbox_crop, self.skip_bad_images,
-        )  # fmt: skip
+        return self.data.spec(self.seed)
 
 
 def _weights_meta(cfg: ClassifierConfig, model, meta, epoch: int, metrics: dict) -> dict:
     return {
         "kind": "classifier",
         "model": model.config,
-        "image_size": cfg.image_size,
-        "dataset": {"name": cfg.dataset, "root": str(meta.root), "num_classes": meta.num_classes},
+        "image_size": cfg.data.image_size,
+        "dataset": {"name": cfg.data.dataset, "root": str(meta.root), "num_classes": meta.num_classes},
         "class_names": meta.class_names,
         "epoch": epoch,
         "metrics": metrics,
@@ -108,10 +94,10 @@ def _weights_meta(cfg: ClassifierConfig, model, meta, epoch: int, metrics: dict)
 
 def classifier_step(net, batch: dict, optimizer: torch.optim.Optimizer, cfg: ClassifierConfig) -> dict:
     """One optimisation step on a model-ready batch (`to_model_batch`'s: images and labels on the device):
-    bf16 autocast on CUDA when `cfg.amp`, cross-entropy, backward, optimiser step. Returns device tensors:
+    bf16 autocast on CUDA when `cfg.hardware.amp`, cross-entropy, backward, optimiser step. Returns device tensors:
     the mean `loss` and the number of `correct` top-1 predictions. No host sync."""
     images, labels = batch["image"], batch["label"]
-    with autocast(images.device, cfg.amp):
+    with autocast(images.device, cfg.hardware.amp):
         logits, _ = net(images)
     loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
     optimizer.zero_grad(set_to_none=True)
@@ -128,7 +114,7 @@ def train_classifier(cfg: ClassifierConfig, run_dir: Path, resume: bool = False,
     train_set = build_dataset(spec, "train", train_transform=True, meta=meta, output="uint8")
     val_set = build_dataset(spec, "val", train_transform=False, meta=meta, output="uint8")
     if len(train_set) == 0 or len(val_set) == 0:
-        raise UserError(f"dataset {cfg.dataset}: the train or val split is empty (check --val-fraction)")
+        raise UserError(f"dataset {cfg.data.dataset}: the train or val split is empty (check --val-fraction)")
     train_loader = run.shuffled_loader(train_set, cfg.batch_size, cfg.seed, collate_fn=collate_skipping)
     val_loader = run.sharded_loader(val_set, cfg.batch_size, collate_fn=collate_skipping)
 
@@ -194,7 +180,9 @@ def train_classifier(cfg: ClassifierConfig, run_dir: Path, resume: bool = False,
             ):  # never save a model trained on a non-finite loss
                 raise TrainingDiverged("the training loss", step)
         schedule.step()
-        result = evaluate_classifier(net, val_loader, device, meta.num_classes, amp=cfg.amp, progress=False)
+        result = evaluate_classifier(
+            net, val_loader, device, meta.num_classes, amp=cfg.hardware.amp, progress=False
+        )
         val = {k: result[k] for k in ("loss", "top1", "top5", "n", "skipped")}
         run.log.write(step, "val", epoch=epoch + 1, **val)
         if run.main and not quiet:

@@ -13,7 +13,7 @@ recognises conditional samples, `cvae.safetensors` and `last.pt`. The end adds t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +21,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from core import checkpoint
-from core.config import require_per_process, require_positive, to_dict
-from core.device import autocast, loader_settings
+from core.config import MAX_LR, require_per_process, require_positive, require_range, to_dict, validate_blocks
+from core.device import HardwareConfig, autocast, loader_settings
 from core.errors import UserError
 from core.seeding import derive_seed, seed_everything
+from datasets.registry import DataConfig
 from models.cvae import CVAE, RUN_FILE, elbo_terms, save_cvae
 from testing import cvae as evaluation
 from testing.sampling import save_grid
@@ -38,15 +39,8 @@ EVAL_SEED = 1_000_000  # latents of the evaluation grid and recognition samples 
 
 @dataclass
 class CVAEConfig:
-    # data
-    dataset: str = "world"
-    data_dir: str | None = None
-    world: str = "default"
-    image_size: int = 32
-    val_fraction: float = 0.1
-    bbox_crop: bool = False
-    attributes: bool = True
-    skip_bad_images: bool = False
+    data: DataConfig = field(default_factory=lambda: DataConfig(image_size=32))
+    attributes: bool = True  # the dataset's attributes as conditions besides the class
     # model
     arch: str = "conv"
     latent_dim: int = 16
@@ -70,25 +64,23 @@ class CVAEConfig:
     log_every: int = 50
     classifier: str | None = None
     recognition_samples: int = 20
-    device: str = "auto"
-    amp: bool = True
-    num_workers: int | None = None
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
     seed: int = 0
 
     def validate(self) -> None:
-        require_positive(
-            self, "batch_size", "steps", "lr", "image_size", "latent_dim", "channels", "max_channels"
-        )
+        validate_blocks(self)
+        require_positive(self, "batch_size", "steps", "lr", "latent_dim", "channels", "max_channels")
+        require_range(self, "lr", 0, MAX_LR)
         require_positive(
             self, "sigma", "hidden", "layers", "depth", "eval_every", "log_every", "recognition_samples"
         )
-        if self.dataset not in DATASETS:
+        if self.data.dataset not in DATASETS:
             raise UserError(
-                f"--dataset must be one of {', '.join(DATASETS)} for a CVAE, got {self.dataset!r}"
+                f"--dataset must be one of {', '.join(DATASETS)} for a CVAE, got {self.data.dataset!r}"
             )
         if self.arch not in ("conv", "mlp"):
             raise UserError(f"--arch must be conv or mlp, got {self.arch!r}")
-        if self.dataset == "digits" and self.arch != "mlp":
+        if self.data.dataset == "digits" and self.arch != "mlp":
             raise UserError(
                 "--dataset digits holds 64-value vectors: use --arch mlp (the digits preset does)"
             )
@@ -118,17 +110,15 @@ class CVAEData:
 
 
 def image_spec(cfg: CVAEConfig):
-    from datasets.registry import DataSpec
 
-    return DataSpec(cfg.dataset, cfg.data_dir, cfg.world, cfg.image_size, cfg.val_fraction, cfg.seed,
-                    cfg.bbox_crop, cfg.skip_bad_images)  # fmt: skip
+    return cfg.data.spec(cfg.seed)
 
 
 def build_data(cfg: CVAEConfig, quiet: bool = False) -> CVAEData:
-    if cfg.dataset == "digits":
+    if cfg.data.dataset == "digits":
         from datasets.digits import SIDE, DigitsDataset
 
-        train, val = (DigitsDataset(s, cfg.val_fraction, cfg.seed) for s in ("train", "val"))
+        train, val = (DigitsDataset(s, cfg.data.val_fraction, cfg.seed) for s in ("train", "val"))
         attrs = train.attribute_names if cfg.attributes else []
         info = {"name": "digits", "source": "sklearn.datasets.load_digits"}
         return CVAEData(train, val, train.class_names, attrs, (1, SIDE, SIDE), (0.0, 1.0), info)
@@ -137,19 +127,19 @@ def build_data(cfg: CVAEConfig, quiet: bool = False) -> CVAEData:
 
     spec = image_spec(cfg)
     meta = resolve_meta(spec, quiet=quiet)
-    transform = square_transform(cfg.image_size)
+    transform = square_transform(cfg.data.image_size)
     train, val = (build_dataset(spec, s, False, meta=meta, attributes=None if cfg.attributes else False,
                                 transform=transform) for s in ("train", "val"))  # fmt: skip
     if len(train) == 0 or len(val) == 0:
-        raise UserError(f"dataset {cfg.dataset}: the train or val split is empty (check --val-fraction)")
+        raise UserError(f"dataset {cfg.data.dataset}: the train or val split is empty (check --val-fraction)")
     attrs = list(train.attribute_names or []) if cfg.attributes else []
     info = {
-        "name": cfg.dataset,
+        "name": cfg.data.dataset,
         "root": str(meta.root),
-        "world": cfg.world if cfg.dataset == "world" else None,
+        "world": cfg.data.world if cfg.data.dataset == "world" else None,
     }
     return CVAEData(
-        train, val, meta.class_names, attrs, (3, cfg.image_size, cfg.image_size), (-1.0, 1.0), info
+        train, val, meta.class_names, attrs, (3, cfg.data.image_size, cfg.data.image_size), (-1.0, 1.0), info
     )
 
 
@@ -190,7 +180,7 @@ def train_step(net, model: CVAE, opt: torch.optim.Optimizer, x, labels, attribut
     """Draw the conditions, one ELBO step; returns detached device tensors (loss, rec, kl, kl_per_dim)."""
     label_present, attribute_present = condition_masks(labels, attributes, cfg)
     c = model.conditions(x.shape[0], labels, label_present, attributes, attribute_present)
-    with autocast(x.device, cfg.amp):
+    with autocast(x.device, cfg.hardware.amp):
         recon, mu, logvar, prior = net(x, c)
     terms = elbo_terms(x, recon, mu, logvar, cfg.beta, cfg.sigma, prior)
     opt.zero_grad(set_to_none=True)
@@ -229,7 +219,7 @@ def load_recogniser(path: str, num_classes: int, device: torch.device):
 class Evaluator:
     def __init__(self, cfg: CVAEConfig, data: CVAEData, device: torch.device):
         self.cfg, self.data, self.device = cfg, data, device
-        settings = {**loader_settings(device, cfg.num_workers), "persistent_workers": False}
+        settings = {**loader_settings(device, cfg.hardware.num_workers), "persistent_workers": False}
         self.loader = DataLoader(data.val, batch_size=cfg.batch_size, shuffle=False, **settings)
         labels = np.asarray([data.val[i]["label"] for i in range(len(data.val))])
         attrs = (

@@ -27,14 +27,14 @@ import torch.nn.functional as F
 
 from core import checkpoint
 from core.atomic import write_text
-from core.config import require_per_process, require_positive, to_dict
-from core.device import autocast
+from core.config import MAX_LR, require_per_process, require_positive, require_range, to_dict, validate_blocks
+from core.device import HardwareConfig, autocast
 from core.errors import UserError
 from core.runlog import RunLog
 from core.seeding import derive_seed, seed_everything
 from datasets.gpu_transforms import mirror
 from datasets.phylogeny import Levels, Tree, build_levels, phylogeny_record
-from datasets.registry import DataSpec, build_dataset, collate_skipping, resolve_meta
+from datasets.registry import DataConfig, DataSpec, build_dataset, collate_skipping, resolve_meta
 from datasets.transforms import square_transform
 from models.phylo import CodePrior, PhyloAutoencoder, save_phylo, save_plain
 from models.phylo.checkpoint import PLAIN_RUN_FILE, RUN_FILE
@@ -51,12 +51,7 @@ ADAM_BETAS = (0.5, 0.9)  # the reference's autoencoder optimiser
 @dataclass
 class PhyloConfig:
     # data and tree
-    dataset: str = "world"
-    data_dir: str | None = None
-    world: str = "default"
-    image_size: int = 32
-    val_fraction: float = 0.1
-    skip_bad_images: bool = False
+    data: DataConfig = field(default_factory=lambda: DataConfig(image_size=32))
     mirror: bool = True
     tree: str | None = None
     cuts: list[float] = field(default_factory=lambda: [0.5, 0.8, 0.95])
@@ -94,15 +89,15 @@ class PhyloConfig:
     baseline: bool = True
     eval_every: int = 500
     log_every: int = 50
-    device: str = "auto"
-    amp: bool = True
-    num_workers: int | None = None
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
     seed: int = 0
 
     def validate(self) -> None:
-        require_positive(
-            self, "image_size", "latent_size", "channels", "max_channels", "depth", "branch_channels"
-        )
+        validate_blocks(self)
+        require_positive(self, "latent_size", "channels", "max_channels", "depth", "branch_channels")
+        require_range(self, "lr", 0, MAX_LR)
+        require_range(self, "adversary_lr", 0, MAX_LR)
+        require_range(self, "prior_lr", 0, MAX_LR)
         require_positive(self, "embed_dim", "n_embed", "codes_per_level", "free_codes", "adversary_hidden")
         require_positive(self, "batch_size", "steps", "lr", "adversary_lr", "prior_width", "prior_layers")
         require_positive(
@@ -137,8 +132,7 @@ class PhyloConfig:
         return len(self.cuts) + 1
 
     def data_spec(self) -> DataSpec:
-        return DataSpec(self.dataset, self.data_dir, self.world, self.image_size, self.val_fraction, self.seed,
-                        skip_bad_images=self.skip_bad_images)  # fmt: skip
+        return self.data.spec(self.seed)
 
 
 # ----------------------------------------------------------------------------
@@ -149,9 +143,11 @@ def tree_path(cfg: PhyloConfig, meta) -> Path:
     """`--tree`, else the world's own `tree.nwk`; CUB and folders need one."""
     if cfg.tree:
         return Path(cfg.tree)
-    if cfg.dataset == "world":
+    if cfg.data.dataset == "world":
         return Path(meta.root) / "tree.nwk"
-    raise UserError(f"--dataset {cfg.dataset} needs --tree: a Newick file whose leaves are the class names")
+    raise UserError(
+        f"--dataset {cfg.data.dataset} needs --tree: a Newick file whose leaves are the class names"
+    )
 
 
 def build_data(cfg: PhyloConfig, quiet: bool):
@@ -159,12 +155,12 @@ def build_data(cfg: PhyloConfig, quiet: bool):
     meta = resolve_meta(spec, quiet=quiet)
     path = tree_path(cfg, meta)
     levels = build_levels(Tree.read(path), meta.class_names, cfg.cuts)
-    transform = square_transform(cfg.image_size)
+    transform = square_transform(cfg.data.image_size)
     splits = {
         s: build_dataset(spec, s, False, meta=meta, transform=transform) for s in ("train", "val", "test")
     }
     if len(splits["train"]) == 0 or len(splits["val"]) == 0:
-        raise UserError(f"dataset {cfg.dataset}: the train or val split is empty (check --val-fraction)")
+        raise UserError(f"dataset {cfg.data.dataset}: the train or val split is empty (check --val-fraction)")
     return meta, path, levels, splits
 
 
@@ -179,7 +175,7 @@ def eval_loader(dataset, run: TrainingRun):
 
 def build_autoencoder(cfg: PhyloConfig, levels: Levels, plain: bool) -> PhyloAutoencoder:
     return PhyloAutoencoder(
-        image_size=cfg.image_size, latent_size=cfg.latent_size, channels=cfg.channels, max_channels=cfg.max_channels, depth=cfg.depth,
+        image_size=cfg.data.image_size, latent_size=cfg.latent_size, channels=cfg.channels, max_channels=cfg.max_channels, depth=cfg.depth,
         branch_channels=cfg.branch_channels, embed_dim=cfg.embed_dim, n_embed=cfg.n_embed, levels=cfg.levels,
         codes_per_level=cfg.codes_per_level, free_codes=cfg.free_codes,
         group_counts=[len(g) for g in levels.groups], adversary_hidden=cfg.adversary_hidden, plain=plain,
@@ -215,7 +211,7 @@ def autoencoder_losses(
     zero = torch.zeros((), device=x.device)
     if not model.plain:
         model.adversary.requires_grad_(False)
-    with autocast(x.device, cfg.amp):
+    with autocast(x.device, cfg.hardware.amp):
         out = model(x)
     losses = {
         "rec": (out["recon"].float() - x).abs().mean(),
@@ -318,11 +314,11 @@ def _weights_meta(cfg: PhyloConfig, meta, record: dict, step: dict, metrics: dic
     return {
         "source": "train phylo",
         "dataset": {
-            "name": cfg.dataset,
+            "name": cfg.data.dataset,
             "root": str(meta.root),
-            "world": cfg.world if cfg.dataset == "world" else None,
-            "data_dir": cfg.data_dir,
-            "image_size": cfg.image_size,
+            "world": cfg.data.world if cfg.data.dataset == "world" else None,
+            "data_dir": cfg.data.data_dir,
+            "image_size": cfg.data.image_size,
         },  # fmt: skip
         "phylogeny": record,
         "steps": step,

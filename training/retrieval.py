@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from core import checkpoint
-from core.config import require_positive, to_dict
-from core.device import autocast
+from core.config import MAX_LR, require_positive, require_range, to_dict, validate_blocks
+from core.device import HardwareConfig, autocast
 from core.errors import UserError
 from core.seeding import seed_everything
 from datasets.bioscan.hdf5 import BioscanSplit, check_split
@@ -36,8 +36,9 @@ PRESETS = Path(__file__).parent / "presets" / "retrieval.yaml"
 
 @dataclass
 class RetrievalConfig:
-    # data
-    data: str | None = None  # BIOSCAN HDF5 file; None: the synthetic world exported to that layout
+    # data: a BIOSCAN HDF5 file with its fixed splits (no datasets.registry.DataConfig: no val share, crop or
+    # image folder to choose), or the synthetic world exported to that layout
+    data: str | None = None
     world: str = "default"
     data_dir: str | None = None
     train_split: str = "no_split_and_seen_train"
@@ -75,15 +76,15 @@ class RetrievalConfig:
     eval_every: int = 0  # steps between evaluations; 0: once per epoch
     eval_batch_size: int = 256
     log_every: int = 50
-    device: str = "auto"
-    amp: bool = True
-    num_workers: int | None = None
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
     seed: int = 42
 
     def validate(self) -> None:
+        validate_blocks(self)
         require_positive(
             self, "batch_size", "epochs", "lr", "embed_dim", "image_size", "log_every", "eval_batch_size"
         )
+        require_range(self, "lr", 0, MAX_LR)
         if self.eval_every < 0:
             raise UserError(f"--eval-every must be >= 0, got {self.eval_every}")
         if not 0 < self.crop_scale <= 1:
@@ -143,7 +144,7 @@ def _weights_meta(cfg: RetrievalConfig, model: RetrievalModel, data: Path, step:
 def _validate(cfg: RetrievalConfig, model, data: Path, device, pairs, quiet: bool) -> dict:
     splits = [f"{cfg.val_on}_seen", f"{cfg.val_on}_unseen"]
     rows, _ = score_model(model, data, splits, cfg.key_split, pairs, device, cfg.eval_batch_size,
-                          cfg.num_workers, cfg.amp, quiet=True)  # fmt: skip
+                          cfg.hardware.num_workers, cfg.hardware.amp, quiet=True)  # fmt: skip
     flat = {f"{r['query']}_{r['key']}_{r['rank']}_{r['kind']}": r["value"]
             for r in rows if r["metric"] == "micro" and r["k"] == 1}  # fmt: skip
     return {"score": selection_score(rows), **flat}
@@ -206,7 +207,7 @@ def train_retrieval(cfg: RetrievalConfig, run_dir: Path, resume: bool = False, q
         if cfg.mask_same_species:
             targets["species_groups"] = inputs["lineage"][:, -1]
         model.train()
-        out = train_step(net, model, inputs, optimizer, schedule, run.rank, cfg.amp, targets)
+        out = train_step(net, model, inputs, optimizer, schedule, run.rank, cfg.hardware.amp, targets)
         model.logit_scale.data.clamp_(max=math.log(100.0))
         losses = {
             "loss": out["loss"],

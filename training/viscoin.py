@@ -15,18 +15,18 @@ its loss parts on the device and reads them once per `log_every` steps, where it
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from core import checkpoint
-from core.config import MAX_LR, require_positive, require_range, to_dict
-from core.device import autocast
+from core.config import MAX_LR, require_positive, require_range, to_dict, validate_blocks
+from core.device import HardwareConfig, autocast
 from core.errors import UserError
 from core.seeding import seed_everything
 from datasets.gpu_transforms import to_model_batch
-from datasets.registry import DataSpec, build_dataset, collate_skipping, resolve_meta
+from datasets.registry import DataConfig, build_dataset, collate_skipping, resolve_meta
 from models.classifiers import load_classifier
 from models.stylegan2.checkpoint import load_generator
 from models.viscoin import ConceptDecoder, ConceptExtractor, Explainer
@@ -47,9 +47,9 @@ DEFAULT_PRESET = {"world": "tiny", "cub": "cub", "folder": "cub"}
 
 @dataclass
 class VisCoINConfig:
-    dataset: str = "world"
-    data_dir: str | None = None
-    world: str = "default"
+    data: DataConfig = field(
+        default_factory=DataConfig
+    )  # image_size: the classifier's, set when training starts
     classifier: str | None = None  # default checkpoints/<dataset>/classifier.safetensors
     generator: str | None = None  # default checkpoints/<dataset>/gan.safetensors
     n_concepts: int = 256
@@ -76,22 +76,19 @@ class VisCoINConfig:
     select_metric: str = "fidelity"  # picks best.safetensors (testing.viscoin.SELECT_METRICS)
     checkpoint_every: int = 10000
     log_every: int = 50
-    val_fraction: float = 0.1
-    device: str = "auto"
-    amp: bool = True
-    num_workers: int | None = None
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
     seed: int = 0
     amp_lpips: bool = False  # LPIPS-VGG under bf16 too (its input gradients then differ by 15-25%: opt-in)
     compile: bool = False  # torch.compile f and the trainable trio (opt-in: not measured to win yet)
 
     def validate(self) -> None:
+        validate_blocks(self)
         require_positive(self, "batch_size", "iterations", "grad_accum", "lr", "n_concepts", "latent_channels",
                          "decoder_lr_multiplier",
                          "eval_every", "eval_images", "checkpoint_every", "log_every", "lr_decay_every")  # fmt: skip
         for name in ("alpha", "beta", "gamma", "delta", "w_reg", "warmup"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name} must not be negative")
-        require_range(self, "num_workers", 0, optional=True)
         require_range(self, "lr", 0, MAX_LR)
         if self.select_metric not in SELECT_METRICS:
             raise UserError(
@@ -111,16 +108,16 @@ def default_checkpoint(dataset: str, kind: str) -> Path:
 
 def resolve_inputs(cfg: VisCoINConfig) -> tuple[Path, Path]:
     """Paths of f and G, naming the command that produces a missing one."""
-    clf = Path(cfg.classifier) if cfg.classifier else default_checkpoint(cfg.dataset, "classifier")
-    gan = Path(cfg.generator) if cfg.generator else default_checkpoint(cfg.dataset, "gan")
+    clf = Path(cfg.classifier) if cfg.classifier else default_checkpoint(cfg.data.dataset, "classifier")
+    gan = Path(cfg.generator) if cfg.generator else default_checkpoint(cfg.data.dataset, "gan")
     if not (clf.is_file() or (clf.is_dir() and (clf / "best.safetensors").is_file())):
         raise UserError(
-            f"no trained classifier at {clf}: run `python main.py train classifier --dataset {cfg.dataset}` "
+            f"no trained classifier at {clf}: run `python main.py train classifier --dataset {cfg.data.dataset}` "
             f"and pass --classifier RUN_DIR (or copy its best.safetensors + .yaml there)"
         )
     if not gan.exists():
         raise UserError(
-            f"no pretrained generator at {gan}: run `python main.py train gan --dataset {cfg.dataset}` or "
+            f"no pretrained generator at {gan}: run `python main.py train gan --dataset {cfg.data.dataset}` or "
             f"`python main.py import-gan SNAPSHOT.pkl --out {gan}`, or pass --generator"
         )
     return clf, gan
@@ -164,16 +161,16 @@ def viscoin_step(m: StepModels, real: torch.Tensor, optimisers: list[torch.optim
     totals: dict[str, torch.Tensor] = {}
     for part in range(cfg.grad_accum):
         chunk = real[part * micro : (part + 1) * micro]
-        with torch.no_grad(), autocast(device, cfg.amp):
+        with torch.no_grad(), autocast(device, cfg.hardware.amp):
             fake = m.G(torch.randn(len(chunk), m.G.z_dim, device=device), noise_mode="random").clamp(-1, 1)
             x = torch.cat([chunk, fake.to(chunk.dtype)])
             logits_f, features = m.classifier(x)
-        with autocast(device, cfg.amp):
+        with autocast(device, cfg.hardware.amp):
             concepts, logits_theta, x_hat, ws = (m.net if m.ddp is None else m.ddp)(features)
             logits_hat, _ = m.classifier(x_hat)
         distance = None
         if m.lpips is not None and cfg.beta > 0:
-            with autocast(device, cfg.amp and cfg.amp_lpips):
+            with autocast(device, cfg.hardware.amp and cfg.amp_lpips):
                 distance = m.lpips(x_hat, x)
         parts = losses.reconstruction(x_hat, x, logits_f, logits_hat, distance, cfg.beta, cfg.gamma)
         parts["ortho"] = losses.orthogonality(extractor.conv5.weight)
@@ -248,11 +245,12 @@ def train_viscoin(cfg: VisCoINConfig, run_dir: Path, resume: bool = False, quiet
         raise UserError(
             f"the classifier works at {image_size} px but the generator makes {G.img_resolution} px images"
         )
-    spec = DataSpec(cfg.dataset, cfg.data_dir, cfg.world, image_size, cfg.val_fraction, cfg.seed)
+    cfg.data.image_size = image_size  # recorded in config.yaml as the size the run works at
+    spec = cfg.data.spec(cfg.seed)
     meta = run.prepare(lambda quiet: resolve_meta(spec, quiet=quiet))
     if meta.num_classes != classifier.num_classes:
         raise UserError(
-            f"the classifier predicts {classifier.num_classes} classes; dataset {cfg.dataset} has {meta.num_classes}"
+            f"the classifier predicts {classifier.num_classes} classes; dataset {cfg.data.dataset} has {meta.num_classes}"
         )
     train_set = build_dataset(spec, "train", train_transform=True, meta=meta, output="uint8")
     val_set = build_dataset(spec, "val", train_transform=False, meta=meta, attributes=None)
@@ -287,7 +285,7 @@ def train_viscoin(cfg: VisCoINConfig, run_dir: Path, resume: bool = False, quiet
     weights_meta = {
         "kind": "viscoin",
         "image_size": image_size,
-        "dataset": {"name": cfg.dataset, "root": str(meta.root), "num_classes": meta.num_classes, "world": cfg.world},
+        "dataset": {"name": cfg.data.dataset, "root": str(meta.root), "num_classes": meta.num_classes, "world": cfg.data.world},
         "class_names": meta.class_names,
         "configs": part_configs(extractor, explainer, decoder),
         "classifier": {"path": str(Path(clf_path if clf_path.is_file() else clf_path / "best.safetensors").resolve()),
@@ -330,7 +328,7 @@ def train_viscoin(cfg: VisCoINConfig, run_dir: Path, resume: bool = False, quiet
                 loop.check_finite()
                 parts_now = VisCoINModels(classifier, extractor, explainer, decoder, weights_meta)
                 result = evaluate_viscoin(
-                    parts_now, eval_loader, device, lpips=lpips, amp=cfg.amp, progress=False
+                    parts_now, eval_loader, device, lpips=lpips, amp=cfg.hardware.amp, progress=False
                 )
                 net.train()
                 run.log.write(loop.step, "val", **result)

@@ -19,7 +19,7 @@ import copy
 import dataclasses
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +28,12 @@ from torch.utils.data import DataLoader
 
 from core import checkpoint
 from core.atomic import write_text
-from core.config import MAX_LR, require_per_process, require_positive, require_range, to_dict
-from core.device import autocast, loader_settings
+from core.config import MAX_LR, require_per_process, require_positive, require_range, to_dict, validate_blocks
+from core.device import HardwareConfig, autocast, loader_settings
 from core.errors import TrainingDiverged, UserError
 from core.seeding import derive_seed, seed_everything
 from datasets.gpu_transforms import mirror, to_model_batch
-from datasets.registry import DataSpec, build_dataset, collate_skipping, resolve_meta
+from datasets.registry import DataConfig, DataSpec, build_dataset, collate_skipping, resolve_meta
 from datasets.transforms import Uint8Images
 from models.stylegan2 import Discriminator, Generator
 from models.stylegan2.checkpoint import save_generator
@@ -62,13 +62,8 @@ METRIC_SEED = 1_000_000  # latents of the metric's fakes: seeds METRIC_SEED, MET
 
 @dataclass
 class GanConfig:
-    # data
-    dataset: str = "world"
-    data_dir: str | None = None
-    world: str = "default"
-    image_size: int = 64
+    data: DataConfig = field(default_factory=lambda: DataConfig(val_fraction=0.0))  # trains on all of train
     mirror: bool = True
-    skip_bad_images: bool = False
     # networks
     z_dim: int = 512
     w_dim: int = 512
@@ -102,22 +97,21 @@ class GanConfig:
     metric_images: int = 1000
     metric_classifier: str | None = None
     grid_size: int = 64
-    device: str = "auto"
-    amp: bool = True
-    num_workers: int | None = None
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
     seed: int = 0
 
     def validate(self) -> None:
-        require_positive(self, "batch_size", "kimg", "lr", "image_size", "log_every", "snapshot_kimg")
+        validate_blocks(self)
+        require_positive(self, "batch_size", "kimg", "lr", "log_every", "snapshot_kimg")
         require_positive(self, "z_dim", "w_dim", "mapping_layers", "channel_base", "channel_max", "ema_kimg")
         require_positive(self, "r1_interval", "pl_interval", "pl_batch_shrink", "metric_images", "grid_size")
-        if self.image_size < 8 or self.image_size > 1024 or self.image_size & (self.image_size - 1):
+        size = self.data.image_size
+        if size < 8 or size > 1024 or size & (size - 1):
             raise UserError(
-                f"--image-size must be a power of two from 8 to 1024 for StyleGAN2 (e.g. 32, 64, 256), got {self.image_size}"
+                f"--image-size must be a power of two from 8 to 1024 for StyleGAN2 (e.g. 32, 64, 256), got {size}"
             )
         if self.gamma < 0 or self.pl_weight < 0:
             raise UserError("--gamma and --pl-weight must be >= 0")
-        require_range(self, "num_workers", 0, optional=True)
         require_range(self, "lr", 0, MAX_LR)
         if self.aug not in AUG_MODES:
             raise UserError(f"--aug must be one of {', '.join(AUG_MODES)}, got {self.aug!r}")
@@ -137,10 +131,7 @@ class GanConfig:
             )
 
     def data_spec(self) -> DataSpec:
-        return DataSpec(
-            self.dataset, self.data_dir, self.world, self.image_size, val_fraction=0.0, seed=self.seed,
-            skip_bad_images=self.skip_bad_images,
-        )  # fmt: skip
+        return self.data.spec(self.seed)
 
 
 # ----------------------------------------------------------------------------
@@ -166,7 +157,7 @@ def build_networks(cfg: GanConfig) -> tuple[Generator, Discriminator]:
         z_dim=cfg.z_dim,
         c_dim=0,
         w_dim=cfg.w_dim,
-        img_resolution=cfg.image_size,
+        img_resolution=cfg.data.image_size,
         img_channels=3,
         mapping_kwargs={"num_layers": cfg.mapping_layers},
         synthesis_kwargs={
@@ -177,7 +168,7 @@ def build_networks(cfg: GanConfig) -> tuple[Generator, Discriminator]:
     )
     D = Discriminator(
         c_dim=0,
-        img_resolution=cfg.image_size,
+        img_resolution=cfg.data.image_size,
         img_channels=3,
         channel_base=cfg.channel_base,
         channel_max=cfg.channel_max,
@@ -337,7 +328,7 @@ class Evaluator:
         self.batch_size = batch_size
         n = min(cfg.metric_images, len(dataset))
         indices = np.unique(np.linspace(0, len(dataset) - 1, n).round().astype(int)).tolist()
-        settings = {**loader_settings(device, cfg.num_workers), "persistent_workers": False}
+        settings = {**loader_settings(device, cfg.hardware.num_workers), "persistent_workers": False}
         subset = torch.utils.data.Subset(dataset, indices)
         loader = DataLoader(subset, batch_size=batch_size, collate_fn=collate_skipping, **settings)
         reals = (to_model_batch(b, device, train=False)["image"] for b in loader if "image" in b)
@@ -359,7 +350,7 @@ class Evaluator:
 def _weights_meta(cfg: GanConfig, meta, s: GanState, metrics: dict) -> dict:
     return {
         "source": "train gan",
-        "dataset": {"name": cfg.dataset, "root": str(meta.root), "image_size": cfg.image_size},
+        "dataset": {"name": cfg.data.dataset, "root": str(meta.root), "image_size": cfg.data.image_size},
         "kimg": s.nimg / 1000,
         "step": s.step,
         "metrics": metrics,
@@ -404,7 +395,7 @@ def train_gan(cfg: GanConfig, run_dir: Path, resume: bool = False, quiet: bool =
     spec = cfg.data_spec()
     meta = run.prepare(lambda quiet: resolve_meta(spec, quiet=quiet))
     dataset = build_dataset(
-        spec, "train", train_transform=False, meta=meta, transform=Uint8Images(cfg.image_size, "square")
+        spec, "train", train_transform=False, meta=meta, transform=Uint8Images(cfg.data.image_size, "square")
     )
 
     s = new_state(cfg, device)
@@ -430,7 +421,7 @@ def train_gan(cfg: GanConfig, run_dir: Path, resume: bool = False, quiet: bool =
         if "image" not in batch or batch["image"].shape[0] < group:
             raise UserError(f"step {s.step}: too many unreadable images in one batch to train on")
         previous = s.nimg
-        out = train_step(s, real_batch(batch, device, cfg, group), cfg, world, cfg.amp)
+        out = train_step(s, real_batch(batch, device, cfg, group), cfg, world, cfg.hardware.amp)
         window = dict(zip(("loss_G", "loss_D", "d_real", "d_fake"), out.pop("window"), strict=True))
         loop.log(window, latest=out, show=tuple(window))
         if s.nimg // snapshot_nimg > previous // snapshot_nimg or s.step == total_steps:

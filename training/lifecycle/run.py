@@ -45,7 +45,7 @@ class TrainingRun:
         self.cfg, self.run_dir, self.resume, self.quiet = cfg, Path(run_dir), resume, quiet
         self.preempt = preemption.watch(self.run_dir)
         self.env = dist_env()
-        self.device = resolve_device(cfg.device, self.env.local_rank)
+        self.device = resolve_device(cfg.hardware.device, self.env.local_rank)
         if tune:
             autotune(self.device)
         init_distributed(self.env, self.device)
@@ -95,7 +95,7 @@ class TrainingRun:
     def loader(self, dataset, persistent: bool = True, **kwargs: Any) -> DataLoader:
         """A DataLoader with the device's worker and pinning settings (`persistent=False` for loaders used
         now and then, such as evaluation's, whose workers should not stay alive)."""
-        settings = loader_settings(self.device, self.cfg.num_workers)
+        settings = loader_settings(self.device, self.cfg.hardware.num_workers)
         if not persistent:
             settings["persistent_workers"] = False
         return DataLoader(dataset, **kwargs, **settings)
