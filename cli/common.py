@@ -9,6 +9,7 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated, Any
 
 import typer
@@ -77,6 +78,7 @@ WorldPreset = Annotated[
     str | None, typer.Option(help="Synthetic world preset: default, small or bioscan.", rich_help_panel=DATA)
 ]
 Show = Annotated[bool, typer.Option(help="Also open the figures in a window.", rich_help_panel=OUTPUT)]
+BatchSize = Annotated[int, typer.Option(help="Images per batch.", rich_help_panel=DATA)]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.", rich_help_panel=OUTPUT)]
 
 
@@ -245,6 +247,8 @@ SHARED_OPTIONS: dict[str, tuple[Any, Any]] = {
     "overwrite": (Overwrite, False),
     "resume": (Resume, False),
     "quiet": (Quiet, False),
+    "show": (Show, False),
+    "batch_size": (BatchSize, 64),
 }
 DATA_OPTIONS = ("dataset", "data_dir", "world", "image_size", "val_fraction", "bbox_crop", "skip_bad_images")
 HARDWARE_OPTIONS = ("device", "amp", "num_workers")
@@ -324,17 +328,18 @@ def _plain_values(values: dict[str, Any]) -> dict[str, Any]:
     return {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
 
 
-def training_command(
-    command: str,
-    data: tuple[str, ...] = DATA_OPTIONS,
+def with_options(
+    *names: str,
+    first: tuple[str, ...] = (),
     helps: dict[str, str] | None = None,
-    datasets: tuple[str, ...] = (),
+    defaults: dict[str, Any] | None = None,
+    wrap: Callable[[SimpleNamespace], Any] = lambda options: options,
 ):
-    """Give a training command the shared options: `data` (a subset of DATA_OPTIONS), the bookkeeping,
-    hardware and output options, each declared once here (`helps` rewords one for this command). The function
-    declares only its own options after a first parameter that receives the shared ones as `TrainOptions`."""
-    names = (*data, *RUN_OPTIONS, *HARDWARE_OPTIONS, *OUTPUT_OPTIONS)
-    helps = helps or {}
+    """Give a command shared options, each declared once in SHARED_OPTIONS: `first` before the command's own
+    options, `names` after them (`helps` rewords one for this command, `defaults` changes its default). The
+    function declares only its own options after a first parameter, which receives the shared ones as one
+    object: `wrap(SimpleNamespace(name=value, ...))`."""
+    helps, defaults = helps or {}, defaults or {}
 
     def parameter(name: str) -> inspect.Parameter:
         annotation, default = SHARED_OPTIONS[name]
@@ -342,24 +347,18 @@ def training_command(
             info = copy.copy(annotation.__metadata__[0])
             info.help = helps[name]
             annotation = Annotated[annotation.__origin__, info]
+        default = defaults.get(name, default)
         return inspect.Parameter(
             name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=annotation
         )
 
     def decorate(func: Callable) -> Callable:
         own = list(inspect.signature(func, eval_str=True).parameters.values())[1:]
-        params = [*(parameter(n) for n in data), *own, *(parameter(n) for n in names[len(data) :])]
+        params = [*(parameter(n) for n in first), *own, *(parameter(n) for n in names)]
 
         def run(**kwargs: Any) -> Any:
-            shared = {n: kwargs.pop(n) for n in names}
-            options = TrainOptions(
-                command,
-                data={n: shared[n] for n in data},
-                settings={n: shared[n] for n in (*RUN_OPTIONS, *HARDWARE_OPTIONS)},
-                **{n: shared[n] for n in OUTPUT_OPTIONS},
-                datasets=datasets,
-            )
-            return func(options, **kwargs)
+            shared = SimpleNamespace(**{n: kwargs.pop(n) for n in (*first, *names)})
+            return func(wrap(shared), **kwargs)
 
         run.__signature__ = inspect.Signature(params)
         run.__annotations__ = {p.name: p.annotation for p in params}
@@ -368,6 +367,45 @@ def training_command(
         return run
 
     return decorate
+
+
+def training_command(
+    command: str,
+    data: tuple[str, ...] = DATA_OPTIONS,
+    helps: dict[str, str] | None = None,
+    datasets: tuple[str, ...] = (),
+):
+    """Give a training command the shared options: `data` (a subset of DATA_OPTIONS) first, then the
+    bookkeeping, hardware and output options; its first parameter receives them as `TrainOptions`."""
+
+    def wrap(shared: SimpleNamespace) -> TrainOptions:
+        values = vars(shared)
+        return TrainOptions(
+            command,
+            data={n: values[n] for n in data},
+            settings={n: values[n] for n in (*RUN_OPTIONS, *HARDWARE_OPTIONS)},
+            **{n: values[n] for n in OUTPUT_OPTIONS},
+            datasets=datasets,
+        )
+
+    return with_options(*RUN_OPTIONS, *HARDWARE_OPTIONS, *OUTPUT_OPTIONS, first=data, helps=helps, wrap=wrap)
+
+
+def results_dir(command: str, options: SimpleNamespace, inputs: Iterable[Any], config: dict) -> Path:
+    """The run directory of a command that makes results and cannot resume (`--out`, else runs/<command>/
+    <name>): prepared without clobbering anything (core.rundir), `config` saved as its config.yaml. The
+    command marks it finished when its results are written."""
+    import yaml
+
+    from core.atomic import write_text
+    from core.rundir import prepare_run_dir
+
+    folder = run_dir_for(command.replace(" ", "-"), options.out, options.name)
+    run_dir = Path(
+        prepare_run_dir(folder, command, overwrite=options.overwrite, inputs=inputs, resumable=False)
+    )
+    write_text(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+    return run_dir
 
 
 def check_classifier_checkpoint(path: str | None, option: str) -> None:

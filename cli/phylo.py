@@ -4,6 +4,7 @@ how well its codes follow the tree."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated
 
 import typer
@@ -14,16 +15,10 @@ from cli.common import (
     OPTIM,
     OUTPUT,
     DataDir,
-    Device,
-    Name,
-    Out,
-    Overwrite,
-    Quiet,
-    Show,
     TrainOptions,
-    Workers,
     run_dir_for,
     training_command,
+    with_options,
 )
 
 # Settings a resumed run may change besides the hardware and log cadence; everything else must match.
@@ -134,7 +129,9 @@ def print_correlations(rows: list[dict]) -> None:
     Console().print(table)
 
 
+@with_options("batch_size", "device", "num_workers", "out", "name", "overwrite", "show", "quiet")
 def test_phylo_command(
+    o: SimpleNamespace,
     checkpoint: Annotated[
         Path,
         typer.Option(
@@ -155,23 +152,16 @@ def test_phylo_command(
     ] = None,
     split: Annotated[str, typer.Option(help="test, val, train or trainval.", rich_help_panel=DATA)] = "test",
     data_dir: DataDir = None,
-    batch_size: Annotated[int, typer.Option(help="Images per batch.", rich_help_panel=DATA)] = 64,
-    device: Device = "auto",
-    num_workers: Workers = None,
-    out: Out = None,
-    name: Name = None,
-    overwrite: Overwrite = False,
-    show: Show = False,
-    quiet: Quiet = False,
 ) -> None:
     """Per tree level, the Spearman correlation between code distances and tree distances across species,
     beside the free part's and a plain VQ autoencoder's (correlation.json/.png, heatmaps.png)."""
     from testing.phylo import run_phylo_test
 
-    run_dir = run_dir_for("test-phylo", out, name)
+    run_dir = run_dir_for("test-phylo", o.out, o.name)
     summary = run_phylo_test(
         checkpoint, run_dir, baseline=baseline, split=split, data_overrides={"data_dir": str(data_dir) if data_dir else None},
-        batch_size=batch_size, device=device, num_workers=num_workers, overwrite=overwrite, show=show, quiet=quiet,
+        batch_size=o.batch_size, device=o.device, num_workers=o.num_workers, overwrite=o.overwrite, show=o.show,
+        quiet=o.quiet,
     )  # fmt: skip
     print_correlations(summary["levels"])
     typer.echo(f"results: {run_dir}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated
 
 import typer
@@ -13,19 +14,13 @@ from cli.common import (
     MODEL,
     OPTIM,
     OUTPUT,
-    Amp,
     Compile,
     DataDir,
-    Device,
-    Name,
-    Out,
     Overwrite,
-    Quiet,
-    Show,
     TrainOptions,
-    Workers,
     run_dir_for,
     training_command,
+    with_options,
 )
 from core.errors import UserError
 
@@ -164,7 +159,10 @@ def train_viscoin_command(
         )
 
 
+@with_options("batch_size", "device", "amp", "num_workers", "out", "name", "overwrite", "show", "quiet",
+              defaults={"batch_size": 32})  # fmt: skip
 def test_viscoin_command(
+    o: SimpleNamespace,
     bundle: Bundle,
     split: Annotated[str, typer.Option(help="test, val, train or trainval.", rich_help_panel=DATA)] = "test",
     dataset: Annotated[
@@ -172,7 +170,6 @@ def test_viscoin_command(
         typer.Option("--dataset", "-d", help="Dataset (default: the bundle's).", rich_help_panel=DATA),
     ] = None,
     data_dir: DataDir = None,
-    batch_size: Annotated[int, typer.Option(help="Images per batch.", rich_help_panel=DATA)] = 32,
     max_images: Annotated[
         int | None, typer.Option(help="Evaluate only the first N images of the split.", rich_help_panel=DATA)
     ] = None,
@@ -215,14 +212,6 @@ def test_viscoin_command(
             rich_help_panel=MODEL,
         ),
     ] = "none",
-    device: Device = "auto",
-    amp: Amp = True,
-    num_workers: Workers = None,
-    out: Out = None,
-    name: Name = None,
-    overwrite: Overwrite = False,
-    show: Show = False,
-    quiet: Quiet = False,
 ) -> None:
     """Accuracy of f and Theta, fidelity, reconstruction (L1, L2, LPIPS, FID), faithfulness beside its random
     baseline, consistency, sparsity, and concept-attribute alignment beside its shuffled-attribute null."""
@@ -231,12 +220,12 @@ def test_viscoin_command(
     from testing.viscoin.report import run_viscoin_test
 
     dataset = canonical_name(dataset) if dataset else None
-    run_dir = run_dir_for("test-viscoin", out, name)
+    run_dir = run_dir_for("test-viscoin", o.out, o.name)
     m = run_viscoin_test(bundle, run_dir, split=split, dataset=dataset, data_dir=str(data_dir) if data_dir else None,
-                         batch_size=batch_size, max_images=max_images, threshold=concept_threshold,
+                         batch_size=o.batch_size, max_images=max_images, threshold=concept_threshold,
                          consistency_images=consistency_images, lpips_weights=lpips_weights, fid_network=fid_network,
-                         fid_weights=fid_weights, device=device, num_workers=num_workers, amp=amp, show=show, quiet=quiet,
-                         overwrite=overwrite)  # fmt: skip
+                         fid_weights=fid_weights, device=o.device, num_workers=o.num_workers, amp=o.amp, show=o.show,
+                         quiet=o.quiet, overwrite=o.overwrite)  # fmt: skip
     typer.echo(f"{m['dataset']}/{split}, {m['n']} images, K={m['n_concepts']}")
     typer.echo(
         f"  accuracy f {m['accuracy_f']:.4f}   accuracy Theta {m['accuracy_theta']:.4f}   fidelity {m['fidelity']:.4f}"
