@@ -103,7 +103,7 @@ def submit(
     itself on preemption or before its time limit and continues from its run directory (--resume auto).
     """
     from core.atomic import write_text
-    from core.rundir import JOB_FOLDER, default_run_dir, read_run_info
+    from core.rundir import JOB_FOLDER, default_run_dir, read_run_info, run_state
     from core.slurm import SlurmJob, log_pattern, render
     from core.slurm import submit as sbatch_submit
 
@@ -120,7 +120,7 @@ def submit(
     if run_dir is not None:
         args = _without(args, {"--out", "--name"}, {"--resume"})
         job_dir = run_dir / JOB_FOLDER
-        held = read_run_info(run_dir).get("status") if resumable else None
+        held = run_state(read_run_info(run_dir)) if resumable else None
         if held:
             typer.echo(f"note: {run_dir} holds a {held} run; the job continues it", err=True)
     elif params.get("out") is not None:

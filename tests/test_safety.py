@@ -369,7 +369,9 @@ def test_commands_without_resume_do_not_suggest_it(finished_run):
 def test_a_live_run_is_not_taken_over(tmp_path):
     run = prepare_run_dir(tmp_path / "r", "train gan")
     info = read_run_info(run)
-    info["pid"] = os.getppid()  # alive, and not this process
+    from core.rundir import _start_time
+
+    info["pid"], info["pid_start"] = os.getppid(), _start_time(os.getppid())  # alive, and not this process
     (run / "run.yaml").write_text(yaml.safe_dump(info))
     for kwargs in ({"resume": True}, {"overwrite": True}):
         with pytest.raises(UserError, match="still running"):
@@ -483,3 +485,21 @@ def test_new_commands_refuse_a_checkpoint_of_another_family(classifier_run, caps
         code, err = cli(capsys, *args)
         assert_one_line(code, err, str(classifier_run))
     assert not (tmp_path / "out").exists()
+
+
+def test_to_pickle_overwrite_replaces_only_a_bundle(viscoin, tmp_path, capsys):
+    """A resume state is a torch zip too, but not a bundle: --overwrite keeps it."""
+    state = tmp_path / "last.pt"
+    torch.save({"step": 3, "w": torch.ones(2)}, state)
+    before = state.read_bytes()
+    code, err = cli(capsys, "to-pickle", str(viscoin.run_dir), "--out", str(state), "--overwrite")
+    assert (code, err) == (
+        2,
+        f"error: --overwrite refused: {state} is not a VisCoIN bundle written by to-pickle, so it is kept; "
+        "choose another --out",
+    )
+    assert state.read_bytes() == before
+    bundle = tmp_path / "bundle.pt"
+    shutil.copy(viscoin.bundle, bundle)
+    code, err = cli(capsys, "to-pickle", str(viscoin.run_dir), "--out", str(bundle), "--overwrite")
+    assert code == 0, err
