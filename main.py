@@ -54,8 +54,13 @@ def environment_error(error: OSError) -> UserError | None:
         return UserError(
             f"permission denied on {where}: choose a folder you can write to (--out, $BIOVIS_CACHE)"
         )
-    if error.errno in (errno.EROFS, errno.ENOSPC, errno.EDQUOT):
-        return UserError(f"cannot write {where}: {error.strerror}")
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return UserError(
+            f"cannot write {where}: {error.strerror}; free some space or choose another --out "
+            "(the file there before, if any, is unchanged)"
+        )
+    if error.errno == errno.EROFS:
+        return UserError(f"cannot write {where}: {error.strerror}; choose a writable --out")
     return None
 
 
