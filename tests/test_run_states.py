@@ -317,3 +317,27 @@ def test_import_gan_overwrite_refuses_weights_it_did_not_write(tmp_path, capsys,
         "another --out",
     )
     assert snapshot(tmp_path) == before
+
+
+def test_logs_replaces_only_its_own_tables_and_figure(tmp_path, capsys, monkeypatch):
+    from core.runlog import RunLog
+
+    run = tmp_path / "run"
+    log = RunLog(run / "log.jsonl")
+    for step in (1, 2, 3):
+        log.write(step, "train", loss=1.0 / step)
+    out = tmp_path / "figures"
+    for _ in range(2):  # the second time, the folder holds logs' own output: replaced
+        result = run_main(("logs", str(run), "--out", str(out)), capsys, monkeypatch)
+        assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["curves.csv", "curves.png", "summary.csv"]
+    for name, content in (("summary.csv", b"my,own\n1,2\n"), ("curves.png", b"\x89PNG my plot")):
+        mine = tmp_path / f"mine-{name}"
+        mine.mkdir()
+        (mine / name).write_bytes(content)
+        result = run_main(("logs", str(run), "--out", str(mine)), capsys, monkeypatch)
+        assert (result.returncode, result.stderr.strip()) == (
+            2,
+            f"error: --out {mine} holds a {name} that `logs` did not write; it is kept, choose another --out",
+        )
+        assert [p.name for p in mine.iterdir()] == [name] and (mine / name).read_bytes() == content
