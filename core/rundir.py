@@ -111,7 +111,7 @@ def process_fields() -> dict:
 
 def _pid_alive(pid: int, boot_id: str | None = None, start: int | None = None) -> bool:
     """Whether `pid` on this host is still the process that was recorded (same boot, same start time)."""
-    if boot_id and _boot_id() not in (None, boot_id):
+    if pid <= 0 or (boot_id and _boot_id() not in (None, boot_id)):
         return False
     try:
         os.kill(pid, 0)
@@ -280,9 +280,12 @@ def _settle_leftovers(run_dir: Path) -> list[Path]:
     for aside in _leftovers(run_dir, info):
         holds = {p.name for p in run_dir.iterdir()} if run_dir.is_dir() else set()
         if not info and holds <= {JOB_FOLDER}:
-            if (run_dir / JOB_FOLDER).is_dir():
+            if holds:
                 _carry_job_folder(run_dir, aside)
-            shutil.rmtree(run_dir, ignore_errors=True)
+                if any(run_dir.iterdir()):  # job logs on both sides: the user sorts them out
+                    kept.append(aside)
+                    continue
+                run_dir.rmdir()
             os.replace(aside, run_dir)
             _note(
                 f"put the previous run back into {run_dir} from {aside} (the --overwrite that moved it was killed)"
