@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 from conftest import ROOT, run_main, snapshot
+from test_safety import no_active_runs  # noqa: F401 (autouse: no unfinished run left registered)
 
 from core.errors import UserError
 from core.rundir import (
@@ -27,15 +28,6 @@ from core.rundir import (
     read_run_info,
     run_state,
 )
-
-
-@pytest.fixture(autouse=True)
-def no_active_runs():
-    from core import rundir
-
-    rundir._active.clear()
-    yield
-    rundir._active.clear()
 
 
 def _dead_pid() -> int:
