@@ -36,7 +36,9 @@ def _reason(err: Exception) -> str:
     bomb = re.search(r"\((\d+) pixels\) exceeds limit of (\d+) pixels", text)
     if bomb:  # PIL's DecompressionBombError
         pixels, limit = int(bomb.group(1)), int(bomb.group(2))
-        return f"{pixels:,} pixels, more than the {limit:,} decoded at most, a guard against decompression bombs"
+        return (
+            f"{pixels:,} pixels, more than the {limit:,} decoded at most, a guard against decompression bombs"
+        )
     return text.splitlines()[0] if text else type(err).__name__
 
 

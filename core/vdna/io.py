@@ -167,7 +167,9 @@ def is_vdna_file(path: str | os.PathLike) -> bool:
         names = {n.removesuffix(".npy") for n in archive.namelist()}
     layers = metadata["neurons_list"] if isinstance(metadata["neurons_list"], dict) else {}
     keys = DIST_KEYS.get(metadata["type"], ())
-    expected = set(layers) if metadata["type"] == "histogram" else {f"{k}-{la}" for la in layers for k in keys}
+    expected = (
+        set(layers) if metadata["type"] == "histogram" else {f"{k}-{la}" for la in layers for k in keys}
+    )
     return bool(expected) and expected <= names
 
 
