@@ -151,7 +151,9 @@ def run_viscoin_test(
     subset = data if not max_images or max_images >= len(data) else Subset(data, range(max_images))
     loader = DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=collate_skipping,
                         **loader_settings(dev, num_workers))  # fmt: skip
-    lpips_weights = lpips_weights or saved_settings(models.meta.get("config")).get("lpips_weights", "imagenet")
+    lpips_weights = lpips_weights or saved_settings(models.meta.get("config")).get(
+        "lpips_weights", "imagenet"
+    )
     lpips = load_lpips(lpips_weights, dev)
     fid = build_fid_network(fid_network, fid_weights, dev)
     run_dir = prepare_run_dir(
