@@ -123,6 +123,12 @@ def index_command(
     amp: Amp = True,
     num_workers: Workers = None,
     force: Force = False,
+    dtype: Annotated[
+        str,
+        typer.Option(
+            help="float32 (as the reference evaluates) or float16 (half the memory).", rich_help_panel=SEARCH
+        ),
+    ] = "float32",  # fmt: skip
     out: Annotated[
         Path | None,
         typer.Option(help="Also copy the index to this folder (e.g. for a laptop).", rich_help_panel=OUTPUT),
@@ -130,7 +136,7 @@ def index_command(
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
-    """Embed a split once for all modalities into a cached, memory-mappable float16 index."""
+    """Embed a split once for all modalities into a cached, memory-mappable index."""
     from testing.retrieval.store import build_index, export_index
 
     net, meta, model_hash, dev = _load(model, device)
@@ -143,11 +149,11 @@ def index_command(
     if out is not None and out.exists() and not overwrite:
         raise UserError(f"{out} already exists; pass --overwrite or another --out")
     index, built = build_index(net, model_hash, model, _data_for(data, meta), split, chosen, dev, batch_size,
-                               num_workers, amp, force=force, quiet=quiet)  # fmt: skip
+                               num_workers, amp, force=force, quiet=quiet, dtype=dtype)  # fmt: skip
     manifest = index.manifest
     how = f"built at {manifest['records_per_s']} records/s" if built else "cached"
     typer.echo(f"index of {len(index)} {split} records ({', '.join(index.modalities)}, {manifest['dim']}-d "
-               f"float16), {how}: {index.folder}")  # fmt: skip
+               f"{manifest['dtype']}), {how}: {index.folder}")  # fmt: skip
     if out is not None:
         typer.echo(f"copied to {export_index(index, out, overwrite)}")
 
@@ -416,7 +422,24 @@ def train_retrieval_command(
         typer.Option(
             exists=True,
             dir_okay=False,
-            help="BarcodeBERT checkpoint (.pth or .safetensors).",
+            help="BarcodeBERT checkpoint (v1 .pth, v2 .pt/.pth, .safetensors): its tokenisation and size are used.",
+            rich_help_panel=MODEL,
+        ),
+    ] = None,  # fmt: skip
+    dna_k: Annotated[
+        int | None,
+        typer.Option(
+            help="k-mer size (default: the --dna-weights checkpoint's, else 5).", rich_help_panel=MODEL
+        ),
+    ] = None,  # fmt: skip
+    dna_stride: Annotated[
+        int | None,
+        typer.Option(help="k-mer stride (default: the checkpoint's, else k).", rich_help_panel=MODEL),
+    ] = None,  # fmt: skip
+    dna_max_len: Annotated[
+        int | None,
+        typer.Option(
+            help="Barcode length padded or cut to (default: the checkpoint's, else 660).",
             rich_help_panel=MODEL,
         ),
     ] = None,  # fmt: skip
@@ -457,6 +480,7 @@ def train_retrieval_command(
         data=str(data) if data else None, world=world, data_dir=str(data_dir) if data_dir else None,
         modalities=[m.strip() for m in modalities.split(",")] if modalities else None, image_arch=image_arch,
         image_size=image_size, weights=weights, dna_weights=str(dna_weights) if dna_weights else None,
+        dna_k=dna_k, dna_stride=dna_stride, dna_max_len=dna_max_len,
         embed_dim=embed_dim, batch_size=batch_size, epochs=epochs, lr=lr, weight_decay=weight_decay, seed=seed,
         eval_every=eval_every, log_every=log_every, device=device, amp=amp, num_workers=num_workers,
     )  # fmt: skip
@@ -470,5 +494,7 @@ def train_retrieval_command(
     summary = train_retrieval(cfg, Path(run_dir), resume=resume, quiet=quiet)
     if is_main_process():
         best = summary["best"]
-        typer.echo(f"best val mean micro top-1 {best['score']:.4f} at step {best['step']}; run: {run_dir}")
+        typer.echo(
+            f"best val {cfg.selection} top-1 {best['score']:.4f} at step {best['step']}; run: {run_dir}"
+        )
         typer.echo(f"weights: {Path(run_dir) / 'best.safetensors'}")

@@ -87,7 +87,7 @@ def test_index_query_evaluate_plot(trained, cli):
     assert result.returncode == 0, result.stderr
     manifest = json.loads((root / "idx" / "manifest.json").read_text())
     keys = np.load(root / "idx" / "dna.npy", mmap_mode="r")
-    assert keys.dtype == np.float16 and keys.shape == (manifest["count"], 128)
+    assert keys.dtype == np.float32 and keys.shape == (manifest["count"], 128)
     assert np.allclose(np.linalg.norm(keys.astype(np.float32), axis=1), 1, atol=2e-3)
     assert manifest["model_hash"] == checkpoint.file_hash(run / "best.safetensors")
     assert manifest["preprocessing"]["dna"]["k"] == 5 and manifest["data"]["split"] == "all_keys"

@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 
 from core.errors import UserError
-from datasets.bioscan.dna import UNK_ID, KmerTokenizer, clean_dna, read_fasta
+from datasets.bioscan.dna import KmerTokenizer, clean_dna, iter_fasta, read_fasta
 from datasets.bioscan.export import POOLS, export_world
 from datasets.bioscan.hdf5 import BioscanSplit, check_split, read_labels
 from datasets.bioscan.taxonomy import TaxonomyTokenizer, lineage_ids
 from datasets.world import load_barcodes, load_taxonomy
+
+UNK_ID = 2  # v1's <UNK>
 
 
 def test_vocabulary_is_barcodebert_order():
@@ -33,13 +35,35 @@ def test_tokens_and_padding_mask():
     assert mask[0].tolist() == [True, True, False, False]
     # an N inside the sequence is an unknown token that stays visible; padding is masked
     assert ids[1].tolist() == [tok.token("ACGTA"), UNK_ID, UNK_ID, UNK_ID]
-    assert mask[1].tolist() == [True, True, True, False]
+    assert mask[1].tolist() == [
+        True,
+        True,
+        False,
+        False,
+    ]  # 12 nt: two whole 5-mers; the partial one is padding
     long_ids, long_mask = tok.encode(["ACGTA" * 10])
     assert long_mask.all() and (long_ids == tok.token("ACGTA")).all()  # truncated to max_len
 
 
+def test_v2_vocabulary_and_n_kmers():
+    """BarcodeBERT v2: [MASK] [UNK] first (every k-mer one id lower than v1), and with tokenize_n the k-mers
+    holding N after the 4^k others, in the order of itertools.product("ACGTN")."""
+    v1, v2 = KmerTokenizer(k=3), KmerTokenizer(k=3, vocab="v2")
+    assert v2.token("AAA") == v1.token("AAA") - 1 == 2 and v2.unk_id == 1 and v2.vocab_size == 66
+    n = KmerTokenizer(k=2, stride=2, max_len=8, vocab="v2", n_kmers=True)
+    with_n = [km for km in ("".join(p) for p in itertools.product("ACGTN", repeat=2)) if "N" in km]
+    assert [n.token(km) for km in with_n] == list(range(18, 27)) and n.vocab_size == 27
+    assert n.token("A-") == 1  # a gap is unknown in every vocabulary
+
+
+def test_gaps_keep_the_frame_and_prefix():
+    tok = KmerTokenizer(k=3, stride=3, max_len=9, attend_padding=True, prefix=0)
+    ids, mask = tok.encode(["AC-GTAC"])
+    assert ids[0].tolist() == [0, 2, tok.token("GTA"), 2] and mask.all()  # AC- unknown, GTA in frame, C+NN
+
+
 def test_clean_dna_names_the_position():
-    assert clean_dna(" acg-t\nnA ") == "ACGTNA"
+    assert clean_dna(" acg-t\nnA ") == "ACG-TNA"
     with pytest.raises(UserError, match=r"'X' at position 4 .*--dna-unknown n"):
         clean_dna("ACGXT")
     assert clean_dna("ACGXRT", unknown="n") == "ACGNNT"
@@ -50,7 +74,8 @@ def test_clean_dna_names_the_position():
 def test_fasta(tmp_path):
     path = tmp_path / "q.fa"
     path.write_text(">one sample\nACGT\nacgt\n\n>two\nGG-CC\n")
-    assert read_fasta(path) == [("one sample", "ACGTACGT"), ("two", "GGCC")]
+    assert read_fasta(path) == [("one sample", "ACGTACGT"), ("two", "GG-CC")]
+    assert next(iter_fasta(path)) == ("one sample", "ACGTACGT")
     path.write_text(">bad\nACGT\nACZT\n")
     with pytest.raises(UserError, match=r"record 'bad'.*'Z' at position 7"):
         read_fasta(path)

@@ -42,9 +42,9 @@ def parse_pairs(text: str | None, modalities) -> list[tuple[str, str]]:
 
 def score_model(model, data, query_splits: list[str], key_split: str, pairs, device, batch_size: int = 256,
                 num_workers: int | None = None, amp: bool = True, backend: str = "torch", index_for=None,
-                quiet: bool = False) -> tuple[list[dict], dict]:  # fmt: skip
+                quiet: bool = False):  # fmt: skip
     """Embed the query splits and the keys (through `index_for(split, modalities)` when given, which returns a
-    cached index; in memory otherwise) and run the protocol. Returns (rows, best scores per pair and split)."""
+    cached index; in memory otherwise) and run the protocol (a `ProtocolResult`)."""
     from testing.retrieval.embed import embed_split
 
     query_modalities = sorted({q for q, _ in pairs})
@@ -103,7 +103,7 @@ def run_evaluate(model_path: str | os.PathLike, data: str | os.PathLike, run_dir
     chosen = parse_pairs(pairs, model.spec.modalities)
     query_splits = [f"{on}_seen", f"{on}_unseen"]
     for split in [*query_splits, key_split]:
-        check_split(data, split, tuple(model.spec.modalities))
+        check_split(data, split, tuple(model.spec.modalities), model.spec.text_arch == "bert")
     run_dir = prepare_run_dir(
         run_dir, "retrieve evaluate", overwrite=overwrite, inputs=[model_path, data], resumable=False
     )
@@ -115,8 +115,8 @@ def run_evaluate(model_path: str | os.PathLike, data: str | os.PathLike, run_dir
         indexes[split] = index
         return index
 
-    rows, best = score_model(model, data, query_splits, key_split, chosen, dev, batch_size, num_workers, amp,
-                             backend, index_for=index_for, quiet=quiet)  # fmt: skip
+    rows, best, per_class = score_model(model, data, query_splits, key_split, chosen, dev, batch_size, num_workers,
+                                        amp, backend, index_for=index_for, quiet=quiet)  # fmt: skip
     key_index = indexes[key_split]
     novelty, thresholds = novelty_report(best, chosen, on, key_index.novelty())
     if thresholds:
@@ -126,6 +126,7 @@ def run_evaluate(model_path: str | os.PathLike, data: str | os.PathLike, run_dir
     import pandas as pd
 
     save_table(pd.DataFrame(rows), run_dir / "results_long.csv")
+    save_table(pd.DataFrame(per_class), run_dir / "per_class.csv")
     plot_accuracy(rows, run_dir / "accuracy.png", show=show)
     summary = {
         "model": str(model_path), "model_hash": model_hash, "data": str(data), "on": on, "key_split": key_split,
