@@ -259,7 +259,33 @@ def _print_results(results: list[dict]) -> None:
 
 @app.command("evaluate")
 def evaluate_command(
-    model: Model,
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            "--model",
+            "-m",
+            exists=True,
+            help="Retrieval weights (.safetensors, a `train retrieval` run "
+            "directory, or a CLIBD .pth); or pass --features.",
+            rich_help_panel=MODEL,
+        ),
+    ] = None,  # fmt: skip
+    features: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="Pre-extracted features instead of a model: CLIBD's "
+            "extracted_feature_from_{val,test}_split.hdf5 (with --labels).",
+            rich_help_panel=DATA,
+        ),
+    ] = None,  # fmt: skip
+    labels: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True, dir_okay=False, help="The features' labels_{val,test}.json.", rich_help_panel=DATA
+        ),
+    ] = None,  # fmt: skip
     data: Data = None,
     on: Annotated[
         str,
@@ -293,8 +319,23 @@ def evaluate_command(
     """The BIOSCAN protocol: micro/macro top-1/3/5 per rank, seen/unseen/H.M., novelty AUROC; table, CSV, figure."""
     from testing.retrieval.evaluate import run_evaluate
 
-    _, meta, _, _ = _load(model, "cpu")
     run_dir = run_dir_for("retrieve-evaluate", out, name)
+    if features is not None or labels is not None:
+        from testing.retrieval.features import run_evaluate_features
+
+        if model is not None or data is not None:
+            raise UserError("--features evaluates embeddings extracted before: leave out --model and --data")
+        if features is None or labels is None:
+            raise UserError(
+                "--features and --labels go together (CLIBD writes labels_{val,test}.json beside them)"
+            )
+        summary = run_evaluate_features(features, labels, run_dir, pairs, backend, show, overwrite)
+        _print_table(summary)
+        typer.echo(f"results: {run_dir}")
+        return
+    if model is None:
+        raise UserError("pass --model (weights or a run directory) or --features with --labels")
+    _, meta, _, _ = _load(model, "cpu")
     summary = run_evaluate(model, _data_for(data, meta), run_dir, on, pairs, key_split, batch_size, device,
                            num_workers, amp, backend, force, show, quiet, overwrite)  # fmt: skip
     _print_table(summary)

@@ -83,15 +83,32 @@ def novelty_report(best: dict, pairs, on: str, stored: dict) -> tuple[dict, dict
     return report, thresholds
 
 
+def write_results(run_dir: Path, rows: list[dict], per_class: list[dict], summary: dict, show: bool = False):
+    """The run's files: results.csv (the paper's layout), results_long.csv, per_class.csv, accuracy.png (+csv),
+    results.json (`summary` with the rows and the selection score) and novelty.json. Returns the paper table."""
+    import pandas as pd
+
+    from core.plotting import save_table
+    from testing.retrieval.plots import plot_accuracy
+
+    table = paper_table(rows)
+    save_table(table, run_dir / "results.csv")
+    save_table(pd.DataFrame(rows), run_dir / "results_long.csv")
+    save_table(pd.DataFrame(per_class), run_dir / "per_class.csv")
+    plot_accuracy(rows, run_dir / "accuracy.png", show=show)
+    summary.update(selection_score=selection_score(rows), results=rows)
+    write_text(run_dir / "results.json", json.dumps(summary, indent=2))
+    write_text(run_dir / "novelty.json", json.dumps(summary.get("novelty", {}), indent=2))
+    return table
+
+
 def run_evaluate(model_path: str | os.PathLike, data: str | os.PathLike, run_dir: Path, on: str = "val",
                  pairs: str | None = None, key_split: str = "all_keys", batch_size: int = 256, device: str = "auto",
                  num_workers: int | None = None, amp: bool = True, backend: str = "torch", force: bool = False,
                  show: bool = False, quiet: bool = False, overwrite: bool = False) -> dict:  # fmt: skip
     from core.device import resolve_device
-    from core.plotting import save_table
     from core.rundir import mark_run, prepare_run_dir
     from models.retrieval import load_retrieval_model
-    from testing.retrieval.plots import plot_accuracy
     from testing.retrieval.store import build_index
 
     if on not in ("val", "test"):
@@ -121,21 +138,12 @@ def run_evaluate(model_path: str | os.PathLike, data: str | os.PathLike, run_dir
     novelty, thresholds = novelty_report(best, chosen, on, key_index.novelty())
     if thresholds:
         key_index.save_novelty(thresholds)
-    table = paper_table(rows)
-    save_table(table, run_dir / "results.csv")
-    import pandas as pd
-
-    save_table(pd.DataFrame(rows), run_dir / "results_long.csv")
-    save_table(pd.DataFrame(per_class), run_dir / "per_class.csv")
-    plot_accuracy(rows, run_dir / "accuracy.png", show=show)
     summary = {
         "model": str(model_path), "model_hash": model_hash, "data": str(data), "on": on, "key_split": key_split,
         "keys": len(key_index), "queries": {s: len(indexes[s]) for s in query_splits},
-        "pairs": [f"{q}:{k}" for q, k in chosen], "selection_score": selection_score(rows),
-        "novelty": novelty, "index": str(key_index.folder), "results": rows,
+        "pairs": [f"{q}:{k}" for q, k in chosen], "novelty": novelty, "index": str(key_index.folder),
     }  # fmt: skip
-    write_text(run_dir / "results.json", json.dumps(summary, indent=2))
-    write_text(run_dir / "novelty.json", json.dumps(novelty, indent=2))
+    table = write_results(run_dir, rows, per_class, summary, show)
     mark_run(run_dir, status="finished")
     summary["table"] = table
     return summary
