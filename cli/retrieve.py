@@ -4,6 +4,7 @@ embedding space. `train retrieval` (registered in cli/train.py) trains the model
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Annotated
@@ -95,13 +96,17 @@ def export_world_command(
     quiet: Quiet = False,
 ) -> None:
     """Write the synthetic world as a BIOSCAN HDF5 file with the seen/unseen partition (all_keys included)."""
-    from datasets.bioscan.export import export_world
+    from datasets.bioscan.export import export_world, is_world_export
     from datasets.registry import ensure_world_root
 
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} already exists; pass --overwrite or another --out")
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; name an .h5 file")
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} already exists; pass --overwrite or another --out")
+    if out.exists() and not is_world_export(out):
+        raise UserError(
+            f"--overwrite refused: {out} is not a file `retrieve export-world` wrote; choose another --out"
+        )
     root = ensure_world_root(world or "default", data_dir, quiet=quiet)
     export_world(root, out, unseen_fraction, seed)
     typer.echo(f"wrote {out} (world {root.parent.name})")
@@ -171,9 +176,21 @@ def query_command(
         Path | None,
         typer.Option(exists=True, dir_okay=False, help="FASTA file of barcodes.", rich_help_panel=DATA),
     ] = None,  # fmt: skip
+    text: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Taxon name to search by (repeatable): 'order family genus species' or "
+            "'order;family;genus;species' (zero-shot: against image or DNA keys).",
+            rich_help_panel=DATA,
+        ),
+    ] = None,  # fmt: skip
     dna_unknown: Annotated[
         str, typer.Option(help="Characters outside ACGTN-: error, or n (read as N).", rich_help_panel=DATA)
     ] = "error",  # fmt: skip
+    skip_bad_images: Annotated[
+        bool,
+        typer.Option(help="Report unreadable images on stderr and answer the rest.", rich_help_panel=DATA),
+    ] = False,  # fmt: skip
     index: Annotated[
         Path | None,
         typer.Option(
@@ -202,39 +219,55 @@ def query_command(
     ] = False,
     device: Device = "auto",
 ) -> None:
-    """Identify specimens from photos and/or DNA barcodes: nearest keys, per-rank prediction, novelty flag."""
-    from datasets.bioscan.dna import clean_dna, read_fasta
-    from testing.retrieval.query import check_image_files, run_query
+    """Identify specimens from photos, DNA barcodes or taxon names: nearest keys, per-rank prediction, novelty."""
+    from datasets.bioscan.dna import clean_dna, iter_fasta
+    from testing.retrieval.query import check_image_files, check_min_sim, parse_taxon, run_query
     from testing.retrieval.store import EmbeddingIndex, build_index
 
+    check_min_sim(min_sim)
     sequences = [
         (f"dna{i + 1}", clean_dna(s, dna_unknown, source=f"--dna #{i + 1}")) for i, s in enumerate(dna or [])
     ]
-    if fasta is not None:
-        sequences += read_fasta(fasta, dna_unknown)
+    records = 0
+    if fasta is not None:  # checked in a first pass, read again while answering: memory holds one batch
+        records = sum(1 for _ in iter_fasta(fasta, dna_unknown))
+    texts = list(text or [])
+    for item in texts:
+        parse_taxon(item)
     images = check_image_files(image or [])
-    if not images and not sequences:
-        raise UserError("nothing to query: pass --image FILE, --dna SEQUENCE or --fasta FILE")
+    if not images and not sequences and not records and not texts:
+        raise UserError("nothing to query: pass --image FILE, --dna SEQUENCE, --fasta FILE or --text NAME")
     net, meta, model_hash, dev = _load(model, device)
     if index is not None:
         store = EmbeddingIndex.load(index)
         store.check_model(model_hash, model)
     else:
-        store, _ = build_index(
-            net, model_hash, model, _data_for(data, meta), "all_keys", net.spec.modalities, dev
+        store, _ = build_index(  # quiet with --json: stdout holds the JSON alone
+            net, model_hash, model, _data_for(data, meta), "all_keys", net.spec.modalities, dev, quiet=as_json
         )
     if keys not in store.modalities:
         raise UserError(f"--keys {keys}: the index holds {', '.join(store.modalities)} keys")
-    if images and "image" not in net.spec.modalities:
-        raise UserError("--image: this model has no image encoder")
-    results = run_query(net, store, images, sequences, keys, k, min_sim, dev, backend)
-    if as_json:
-        typer.echo(json.dumps(results, indent=2))
+    for flag, modality, given in (("--image", "image", images), ("--dna", "dna", sequences or records),
+                                  ("--text", "text", texts)):  # fmt: skip
+        if given and modality not in net.spec.modalities:
+            raise UserError(f"{flag}: this model has no {modality} encoder")
+    barcodes = itertools.chain(sequences, iter_fasta(fasta, dna_unknown) if fasta is not None else ())
+
+    def skipped(path, message: str) -> None:
+        typer.echo(f"skipped: {message}", err=True)
+
+    results = run_query(net, store, images, barcodes, keys, k, min_sim, dev, backend, texts, skip_bad_images,
+                        skipped)  # fmt: skip
+    if not as_json:
+        _print_results(results)
         return
-    _print_results(results)
+    typer.echo("[")
+    for i, result in enumerate(results):  # one answer at a time: a FASTA of any size streams through
+        typer.echo(("," if i else "") + json.dumps(result, indent=2))
+    typer.echo("]")
 
 
-def _print_results(results: list[dict]) -> None:
+def _print_results(results) -> None:
     from rich.console import Console
     from rich.table import Table
 

@@ -216,8 +216,7 @@ def build_index(model, model_hash: str, model_path: str | os.PathLike, data: str
         try:
             return EmbeddingIndex.load(folder), False
         except UserError as err:  # a damaged cache entry (a killed copy, a full disk): build it again
-            if not quiet:
-                print(f"rebuilding the cached index: {err}", file=sys.stderr)
+            print(f"rebuilding the cached index: {err}", file=sys.stderr)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     try:
