@@ -202,3 +202,62 @@ def test_square_images_crop_flip_and_centre():
     out = square_images(pixels, "cpu", 12, train=False)
     assert torch.equal(out, to_pm1(pixels)[..., 1:13, 1:13])
     assert out.min() >= -1 and out.max() <= 1
+
+
+def test_clibd_augmentation_geometry():
+    """crop_flip_rotate: no rotation is gpu_transforms' crop_resize; a quarter turn of the whole image is
+    rot90 (sample points on pixel centres); at 45 degrees the corners fall outside the crop and are black."""
+    import torch
+
+    from datasets.bioscan.augment import crop_flip_rotate
+    from datasets.gpu_transforms import crop_resize
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    hw = torch.tensor([[16, 16], [24, 16]])  # the second shows a 24 x 16 source squashed
+    crops = torch.tensor([[2.0, 3.0, 10.0, 9.0], [4.0, 0.0, 20.0, 16.0]])
+    flips = torch.tensor([True, False])
+    same = crop_flip_rotate(x, hw, crops, 8, flips, ~flips)
+    assert torch.allclose(same, crop_resize(x, hw, crops, 8, flips, ~flips), atol=1e-6)
+    whole = torch.tensor([[0.0, 0.0, 16.0, 16.0]] * 2)
+    turned = crop_flip_rotate(x, hw[:1].expand(2, 2), whole, 16, angles=torch.tensor([90.0, 90.0]))
+    assert torch.allclose(turned, torch.rot90(x, 1, dims=(2, 3)), atol=1e-5) or torch.allclose(
+        turned, torch.rot90(x, -1, dims=(2, 3)), atol=1e-5
+    )
+    tilted = crop_flip_rotate(x, hw[:1].expand(2, 2), whole, 16, angles=torch.tensor([45.0, -45.0]))
+    assert (tilted[:, :, 0, 0] == -1).all() and (tilted[:, :, 8, 8] != -1).any()
+
+
+def test_whole_image_geometry(tmp_path):
+    """Training batches ship the whole image squashed with its Resize(side) size, for crops of all of it."""
+    from PIL import Image
+
+    from datasets.bioscan.hdf5 import decode_image
+
+    buffer = tmp_path / "wide.png"
+    Image.new("RGB", (90, 30), (200, 10, 10)).save(buffer)
+    pixels, size = decode_image(buffer.read_bytes(), 32, "wide.png", whole=True)
+    assert pixels.shape == (3, 32, 32) and size == (32, 96)
+    assert decode_image(buffer.read_bytes(), 32, "wide.png").shape == (3, 32, 32)
+
+
+def test_selection_and_unclassified_protocol():
+    """CLIBD's selection averages micro and macro top-1; not_classified counts as a label unless left out."""
+    from testing.retrieval.protocol import score_queries, selection_score
+
+    rows = [{"metric": "micro", "k": 1, "value": 0.8}, {"metric": "macro", "k": 1, "value": 0.4},
+            {"metric": "micro", "k": 3, "value": 1.0}, {"metric": "chance", "k": 1, "value": 0.1}]  # fmt: skip
+    assert selection_score(rows) == pytest.approx(0.6) and selection_score(rows, "micro") == pytest.approx(
+        0.8
+    )
+    nc = "not_classified"
+    query = {r: np.array(v, dtype=object) for r, v in zip(("order", "family", "genus", "species"),
+             (["O", "O", "O"], ["F", "F", "F"], ["G", nc, "H"], ["s", nc, "t"]), strict=True)}  # fmt: skip
+    keys = {r: np.array(v, dtype=object) for r, v in zip(("order", "family", "genus", "species"),
+            (["O", "O"], ["F", "F"], ["G", nc], ["s", nc]), strict=True)}  # fmt: skip
+    top = np.array([[0, 1], [1, 0], [0, 1]])  # query 2 (genus H) matches nothing
+    counted = {(r["rank"], r["metric"], r["k"]): r["value"] for r in score_queries(query, keys, top, ks=(1,))}
+    assert counted[("genus", "micro", 1)] == pytest.approx(2 / 3)
+    dropped = {(r["rank"], r["metric"], r["k"]): r["value"]
+               for r in score_queries(query, keys, top, ks=(1,), unclassified=False)}  # fmt: skip
+    assert dropped[("genus", "micro", 1)] == pytest.approx(1 / 2)
