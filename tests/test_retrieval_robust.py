@@ -201,3 +201,14 @@ def test_export_world_overwrites_only_its_own_file(setup, cli, tmp_path, small_w
             cli("retrieve", "export-world", "--out", own, "--overwrite", "--world", "small", "-q").returncode
             == 0
         )
+
+
+def test_nan_embeddings_are_refused_at_index_time(setup, cli, tmp_path):
+    """A model that embeds NaN would have its keys skipped by the search: the index is refused instead."""
+    state, meta = checkpoint.load_weights(setup["model"])
+    state["dna.proj.bias"][0] = float("nan")
+    checkpoint.save_weights(tmp_path / "nan.safetensors", state, meta)
+    cache = snapshot(setup["root"] / "cache") if (setup["root"] / "cache").is_dir() else {}
+    result = cli("retrieve", "index", "--model", tmp_path / "nan.safetensors", "--split", "val_seen", "-q")
+    _one_line(result, "embeds record 0 of", "(dna) as NaN or infinite", "no index was written")
+    assert (snapshot(setup["root"] / "cache") if (setup["root"] / "cache").is_dir() else {}) == cache

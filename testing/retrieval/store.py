@@ -230,8 +230,9 @@ def build_index(model, model_hash: str, model_path: str | os.PathLike, data: str
             model, data, split, modalities, device, batch_size, num_workers, amp, out=arrays, quiet=quiet
         )
         seconds = time.time() - start
-        for array in arrays.values():
+        for modality, array in arrays.items():
             array.flush()
+            _check_finite(array, modality, data, split)
         del arrays
         labels = read_labels(data, split)
         pd.DataFrame({"id": labels["id"], **{r: labels[r] for r in RANKS}}).to_csv(
@@ -250,6 +251,16 @@ def build_index(model, model_hash: str, model_path: str | os.PathLike, data: str
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return EmbeddingIndex.load(folder), True
+
+
+def _check_finite(array: np.ndarray, modality: str, data, split: str) -> None:
+    """Refuse an index with a NaN or infinite embedding (the search would skip that key silently)."""
+    for start in range(0, len(array), 1 << 16):
+        finite = np.isfinite(array[start : start + (1 << 16)]).all(1)
+        if not finite.all():
+            record = start + int(np.flatnonzero(~finite)[0])
+            raise UserError(f"the model embeds record {record} of {data}:{split} ({modality}) as NaN or infinite; "
+                            "its weights are broken (a diverged training?): no index was written")  # fmt: skip
 
 
 def _swap_in(tmp: Path, folder: Path) -> None:
