@@ -337,6 +337,14 @@ def evaluate_command(
     key_split: Annotated[
         str, typer.Option(help="Group holding the keys.", rich_help_panel=DATA)
     ] = "all_keys",
+    heldout: Annotated[
+        str | None,
+        typer.Option(
+            help="Also query this group of species in neither set (BIOSCAN-5M: other_heldout): its "
+            "accuracy and how often the novelty flag rises on it.",
+            rich_help_panel=DATA,
+        ),
+    ] = None,  # fmt: skip
     batch_size: BatchSize = 256,
     backend: Backend = "torch",
     device: Device = "auto",
@@ -370,7 +378,7 @@ def evaluate_command(
         raise UserError("pass --model (weights or a run directory) or --features with --labels")
     _, meta, _, _ = _load(model, "cpu")
     summary = run_evaluate(model, _data_for(data, meta), run_dir, on, pairs, key_split, batch_size, device,
-                           num_workers, amp, backend, force, show, quiet, overwrite)  # fmt: skip
+                           num_workers, amp, backend, force, show, quiet, overwrite, heldout)  # fmt: skip
     _print_table(summary)
     typer.echo(f"results: {run_dir}")
 
@@ -384,7 +392,7 @@ def _print_table(summary: dict) -> None:
     frame = summary["table"]
     top1 = frame[(frame["k"] == 1) & (frame["metric"] != "chance")]
     top1 = top1.sort_values(["query", "key", "metric"], ascending=[True, True, False])  # micro, then macro
-    queries = ", ".join(f"{n} {split}" for split, n in summary["queries"].items())
+    queries = ", ".join(f"{n} {split}" for split, n in summary["queries"].items() if "heldout" not in split)
     table = Table(title=f"top-1 accuracy (%): {queries} queries against {summary['keys']} keys")
     for column in ("query>key", "metric", "split", *RANKS):
         table.add_column(column, justify="right" if column in RANKS else "left", no_wrap=True)
@@ -401,6 +409,11 @@ def _print_table(summary: dict) -> None:
         if "threshold_from_val" in result:
             line += (f"; at the val threshold {result['threshold_from_val']:.3f} it flags {result['tpr']:.0%} of "
                      f"unseen and {result['fpr']:.0%} of seen queries")  # fmt: skip
+        other = result.get("heldout")
+        if other:
+            line += f"; {other['split']} ({other['n']} queries): AUROC {other['auroc']:.3f} against seen"
+            if "flagged" in other:
+                line += f", {other['flagged']:.0%} flagged"
         typer.echo(line)
 
 
@@ -412,6 +425,12 @@ def plot_command(
     rank: Annotated[
         str, typer.Option(help="Colour by order, family, genus or species.", rich_help_panel=DATA)
     ] = "genus",
+    projection: Annotated[
+        str,
+        typer.Option(
+            help="pca, or umap (CLIBD's: cosine, min_dist 0.5; needs umap-learn).", rich_help_panel=OUTPUT
+        ),
+    ] = "pca",  # fmt: skip
     batch_size: BatchSize = 256,
     device: Device = "auto",
     amp: Amp = True,
@@ -423,17 +442,18 @@ def plot_command(
     show: Show = False,
     quiet: Quiet = False,
 ) -> None:
-    """2-D projection (PCA, fitted jointly) of a split's image and DNA embeddings, coloured by a rank."""
+    """2-D projection (PCA or UMAP, fitted jointly) of a split's image and DNA embeddings, coloured by a rank."""
     import numpy as np
 
     from core.rundir import mark_run, prepare_run_dir
     from datasets.bioscan.hdf5 import check_split
     from datasets.bioscan.taxonomy import RANKS
-    from testing.retrieval.plots import plot_projection
+    from testing.retrieval.plots import check_projection, plot_projection
     from testing.retrieval.store import build_index
 
     if rank not in RANKS:
         raise UserError(f"--rank must be one of {', '.join(RANKS)}, got {rank!r}")
+    check_projection(projection)
     net, meta, model_hash, dev = _load(model, device)
     source = _data_for(data, meta)
     modalities = [m for m in ("image", "dna") if m in net.spec.modalities]
@@ -449,7 +469,8 @@ def plot_command(
                            force=force, quiet=quiet)  # fmt: skip
     embeddings = {m: np.asarray(index.keys(m), dtype=np.float32) for m in modalities}
     path = plot_projection(embeddings, index.labels[rank], rank, run_dir / f"projection_{split}_{rank}.png",
-                           f"{', '.join(modalities)} embeddings of {split} ({len(index)} records)", show=show)  # fmt: skip
+                           f"{', '.join(modalities)} embeddings of {split} ({len(index)} records)", show=show,
+                           method=projection)  # fmt: skip
     mark_run(run_dir, status="finished")
     typer.echo(f"figure: {path}")
 

@@ -212,3 +212,33 @@ def test_nan_embeddings_are_refused_at_index_time(setup, cli, tmp_path):
     result = cli("retrieve", "index", "--model", tmp_path / "nan.safetensors", "--split", "val_seen", "-q")
     _one_line(result, "embeds record 0 of", "(dna) as NaN or infinite", "no index was written")
     assert (snapshot(setup["root"] / "cache") if (setup["root"] / "cache").is_dir() else {}) == cache
+
+
+def test_heldout_group_and_projection_choice(setup, cli, tmp_path):
+    """`--heldout GROUP` (BIOSCAN-5M's other_heldout; here a stand-in group) adds its rows as their own kind
+    and its novelty figures; `--projection umap` without umap-learn, or an unknown one, is one line."""
+    out = tmp_path / "eval"
+    result = cli("retrieve", "evaluate", "--model", setup["model"], "--heldout", "test_unseen", "--pairs",
+                 "dna:dna", "--out", out, "--device", "cpu", "-q")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    import pandas as pd
+
+    rows = pd.read_csv(out / "results_long.csv")
+    assert set(rows["kind"]) == {"seen", "unseen", "heldout"}
+    assert set(rows[rows["kind"] == "heldout"]["split"]) == {"test_unseen"}
+    novelty = json.loads((out / "novelty.json").read_text())["dna:dna"]["heldout"]
+    assert novelty["split"] == "test_unseen" and 0 <= novelty["auroc"] <= 1 and 0 <= novelty["flagged"] <= 1
+    assert "test_unseen (" in result.stdout
+    _one_line(
+        cli("retrieve", "evaluate", "--model", setup["model"], "--heldout", "val_seen"), "already a query"
+    )
+    try:
+        import umap  # noqa: F401
+    except ImportError:
+        _one_line(
+            cli("retrieve", "plot", "--model", setup["model"], "--projection", "umap"),
+            "pip install umap-learn",
+        )
+    _one_line(
+        cli("retrieve", "plot", "--model", setup["model"], "--projection", "tsne"), "--projection must be"
+    )

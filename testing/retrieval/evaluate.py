@@ -12,7 +12,7 @@ import numpy as np
 from core.atomic import write_text
 from core.errors import UserError
 from datasets.bioscan.hdf5 import check_split, read_labels
-from testing.retrieval.novelty import calibrate, flag_rates
+from testing.retrieval.novelty import auroc, calibrate, flag_rates
 from testing.retrieval.protocol import evaluate_pairs, paper_table, selection_score
 
 DEFAULT_PAIRS = ("image:image", "dna:dna", "image:dna", "image:text")
@@ -64,9 +64,11 @@ def score_model(model, data, query_splits: list[str], key_split: str, pairs, dev
     return evaluate_pairs(queries, query_labels, keys, key_labels, pairs, backend=backend, device=str(device))
 
 
-def novelty_report(best: dict, pairs, on: str, stored: dict) -> tuple[dict, dict]:
+def novelty_report(best: dict, pairs, on: str, stored: dict, heldout: str | None = None) -> tuple[dict, dict]:
     """Per pair: AUROC of the best score (seen vs unseen) and, on val, a calibrated threshold; on test, the flag
-    rates under the threshold calibrated earlier on val (when there is one). Returns (report, new thresholds)."""
+    rates under the threshold calibrated earlier on val (when there is one). With `heldout` (BIOSCAN-5M's
+    `other_heldout`: species in neither set), the same for seen vs held-out queries, under the same threshold.
+    Returns (report, new thresholds)."""
     report, thresholds = {}, {}
     for q, k in pairs:
         name = f"{q}:{k}"
@@ -75,11 +77,18 @@ def novelty_report(best: dict, pairs, on: str, stored: dict) -> tuple[dict, dict
         if on == "val":
             thresholds[name] = {key: result[key] for key in ("threshold", "tpr", "fpr", "auroc")}
             report[name] = result
+            threshold = result["threshold"]
         else:
             report[name] = {"auroc": result["auroc"], "n_seen": len(seen), "n_unseen": len(unseen)}
-            if name in stored:
-                threshold = stored[name]["threshold"]
+            threshold = stored.get(name, {}).get("threshold")
+            if threshold is not None:
                 report[name].update({"threshold_from_val": threshold, **flag_rates(seen, unseen, threshold)})
+        if heldout is not None:
+            other = best[(q, k, heldout)]
+            entry = {"split": heldout, "n": len(other), "auroc": auroc(seen, other)}
+            if threshold is not None:
+                entry["flagged"] = float((other < threshold).mean())
+            report[name]["heldout"] = entry
     return report, thresholds
 
 
@@ -105,7 +114,7 @@ def write_results(run_dir: Path, rows: list[dict], per_class: list[dict], summar
 def run_evaluate(model_path: str | os.PathLike, data: str | os.PathLike, run_dir: Path, on: str = "val",
                  pairs: str | None = None, key_split: str = "all_keys", batch_size: int = 256, device: str = "auto",
                  num_workers: int | None = None, amp: bool = True, backend: str = "torch", force: bool = False,
-                 show: bool = False, quiet: bool = False, overwrite: bool = False) -> dict:  # fmt: skip
+                 show: bool = False, quiet: bool = False, overwrite: bool = False, heldout: str | None = None) -> dict:  # fmt: skip
     from core.device import resolve_device
     from core.rundir import mark_run, prepare_run_dir
     from models.retrieval import load_retrieval_model
@@ -113,12 +122,14 @@ def run_evaluate(model_path: str | os.PathLike, data: str | os.PathLike, run_dir
 
     if on not in ("val", "test"):
         raise UserError(f"--on must be val or test, got {on!r}")
+    if heldout in (f"{on}_seen", f"{on}_unseen", key_split):
+        raise UserError(f"--heldout {heldout} is already a query or key group; name the held-out species' group")
     if batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {batch_size}")
     dev = resolve_device(device)
     model, meta, model_hash = load_retrieval_model(model_path, str(dev))
     chosen = parse_pairs(pairs, model.spec.modalities)
-    query_splits = [f"{on}_seen", f"{on}_unseen"]
+    query_splits = [f"{on}_seen", f"{on}_unseen", *([heldout] if heldout else [])]
     for split in [*query_splits, key_split]:
         check_split(data, split, tuple(model.spec.modalities), model.spec.text_arch == "bert")
     run_dir = prepare_run_dir(
@@ -134,8 +145,12 @@ def run_evaluate(model_path: str | os.PathLike, data: str | os.PathLike, run_dir
 
     rows, best, per_class = score_model(model, data, query_splits, key_split, chosen, dev, batch_size, num_workers,
                                         amp, backend, index_for=index_for, quiet=quiet)  # fmt: skip
+    if heldout:  # its rows are their own kind, beside seen and unseen
+        for row in (*rows, *per_class):
+            if row["split"] == heldout:
+                row["kind"] = "heldout"
     key_index = indexes[key_split]
-    novelty, thresholds = novelty_report(best, chosen, on, key_index.novelty())
+    novelty, thresholds = novelty_report(best, chosen, on, key_index.novelty(), heldout)
     if thresholds:
         key_index.save_novelty(thresholds)
     summary = {

@@ -54,7 +54,9 @@ def chance(true: np.ndarray, key_labels: np.ndarray) -> float:
 
 
 def split_kind(split: str) -> str:
-    """`val_seen` -> seen, `test_unseen` -> unseen."""
+    """`val_seen` -> seen, `test_unseen` -> unseen, BIOSCAN-5M's `other_heldout` -> heldout."""
+    if "heldout" in split:
+        return "heldout"
     return "unseen" if split.endswith("unseen") else "seen"
 
 
