@@ -184,6 +184,15 @@ def query_command(
             rich_help_panel=DATA,
         ),
     ] = None,  # fmt: skip
+    text_vocab: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="BERT-small's vocab.txt, for --text with a CLIBD model.",
+            rich_help_panel=DATA,
+        ),
+    ] = None,  # fmt: skip
     dna_unknown: Annotated[
         str, typer.Option(help="Characters outside ACGTN-: error, or n (read as N).", rich_help_panel=DATA)
     ] = "error",  # fmt: skip
@@ -256,8 +265,10 @@ def query_command(
     def skipped(path, message: str) -> None:
         typer.echo(f"skipped: {message}", err=True)
 
+    if texts and net.spec.text_arch == "bert" and text_vocab is None:
+        raise UserError("--text with a CLIBD model needs --text-vocab: BERT-small's vocab.txt")
     results = run_query(net, store, images, barcodes, keys, k, min_sim, dev, backend, texts, skip_bad_images,
-                        skipped)  # fmt: skip
+                        skipped, text_vocab)  # fmt: skip
     if not as_json:
         _print_results(results)
         return

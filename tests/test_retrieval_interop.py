@@ -195,3 +195,43 @@ def test_training_takes_the_checkpoints_tokenisation(tmp_path):
     assert np.abs(got - ARRAYS["v2_k4_embeddings"]).max() < TOL
     with pytest.raises(UserError, match="--dna-k 5 differs"):
         RetrievalConfig(dna_weights=str(path), dna_k=5).spec()
+
+
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "dip", "##tera", "sci", "##aria", "##e", "brady", "##sia", "not",
+         "_", "classified", "sp", ".", "bio", "##ug", "##0", "##1", "ce", "##ci", "##do", "##my", "##ii", "##da",
+         "é", "a", "##b", "-", "x"]  # fmt: skip
+
+
+def test_wordpiece_equals_bert_tokenizer(tmp_path):
+    """CLIBD's text tokens: BERT's uncased WordPiece (transformers' BertTokenizer on the same vocab.txt)."""
+    transformers = pytest.importorskip("transformers")
+    from datasets.bioscan.wordpiece import WordPieceTokenizer
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(VOCAB) + "\n")
+    texts = ["Diptera Sciaridae Bradysia not_classified", "Diptera Cecidomyiidae not_classified not_classified",
+             "Diptera Sciaridae Bradysia Bradysia sp. BIOUG01", "DIPTÉRA  xyz\tsciaridae-a", "",
+             "Diptera Diptera Diptera Diptera Diptera Diptera Diptera Diptera Diptera Diptera Diptera"]  # fmt: skip
+    reference = transformers.BertTokenizer(str(vocab), do_lower_case=True)
+    expected = reference(texts, padding="max_length", max_length=20, truncation=True)
+    ids, mask = WordPieceTokenizer(vocab).encode(texts)
+    assert ids.tolist() == expected["input_ids"] and mask.astype(int).tolist() == expected["attention_mask"]
+
+
+def test_text_query_with_a_clibd_model(tmp_path):
+    """`retrieve query --text` with a CLIBD checkpoint embeds CLIBD's string in WordPiece tokens."""
+    from datasets.bioscan.wordpiece import WordPieceTokenizer
+    from testing.retrieval.query import embed_text
+
+    model, _, _ = load_retrieval_model(write_clibd(tmp_path / "clibd.pth", META["clibd"]))
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(VOCAB + [f"w{i}" for i in range(120 - len(VOCAB))]) + "\n")
+    got = embed_text(model, ["Diptera;Sciaridae;Bradysia"], "cpu", vocab)
+    ids, mask = WordPieceTokenizer(vocab).encode(["Diptera Sciaridae Bradysia not_classified"])
+    with torch.no_grad():
+        expected = model.encode(
+            "text", {"text_ids": torch.from_numpy(ids), "text_mask": torch.from_numpy(mask)}
+        )
+    assert np.abs(got - expected.numpy()).max() == 0
+    with pytest.raises(UserError, match="needs --text-vocab"):
+        embed_text(model, ["Diptera"], "cpu")

@@ -242,3 +242,20 @@ def test_heldout_group_and_projection_choice(setup, cli, tmp_path):
     _one_line(
         cli("retrieve", "plot", "--model", setup["model"], "--projection", "tsne"), "--projection must be"
     )
+
+
+def test_text_query_by_taxon_name(setup, cli):
+    """Zero-shot search by taxon name: the world's own names, in either spelling, give the same answer."""
+    from datasets.bioscan.hdf5 import read_labels
+    from testing.retrieval.query import parse_taxon
+
+    labels = read_labels(setup["data"], "all_keys")
+    ranks = [str(labels[r][2]) for r in ("order", "family", "genus", "species")]
+    assert parse_taxon(" ".join(ranks)) == tuple(ranks) == parse_taxon(";".join(ranks))
+    assert parse_taxon("Diptera;;Bradysia") == ("Diptera", "not_classified", "Bradysia", "not_classified")
+    result = cli("retrieve", "query", "--model", setup["model"], "--text", " ".join(ranks), "--text",
+                 ";".join(ranks), "--keys", "image", "--json", "--device", "cpu")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    first, second = json.loads(result.stdout)
+    assert first["modality"] == "text" and first["neighbours"] == second["neighbours"]
+    _one_line(cli("retrieve", "query", "--model", setup["model"], "--text", "a;b;c;d;e"), "names 5 ranks")

@@ -60,12 +60,19 @@ def parse_taxon(text: str) -> tuple[str, str, str, str]:
     return tuple(p or NOT_CLASSIFIED for p in parts)  # type: ignore[return-value]
 
 
-def embed_text(model, rows: list[tuple[str, str, str, str]], device) -> np.ndarray:
-    tokenizer = model.spec.text_tokenizer
-    if tokenizer is None:
-        raise UserError("--text: this model's text tower reads BERT WordPiece tokens; taxon-name queries need "
-                        "the hashed-taxonomy text tower of `train retrieval`")  # fmt: skip
-    ids, mask = tokenizer.encode(rows)
+def embed_text(model, texts: list[str], device, vocab: os.PathLike | None = None) -> np.ndarray:
+    """Taxon names as unit vectors: ranks hashed by this project's text tower, or CLIBD's string "order family
+    genus species" (missing ranks not_classified, as it trained) in WordPiece tokens of `vocab`."""
+    rows = [parse_taxon(t) for t in texts]
+    if model.spec.text_arch == "bert":
+        from datasets.bioscan.wordpiece import WordPieceTokenizer
+
+        if vocab is None:
+            raise UserError("--text with a CLIBD model needs --text-vocab: BERT-small's vocab.txt "
+                            "(prajjwal1/bert-small, the bert-base-uncased vocabulary)")  # fmt: skip
+        ids, mask = WordPieceTokenizer(vocab).encode([" ".join(r) for r in rows])
+    else:
+        ids, mask = model.spec.text_tokenizer.encode(rows)
     inputs = {"text_ids": torch.from_numpy(ids).to(device), "text_mask": torch.from_numpy(mask).to(device)}
     with torch.inference_mode():
         return model.encode("text", inputs).cpu().numpy()
@@ -106,7 +113,7 @@ def _batches(items: Iterable, size: int) -> Iterator[list]:
 
 def run_query(model, index, images: list[Path], dna: Iterable[tuple[str, str]], key_modality: str, k: int,
               min_sim: float | None, device, backend: str = "torch", texts: Iterable[str] = (),
-              skip_bad_images: bool = False, on_skip=None) -> Iterator[dict]:  # fmt: skip
+              skip_bad_images: bool = False, on_skip=None, text_vocab: os.PathLike | None = None) -> Iterator[dict]:  # fmt: skip
     """Answer every query, batch by batch: images, then barcodes (any iterable of (name, sequence), read
     lazily), then taxon names. With `skip_bad_images`, an unreadable image is passed to `on_skip(path,
     message)` and left out."""
@@ -137,8 +144,7 @@ def run_query(model, index, images: list[Path], dna: Iterable[tuple[str, str]], 
     for batch in _batches(dna, BATCH):
         yield from answered([n for n, _ in batch], "dna", embed_dna(model, [s for _, s in batch], device))
     for batch in _batches(texts, BATCH):
-        rows = [parse_taxon(t) for t in batch]
-        yield from answered(list(batch), "text", embed_text(model, rows, device))
+        yield from answered(list(batch), "text", embed_text(model, batch, device, text_vocab))
 
 
 def check_image_files(paths: list[os.PathLike]) -> list[Path]:
