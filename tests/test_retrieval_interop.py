@@ -8,6 +8,7 @@ nothing it holds."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
@@ -235,3 +236,44 @@ def test_text_query_with_a_clibd_model(tmp_path):
     assert np.abs(got - expected.numpy()).max() == 0
     with pytest.raises(UserError, match="needs --text-vocab"):
         embed_text(model, ["Diptera"], "cpu")
+
+
+def test_clibd_checkpoint_evaluates_on_a_bioscan_file(small_world, tmp_path, capsys, monkeypatch):
+    """`retrieve evaluate --model image_dna_text.pth` end to end on an HDF5 file in the BIOSCAN layout with
+    `language_tokens_*` (the small world's export, tokens added): every tower through the data pipeline, the
+    stored embeddings equal to the model's on the same records."""
+    import shutil
+
+    import h5py
+    from conftest import run_main
+
+    from datasets.bioscan.export import ensure_world_hdf5
+    from datasets.bioscan.hdf5 import TEXT_TOKENS
+
+    monkeypatch.setenv("BIOVIS_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "bioscan.h5"
+    shutil.copy(ensure_world_hdf5("small", quiet=True), data)
+    with h5py.File(data, "a") as f:
+        for group in f.values():
+            n = group["barcode"].shape[0]
+            ids = (np.arange(n * 20).reshape(n, 20) % 100 + 4) * (np.arange(20) < 7)
+            group.create_dataset(TEXT_TOKENS[0], data=ids)
+            group.create_dataset(TEXT_TOKENS[1], data=(ids > 0).astype(np.int64))
+    path = write_clibd(tmp_path / "image_dna_text.pth", META["clibd"])
+    result = run_main(("retrieve", "evaluate", "--model", str(path), "--data", str(data), "--pairs",
+                       "dna:dna,image:image,image:text", "--out", str(tmp_path / "eval"), "--device", "cpu", "-q"),
+                      capsys, monkeypatch)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    index = json.loads((tmp_path / "eval" / "results.json").read_text())["index"]
+    model, _, _ = load_retrieval_model(path)
+    with h5py.File(data) as f:
+        barcode = f["all_keys"]["barcode"][0].decode()
+        tokens = f["all_keys"][TEXT_TOKENS[0]][:1]
+    ids, mask = model.spec.dna_tokenizer.encode([barcode])
+    with torch.no_grad():
+        dna = model.encode("dna", {"dna_ids": torch.from_numpy(ids), "dna_mask": torch.from_numpy(mask)})
+        text = model.encode(
+            "text", {"text_ids": torch.from_numpy(tokens), "text_mask": torch.from_numpy(tokens > 0)}
+        )
+    assert np.abs(np.load(Path(index) / "dna.npy")[0] - dna[0].numpy()).max() < 1e-6
+    assert np.abs(np.load(Path(index) / "text.npy")[0] - text[0].numpy()).max() < 1e-6

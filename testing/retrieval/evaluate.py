@@ -123,15 +123,19 @@ def run_evaluate(model_path: str | os.PathLike, data: str | os.PathLike, run_dir
     if on not in ("val", "test"):
         raise UserError(f"--on must be val or test, got {on!r}")
     if heldout in (f"{on}_seen", f"{on}_unseen", key_split):
-        raise UserError(f"--heldout {heldout} is already a query or key group; name the held-out species' group")
+        raise UserError(
+            f"--heldout {heldout} is already a query or key group; name the held-out species' group"
+        )
     if batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {batch_size}")
     dev = resolve_device(device)
     model, meta, model_hash = load_retrieval_model(model_path, str(dev))
     chosen = parse_pairs(pairs, model.spec.modalities)
     query_splits = [f"{on}_seen", f"{on}_unseen", *([heldout] if heldout else [])]
+    needed = {q for q, _ in chosen}, {k for _, k in chosen}
     for split in [*query_splits, key_split]:
-        check_split(data, split, tuple(model.spec.modalities), model.spec.text_arch == "bert")
+        modalities = needed[1] if split == key_split else needed[0]
+        check_split(data, split, tuple(sorted(modalities)), model.spec.text_arch == "bert")
     run_dir = prepare_run_dir(
         run_dir, "retrieve evaluate", overwrite=overwrite, inputs=[model_path, data], resumable=False
     )
