@@ -151,6 +151,12 @@ def test_a_payload_in_a_v2_checkpoint_runs_nothing(tmp_path):
     assert read_barcodebert(tmp_path / "scheduler.pt").kind == "v2"
     with pytest.raises(UserError, match="CLIBD checkpoint"):
         load_retrieval_model(tmp_path / "scheduler.pt")
+    data["model"]["bert.embeddings.LayerNorm.bias"] = Payload(marker)  # where a tensor belongs
+    torch.save(data, tmp_path / "weights.pt")
+    with pytest.raises(
+        UserError, match=r"its weights\['bert.embeddings.LayerNorm.bias'\] holds posix.system"
+    ):
+        read_barcodebert(tmp_path / "weights.pt")
     assert not marker.exists()
 
 

@@ -120,6 +120,12 @@ def read_barcodebert(path: str | os.PathLike, k: int | None = None, stride: int 
         raw = read_torch_file(path, tensors=tensors)
     if not isinstance(raw, dict):
         raise UserError(f"{source} does not hold a state dict or a BarcodeBERT checkpoint dict")
+    from models.retrieval.torchfile import find_opaque
+
+    weights = raw["model"] if isinstance(raw.get("model"), dict) else raw.get("state_dict", raw)
+    found = find_opaque(weights, "its weights")
+    if found:
+        raise UserError(f"{source}: {found}, where tensors belong; refused (nothing was executed)")
     if isinstance(raw.get("model"), dict) and "bert_config" in raw:
         kind = "v2"
         bert_cfg, run = _v2_config(raw, source)
