@@ -63,7 +63,12 @@ def test_trainers_share_the_lifecycle_and_import_no_other_trainer():
                 if module.startswith(PLUMBING):
                     wrong.append(f"{path.relative_to(ROOT)}:{line} imports run plumbing {module}")
             text = path.read_text(encoding="utf-8")
-            for call in ("checkpoint.load_state(", "checkpoint.save_state(", "preemption.watch(", "mark_run("):
+            for call in (
+                "checkpoint.load_state(",
+                "checkpoint.save_state(",
+                "preemption.watch(",
+                "mark_run(",
+            ):
                 if call in text:
                     wrong.append(f"{path.relative_to(ROOT)} calls {call[:-1]}")
     assert not wrong, "\n".join(wrong)

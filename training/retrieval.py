@@ -32,6 +32,7 @@ from training.lifecycle import ShuffledSteps, TrainingRun
 from training.losses_retrieval import contrastive_loss, modality_pairs
 
 PRESETS = Path(__file__).parent / "presets" / "retrieval.yaml"
+SELECTIONS = ("micro_macro", "micro")
 
 
 @dataclass
@@ -51,17 +52,18 @@ class RetrievalConfig:
     image_arch: str = "vit_b_16"
     image_size: int = 224
     weights: str = "imagenet"  # image tower: imagenet, none or PATH
-    dna_weights: str | None = None  # BarcodeBERT checkpoint
-    dna_k: int = 5
-    dna_stride: int = 5
-    dna_max_len: int = 660
+    dna_weights: str | None = None  # BarcodeBERT checkpoint (v1 or v2): its tokenisation and BERT size
+    dna_k: int | None = None  # None: the checkpoint's, else 5
+    dna_stride: int | None = None  # None: the checkpoint's, else k
+    dna_max_len: int | None = None  # None: the checkpoint's, else 660
     dna_bert: dict = field(default_factory=dict)
     text_buckets: int = 65536
     text_width: int = 256
     text_layers: int = 2
     temperature: float = 0.07
     learn_temperature: bool = True
-    mask_text_duplicates: bool = True  # same taxonomy tokens: not a negative in pairs with text
+    logit_scale_max: float | None = None  # None: unclamped, as CLIBD; else the logit scale's ceiling
+    mask_text_duplicates: bool = False  # same taxonomy tokens: not a negative in pairs with text (CLIBD: no)
     mask_same_species: bool = False  # same species: not a negative in image-DNA pairs
     # optimisation (batch_size per process, as CLIBD)
     batch_size: int = 500
@@ -70,8 +72,14 @@ class RetrievalConfig:
     lr_reference_batch: int | None = 500
     weight_decay: float = 0.01
     pct_start: float = 0.3
-    crop_scale: float = 0.5
+    crop_scale: float = 0.08  # smallest area share of RandomResizedCrop (CLIBD: torchvision's 0.08)
+    crop_whole_image: bool = True  # crops of the whole resized image (CLIBD); False: of its centre square
+    rotation: float = 45.0  # random rotation of +- this many degrees after the crop (CLIBD: 45)
     vflip: bool = True
+    # model selection: CLIBD's mean of micro and macro top-1 over every pair, rank and split ("micro_macro"),
+    # or the mean micro top-1 ("micro"); no evaluation before eval_skip_epochs (CLIBD: 23 on 1M, 10 on 5M)
+    selection: str = "micro_macro"
+    eval_skip_epochs: float = 0.0
     # bookkeeping
     eval_every: int = 0  # steps between evaluations; 0: once per epoch
     eval_batch_size: int = 256
@@ -89,15 +97,37 @@ class RetrievalConfig:
             raise UserError(f"--eval-every must be >= 0, got {self.eval_every}")
         if not 0 < self.crop_scale <= 1:
             raise UserError(f"--crop-scale must be in (0, 1], got {self.crop_scale}")
+        if not 0 <= self.rotation <= 180:
+            raise UserError(f"rotation must be between 0 and 180 degrees, got {self.rotation}")
+        if self.selection not in SELECTIONS:
+            raise UserError(f"selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
+        if not 0 <= self.eval_skip_epochs < self.epochs:
+            raise UserError(f"eval_skip_epochs must be in [0, epochs), got {self.eval_skip_epochs}")
+        if self.logit_scale_max is not None and not self.logit_scale_max > 1:
+            raise UserError(f"logit_scale_max must be above 1 or null, got {self.logit_scale_max}")
         if not 0 < self.pct_start < 1:
             raise UserError(f"--pct-start must be in (0, 1), got {self.pct_start}")
         self.spec()
 
     def spec(self) -> RetrievalSpec:
+        """The model's spec; with `dna_weights`, the DNA tower's tokenisation and size are the checkpoint's
+        (the options may fill what it does not say, and only dropout may differ)."""
+        k = self.dna_k or 5
+        dna = {"dna_k": k, "dna_stride": self.dna_stride or k, "dna_max_len": self.dna_max_len or 660,
+               "dna_bert": dict(self.dna_bert)}  # fmt: skip
+        if self.dna_weights and "dna" in self.modalities:
+            from models.retrieval.barcodebert import read_barcodebert
+
+            dna = read_barcodebert(
+                self.dna_weights, self.dna_k, self.dna_stride, self.dna_max_len, tensors=False
+            ).spec_fields()
+            dropout = {k: v for k, v in self.dna_bert.items() if k.endswith("dropout_prob")}
+            dna["dna_bert"] = {**dna["dna_bert"], **dropout}
         return RetrievalSpec(
-            tuple(self.modalities), self.embed_dim, self.image_arch, self.image_size, self.dna_k, self.dna_stride,
-            self.dna_max_len, dict(self.dna_bert), self.text_buckets, self.text_width, self.text_layers,
-            self.temperature, self.learn_temperature,
+            tuple(self.modalities), self.embed_dim, self.image_arch, self.image_size, **dna,
+            text_buckets=self.text_buckets, text_width=self.text_width, text_layers=self.text_layers,
+            temperature=self.temperature, learn_temperature=self.learn_temperature,
+            logit_scale_max=self.logit_scale_max,
         )  # fmt: skip
 
     def data_path(self, quiet: bool = False) -> Path:
@@ -143,11 +173,11 @@ def _weights_meta(cfg: RetrievalConfig, model: RetrievalModel, data: Path, step:
 
 def _validate(cfg: RetrievalConfig, model, data: Path, device, pairs, quiet: bool) -> dict:
     splits = [f"{cfg.val_on}_seen", f"{cfg.val_on}_unseen"]
-    rows, _ = score_model(model, data, splits, cfg.key_split, pairs, device, cfg.eval_batch_size,
-                          cfg.hardware.num_workers, cfg.hardware.amp, quiet=True)  # fmt: skip
-    flat = {f"{r['query']}_{r['key']}_{r['rank']}_{r['kind']}": r["value"]
-            for r in rows if r["metric"] == "micro" and r["k"] == 1}  # fmt: skip
-    return {"score": selection_score(rows), **flat}
+    rows = score_model(model, data, splits, cfg.key_split, pairs, device, cfg.eval_batch_size,
+                       cfg.hardware.num_workers, cfg.hardware.amp, quiet=True).rows  # fmt: skip
+    flat = {f"{r['query']}_{r['key']}_{r['rank']}_{r['kind']}_{r['metric']}": r["value"]
+            for r in rows if r["metric"] in ("micro", "macro") and r["k"] == 1}  # fmt: skip
+    return {"score": selection_score(rows, cfg.selection), **flat}
 
 
 def train_retrieval(cfg: RetrievalConfig, run_dir: Path, resume: bool = False, quiet: bool = False) -> dict:
@@ -160,7 +190,7 @@ def train_retrieval(cfg: RetrievalConfig, run_dir: Path, resume: bool = False, q
         check_split(data, split, modalities)
     spec = cfg.spec()
     train_set = BioscanSplit(data, cfg.train_split, modalities, spec.load_size, spec.dna_tokenizer,
-                             spec.text_tokenizer, cfg.dna_unknown)  # fmt: skip
+                             spec.text_tokenizer, cfg.dna_unknown, whole_image=cfg.crop_whole_image)  # fmt: skip
 
     seed_everything(cfg.seed)
     model = build_model(cfg).to(device)
@@ -197,10 +227,11 @@ def train_retrieval(cfg: RetrievalConfig, run_dir: Path, resume: bool = False, q
     loop = run.steps(total_steps, step, name="train retrieval", log_every=cfg.log_every,
                      samples_per_step=cfg.batch_size * run.world, save=save_resume, fields=fields,
                      rate_key="records_per_s", state=state)  # fmt: skip
+    first_eval = cfg.eval_skip_epochs * sampler.per_epoch  # CLIBD skips evaluating the first epochs
     for _ in loop:
         batch = next(batches)
         inputs = model_inputs(batch, device, cfg.image_size, train=True, vflip=cfg.vflip,
-                              crop_scale=(cfg.crop_scale, 1.0))  # fmt: skip
+                              crop_scale=(cfg.crop_scale, 1.0), rotation=cfg.rotation)  # fmt: skip
         targets: dict = {}
         if "text_ids" in inputs and cfg.mask_text_duplicates:
             targets["text_groups"] = token_groups(inputs["text_ids"], inputs["text_mask"])
@@ -208,20 +239,19 @@ def train_retrieval(cfg: RetrievalConfig, run_dir: Path, resume: bool = False, q
             targets["species_groups"] = inputs["lineage"][:, -1]
         model.train()
         out = train_step(net, model, inputs, optimizer, schedule, run.rank, cfg.hardware.amp, targets)
-        model.logit_scale.data.clamp_(max=math.log(100.0))
         losses = {
             "loss": out["loss"],
             **dict(zip(names, out["pairs"], strict=True)),
             "logit_scale": out["logit_scale"],
         }
         loop.log(losses, show=("loss",))
-        if loop.due(eval_every):
+        if (loop.step % eval_every == 0 and loop.step >= first_eval) or loop.step == total_steps:
             with loop.paused():
                 if run.main:
                     val = _validate(cfg, model, data, device, pairs, quiet)
                     run.log.write(loop.step, "val", epoch=round(loop.step / sampler.per_epoch, 3), **val)
                     if not quiet:
-                        print(f"step {loop.step}: val mean micro top-1 {val['score']:.4f}", flush=True)
+                        print(f"step {loop.step}: val {cfg.selection} top-1 {val['score']:.4f}", flush=True)
                     meta = _weights_meta(cfg, model, data, loop.step, {"val": val})
                     checkpoint.save_weights(run.run_dir / "last.safetensors", model.state_dict(), meta)
                     if val["score"] > best["score"]:
