@@ -30,7 +30,6 @@ from core.atomic import write_text
 from core.config import MAX_LR, require_per_process, require_positive, require_range, to_dict, validate_blocks
 from core.device import HardwareConfig, autocast
 from core.errors import UserError
-from core.runlog import RunLog
 from core.seeding import derive_seed, seed_everything
 from datasets.gpu_transforms import mirror
 from datasets.phylogeny import Levels, Tree, build_levels, phylogeny_record
@@ -327,10 +326,9 @@ def _weights_meta(cfg: PhyloConfig, meta, record: dict, step: dict, metrics: dic
     }
 
 
-def train_autoencoder_stage(
-    run: TrainingRun, ctx, plain: bool, stage_dir: Path, log: RunLog
-) -> PhyloAutoencoder:
-    """Stage 1 (or the baseline): train the autoencoder, evaluating and saving resume state every `eval_every`."""
+def train_autoencoder_stage(run: TrainingRun, ctx, plain: bool, stage_dir: Path, log) -> PhyloAutoencoder:
+    """Stage 1 (or the baseline): train the autoencoder, evaluating and saving resume state every `eval_every`;
+    `log` is the run's log (the baseline's has its own, `TrainingRun.open_log`)."""
     cfg, device, world = run.cfg, run.device, run.world
     name = "baseline" if plain else "autoencoder"
     seed_everything(derive_seed(cfg.seed, name))
