@@ -176,7 +176,7 @@ def test_every_trainer_bounds_the_learning_rate(command, tmp_path):
 
 
 def test_an_image_size_out_of_range_is_refused_before_any_folder(tmp_path):
-    for command in ("classifier", "cvae", "phylo"):
+    for command in ("classifier", "cvae", "phylo", "retrieval"):
         result = run_cli("train", command, "--image-size", "1", "--out", str(tmp_path / command))
         assert_user_error(result, "--image-size must be between 8 and 4096 pixels, got 1")
         assert not (tmp_path / command).exists()

@@ -24,6 +24,7 @@ from core.errors import UserError
 from core.seeding import seed_everything
 from datasets.bioscan.hdf5 import BioscanSplit, check_split
 from datasets.bioscan.taxonomy import token_groups
+from datasets.registry import check_image_size
 from models.retrieval import RetrievalModel, RetrievalSpec
 from testing.retrieval.embed import model_inputs
 from testing.retrieval.evaluate import parse_pairs, score_model
@@ -89,10 +90,9 @@ class RetrievalConfig:
 
     def validate(self) -> None:
         validate_blocks(self)
-        require_positive(
-            self, "batch_size", "epochs", "lr", "embed_dim", "image_size", "log_every", "eval_batch_size"
-        )
+        require_positive(self, "batch_size", "epochs", "lr", "embed_dim", "log_every", "eval_batch_size")
         require_range(self, "lr", 0, MAX_LR)
+        check_image_size(self.image_size)
         if self.eval_every < 0:
             raise UserError(f"--eval-every must be >= 0, got {self.eval_every}")
         if not 0 < self.crop_scale <= 1:
