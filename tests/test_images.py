@@ -100,13 +100,14 @@ def test_a_bomb_is_skipped_and_counted_where_the_command_skips(
 
 
 def test_the_skip_advice_follows_the_command(bomb, small_world, tmp_path, capsys, monkeypatch):
-    """`train classifier` has --skip-bad-images: its error names it. `train cvae` has not: its error does not,
-    and its stderr (a real process, so that warnings would show) is that one line, without the warnings PIL
-    raised about the corrupt file first."""
+    """A command with --skip-bad-images (every trainer: the shared data options) names it in its error; one
+    without it does not. The stderr of `train cvae` (a real process, so that warnings would show) is that one
+    line, without the warnings PIL raised about the corrupt file first."""
     import main
 
-    assert main.has_option("--skip-bad-images", ["train", "classifier"])
-    assert not any(main.has_option("--skip-bad-images", c.split()) for c in ("train cvae", "retrieve query",
+    assert all(main.has_option("--skip-bad-images", c.split()) for c in ("train classifier", "train cvae",
+                                                                       "retrieve query"))  # fmt: skip
+    assert not any(main.has_option("--skip-bad-images", c.split()) for c in ("test classifier",
                                                                            "generate interpolate"))  # fmt: skip
     data = _world_copy(small_world, tmp_path / "bombs", bomb.read_bytes())
     result = run_main(("train", "classifier", "--world", "small", "--data-dir", str(data), "--epochs", "1",
@@ -123,7 +124,8 @@ def test_the_skip_advice_follows_the_command(bomb, small_world, tmp_path, capsys
     assert Path(path).parent.parent.name == "images"
     assert (
         done.stderr
-        == f"error: cannot read image {path} (image file is truncated (128 bytes not processed)); fix or remove it\n"
+        == f"error: cannot read image {path} (image file is truncated (128 bytes not processed)); fix or remove it"
+        ", or pass --skip-bad-images\n"
     )
 
 

@@ -141,8 +141,10 @@ def tiny_autoencoder(plain: bool = False) -> PhyloAutoencoder:
 
 
 def test_adversary_gradient_reaches_the_free_encoder_only_through_the_frozen_adversary():
+    from core.config import build
+
     model = tiny_autoencoder()
-    cfg = PhyloConfig(amp=False)
+    cfg = build(PhyloConfig, {"amp": False})
     x = torch.randn(6, 3, 16, 16)
     groups = torch.tensor([[0, 1, 0, 1, 0, 1], [0, 1, 2, 0, 1, 2], [0, 1, 2, 3, 4, 0]])
     losses = autoencoder_losses(model, x, groups, cfg)

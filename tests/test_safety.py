@@ -14,6 +14,7 @@ import yaml
 from conftest import snapshot
 
 from core import checkpoint
+from core.config import build
 from core.errors import UserError
 from core.rundir import abandon_active_runs, mark_run, prepare_run_dir, read_run_info
 from core.runlog import RunLog, read_events
@@ -81,7 +82,9 @@ def classifier_run(tmp_path_factory, small_world) -> Path:
     from training.classifier import ClassifierConfig, train_classifier
 
     run = prepare_run_dir(tmp_path_factory.mktemp("clf") / "run", "train classifier")
-    cfg = ClassifierConfig(world="small", image_size=32, epochs=1, batch_size=16, device="cpu", amp=False)
+    cfg = build(
+        ClassifierConfig, dict(world="small", image_size=32, epochs=1, batch_size=16, device="cpu", amp=False)
+    )
     train_classifier(cfg, run, quiet=True)
     return run
 
@@ -301,7 +304,8 @@ def test_diverged_classifier_stops_and_never_becomes_best(small_world, tmp_path,
     tc_calls: list = []
     monkeypatch.setattr(tc, "evaluate_classifier", nan_after_first_epoch)
     run = prepare_run_dir(tmp_path / "run", "train classifier")
-    cfg = tc.ClassifierConfig(world="small", image_size=32, epochs=3, batch_size=16, device="cpu", amp=False)
+    cfg = build(tc.ClassifierConfig, dict(world="small", image_size=32, epochs=3, batch_size=16, device="cpu",
+                                          amp=False))  # fmt: skip
     with pytest.raises(TrainingDiverged, match="step"):
         tc.train_classifier(cfg, run, quiet=True)
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1

@@ -28,12 +28,13 @@ def test_the_guard_refuses_each_conversion_and_counts_them():
 
 
 def test_classifier_step_makes_no_host_sync():
+    from core.config import build
     from models.classifiers import build_classifier
     from training.classifier import ClassifierConfig, classifier_step
     from training.optim import build_optimizer
 
     torch.manual_seed(0)
-    cfg = ClassifierConfig(arch="tiny", image_size=16, label_smoothing=0.1)
+    cfg = build(ClassifierConfig, dict(arch="tiny", image_size=16, label_smoothing=0.1))
     model = build_classifier("tiny", 5, "none")
     before = copy.deepcopy(model)
     optimizer = build_optimizer(model.parameters(), "adam", 1e-2)
