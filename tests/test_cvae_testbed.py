@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from test_gan_training import one_thread  # noqa: F401  (autouse: small networks on one thread)
 
 from core.checkpoint import sidecar_path
 from core.errors import UserError
@@ -25,15 +26,6 @@ from datasets.vectors import (
 from models.cvae import CVAE, elbo_terms, gaussian_kl, load_cvae, save_cvae
 from testing.cvae import given_masks, kl_by_given_count, plot_kl_sweep, sweep_rows
 from testing.cvae_compare import compare_runs
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # -------------------------------------------------------------------------------------------- priors
 

@@ -132,7 +132,8 @@ def test_generate_is_deterministic_with_manifest(generator, tmp_path, cli) -> No
         }
         for i in range(6)
     ]
-    assert np.array_equal(np.asarray(Image.open(a / "grid.png")), seed_grid(_pngs(a), 10))  # labelled, by seed
+    grid = np.asarray(Image.open(a / "grid.png"))
+    assert np.array_equal(grid, seed_grid(_pngs(a), 10))  # labelled: rows of seeds, columns of offsets
     with torch.no_grad():  # truncation pulls towards w_avg exactly as G does
         expected = to_uint8_images(G(z_from_seeds([14, 15], 16), truncation_psi=0.7, noise_mode="const"))
     assert np.array_equal(_pngs(a)[4:], expected)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_gan_training import one_thread  # noqa: F401  (autouse: small networks on one thread)
 from torch import nn
 
 from core.errors import UserError
@@ -41,14 +42,6 @@ from training.losses_phylo import (
     vqgan_discriminator_losses,
     vqgan_generator_losses,
 )
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_vqgan() -> VQGAN:

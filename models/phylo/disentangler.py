@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from core.errors import UserError
+from models.phylo.layout import CodeLayout, level_heads, species_adversary
 from models.phylo.quantizer import VectorQuantizer
 from models.phylo.vqgan import VQGAN
 
@@ -38,7 +39,7 @@ class _Part(nn.Module):
         return self.from_codes(z_q.flatten(1)).view(-1, *self.shape)
 
 
-class PhyloDisentangler(nn.Module):
+class PhyloDisentangler(CodeLayout, nn.Module):
     """`forward(h) -> dict(features, codes, codebook, commitment, vq_loss, level_logits, free)`; `encode_codes(h)`
     and `decode_codes(codes)` map features to [N, T] code indices and back."""
 
@@ -74,26 +75,12 @@ class PhyloDisentangler(nn.Module):
         self.free = _Part(channels - phylo_channels, size, free_codes, embed_dim)
         self.quantizer = VectorQuantizer(n_embed, embed_dim, vq_beta)
         self.conv_out = nn.Sequential(nn.SiLU(), nn.Conv2d(channels, in_channels, 1))
-        per_level = codes_per_level * embed_dim
-        self.heads = nn.ModuleList(nn.Linear((lv + 1) * per_level, n) for lv, n in enumerate(group_counts))
-        self.adversary = nn.Sequential(
-            nn.Linear(free_codes * embed_dim, adversary_hidden),
-            nn.SiLU(),
-            nn.Linear(adversary_hidden, group_counts[-1]),
-        )
+        self.heads = level_heads(group_counts, codes_per_level, embed_dim)
+        self.adversary = species_adversary(free_codes, embed_dim, adversary_hidden, group_counts[-1])
 
     @property
     def config(self) -> dict:
         return dict(self._config)
-
-    @property
-    def n_phylo(self) -> int:
-        return self.levels * self.codes_per_level
-
-    @property
-    def sequence_length(self) -> int:
-        """Code positions per image: the phylo codes level by level (coarse first), then the free codes."""
-        return self.n_phylo + self.free_codes
 
     @property
     def n_species(self) -> int:
@@ -132,7 +119,7 @@ class PhyloDisentangler(nn.Module):
         return self.decode_vectors(self.quantizer.lookup(codes))
 
 
-class PhyloNN(nn.Module):
+class PhyloNN(CodeLayout, nn.Module):
     """A frozen stage-1 VQGAN and a disentangler as one model with the autoencoder interface that generation
     and the analysis use: `encode_codes(x)`, `decode_codes(codes)`, `level_positions`, `free_positions`,
     `quantizer`, `config["image_size"]`. `forward(x)` gives the disentangler's outputs and `target`, the frozen
@@ -162,22 +149,6 @@ class PhyloNN(nn.Module):
     def config(self) -> dict:
         return {"image_size": self.stage1.config["image_size"], "stage1": self.stage1.config,
                 "disentangler": self.disentangler.config}  # fmt: skip
-
-    @property
-    def n_phylo(self) -> int:
-        return self.disentangler.n_phylo
-
-    @property
-    def sequence_length(self) -> int:
-        return self.disentangler.sequence_length
-
-    def level_positions(self, level: int) -> range:
-        """Positions of the codes of levels 0..level (the cumulative prefix the level-l head reads)."""
-        return range(0, (level + 1) * self.codes_per_level)
-
-    @property
-    def free_positions(self) -> range:
-        return range(self.n_phylo, self.sequence_length)
 
     def forward(self, x: torch.Tensor) -> dict:
         with torch.no_grad():
