@@ -107,15 +107,16 @@ def present_species(labels: torch.Tensor, n_species: int) -> np.ndarray:
 def correlations(phylo_codes, labels, autoencoder, levels: Levels, plain=None) -> dict:
     """Per level: Spearman of tree vs code distances for the phylo prefix, the free part and the plain VQ.
 
-    `plain` is (codes, labels) of the plain VQ autoencoder on the same images, or None. Species without images
-    in the split are left out (and counted)."""
+    `plain` is (codes, labels) of the plain VQ autoencoder on the same images, or (codes, labels, vocab) when
+    its codebook differs in size (a stage-1 VQGAN's), or None. Species without images in the split are left out
+    (and counted)."""
     n_species, vocab = len(levels.species), autoencoder.quantizer.n_embed
     keep = present_species(labels, n_species)
     distances = js_distances(code_histograms(phylo_codes, labels, n_species, vocab))[np.ix_(keep, keep)]
     plain_distances = None
     if plain is not None:
-        plain_codes, plain_labels = plain
-        hist = code_histograms(plain_codes, plain_labels, n_species, vocab)
+        plain_codes, plain_labels, *rest = plain
+        hist = code_histograms(plain_codes, plain_labels, n_species, rest[0] if rest else vocab)
         plain_distances = js_distances(hist)[np.ix_(keep, keep)].mean(-1)
     free = distances[..., list(autoencoder.free_positions)].mean(-1)
     rows, matrices = [], {}

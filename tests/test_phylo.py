@@ -126,6 +126,12 @@ def test_correlation_measure_known_answers():
     assert [row["phylo"] for row in result["levels"]] == pytest.approx([1.0, 1.0, expected])
     # All codes: the free ones add nothing (equal histograms), the distance is 6/9 of the full prefix's.
     assert result["levels"][2]["plain_vq"] == pytest.approx(expected)
+    relabelled = correlations(
+        codes, labels, model, levels, plain=(codes * 10, labels, 200)
+    )  # a larger codebook
+    assert [row["plain_vq"] for row in relabelled["levels"]] == pytest.approx(
+        [r["plain_vq"] for r in result["levels"]]
+    )
     assert math.isnan(result["levels"][0]["free"])  # equal histograms: no distance varies
     assert result["levels"][0]["free_reason"] == "the code distance is the same for every species pair"
     assert "phylo_reason" not in result["levels"][0]
