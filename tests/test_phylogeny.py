@@ -280,6 +280,11 @@ def test_taxonomy_table_gives_one_level_per_rank(small_world, tmp_path, suffix, 
     again = levels_from_record(record)  # a checkpoint keeps the table as the tree it became, ranks included
     assert again.groups == levels.groups and again.names == levels.names and again.cuts == levels.cuts
     assert [row["rank"] for row in again.summary()] == t.ranks
+    with pytest.raises(UserError, match=r"give two levels at the rank genus .* --cuts 0.375,0.625,0.875"):
+        build_levels(t, names, [0.5, 0.8, 0.95])  # the Newick preset's cuts: genus twice, never silently
+    assert (
+        build_levels(t, names, [0.3, 0.6]).groups[:2] == world.groups[:2]
+    )  # any cut inside each rank's band
 
 
 @pytest.mark.parametrize(

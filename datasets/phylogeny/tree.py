@@ -243,6 +243,20 @@ def _single_group_error(tree: Tree, level: int, cut: float, n: int, label: str) 
     )
 
 
+def _check_rank_cuts(tree: Tree, cuts: list[float]) -> None:
+    """A taxonomy table has one level per rank: refuse cuts that give two levels of one rank."""
+    ranks = [
+        int(c * len(tree.ranks) * (1 + 1e-12)) for c in cuts
+    ]  # rank k nodes lie at depth k of len(ranks)
+    for a, b in zip(ranks[:-1], ranks[1:], strict=True):
+        if a == b:
+            suggested = ",".join(f"{c:g}" for c in rank_cuts(len(tree.ranks)))
+            raise UserError(
+                f"cuts {cuts} give two levels at the rank {tree.ranks[a - 1] if a else 'root'} of {tree.source}; a "
+                f"taxonomy table has one level per rank: leave the cuts out or give --cuts {suggested}"
+            )
+
+
 def _notes(tree: Tree) -> list[str]:
     notes = []
     if tree.metric != "branch lengths":
@@ -264,6 +278,8 @@ def build_levels(tree: Tree, class_names: list[str], cuts: list[float] | None) -
     cuts = sorted(float(c) for c in cuts)
     if any(not 0 < c < 1 for c in cuts):
         raise UserError(f"level cuts must lie strictly between 0 and 1 (relative depths), got {cuts}")
+    if tree.ranks:
+        _check_rank_cuts(tree, cuts)
     missing = [name for name in class_names if name_key(name) not in tree.by_key]
     if missing:
         hint = suggest(name_key(missing[0]), [n.name for n in tree.leaves])
