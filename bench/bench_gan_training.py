@@ -1,6 +1,6 @@
 """Benchmark StyleGAN2 training throughput: images/s of full training steps at 64 px (`world` preset).
 
-Times `training.gan.train_step` (G main, G path-length reg, D main, D R1 reg, EMA) on random "real" images
+Times `training.gan.trainer.train_step` (G main, G path-length reg, D main, D R1 reg, EMA) on random "real" images
 so that data loading is left out, and prints images/s for the plain step and for one with both lazy
 regularisers due, plus the amortised rate over an r1_interval cycle. bf16 autocast is used on CUDA unless
 `--no-amp`.
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from core.config import from_preset
     from core.device import resolve_device
-    from training.gan import PRESETS, GanConfig, new_state, train_step
+    from training.gan.trainer import PRESETS, GanConfig, new_state, train_step
 
     device = resolve_device(args.device)
     cpu = device.type == "cpu"

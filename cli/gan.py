@@ -132,8 +132,8 @@ def train_gan(
     from core.checkpoint import read_meta
     from core.rundir import prepare_run_dir
     from datasets.registry import canonical_name, check_data_spec
-    from training.gan import DEFAULT_PRESET, PRESETS, GanConfig
-    from training.gan import train_gan as run_training
+    from training.gan.trainer import DEFAULT_PRESET, PRESETS, GanConfig
+    from training.gan.trainer import train_gan as run_training
 
     dataset = canonical_name(dataset)
     overrides = dict(
@@ -188,15 +188,21 @@ def import_gan(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
 ) -> None:
     """Convert an NVlabs StyleGAN2-ADA snapshot's G_ema into a safetensors + YAML generator checkpoint."""
-    from core.checkpoint import file_hash, sidecar_path
+    from core.checkpoint import file_hash, read_meta, sidecar_path, sniff_format
+    from core.rundir import check_output_file
     from models.stylegan2.checkpoint import save_generator
     from models.stylegan2.nvlabs_import import load_nvlabs_generator
 
     out = out or Path("checkpoints") / "stylegan2" / f"{snapshot.stem}.safetensors"
     if out.suffix != ".safetensors":
         raise UserError(f"--out must end in .safetensors, got {out}")
-    if not overwrite and (out.exists() or sidecar_path(out).exists()):
-        raise UserError(f"{out} already exists; pass --overwrite to replace it, or another --out")
+
+    def imported(_) -> bool:  # a generator that import-gan wrote: its sidecar says so
+        source = str(read_meta(out).get("source", ""))
+        return source.startswith("import-gan ") and (not out.exists() or sniff_format(out) == "safetensors")
+
+    for path in (out, sidecar_path(out)):
+        check_output_file(path, overwrite, imported, "a generator written by import-gan")
     G = load_nvlabs_generator(snapshot)
     digest = file_hash(snapshot, length=64)
     meta = {"source": f"import-gan {digest}", "snapshot": snapshot.name, "snapshot_sha256": digest}

@@ -135,12 +135,14 @@ def make(
 ) -> None:
     """Build the VDNA of SOURCE in one streaming pass and save it."""
     check_sizes(image_size, num_images, batch_size)
+    from core.rundir import check_output_file
     from core.vdna import save_vdna, vdna_paths
+    from core.vdna.io import is_vdna_file
     from testing.vdna.pipeline import make_vdna
 
     json_path, npz_path = vdna_paths(out)
-    if (json_path.exists() or npz_path.exists()) and not overwrite:
-        raise UserError(f"{json_path} or {npz_path.name} already exists; pass --overwrite or another --out")
+    for path in (json_path, npz_path):
+        check_output_file(path, overwrite, is_vdna_file, "one of a VDNA pair (<name>.json + <name>.npz)")
     vdna = make_vdna(source, extractor, distribution, batch_size, num_workers, device, image_size, num_images,
                      seed, weights=weights, ranges=ranges, resize=resize, amp=amp, quiet=quiet)  # fmt: skip
     save_vdna(vdna, out)
@@ -231,7 +233,7 @@ def compare(
     """Distance between A and B, with the distance per layer and the most different neurons as figures."""
     check_sizes(image_size, num_images, batch_size)
     from cli.common import run_dir_for
-    from core.rundir import check_apart, mark_run, prepare_run_dir
+    from core.rundir import check_run_dir, mark_run, prepare_run_dir
     from testing.vdna.pipeline import BuildOptions, compare_vdnas, is_saved_vdna, open_or_make
     from testing.vdna.plots import write_comparison
 
@@ -242,9 +244,7 @@ def compare(
                            num_images, seed, amp, quiet)  # fmt: skip
     run_dir = run_dir_for("vdna-compare", out, None)
     inputs = [p for p in (a, b, weights, ranges) if p is not None and Path(p).exists()]
-    check_apart(run_dir, inputs)
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
-        raise UserError(f"{run_dir} is not empty; pass --overwrite or another --out")
+    check_run_dir(run_dir, "vdna compare", overwrite=overwrite, inputs=inputs, resumable=False)
     saved_a, saved_b = is_saved_vdna(a), is_saved_vdna(b)
     shared = None
     if not saved_a and not saved_b:  # two sources: one extractor for both

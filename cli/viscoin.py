@@ -297,19 +297,14 @@ def to_pickle(
 ) -> None:
     """Export a trained ensemble (classifier, Psi, Theta, Omega + configs) as one file, loadable with
     torch.load(weights_only=True)."""
-    from core.checkpoint import sniff_format
-    from models.viscoin_io import load_viscoin, save_bundle
+    from core.rundir import check_output_file
+    from models.viscoin_io import is_bundle, load_viscoin, save_bundle
 
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; give the bundle's file name, e.g. {out / 'viscoin.pt'}")
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} exists; pass --overwrite to replace it")
     if out.resolve() == source.resolve():
         raise UserError(f"--out {out} would replace the input {source}; choose another file")
-    if out.exists() and sniff_format(out) != "torch":
-        raise UserError(
-            f"--overwrite replaces only an earlier bundle, and {out} is not one; choose another file"
-        )
+    check_output_file(out, overwrite, is_bundle, "a VisCoIN bundle written by to-pickle")
     models = load_viscoin(source)
     save_bundle(models, out)
     typer.echo(f"bundle: {out} (K={models.n_concepts}, {models.num_classes} classes, {models.image_size} px)")

@@ -102,3 +102,17 @@ def require_range(
     if not inside:
         valid = f"between {low} and {high}" if high is not None else f"at least {low}"
         raise UserError(f"{option_name(name)} must be {valid}, got {value}")
+
+
+def require_per_process(config: Any, *names: str) -> int:
+    """UserError unless each named count (images per step over all processes) splits evenly over the
+    processes of this launch (torchrun/srun); returns the number of processes."""
+    from core.distributed import dist_env
+
+    world = dist_env().world_size
+    for name in names:
+        if getattr(config, name) % world:
+            raise UserError(
+                f"{option_name(name)} {getattr(config, name)} is not divisible by the {world} processes"
+            )
+    return world

@@ -13,9 +13,6 @@ recognises conditional samples, `cvae.safetensors` and `last.pt`. The end adds t
 
 from __future__ import annotations
 
-import json
-import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,20 +20,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from core import checkpoint, preemption
-from core.atomic import write_text
-from core.config import require_positive, to_dict, to_yaml
-from core.device import autocast, loader_settings, resolve_device
-from core.distributed import barrier, dist_env, init_distributed
+from core import checkpoint
+from core.config import require_per_process, require_positive, to_dict
+from core.device import autocast, loader_settings
 from core.errors import UserError
-from core.progress import Progress
-from core.rundir import mark_run
-from core.runlog import RunLog
 from core.seeding import derive_seed, seed_everything
 from models.cvae import CVAE, RUN_FILE, elbo_terms, save_cvae
 from testing import cvae as evaluation
 from testing.sampling import save_grid
-from training.gan import StepBatches
+from training.lifecycle import ShuffledSteps, TrainingRun
 
 PRESETS = Path(__file__).parent / "presets" / "cvae.yaml"
 DEFAULT_PRESET = {"world": "tiny", "cub": "cub", "folder": "cub", "digits": "digits"}
@@ -107,10 +99,7 @@ class CVAEConfig:
             raise UserError("--p-attrs-none plus --p-attrs-all must not exceed 1")
         if self.beta < 0:
             raise UserError(f"--beta must be >= 0, got {self.beta}")
-        if self.batch_size % dist_env().world_size:
-            raise UserError(
-                f"--batch-size {self.batch_size} is not divisible by the {dist_env().world_size} processes"
-            )
+        require_per_process(self, "batch_size")
 
 
 # ----------------------------------------------------------------------------
@@ -308,91 +297,59 @@ def weights_meta(cfg: CVAEConfig, data: CVAEData, step: int, result: dict | None
 
 def train_cvae(cfg: CVAEConfig, run_dir: Path, resume: bool = False, quiet: bool = False) -> dict:
     """Train, evaluate every `eval_every` steps, keep the latest weights; returns the summary."""
-    cfg.validate()
-    preempt = preemption.watch(run_dir)  # SIGUSR1/SIGTERM: save last.pt between two steps, requeue
-    env = dist_env()
-    device = resolve_device(cfg.device, env.local_rank)
-    init_distributed(env, device)
-    main, world = env.is_main, env.world_size
-    if main:
-        data = build_data(cfg, quiet=quiet)
-    barrier()
-    if not main:
-        data = build_data(cfg, quiet=True)
+    run = TrainingRun(cfg, run_dir, resume, quiet, tune=False)
+    device = run.device
+    data = run.prepare(lambda quiet: build_data(cfg, quiet=quiet))
     with_attributes = bool(data.attribute_names)
 
     seed_everything(cfg.seed)
     model = build_model(cfg, data).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    step = 0
-    if resume and (run_dir / "last.pt").is_file():
-        state = checkpoint.load_state(run_dir / "last.pt", device=str(device))
-        checkpoint.load_state_dict_checked(model, state["model"], str(run_dir / "last.pt"))
+    state, step = run.load_state(), 0
+    if state is not None:
+        checkpoint.load_state_dict_checked(model, state["model"], str(run.run_dir / "last.pt"))
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
-    net = model
-    if env.enabled:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    per_rank = cfg.batch_size // world
-    loader = DataLoader(data.train, batch_sampler=StepBatches(data.train, per_rank, env.rank, world, cfg.seed, step),
-                        **loader_settings(device, cfg.num_workers))  # fmt: skip
-    stream = iter(loader)
-    evaluator = Evaluator(cfg, data, device) if main else None
-    if main:
-        write_text(run_dir / "config.yaml", to_yaml(cfg))
-        mark_run(run_dir, status="running", world_size=world, device=str(device))
-    log = RunLog(run_dir / "log.jsonl", enabled=main)
+    net = run.ddp(model)
+    sampler = ShuffledSteps(data.train, cfg.batch_size // run.world, run.rank, run.world, cfg.seed, step)
+    stream = iter(run.loader(data.train, batch_sampler=sampler))
+    evaluator = Evaluator(cfg, data, device) if run.main else None
+    run.begin()
 
     def save_resume() -> None:
         state = {
             "model": model.state_dict(),
             "optimizer": opt.state_dict(),
-            "step": step,
+            "step": loop.step,
             "config": to_dict(cfg),
         }
-        checkpoint.save_state(run_dir / "last.pt", state)
+        run.save_state(state)
 
-    window, count, tick, result = None, 0, time.time(), None
-    with Progress(max(cfg.steps - step, 0), "train cvae", enabled=main and not quiet) as bar:
-        while step < cfg.steps:
-            torch.manual_seed(derive_seed(cfg.seed, "step", step, env.rank))
-            x, labels, attributes = unpack(next(stream), device, with_attributes)
-            out = train_step(net, model, opt, x, labels, attributes, cfg)
-            step += 1
-            scalars = torch.stack([out["loss"], out["rec"], out["kl"]]).double()
-            window = scalars if window is None else window + scalars
-            count += 1
-            shown = {}
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                loss, rec, kl = (window / count).tolist()
-                if not all(math.isfinite(v) for v in (loss, rec, kl)):
-                    raise FloatingPointError(f"non-finite CVAE loss at step {step}; lower --lr")
-                rate = count * cfg.batch_size / max(time.time() - tick, 1e-9)
-                log.write(step, "train", loss=loss, rec=rec, kl=kl, kl_per_dim=out["kl_per_dim"].tolist(),
-                          images_per_s=round(rate, 2))  # fmt: skip
-                shown = {"loss": round(loss, 2), "kl": round(kl, 2)}
-                window, count, tick = None, 0, time.time()
-            bar.update(1, **shown)
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                if main:
+    loop = run.steps(cfg.steps, step, name="train cvae", log_every=cfg.log_every, samples_per_step=cfg.batch_size,
+                     save=save_resume, state=state, hint="lower --lr")  # fmt: skip
+    result = None
+    for _ in loop:
+        x, labels, attributes = unpack(next(stream), device, with_attributes)
+        out = train_step(net, model, opt, x, labels, attributes, cfg)
+        loop.log({k: out[k] for k in ("loss", "rec", "kl")}, latest={"kl_per_dim": out["kl_per_dim"]},
+                 show=("loss", "kl"))  # fmt: skip
+        if loop.due(cfg.eval_every):
+            with loop.paused():
+                if run.main:
                     result = evaluator(model)
-                    log.write(step, "val", **flat_metrics(result))
-                    evaluator.grid(model, run_dir / "samples" / f"step_{step:07d}.png")
-                    save_cvae(run_dir / RUN_FILE, model, weights_meta(cfg, data, step, result))
+                    run.log.write(loop.step, "val", **flat_metrics(result))
+                    evaluator.grid(model, run.run_dir / "samples" / f"step_{loop.step:07d}.png")
+                    save_cvae(run.run_dir / RUN_FILE, model, weights_meta(cfg, data, loop.step, result))
                     save_resume()
-                barrier()
-                tick = time.time()
-            preempt.check(step, save_resume)
+                run.barrier()
 
-    summary = {"steps": step, "run_dir": str(run_dir)}
-    if main:
+    summary = {"steps": loop.step, "run_dir": str(run_dir)}
+    if run.main:
         if result is None:  # resumed a finished run: evaluate what it holds
             result = evaluator(model)
-            save_cvae(run_dir / RUN_FILE, model, weights_meta(cfg, data, step, result))
+            save_cvae(run.run_dir / RUN_FILE, model, weights_meta(cfg, data, loop.step, result))
         kl = {s: v["kl_per_dim"] for s, v in result["settings"].items()}
-        evaluation.plot_kl_per_dim(kl, run_dir / "kl_per_dim.png")
+        evaluation.plot_kl_per_dim(kl, run.run_dir / "kl_per_dim.png")
         summary["val"] = {
             s: {k: v for k, v in t.items() if k != "kl_per_dim"} for s, t in result["settings"].items()
         }
@@ -401,6 +358,4 @@ def train_cvae(cfg: CVAEConfig, run_dir: Path, resume: bool = False, quiet: bool
             summary["recognition"] = {
                 k: v for k, v in result["recognition"].items() if not k.endswith("per_class")
             }
-        write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
-        mark_run(run_dir, status="finished")
-    return summary
+    return run.finish(summary)
