@@ -295,7 +295,9 @@ def test_out_of_range_values_and_unreadable_images_are_one_line_errors(runs, cli
 
     monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 100)  # a 32 px image is now a decompression bomb
     result = cli("generate", "traverse", "-c", str(runs["phylo"]), "--image", good, *base)
-    assert_user_error(result, "--image: cannot read image", "give a smaller image")
+    assert_user_error(
+        result, "--image: cannot read image", "decompression bombs", "give a readable image file"
+    )
     assert not out.exists()
 
 
