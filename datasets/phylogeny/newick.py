@@ -12,6 +12,8 @@ naming the line and column.
 from __future__ import annotations
 
 import bisect
+import contextlib
+import gc
 import math
 import re
 
@@ -79,6 +81,19 @@ class Node:
         return [n for n in self.preorder() if n.is_leaf]
 
 
+@contextlib.contextmanager
+def no_collection():
+    """The cyclic garbage collector paused: building millions of linked nodes would otherwise trigger full
+    collections that find nothing to free (half of a 1M-leaf parse's time)."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            gc.enable()
+
+
 def _length(raw: str, fail, pos: int) -> float:
     try:
         value = float(raw)
@@ -92,11 +107,12 @@ def _length(raw: str, fail, pos: int) -> float:
 def parse_newick(text: str, source: str = "Newick text") -> Node:
     """The root of the tree written in `text`; `NewickError` (a UserError) names where it fails."""
     src = Source(text, source)
-    if "[" not in text:  # no comments: one regex match per node; anything unusual goes the careful way
-        root = _parse_plain(text, src)
-        if root is not None:
-            return root
-    return _parse_tokens(text, src)
+    with no_collection():
+        if "[" not in text:  # no comments: one regex match per node; anything unusual goes the careful way
+            root = _parse_plain(text, src)
+            if root is not None:
+                return root
+        return _parse_tokens(text, src)
 
 
 def _parse_plain(text: str, src: Source) -> Node | None:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from core.errors import UserError
-from datasets.phylogeny.newick import Node, parse_newick, write_newick
+from datasets.phylogeny.newick import Node, no_collection, parse_newick, write_newick
 
 _CLASS_PREFIX = re.compile(r"^\d+\.")  # CUB class folders: "001.Black_footed_Albatross"
 _PLAIN = re.compile(r"[^\s_\d][^\s_]*")  # a name that is its own key
@@ -60,6 +60,10 @@ class Tree:
     taxonomy table (coarse to fine, the species last), None otherwise."""
 
     def __init__(self, root: Node, source: str = "tree", ranks: list[str] | None = None):
+        with no_collection():
+            self._build(root, source, ranks)
+
+    def _build(self, root: Node, source: str, ranks: list[str] | None) -> None:
         self.root, self.source, self.ranks = root, source, ranks
         self.nodes = list(root.preorder())
         branches = self.nodes[1:]
