@@ -2,7 +2,7 @@
 
 Prints seconds per parse (`datasets.phylogeny.parse_newick`), for building the `Tree` (depths, leaf index) and
 for writing it back, and the growth factor between 250k and 1M leaves (about 4 for a linear reader; the
-quadratic reader this one replaced took 47 s at 100k leaves). The garbage collector is paused while a tree is built.
+quadratic reader this one replaced took 47 s at 100k leaves).
 
     python bench/bench_newick.py [--leaves 1000000] [--depth 100000]
 """
