@@ -51,9 +51,15 @@ def read_fasta(path: str | os.PathLike, unknown: str = "error") -> list[tuple[st
     """(name, sequence) per record of a FASTA file; a file without a `>` header is one unnamed record."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"cannot read FASTA file {path}: {err}") from None
+    return parse_fasta(text, str(path), path.stem, unknown)
+
+
+def parse_fasta(text: str, source: str, default_name: str, unknown: str = "error") -> list[tuple[str, str]]:
+    """`read_fasta` of FASTA text (e.g. pasted); `source` names it in messages, `default_name` a headerless record."""
+    lines = text.splitlines()
     records: list[tuple[str, list[str], int]] = []
     for number, line in enumerate(lines, 1):
         line = line.strip()
@@ -63,15 +69,15 @@ def read_fasta(path: str | os.PathLike, unknown: str = "error") -> list[tuple[st
             records.append((line[1:].strip() or f"record{len(records) + 1}", [], number))
         else:
             if not records:
-                records.append((path.stem, [], number))
+                records.append((default_name, [], number))
             records[-1][1].append(line)
     if not records:
-        raise UserError(f"FASTA file {path} holds no sequence")
+        raise UserError(f"{source} holds no FASTA sequence")
     out = []
     for name, parts, number in records:
         if not parts:
-            raise UserError(f"{path}:{number}: record {name!r} has no sequence lines")
-        out.append((name, clean_dna("".join(parts), unknown, source=f"{path} record {name!r}")))
+            raise UserError(f"{source}:{number}: record {name!r} has no sequence lines")
+        out.append((name, clean_dna("".join(parts), unknown, source=f"{source} record {name!r}")))
     return out
 
 
