@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated
@@ -78,8 +79,12 @@ def explore(
 ) -> None:
     """Serve a local web page: drag a concept's slider and see the image regenerated, identify specimens
     by photo or DNA, sample from a phylogeny's nodes, compare training curves. Works through `ssh -L`."""
+    check_server_options(host, port, token, max_upload_mb)
+    # Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning. An interactive server shares its
+    # cores (training jobs, other users); with spinning threads a 32 px slider image took 180-220 ms instead of
+    # 8-10 ms at the median on a busy 2-core machine (bench/bench_explore.py). An explicit setting is kept.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from explore.app import Options, serve
 
-    check_server_options(host, port, token, max_upload_mb)
     serve(Options(list(sources), host, port, token, device, dataset, data_dir, split, int(max_upload_mb * 2**20),
                   quiet, verbose))  # fmt: skip

@@ -82,6 +82,17 @@ def test_the_page_in_a_browser(server, browser, tmp_path):
     assert png_of_data_url(moved["image"]) == png_of(reference["images_selected"][0])
     p_text = section.find_element(By.CSS_SELECTOR, "figure.amplified .p").text
     assert p_text == f"p_f = {100 * float(reference['p_selected'][0, 0]):.1f}%"
+    # another browser tab chooses another image: this tab's slider goes on with its own
+    first = d.current_window_handle
+    d.switch_to.new_window("tab")
+    open_page(d, origin + "/")
+    choose_image(d, open_tab(d, "Concepts"), 40)
+    d.close()
+    d.switch_to.window(first)
+    moved = move_slider(d, section, Keys.LEFT)
+    reference = amplify_reference(server.view("concepts").analysis, 5, [moved["concept"]], 3.95)
+    assert moved["value"] == 3.95 and png_of_data_url(moved["image"]) == png_of(reference["images_selected"][0])
+
     section.find_element(By.CSS_SELECTOR, ".slider .concept-name").click()  # heat map and concept card
     wait_for(d, "return arguments[0].querySelector('img.heat').src", section, what="the heat map")
     wait_for(d, "return arguments[0].querySelectorAll('.card .gallery .thumb').length === 8", section,

@@ -79,7 +79,7 @@
     gallery.replaceChildren(...found.slice(0, shown).map((i) => el("button", {
       class: `thumb ${current && current.index === i ? "chosen" : ""}`, title: `#${i} · ${tab.class_names[tab.labels[i]]}`,
       dataset: { index: i }, onclick: () => choose({ index: i }),
-    }, el("img", { src: `/api/${tab.id}/image?i=${i}`, alt: `image ${i}`, loading: "lazy", class: "pixelated" }))));
+    }, el("img", { src: `/api/${tab.id}/image?i=${i}&size=thumb`, alt: `image ${i}`, loading: "lazy", class: "pixelated" }))));
     galleryInfo.textContent = `${found.length} of ${tab.n_images} ${tab.split} images (${tab.dataset})`;
     more.hidden = found.length <= shown;
   }
@@ -160,7 +160,7 @@
     if (answer.superseded) return;
     await show(figures.amplified.img, answer.image);
     figures.amplified.cap.querySelector(".p").textContent = `p_f = ${pct(answer.p)}`;
-    window.exploreTimings.push({ tab: tab.id, ms: performance.now() - t0, at: Date.now() });
+    window.exploreTimings.push({ tab: tab.id, ms: performance.now() - t0, server_ms: answer.server_ms });
     root.dataset.rendered = String(Number(root.dataset.rendered || 0) + 1);
   });
 
@@ -293,7 +293,7 @@
     }
     const images = el("div", { class: "gallery small" }, answer.images.map((im) => el("button", {
       class: "thumb", title: `#${im.index} · ${im.label_name} · activation ${num(im.activation, 3)}`, onclick: () => choose({ index: im.index }),
-    }, el("img", { src: `/api/${tab.id}/image?i=${im.index}`, alt: `image ${im.index}`, class: "pixelated" }),
+    }, el("img", { src: `/api/${tab.id}/image?i=${im.index}&size=thumb`, alt: `image ${im.index}`, class: "pixelated" }),
       el("span", { class: "under", text: num(im.activation, 2) }))));
     const attrs = answer.has_attributes
       ? el("table", { class: "attrs" }, el("tr", {}, el("th", { text: "attribute" }), el("th", { text: "AUC" })),

@@ -154,7 +154,7 @@
     const answer = await api(tab.id, "traverse", { json: body });
     if (answer.superseded) return;
     await show(live, answer.image);
-    window.exploreTimings.push({ tab: tab.id, ms: performance.now() - t0, at: Date.now() });
+    window.exploreTimings.push({ tab: tab.id, ms: performance.now() - t0 });
   });
   function renderLive() {
     traverser.push({ body: { ...condition(), eps: Object.fromEntries(eps) }, t0: performance.now() });

@@ -25,6 +25,7 @@ MAX_MULTIPLIER = 16.0  # the sliders span 0..4; typed values may go further
 TOP_CLASSES = 5
 CARD_IMAGES = 8
 CARD_ATTRIBUTES = 5
+THUMB = 96  # gallery thumbnails: at most this many pixels a side
 
 
 def short_name(name: str) -> str:
@@ -67,9 +68,23 @@ class ConceptsView(View):
     # ------------------------------------------------------------------ images of the split
 
     def image(self, request: Request) -> Blob:
-        """The split's image `i` as the model sees it (eval transform), PNG."""
+        """The split's image `i` as the model sees it (eval transform), PNG; `size=thumb`: at most 96 px."""
         i = integer(request.params.get("i"), "i", 0, self.n - 1)
-        return Blob(self.thumbs.get(i, lambda: pngs(self.analysis.data[i]["image"][None])[0]))
+        thumb = request.params.get("size") == "thumb"
+
+        def make() -> bytes:
+            from PIL import Image
+
+            from datasets.transforms import to_uint8_images
+
+            pixels = to_uint8_images(self.analysis.data[i]["image"][None])[0]
+            if thumb and max(pixels.shape[:2]) > THUMB:
+                picture = Image.fromarray(pixels)
+                picture.thumbnail((THUMB, THUMB), Image.Resampling.LANCZOS)
+                pixels = np.asarray(picture)
+            return png_of(pixels)
+
+        return Blob(self.thumbs.get((i, thumb), make))
 
     # ------------------------------------------------------------------ choosing an image and a class
 
@@ -177,6 +192,7 @@ class ConceptsView(View):
         from testing.viscoin.amplify import decode_and_classify
         from testing.viscoin.metrics import scale_concepts
 
+        start = time.perf_counter()
         body = request.json()
         state = self._chosen(request)
         factors = self.factors(body.get("multipliers", {}))
@@ -189,7 +205,11 @@ class ConceptsView(View):
             return pngs(image.cpu())[0], float(p)
 
         png, p = self.ctx.worker.run(self.slot(request, "render"), work)
-        return {"image": data_url(png), "p": finite(p), "seq": body.get("seq")}
+        return {
+            "image": data_url(png),
+            "p": finite(p),
+            "server_ms": round(1000 * (time.perf_counter() - start), 2),
+        }
 
     def heatmap(self, request: Request) -> dict:
         """Where concept k fires on the chosen image: its map upsampled, over the image (jet, as the CLI)."""

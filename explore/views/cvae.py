@@ -109,4 +109,4 @@ class CVAEView(View):
             return decode(self.model, eps, condition.vector(self.model), value_range, 1).cpu()
 
         image = self.ctx.worker.run(self.slot(request, "traverse"), work)
-        return {"image": data_url(pngs(image)[0]), "seq": body.get("seq")}
+        return {"image": data_url(pngs(image)[0])}
