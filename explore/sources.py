@@ -67,11 +67,12 @@ def find_runs(folder: Path, depth: int = RUN_SEARCH_DEPTH) -> list[Path]:
         for current in level:
             if (current / "log.jsonl").is_file():
                 found.append(current)
-            try:
-                children = sorted(p for p in current.iterdir() if p.is_dir() and not p.name.startswith("."))
+            try:  # scandir: the entry types come with the listing (cheap on folders of many images)
+                with os.scandir(current) as entries:
+                    children = [Path(e.path) for e in entries if e.is_dir() and not e.name.startswith(".")]
             except OSError:
                 continue
-            following.extend(children)
+            following.extend(sorted(children))
         level = following
     return sorted(found)
 

@@ -113,7 +113,8 @@ def start_server(sources: Sources, **options) -> Server:
     try:
         thread = threading.Thread(target=run, name="explore-test-server", daemon=True)
         thread.start()
-        ready.wait(300)
+        while not ready.wait(1.0):  # the views load their models first (slow on a busy machine)
+            assert thread.is_alive(), "the explore server stopped before it was ready"
     finally:
         mp.undo()
     if errors:

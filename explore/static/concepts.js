@@ -157,7 +157,7 @@
   // ---------------------------------------------------------------- sliders
   const renderer = new Latest(async ({ values, t0 }) => {
     const answer = await api(tab.id, "render", { json: { multipliers: Object.fromEntries(values) } });
-    if (answer.superseded) return;
+    if (answer.superseded || !current || answer.version !== current.version) return; // replaced, or another image
     await show(figures.amplified.img, answer.image);
     figures.amplified.cap.querySelector(".p").textContent = `p_f = ${pct(answer.p)}`;
     window.exploreTimings.push({ tab: tab.id, ms: performance.now() - t0, server_ms: answer.server_ms });

@@ -44,7 +44,8 @@
       for (const c of children[i]) height_[i] = Math.max(height_[i], height_[c] + 1);
     }
     const maxHeight = Math.max(...height_) || 1;
-    const X = (i) => 16 + ((maxHeight - height_[i]) / maxHeight) * (width - labelW - 32);
+    const left = nodes[0].name ? 12 + 6.5 * nodes[0].name.length : 16; // room for the root's own label
+    const X = (i) => left + ((maxHeight - height_[i]) / maxHeight) * (width - labelW - left - 16);
     const y = new Array(nodes.length);
     leaves.forEach((i, row) => { y[i] = 12 + row * rowH + rowH / 2; });
     for (let i = nodes.length - 1; i >= 0; i--) {

@@ -10,6 +10,7 @@ Every model call is the `amplify` command's: `encode_tensor`, `plan_encoded` (se
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 
@@ -20,12 +21,14 @@ import torch.nn.functional as F
 from core.errors import UserError
 from explore.media import data_url, open_upload, overlay, png_of, pngs
 from explore.views import Blob, Cache, Request, View, finite, integer, number
+from models.viscoin import concept_activations
 
 MAX_MULTIPLIER = 16.0  # the sliders span 0..4; typed values may go further
 TOP_CLASSES = 5
 CARD_IMAGES = 8
 CARD_ATTRIBUTES = 5
 THUMB = 96  # gallery thumbnails: at most this many pixels a side
+VERSIONS = itertools.count(1)  # each explanation's number: the page drops slider images of an older one
 
 
 def short_name(name: str) -> str:
@@ -141,9 +144,9 @@ class ConceptsView(View):
         p_theta = F.softmax(state["codes"][2].float(), dim=1)[0]
         selected = plan.selected[0].nonzero().flatten()
         order = plan.normalised[0, selected].argsort(descending=True)
-        from models.viscoin import concept_activations
-
+        state["version"] = next(VERSIONS)
         return {
+            "version": state["version"],
             "image_id": state["image_id"], "index": state["index"], "label": state["label"],
             "label_name": None if state["label"] is None else self.names[state["label"]],
             "original": data_url(pngs(state["x"])[0]), "reconstruction": data_url(pngs(recon)[0]),
@@ -196,7 +199,7 @@ class ConceptsView(View):
         body = request.json()
         state = self._chosen(request)
         factors = self.factors(body.get("multipliers", {}))
-        plan = state["plan"]
+        plan, version = state["plan"], state["version"]
 
         def work():
             concepts = scale_concepts(plan.concepts.to(self.device), factors.to(self.device))
@@ -205,11 +208,8 @@ class ConceptsView(View):
             return pngs(image.cpu())[0], float(p)
 
         png, p = self.ctx.worker.run(self.slot(request, "render"), work)
-        return {
-            "image": data_url(png),
-            "p": finite(p),
-            "server_ms": round(1000 * (time.perf_counter() - start), 2),
-        }
+        return {"image": data_url(png), "p": finite(p), "version": version,
+                "server_ms": round(1000 * (time.perf_counter() - start), 2)}  # fmt: skip
 
     def heatmap(self, request: Request) -> dict:
         """Where concept k fires on the chosen image: its map upsampled, over the image (jet, as the CLI)."""
