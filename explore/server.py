@@ -153,6 +153,8 @@ class Handler(BaseHTTPRequestHandler):
             self._discard_body()
             return
         path = parts.path
+        if self.command == "POST" and not path.startswith("/api/"):
+            self._discard_body()  # no page takes a body: read it, so the connection stays in step
         try:
             if path == "/":
                 if where == "query":  # keep the token in a cookie, out of the address bar
@@ -208,18 +210,19 @@ class Handler(BaseHTTPRequestHandler):
         tab, _, action = rest.partition("/")
         view = app.views.get(tab)
         try:
+            content_type = self.headers.get("Content-Type", "")
+            is_json = content_type.startswith("application/json")
+            body = self._body(
+                MAX_JSON if is_json else app.options.max_upload
+            )  # first: the connection stays in step
             if view is None:
                 raise NotFound(f"no tab {tab!r}")
             method, handler = view.actions().get(action, (None, None))
             if handler is None:
                 raise NotFound(f"the {view.kind} tab has no action {action!r}")
             if method != self.command and not (method == "GET" and self.command == "HEAD"):
-                self._discard_body()
                 self._error(405, f"{action} takes {method} requests")
                 return
-            content_type = self.headers.get("Content-Type", "")
-            is_json = content_type.startswith("application/json")
-            body = self._body(MAX_JSON if is_json else app.options.max_upload)
             session = self.headers.get("X-Explore-Session")
             if self.command == "POST" and session is None:
                 raise UserError("POST requests come from the page, with its session header; reload the page")

@@ -517,6 +517,22 @@ def test_loopback_server_answers_loopback_names_and_same_origin_posts_only(serve
     assert client.post(f"/api/{t}/select", {"index": 1}, Origin=f"http://127.0.0.1:{server.port}")[0] == 200
 
 
+def test_refused_requests_leave_a_kept_alive_connection_usable(server):
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    try:
+        for method, path, status in (("POST", "/api/t99/select", 404), ("POST", "/static/app.js", 200),
+                                     ("POST", "/api/t0/image", 405), ("GET", "/api/tabs", 200)):  # fmt: skip
+            conn.request(method, path, body=b'{"index": 1}', headers={"Content-Type": "application/json",
+                                                                      "X-Explore-Session": "keep-alive-test"})  # fmt: skip
+            response = conn.getresponse()
+            response.read()
+            assert response.status == status and not response.will_close, (method, path, response.status)
+    finally:
+        conn.close()
+
+
 def test_off_loopback_every_request_needs_the_token(server, capsys):
     other = start_server(server.sources, host="0.0.0.0", paths=[server.sources.runs])
     try:
