@@ -54,7 +54,6 @@ class RetrievalView(View):
             self.rows.setdefault(str(key), row)
         self.thumbs = Cache()
         self._projection: dict = {}
-        self._uploads = tempfile.TemporaryDirectory(prefix="biovis-explore-")
 
     @property
     def title(self) -> str:
@@ -85,16 +84,13 @@ class RetrievalView(View):
         from datasets.bioscan.dna import clean_dna, parse_fasta
         from testing.retrieval.query import run_query
 
-        images, sequences = [], []
+        images, sequences, name = [], [], "upload"
         if request.is_upload:
             keys, k = self._options(request.params)
             if "image" not in self.net.spec.modalities:
                 raise UserError("this model has no image encoder; query it with a DNA barcode")
             open_upload(request.body, request.filename)  # a clear message for a file that is not an image
             name = re.sub(r"[^A-Za-z0-9._-]+", "_", request.filename)[-80:] or "upload"
-            folder = Path(tempfile.mkdtemp(dir=self._uploads.name))
-            (folder / name).write_bytes(request.body)
-            images = [folder / name]
         else:
             body = request.json()
             keys, k = self._options(body)
@@ -109,8 +105,15 @@ class RetrievalView(View):
             else:
                 sequences = [("barcode", clean_dna(text, unknown, source="the DNA barcode"))]
         device = self.ctx.device
-        results = self.ctx.worker.run(self.slot(request, "query"),
-                                      lambda: run_query(self.net, self.index, images, sequences, keys, k, None, device))  # fmt: skip
+
+        def work():
+            with tempfile.TemporaryDirectory(prefix="biovis-explore-") as folder:
+                if request.is_upload:  # `retrieve query` reads image files: the upload as one, for this query
+                    images.append(Path(folder) / name)
+                    images[0].write_bytes(request.body)
+                return run_query(self.net, self.index, images, sequences, keys, k, None, device)
+
+        results = self.ctx.worker.run(self.slot(request, "query"), work)
         for result in results:
             if result["modality"] == "image":
                 result["query"] = request.filename
