@@ -131,6 +131,7 @@ def screenshots(driver, url: str, folder: Path, image: int, kinds: list[str]) ->
     from selenium.webdriver.common.keys import Keys
 
     folder.mkdir(parents=True, exist_ok=True)
+    driver.set_window_size(1480, 1420)  # the whole Concepts tab, relevance chart included
     driver.execute_cdp_cmd("Network.setCacheDisabled", {"cacheDisabled": False})
     open_page(driver, url + "/")
     written = []

@@ -91,7 +91,8 @@ def test_the_page_in_a_browser(server, browser, tmp_path):
     d.switch_to.window(first)
     moved = move_slider(d, section, Keys.LEFT)
     reference = amplify_reference(server.view("concepts").analysis, 5, [moved["concept"]], 3.95)
-    assert moved["value"] == 3.95 and png_of_data_url(moved["image"]) == png_of(reference["images_selected"][0])
+    assert moved["value"] == 3.95
+    assert png_of_data_url(moved["image"]) == png_of(reference["images_selected"][0])
 
     section.find_element(By.CSS_SELECTOR, ".slider .concept-name").click()  # heat map and concept card
     wait_for(d, "return arguments[0].querySelector('img.heat').src", section, what="the heat map")
@@ -112,7 +113,9 @@ def test_the_page_in_a_browser(server, browser, tmp_path):
 
     with h5py.File(data) as f:
         barcode = f["all_keys"]["barcode"][4].decode()
+    concepts = section
     section = open_tab(d, "Retrieval")
+    assert section.is_displayed() and not concepts.is_displayed()  # one tab shown at a time
     section.find_element(By.TAG_NAME, "textarea").send_keys(barcode)
     section.find_element(By.XPATH, ".//button[text()='Identify']").click()
     wait_for(d, "return arguments[0].querySelector('.result')", section, what="the identification")

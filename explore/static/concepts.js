@@ -218,17 +218,20 @@
     render();
   });
 
+  // amplify scales its chosen concepts by one multiplier and leaves the others at x1: the sliders off x1 must agree
   function updateCommand() {
     if (!current || current.index === null) {
       command.textContent = current ? "(an uploaded image has no index in the split)" : "";
       return;
     }
-    const values = [...new Set(multipliers.values())];
-    const ks = [...multipliers.keys()];
-    const same = values.length === 1 && ks.length;
-    command.textContent = same
-      ? `python main.py amplify --bundle ${tab.source} --split ${tab.split} --image-indices ${current.index} --concept-indices ${ks.join(",")} --multipliers ${values[0]}`
-      : "(amplify scales all chosen concepts by one multiplier: set the sliders alike to get its command)";
+    const moved = [...multipliers].filter(([, m]) => m !== 1);
+    const values = [...new Set(moved.map(([, m]) => m))];
+    const ks = moved.length ? moved.map(([k]) => k) : [...multipliers.keys()];
+    if (values.length > 1 || !ks.length) {
+      command.textContent = "(amplify scales its concepts by one multiplier: set the moved sliders alike to get its command)";
+      return;
+    }
+    command.textContent = `python main.py amplify --bundle ${tab.source} --split ${tab.split} --image-indices ${current.index} --concept-indices ${ks.join(",")} --multipliers ${values.length ? values[0] : 1}`;
   }
 
   // ---------------------------------------------------------------- relevance chart

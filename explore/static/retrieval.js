@@ -92,6 +92,7 @@
 
   // ---------------------------------------------------------------- projection drawing and clicks
   async function loadProjection() {
+    marked = null;
     try {
       projection = await api(tab.id, "projection", { params: { rank: rankSelect.value } });
       drawProjection();
@@ -102,6 +103,7 @@
   rankSelect.addEventListener("change", loadProjection);
 
   let placed = [];
+  let marked = null;
   function drawProjection() {
     const p = projection;
     const ctx = canvas.getContext("2d");
@@ -127,6 +129,14 @@
       ctx.fill();
     }
     ctx.globalAlpha = 1;
+    if (marked !== null && placed[marked]) { // the key last clicked: a ring around it
+      const [px, py] = placed[marked];
+      ctx.strokeStyle = "#15312d";
+      ctx.lineWidth = 2.5;
+      ctx.beginPath();
+      ctx.arc(px, py, 9, 0, 2 * Math.PI);
+      ctx.stroke();
+    }
     legend.replaceChildren(...order.slice(0, 10).map((t) => el("span", { class: "legend-item" }, el("span", { class: "swatch", style: `background:${colourOf.get(t)}` }), p.taxa[t])),
       order.length > 10 ? el("span", { class: "legend-item" }, el("span", { class: "swatch", style: "background:#b8bcc2" }), `${order.length - 10} other ${p.rank} taxa`) : "");
     const marks = p.modalities.map((m, i) => `${i === 0 ? "●" : "■"} ${m}`).join("  ");
@@ -145,6 +155,8 @@
     }
     if (!best) return;
     const i = best[1];
+    marked = i;
+    drawProjection();
     ask({ point: true, body: { json: { modality: projection.modalities[projection.modality[i]], row: projection.row[i], keys: keys.value, k: k.value } } });
   });
 

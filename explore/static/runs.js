@@ -71,11 +71,16 @@
     panels.replaceChildren();
     for (const p of answer.panels) {
       const box = el("div", { class: "chart-box" });
-      const several = new Set(p.series.map((s) => s.metric)).size > 1;
-      Charts.line(box, {
-        title: p.panel, xlabel: "optimiser step", ylabel: p.ylabel,
-        series: p.series.map((s) => ({ name: `${s.name} ${s.split}${several ? ": " + s.metric : ""}`, x: s.x, y: s.y, color: colour.get(s.run), dash: dash[s.split] || null })),
-      });
+      // a panel holding several quantities (e.g. acc and epoch_acc) colours each (run, quantity) apart
+      const metrics = [...new Set(p.series.map((s) => s.metric))];
+      const pairs = [...new Set(p.series.map((s) => `${s.run}|${s.metric}`))];
+      const colourOf = (s) => (metrics.length > 1 ? Charts.PALETTE[pairs.indexOf(`${s.run}|${s.metric}`) % Charts.PALETTE.length] : colour.get(s.run));
+      const series = p.series.map((s) => ({ name: `${s.name} ${s.split}${metrics.length > 1 ? ": " + s.metric : ""}`, x: s.x, y: s.y, color: colourOf(s), dash: dash[s.split] || null }));
+      Charts.line(box, { title: p.panel, xlabel: "optimiser step", ylabel: p.ylabel, series });
+      if (metrics.length > 1) {
+        const seen = new Map(p.series.map((s) => [`${s.run}|${s.metric}`, { name: runIds.length > 1 ? `${s.name}: ${s.metric}` : s.metric, color: colourOf(s) }]));
+        box.append(Charts.legend([...seen.values()]));
+      }
       panels.append(box);
     }
     if (!answer.panels.length) panels.append(el("p", { class: "muted", text: "Tick a run to see its curves." }));
