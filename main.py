@@ -69,8 +69,13 @@ def environment_error(error: OSError) -> UserError | None:
         return UserError(
             f"permission denied on {where}: choose a folder you can write to (--out, $BIOVIS_CACHE)"
         )
-    if error.errno in (errno.EROFS, errno.ENOSPC, errno.EDQUOT):
-        return UserError(f"cannot write {where}: {error.strerror}")
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return UserError(
+            f"cannot write {where}: {error.strerror}; free some space or choose another --out "
+            "(the file there before, if any, is unchanged)"
+        )
+    if error.errno == errno.EROFS:
+        return UserError(f"cannot write {where}: {error.strerror}; choose a writable --out")
     return None
 
 
@@ -82,8 +87,22 @@ def abandon_runs(reason: str) -> str:
     return f" [{'; '.join(notes)}]" if notes else ""
 
 
+def has_option(option: str, argv: list[str] | None = None) -> bool:
+    """Whether the command that `argv` (default: this process's) runs takes `option`."""
+    node, words = typer.main.get_command(app), list(sys.argv[1:] if argv is None else argv)
+    while hasattr(node, "commands") and words:  # a group (typer may vendor its own click)
+        node = node.commands.get(words.pop(0))
+    return node is not None and any(option in getattr(p, "opts", ()) for p in node.params)
+
+
+def advice(error: UserError) -> str:
+    """What to add to an error's line: the skip option of a bad file, where this command has it."""
+    option = getattr(error, "skip_option", None)
+    return f", or pass {option}" if option and has_option(option) else ""
+
+
 def fail(error: UserError) -> None:
-    message = one_line(error)
+    message = one_line(error) + advice(error)
     typer.secho(f"error: {message}{abandon_runs(message)}", err=True, fg="red")
     sys.exit(error.exit_code)
 

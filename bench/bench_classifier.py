@@ -22,9 +22,13 @@ from training.optim import build_optimizer  # noqa: E402
 
 def measure(arch: str, size: int, batch: int, steps: int, device, compile: bool = False) -> float:
     """Images/s of `classifier_step` over `steps` steps after two warm-up steps, on one device batch."""
+    from core.config import build
+
     cuda = device.type == "cuda"
     autotune(device)  # as train_classifier: cuDNN's fastest algorithms on CUDA
-    cfg = ClassifierConfig(arch=arch, image_size=size, batch_size=batch, lr=1e-4, compile=compile)
+    cfg = build(
+        ClassifierConfig, dict(arch=arch, image_size=size, batch_size=batch, lr=1e-4, compile=compile)
+    )
     model = Classifier(arch, 200).to(device)
     if cuda:
         model = model.to(memory_format=torch.channels_last)

@@ -15,7 +15,7 @@ cycle; a sync at cycle boundaries only. Real images are random and already in (p
   benchmark on, TF32 off, as its training loop sets them; NVlabs' compiled ops if they build, else its fallback
   (reported). ref-aug adds AugmentPipe 'bgc' at fixed p (on torch >= 1.10 its R1 pass fails: NVlabs'
   grid_sample gradfix predates it).
-- ours / ours-amp: the body of `training/gan.py`'s loop around its importable `train_step` (per-step seed, the
+- ours / ours-amp: the body of `training/gan/trainer.py`'s loop around its importable `train_step` (per-step seed, the
   uint8 batch to the device as reals by `real_batch`: [-1, 1], mirror, channels_last on CUDA; train_step),
   `cub` preset with these sizes, float32 / bf16 autocast (every phase, the regularisers included).
 """
@@ -114,7 +114,7 @@ def run_ref(args) -> None:
     from torch_utils import misc
     from torch_utils.ops import conv2d_gradfix, grid_sample_gradfix
 
-    from training.augment import AugmentPipe
+    from training.gan.augment import AugmentPipe
     from training.loss import StyleGAN2Loss
     from training.networks import Discriminator, Generator
 
@@ -199,7 +199,7 @@ def run_ours(args) -> None:
     from core.config import from_preset
     from core.device import autotune
     from core.seeding import derive_seed
-    from training.gan import PRESETS, GanConfig, new_state, real_batch, train_step
+    from training.gan.trainer import PRESETS, GanConfig, new_state, real_batch, train_step
 
     overrides = dict(image_size=args.size, batch_size=args.batch, z_dim=args.z_dim, w_dim=args.z_dim,
                      mapping_layers=args.map_layers, channel_base=args.channel_base, channel_max=args.channel_max,
@@ -209,7 +209,7 @@ def run_ours(args) -> None:
     autotune(dev)  # as train_gan: cuDNN's fastest algorithms on CUDA
     s = new_state(cfg, dev)
     group = min(cfg.mbstd_group, cfg.batch_size)
-    shape = (cfg.batch_size, 3, cfg.image_size, cfg.image_size)
+    shape = (cfg.batch_size, 3, cfg.data.image_size, cfg.data.image_size)
     reals = torch.randint(0, 256, shape, dtype=torch.uint8)  # the loader's batch (Uint8Images squares)
     if dev.type == "cuda":
         reals = reals.pin_memory()
@@ -217,13 +217,13 @@ def run_ours(args) -> None:
 
     def iteration() -> None:  # train_gan's loop body around train_step, minus its log and snapshot blocks
         torch.manual_seed(derive_seed(cfg.seed, "step", s.step, 0))
-        out = train_step(s, real_batch({"image": reals}, dev, cfg, group), cfg, 1, cfg.amp)
+        out = train_step(s, real_batch({"image": reals}, dev, cfg, group), cfg, 1, cfg.hardware.amp)
         window.append(out.pop("window"))
 
     seconds = cycles(args, dev, iteration)
     sbs.report("ours-amp" if args.amp else "ours", dev, seconds, cfg.batch_size * args.iters, {
         "params": {"G": sbs.count(s.G), "D": sbs.count(s.D)},
-        "precision": "bf16 autocast, regularisers too" if cfg.amp and dev.type == "cuda" else "float32",
+        "precision": "bf16 autocast, regularisers too" if cfg.hardware.amp and dev.type == "cuda" else "float32",
         "augment": cfg.aug,
     })  # fmt: skip
 

@@ -1,6 +1,6 @@
 """Benchmark StyleGAN2 training throughput: images/s of full training steps at 64 px (`world` preset).
 
-Times `training.gan.train_step` (G main, G path-length reg, D main, D R1 reg, EMA) on random "real" images
+Times `training.gan.trainer.train_step` (G main, G path-length reg, D main, D R1 reg, EMA) on random "real" images
 so that data loading is left out, and prints images/s for the plain step and for one with both lazy
 regularisers due, plus the amortised rate over an r1_interval cycle. bf16 autocast is used on CUDA unless
 `--no-amp`.
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from core.config import from_preset
     from core.device import resolve_device
-    from training.gan import PRESETS, GanConfig, new_state, train_step
+    from training.gan.trainer import PRESETS, GanConfig, new_state, train_step
 
     device = resolve_device(args.device)
     cpu = device.type == "cpu"
@@ -61,10 +61,10 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     state = new_state(cfg, device)
-    real = torch.rand(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=device) * 2 - 1
+    real = torch.rand(cfg.batch_size, 3, cfg.data.image_size, cfg.data.image_size, device=device) * 2 - 1
     n_params = sum(p.numel() for p in state.G.parameters()), sum(p.numel() for p in state.D.parameters())
     print(
-        f"device {device} ({torch.get_num_threads()} CPU threads), preset {args.preset}: {cfg.image_size} px, "
+        f"device {device} ({torch.get_num_threads()} CPU threads), preset {args.preset}: {cfg.data.image_size} px, "
         f"batch {cfg.batch_size}, G {n_params[0] / 1e6:.2f}M / D {n_params[1] / 1e6:.2f}M parameters, "
         f"amp {'bf16' if amp else 'off'}"
     )

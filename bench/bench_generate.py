@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.optim.Adam(ae.adversary.parameters(), lr=cfg.lr),
     )
     b = cfg.batch_size
-    x = torch.rand(b, 3, cfg.image_size, cfg.image_size, device=device) * 2 - 1
+    x = torch.rand(b, 3, cfg.data.image_size, cfg.data.image_size, device=device) * 2 - 1
     groups = torch.as_tensor(levels.assignment, device=device)[:, torch.randint(8, (b,), device=device)]
     step = timed(lambda: tp.autoencoder_step(ae, opt_ae, opt_adv, x, groups, cfg, 1), device, args.steps)
     rows.append((f"train phylo autoencoder step, batch {b}", 1 / step, "steps/s"))

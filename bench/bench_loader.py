@@ -151,11 +151,14 @@ def loop_rate(args, root: Path, arch: str, size: int, batch: int, workers: int |
     logs over its last epoch (what a user sees; it includes the epoch-start refill) and the wall rate."""
     import pandas as pd
 
+    from core.config import build
     from training.classifier import ClassifierConfig, train_classifier
 
-    cfg = ClassifierConfig(dataset="folder", data_dir=str(root), image_size=size, arch=arch, batch_size=batch,
-                           epochs=args.epochs, device=str(device), num_workers=workers, val_fraction=0.05,
-                           log_every=max(1, len(list(root.glob("*/*.jpg"))) * 3 // (8 * batch)), lr=1e-4)  # fmt: skip
+    cfg = build(ClassifierConfig, dict(
+        dataset="folder", data_dir=str(root), image_size=size, arch=arch, batch_size=batch, epochs=args.epochs,
+        device=str(device), num_workers=workers, val_fraction=0.05,
+        log_every=max(1, len(list(root.glob("*/*.jpg"))) * 3 // (8 * batch)), lr=1e-4,
+    ))  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="bench_loader_run_") as run:
         start = time.perf_counter()
         train_classifier(cfg, Path(run), quiet=True)

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         if "classifier" in args.trainers:
             report("train classifier", sites, steps, args.log_every)
         if "gan" in args.trainers:
-            from training import gan as tg
+            from training.gan import trainer as tg
 
             kimg = args.steps * 8 / 1000
             extras = dict(pl_weight=2.0, style_mixing=0.9, aug="ada")  # the `cub` recipe's, at tiny size

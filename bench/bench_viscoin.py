@@ -214,6 +214,8 @@ def run_ref(args) -> None:
 
 def build_ours(args, dev) -> types.SimpleNamespace:
     """The project's VisCoIN parts at the bench's sizes, as `train_viscoin` builds and prepares them."""
+    from core.config import build
+
     sys.path.insert(0, str(ROOT))
     import models.lpips as plpips
     from core.device import autotune
@@ -225,9 +227,11 @@ def build_ours(args, dev) -> types.SimpleNamespace:
 
     autotune(dev)  # as train_viscoin: cuDNN's fastest algorithms on CUDA
     K = args.concepts
-    cfg = VisCoINConfig(n_concepts=K, latent_channels=args.latent, batch_size=args.batch, iterations=100_000,
-                        amp=args.amp, beta=3.0 if args.lpips == "on" else 0.0, warmup=0, compile=args.compile,
-                        amp_lpips=args.amp_lpips, lpips_weights="random" if args.lpips == "on" else "none")  # fmt: skip
+    cfg = build(VisCoINConfig, dict(
+        n_concepts=K, latent_channels=args.latent, batch_size=args.batch, iterations=100_000, amp=args.amp,
+        beta=3.0 if args.lpips == "on" else 0.0, warmup=0, compile=args.compile, amp_lpips=args.amp_lpips,
+        lpips_weights="random" if args.lpips == "on" else "none",
+    ))  # fmt: skip
     classifier = Classifier(args.arch, args.classes).to(dev).eval().requires_grad_(False)
     G = Generator(z_dim=args.z_dim, c_dim=0, w_dim=args.z_dim, img_resolution=args.size, img_channels=3,
                   mapping_kwargs=dict(num_layers=args.map_layers, w_avg_beta=0.995),

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated
 
 import typer
 
-from cli.common import DATA, MODEL, DataDir, Device, Name, Out, Overwrite, Quiet, Show, run_dir_for
+from cli.common import DATA, MODEL, DataDir, results_dir, with_options
 from core.errors import UserError
 
 SELECT = "Concept selection"
@@ -31,7 +32,6 @@ ImageIndices = Annotated[
 Seed = Annotated[
     int, typer.Option(help="Seed of the default images and the random baseline.", rich_help_panel=DATA)
 ]
-BatchSize = Annotated[int, typer.Option(help="Images per batch.", rich_help_panel=DATA)]
 
 
 def parse_list(text: str | None, option: str, kind: type = int) -> list | None:
@@ -54,7 +54,11 @@ def check_batch_size(batch_size: int) -> None:
         raise UserError(f"--batch-size must be positive, got {batch_size}")
 
 
+@with_options(
+    "batch_size", "device", "out", "name", "overwrite", "show", "quiet", defaults={"batch_size": 16}
+)
 def amplify(
+    o: SimpleNamespace,
     bundle: Bundle,
     dataset: DatasetOpt = None,
     data_dir: DataDir = None,
@@ -82,20 +86,10 @@ def amplify(
         ),
     ] = "0,1,2,4",
     seed: Seed = 0,
-    batch_size: BatchSize = 16,
-    device: Device = "auto",
-    out: Out = None,
-    name: Name = None,
-    overwrite: Overwrite = False,
-    show: Show = False,
-    quiet: Quiet = False,
 ) -> None:
     """Scale the concepts that explain Theta's prediction by each multiplier, regenerate the image and record
     f's probability of that class, against scaling as many random concepts. Grid figure, CSV, summary.json."""
-    import yaml
-
-    from core.atomic import write_text
-    from core.rundir import mark_run, prepare_run_dir
+    from core.rundir import mark_run
     from testing.viscoin.amplify import (
         check_selection_options,
         choose_images,
@@ -110,25 +104,23 @@ def amplify(
         raise UserError(
             f"--multipliers must be finite and >= 0 (concept maps are non-negative), got {multipliers}"
         )
-    check_batch_size(batch_size)
+    check_batch_size(o.batch_size)
     indices = parse_list(image_indices, "--image-indices")
     chosen_concepts = parse_list(concept_indices, "--concept-indices")
     check_selection_options(concept_threshold, concept_top_k, chosen_concepts)
-    analysis = open_analysis(bundle, dataset, data_dir, split, device, quiet=quiet)
+    analysis = open_analysis(bundle, dataset, data_dir, split, o.device, quiet=o.quiet)
     selection = resolve_selection(
         analysis.models.n_concepts, concept_threshold, concept_top_k, chosen_concepts
     )
     image_ids = choose_images(len(analysis.data), indices, seed, split=f"the {split}")
-    plan = plan_amplify(analysis, image_ids, selection, factors, seed, batch_size)
+    plan = plan_amplify(analysis, image_ids, selection, factors, seed, o.batch_size)
     for line in plan.empty_lines():
         typer.echo(line)
-    run_dir = prepare_run_dir(run_dir_for("amplify", out, name), "amplify", overwrite=overwrite,
-                              inputs=[bundle, data_dir], resumable=False)  # fmt: skip
     config = {"bundle": str(bundle), "bundle_hash": analysis.models.content_hash, "dataset": analysis.spec.dataset,
               "split": split, "images": image_ids, "selection": selection.describe(), "multipliers": factors,
               "seed": seed}  # fmt: skip
-    write_text(Path(run_dir) / "config.yaml", yaml.safe_dump(config, sort_keys=False))
-    summary = run_amplify(plan, analysis, Path(run_dir), batch_size, show=show, quiet=quiet)
+    run_dir = results_dir("amplify", o, [bundle, data_dir], config)
+    summary = run_amplify(plan, analysis, run_dir, o.batch_size, show=o.show, quiet=o.quiet)
     mark_run(run_dir, status="finished")
     for m in summary["mean_p_selected"]:
         typer.echo(

@@ -1,10 +1,16 @@
-"""Shared CLI pieces: option types, help panels, run-directory choice. Nothing here imports torch."""
+"""Shared CLI pieces: option types, help panels, run-directory choice, and the bundle of data, hardware and
+output options that every training command shares (`training_command`). Nothing here imports torch."""
 
 from __future__ import annotations
 
+import copy
+import inspect
 import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from types import SimpleNamespace
+from typing import Annotated, Any
 
 import typer
 from typer.core import TyperGroup
@@ -44,7 +50,10 @@ Compile = Annotated[
         rich_help_panel=HARDWARE,
     ),
 ]
-TrainSeed = Annotated[int | None, typer.Option(help="Random seed.", rich_help_panel=OPTIM)]
+TrainSeed = Annotated[
+    int | None,
+    typer.Option(help="Random seed (data split, initialisation, every step's draws).", rich_help_panel=OPTIM),
+]
 LogEvery = Annotated[int | None, typer.Option(help="Steps between log lines.", rich_help_panel=OUTPUT)]
 Amp = Annotated[bool, typer.Option("--amp/--no-amp", help="bf16 autocast on CUDA.", rich_help_panel=HARDWARE)]
 Out = Annotated[
@@ -69,6 +78,7 @@ WorldPreset = Annotated[
     str | None, typer.Option(help="Synthetic world preset: default, small or bioscan.", rich_help_panel=DATA)
 ]
 Show = Annotated[bool, typer.Option(help="Also open the figures in a window.", rich_help_panel=OUTPUT)]
+BatchSize = Annotated[int, typer.Option(help="Images per batch.", rich_help_panel=DATA)]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.", rich_help_panel=OUTPUT)]
 
 
@@ -166,7 +176,7 @@ def resolve_config(
     """The run's config: preset + overrides for a new run; the saved config.yaml for `--resume`, where only
     the `resumable` settings may change (anything else given differently is refused). A run that failed
     before it saved its config is resumed as a fresh start in the same folder."""
-    from core.config import build, from_preset, read_yaml
+    from core.config import build, flat, from_preset, nest, read_yaml
     from core.rundir import check_resumable
 
     if not resume:
@@ -181,10 +191,229 @@ def resolve_config(
     saved = read_yaml(saved_path, {})
     if not isinstance(saved, dict):
         raise UserError(f"{saved_path} is not a mapping of settings")
+    known = flat(build(cls, {}))  # every setting's flat name
+    kept = {
+        k: v for k, v in nest(cls, saved).items() if k in {f.name for f in cls.__dataclass_fields__.values()}
+    }
+    current = flat(build(cls, kept, source=str(saved_path)))  # config.yaml of any version, flat keys nested
     changed = sorted(
-        k for k, v in overrides.items() if v is not None and k not in resumable and saved.get(k) != v
+        k
+        for k, v in overrides.items()
+        if v is not None and k in known and k not in resumable and current[k] != v
     )
     if changed:
         raise UserError(f"--resume continues {run_dir} as configured; it cannot change {', '.join(changed)}")
-    kept = {k: v for k, v in saved.items() if k in {f.name for f in cls.__dataclass_fields__.values()}}
-    return build(cls, {**kept, **{k: v for k, v in overrides.items() if k in resumable and v is not None}})
+    return build(cls, {**current, **{k: v for k, v in overrides.items() if k in resumable and v is not None}})
+
+
+# ----------------------------------------------------------------------------
+# The options every training command shares, declared once: data, hardware, bookkeeping and output.
+
+# Settings that any resumed training may change (they change speed or logging, not the model).
+ALWAYS_RESUMABLE = frozenset({"device", "num_workers", "amp", "log_every"})
+
+
+ImageSize = Annotated[int | None, typer.Option(help="Image side in pixels.", rich_help_panel=DATA)]
+ValFraction = Annotated[
+    float | None, typer.Option(help="Share of train held out for validation.", rich_help_panel=DATA)
+]
+BboxCrop = Annotated[
+    bool | None,
+    typer.Option(
+        "--bbox-crop/--no-bbox-crop", help="Crop images to their bounding box.", rich_help_panel=DATA
+    ),
+]
+SkipBadImages = Annotated[
+    bool | None,
+    typer.Option("--skip-bad-images", help="Skip and count unreadable images.", rich_help_panel=DATA),
+]
+
+# name -> (option type, default)
+SHARED_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "dataset": (Dataset, "world"),
+    "data_dir": (DataDir, None),
+    "world": (WorldPreset, None),
+    "image_size": (ImageSize, None),
+    "val_fraction": (ValFraction, None),
+    "bbox_crop": (BboxCrop, None),
+    "skip_bad_images": (SkipBadImages, None),
+    "seed": (TrainSeed, None),
+    "log_every": (LogEvery, None),
+    "device": (Device, "auto"),
+    "amp": (Amp, True),
+    "num_workers": (Workers, None),
+    "out": (Out, None),
+    "name": (Name, None),
+    "overwrite": (Overwrite, False),
+    "resume": (Resume, False),
+    "quiet": (Quiet, False),
+    "show": (Show, False),
+    "batch_size": (BatchSize, 64),
+}
+DATA_OPTIONS = ("dataset", "data_dir", "world", "image_size", "val_fraction", "bbox_crop", "skip_bad_images")
+HARDWARE_OPTIONS = ("device", "amp", "num_workers")
+RUN_OPTIONS = ("seed", "log_every")
+OUTPUT_OPTIONS = ("out", "name", "overwrite", "resume", "quiet")
+
+
+@dataclass
+class TrainOptions:
+    """What the user gave of the shared options of a training command, and the flow every such command runs:
+    config from preset + options (or the saved one to resume), cheap checks, run directory, trainer."""
+
+    command: str  # "train gan"
+    data: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)  # hardware and bookkeeping
+    out: Path | None = None
+    name: str | None = None
+    overwrite: bool = False
+    resume: bool = False
+    quiet: bool = False
+    datasets: tuple[str, ...] = ()  # dataset names the command reads besides the registry's (cvae: digits)
+
+    @property
+    def dataset(self) -> str:
+        """The dataset asked for, under its canonical name (`toy` is `world`)."""
+        from datasets.registry import canonical_name
+
+        name = self.data.get("dataset") or "world"
+        return name if name in self.datasets else canonical_name(name)
+
+    @property
+    def run_dir(self) -> Path:
+        return run_dir_for(self.command.replace(" ", "-"), self.out, self.name)
+
+    def overrides(self) -> dict[str, Any]:
+        """The shared options as config overrides (flat names; None: the preset's)."""
+        data = {**self.data, "dataset": self.dataset} if "dataset" in self.data else dict(self.data)
+        return _plain_values({**data, **self.settings})
+
+    def train(
+        self,
+        config: type,
+        presets: Path,
+        preset: str,
+        settings: dict[str, Any],
+        resumable: Iterable[str],
+        trainer: Callable[..., dict],
+        inputs: Callable[[Any], Iterable[Any]] | None = None,
+        check: Callable[[Any], None] | None = None,
+    ) -> tuple[Any, Path, dict | None]:
+        """Resolve the config (`settings`: the command's own options), validate it and the data, run `check`,
+        prepare the run directory (its inputs: the data folder and `inputs(cfg)`), train. Returns the config,
+        the run directory and, on the main process, the trainer's summary."""
+        from core.rundir import prepare_run_dir
+
+        run_dir = self.run_dir
+        cfg = resolve_config(config, presets, preset, {**self.overrides(), **_plain_values(settings)}, run_dir,
+                             self.resume, set(resumable) | ALWAYS_RESUMABLE, command=self.command)  # fmt: skip
+        cfg.validate()
+        data = getattr(cfg, "data", None)
+        if data is not None and not isinstance(data, str) and data.dataset not in self.datasets:
+            from datasets.registry import check_data_spec
+
+            check_data_spec(data.spec(cfg.seed))
+        if check is not None:
+            check(cfg)
+        if is_main_process():
+            folder = getattr(data, "data_dir", None) or getattr(cfg, "data_dir", None)
+            paths = [folder, *(inputs(cfg) if inputs is not None else [])]
+            prepare_run_dir(run_dir, self.command, overwrite=self.overwrite, resume=self.resume, inputs=paths)
+        summary = trainer(cfg, Path(run_dir), resume=self.resume, quiet=self.quiet)
+        return cfg, Path(run_dir), summary if is_main_process() else None
+
+
+def _plain_values(values: dict[str, Any]) -> dict[str, Any]:
+    """Paths as strings (configs hold plain YAML values)."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
+
+
+def with_options(
+    *names: str,
+    first: tuple[str, ...] = (),
+    helps: dict[str, str] | None = None,
+    defaults: dict[str, Any] | None = None,
+    table: dict[str, tuple[Any, Any]] | None = None,
+    wrap: Callable[[SimpleNamespace], Any] = lambda options: options,
+):
+    """Give a command shared options, each declared once in SHARED_OPTIONS (or in `table`, the options a family
+    of commands shares, same layout): `first` before the command's own options, `names` after them (`helps`
+    rewords one for this command, `defaults` changes its default). The function declares only its own options
+    after a first parameter, which receives the shared ones as one object: `wrap(SimpleNamespace(name=value))`."""
+    helps, defaults, options = helps or {}, defaults or {}, {**SHARED_OPTIONS, **(table or {})}
+
+    def parameter(name: str) -> inspect.Parameter:
+        annotation, default = options[name]
+        if name in helps:  # the same option, reworded for this command
+            info = copy.copy(annotation.__metadata__[0])
+            info.help = helps[name]
+            annotation = Annotated[annotation.__origin__, info]
+        default = defaults.get(name, default)
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+    def decorate(func: Callable) -> Callable:
+        own = list(inspect.signature(func, eval_str=True).parameters.values())[1:]
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]  # any order of defaults: keywords
+        params = [*(parameter(n) for n in first), *own, *(parameter(n) for n in names)]
+
+        def run(**kwargs: Any) -> Any:
+            shared = SimpleNamespace(**{n: kwargs.pop(n) for n in (*first, *names)})
+            return func(wrap(shared), **kwargs)
+
+        run.__signature__ = inspect.Signature(params)
+        run.__annotations__ = {p.name: p.annotation for p in params}
+        run.__name__, run.__qualname__, run.__doc__ = func.__name__, func.__qualname__, func.__doc__
+        run.__module__ = func.__module__
+        return run
+
+    return decorate
+
+
+def training_command(
+    command: str,
+    data: tuple[str, ...] = DATA_OPTIONS,
+    helps: dict[str, str] | None = None,
+    datasets: tuple[str, ...] = (),
+):
+    """Give a training command the shared options: `data` (a subset of DATA_OPTIONS) first, then the
+    bookkeeping, hardware and output options; its first parameter receives them as `TrainOptions`."""
+
+    def wrap(shared: SimpleNamespace) -> TrainOptions:
+        values = vars(shared)
+        return TrainOptions(
+            command,
+            data={n: values[n] for n in data},
+            settings={n: values[n] for n in (*RUN_OPTIONS, *HARDWARE_OPTIONS)},
+            **{n: values[n] for n in OUTPUT_OPTIONS},
+            datasets=datasets,
+        )
+
+    return with_options(*RUN_OPTIONS, *HARDWARE_OPTIONS, *OUTPUT_OPTIONS, first=data, helps=helps, wrap=wrap)
+
+
+def results_dir(command: str, options: SimpleNamespace, inputs: Iterable[Any], config: dict) -> Path:
+    """The run directory of a command that makes results and cannot resume (`--out`, else runs/<command>/
+    <name>): prepared without clobbering anything (core.rundir), `config` saved as its config.yaml. The
+    command marks it finished when its results are written."""
+    import yaml
+
+    from core.atomic import write_text
+    from core.rundir import prepare_run_dir
+
+    folder = run_dir_for(command.replace(" ", "-"), options.out, options.name)
+    run_dir = Path(
+        prepare_run_dir(folder, command, overwrite=options.overwrite, inputs=inputs, resumable=False)
+    )
+    write_text(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+    return run_dir
+
+
+def check_classifier_checkpoint(path: str | None, option: str) -> None:
+    """A classifier run or checkpoint given to a training command, checked before its run directory is
+    touched."""
+    from core.checkpoint import read_meta
+
+    if path:
+        clf = Path(path)
+        if read_meta(clf / "best.safetensors" if clf.is_dir() else clf).get("kind") != "classifier":
+            raise UserError(f"{option} {clf} is not a classifier checkpoint")

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated
 
 import typer
 
-from cli.amplify import BatchSize, Bundle, DatasetOpt, ImageIndices, Seed, Split, check_batch_size, parse_list
-from cli.common import CONTEXT, MODEL, OUTPUT, DataDir, Device, Name, Out, Overwrite, Quiet, Show, run_dir_for
+from cli.amplify import Bundle, DatasetOpt, ImageIndices, Seed, Split, check_batch_size, parse_list
+from cli.common import CONTEXT, MODEL, OUTPUT, DataDir, results_dir, with_options
 from core.errors import UserError
 
 app = typer.Typer(
@@ -22,16 +23,10 @@ app = typer.Typer(
 )
 
 
-def _save_config(run_dir: Path, values: dict) -> None:
-    import yaml
-
-    from core.atomic import write_text
-
-    write_text(run_dir / "config.yaml", yaml.safe_dump(values, sort_keys=False))
-
-
 @app.callback(invoke_without_command=True)
+@with_options("batch_size", "device", "out", "name", "overwrite", "show", "quiet")
 def concepts(
+    o: SimpleNamespace,
     ctx: typer.Context,
     bundle: Annotated[
         Path | None,
@@ -46,16 +41,9 @@ def concepts(
     dataset: DatasetOpt = None,
     data_dir: DataDir = None,
     split: Split = "test",
-    batch_size: BatchSize = 64,
-    device: Device = "auto",
-    out: Out = None,
-    name: Name = None,
-    overwrite: Overwrite = False,
     force: Annotated[
         bool, typer.Option(help="Recompute the per-image activations even if cached.", rich_help_panel=OUTPUT)
     ] = False,
-    show: Show = False,
-    quiet: Quiet = False,
 ) -> None:
     """Activation profile, per-concept totals and dead concepts, class x concept and concept x class
     importance, concept entropy, co-activation and Theta's top concepts per class: figures, CSVs and
@@ -64,18 +52,15 @@ def concepts(
         return
     if bundle is None:
         raise UserError("concepts needs --bundle PATH (a to-pickle bundle or a VisCoIN run directory)")
-    from core.rundir import mark_run, prepare_run_dir
+    from core.rundir import mark_run
     from testing.viscoin.concepts import open_analysis, run_concepts
 
-    check_batch_size(batch_size)
-    analysis = open_analysis(bundle, dataset, data_dir, split, device, quiet=quiet)
-    run_dir = Path(
-        prepare_run_dir(run_dir_for("concepts", out, name), "concepts", overwrite=overwrite,
-                        inputs=[bundle, data_dir], resumable=False)
-    )  # fmt: skip
-    _save_config(run_dir, {"bundle": str(bundle), "bundle_hash": analysis.models.content_hash,
-                           "dataset": analysis.spec.dataset, "split": split, "force": force})  # fmt: skip
-    summary = run_concepts(analysis, run_dir, batch_size, force=force, show=show, quiet=quiet)
+    check_batch_size(o.batch_size)
+    analysis = open_analysis(bundle, dataset, data_dir, split, o.device, quiet=o.quiet)
+    config = {"bundle": str(bundle), "bundle_hash": analysis.models.content_hash, "dataset": analysis.spec.dataset,
+              "split": split, "force": force}  # fmt: skip
+    run_dir = results_dir("concepts", o, [bundle, data_dir], config)
+    summary = run_concepts(analysis, run_dir, o.batch_size, force=force, show=o.show, quiet=o.quiet)
     mark_run(run_dir, status="finished")
     cache = summary["cache"]
     typer.echo(
@@ -90,7 +75,11 @@ def concepts(
 
 
 @app.command("heatmaps", context_settings=CONTEXT)
+@with_options(
+    "batch_size", "device", "out", "name", "overwrite", "show", "quiet", defaults={"batch_size": 16}
+)
 def heatmaps(
+    o: SimpleNamespace,
     bundle: Bundle,
     dataset: DatasetOpt = None,
     data_dir: DataDir = None,
@@ -101,36 +90,21 @@ def heatmaps(
         typer.Option(help="Concepts per image, by relevance to Theta's prediction.", rich_help_panel=MODEL),
     ] = 3,
     seed: Seed = 0,
-    batch_size: BatchSize = 16,
-    device: Device = "auto",
-    out: Out = None,
-    name: Name = None,
-    overwrite: Overwrite = False,
-    show: Show = False,
-    quiet: Quiet = False,
 ) -> None:
     """For chosen images, each top concept's map upsampled and overlaid on the image: grid PNG + CSV."""
-    from core.rundir import mark_run, prepare_run_dir
+    from core.rundir import mark_run
     from testing.viscoin.amplify import choose_images
     from testing.viscoin.concepts import open_analysis
     from testing.viscoin.heatmaps import check_top, run_heatmaps
 
-    check_batch_size(batch_size)
+    check_batch_size(o.batch_size)
     indices = parse_list(image_indices, "--image-indices")
-    analysis = open_analysis(bundle, dataset, data_dir, split, device, quiet=quiet)
+    analysis = open_analysis(bundle, dataset, data_dir, split, o.device, quiet=o.quiet)
     check_top(top, analysis.models.n_concepts)
     image_ids = choose_images(len(analysis.data), indices, seed, split=f"the {split}")
-    run_dir = Path(
-        prepare_run_dir(
-            run_dir_for("concept-heatmaps", out, name),
-            "concepts heatmaps",
-            overwrite=overwrite,
-            inputs=[bundle, data_dir],
-            resumable=False,
-        )  # fmt: skip
-    )
-    _save_config(run_dir, {"bundle": str(bundle), "bundle_hash": analysis.models.content_hash,
-                           "dataset": analysis.spec.dataset, "split": split, "images": image_ids, "top": top})  # fmt: skip
-    run_heatmaps(analysis, image_ids, run_dir, top, batch_size, show=show)
+    config = {"bundle": str(bundle), "bundle_hash": analysis.models.content_hash, "dataset": analysis.spec.dataset,
+              "split": split, "images": image_ids, "top": top}  # fmt: skip
+    run_dir = results_dir("concepts heatmaps", o, [bundle, data_dir], config)
+    run_heatmaps(analysis, image_ids, run_dir, top, o.batch_size, show=o.show)
     mark_run(run_dir, status="finished")
     typer.echo(f"heat maps of {len(image_ids)} images: {run_dir / 'heatmaps.png'}")

@@ -7,47 +7,23 @@ from typing import Annotated
 
 import typer
 
-from cli.common import (
-    DATA,
-    MODEL,
-    OPTIM,
-    OUTPUT,
-    Amp,
-    DataDir,
-    Dataset,
-    Device,
-    LogEvery,
-    Name,
-    Out,
-    Overwrite,
-    Quiet,
-    Resume,
-    TrainSeed,
-    Workers,
-    WorldPreset,
-    is_main_process,
-    resolve_config,
-    run_dir_for,
-)
+from cli.common import DATA, MODEL, OPTIM, OUTPUT, TrainOptions, check_classifier_checkpoint, training_command
 from core.errors import UserError
 
-# Settings a resumed run may change; everything else must match the run's saved config.
-RESUMABLE = {"kimg", "device", "num_workers", "amp", "log_every", "snapshot_kimg"}
+# Settings a resumed run may change besides the hardware and log cadence; everything else must match.
+RESUMABLE = {"kimg", "snapshot_kimg"}
 
 
+@training_command(
+    "train gan",
+    data=("dataset", "data_dir", "world", "image_size", "skip_bad_images"),
+    helps={"image_size": "Resolution in pixels, a power of two."},
+)
 def train_gan(
-    dataset: Dataset = "world",
-    data_dir: DataDir = None,
-    world: WorldPreset = None,
-    image_size: Annotated[
-        int | None, typer.Option(help="Resolution in pixels, a power of two.", rich_help_panel=DATA)
-    ] = None,
+    options: TrainOptions,
     mirror: Annotated[
         bool | None,
         typer.Option("--mirror/--no-mirror", help="Random left-right flips.", rich_help_panel=DATA),
-    ] = None,
-    skip_bad_images: Annotated[
-        bool | None, typer.Option("--skip-bad-images", help="Skip unreadable images.", rich_help_panel=DATA)
     ] = None,
     preset: Annotated[
         str | None,
@@ -103,7 +79,6 @@ def train_gan(
         float | None,
         typer.Option(help="ADA speed: kimg for p to move by 1 (NVlabs 500).", rich_help_panel=OPTIM),
     ] = None,
-    seed: TrainSeed = None,
     snapshot_kimg: Annotated[
         float | None, typer.Option(help="kimg between grids, metric and checkpoints.", rich_help_panel=OUTPUT)
     ] = None,
@@ -118,60 +93,27 @@ def train_gan(
             rich_help_panel=OUTPUT,
         ),
     ] = None,
-    log_every: LogEvery = None,
-    device: Device = "auto",
-    amp: Amp = True,
-    num_workers: Workers = None,
-    out: Out = None,
-    name: Name = None,
-    overwrite: Overwrite = False,
-    resume: Resume = False,
-    quiet: Quiet = False,
 ) -> None:
     """Train a StyleGAN2 (G_ema.safetensors, sample grids, Fréchet distance in log.jsonl, resume, DDP)."""
-    from core.checkpoint import read_meta
-    from core.rundir import prepare_run_dir
-    from datasets.registry import canonical_name, check_data_spec
-    from training.gan import DEFAULT_PRESET, PRESETS, GanConfig
-    from training.gan import train_gan as run_training
+    from training.gan.trainer import DEFAULT_PRESET, PRESETS, GanConfig
+    from training.gan.trainer import train_gan as run_training
 
-    dataset = canonical_name(dataset)
-    overrides = dict(
-        dataset=dataset, data_dir=str(data_dir) if data_dir else None, world=world, image_size=image_size,
-        mirror=mirror, skip_bad_images=skip_bad_images, channel_base=channel_base, channel_max=channel_max,
-        mapping_layers=mapping_layers, batch_size=batch_size, kimg=kimg, lr=lr, gamma=gamma, pl_weight=pl_weight,
-        style_mixing=style_mixing, ema_kimg=ema_kimg, mbstd_group=mbstd_group, aug=aug, aug_p=aug_p,
-        ada_target=ada_target, ada_kimg=ada_kimg, seed=seed,
-        snapshot_kimg=snapshot_kimg, metric_images=metric_images,
-        metric_classifier=str(metric_classifier) if metric_classifier else None, log_every=log_every,
-        device=device, amp=amp, num_workers=num_workers,
+    settings = dict(
+        mirror=mirror, channel_base=channel_base, channel_max=channel_max, mapping_layers=mapping_layers,
+        batch_size=batch_size, kimg=kimg, lr=lr, gamma=gamma, pl_weight=pl_weight, style_mixing=style_mixing,
+        ema_kimg=ema_kimg, mbstd_group=mbstd_group, aug=aug, aug_p=aug_p, ada_target=ada_target, ada_kimg=ada_kimg,
+        snapshot_kimg=snapshot_kimg, metric_images=metric_images, metric_classifier=metric_classifier,
     )  # fmt: skip
-    run_dir = run_dir_for("train-gan", out, name)
-    cfg = resolve_config(
-        GanConfig,
-        PRESETS,
-        preset or DEFAULT_PRESET[dataset],
-        overrides,
-        run_dir,
-        resume,
-        RESUMABLE,
-        command="train gan",
-    )
-    cfg.validate()
-    check_data_spec(cfg.data_spec())
-    if cfg.metric_classifier:  # checked before the run directory is touched
-        clf = Path(cfg.metric_classifier)
-        if read_meta(clf / "best.safetensors" if clf.is_dir() else clf).get("kind") != "classifier":
-            raise UserError(f"--metric-classifier {clf} is not a classifier checkpoint")
-    if is_main_process():
-        inputs = [cfg.data_dir, cfg.metric_classifier]
-        prepare_run_dir(run_dir, "train gan", overwrite=overwrite, resume=resume, inputs=inputs)
-    summary = run_training(cfg, Path(run_dir), resume=resume, quiet=quiet)
-    if is_main_process():
+    cfg, run_dir, summary = options.train(
+        GanConfig, PRESETS, preset or DEFAULT_PRESET[options.dataset], settings, RESUMABLE, run_training,
+        inputs=lambda cfg: [cfg.metric_classifier],
+        check=lambda cfg: check_classifier_checkpoint(cfg.metric_classifier, "--metric-classifier"),
+    )  # fmt: skip
+    if summary is not None:
         best = summary["best"]
         if best.get("fd") is not None:
             typer.echo(f"best {best['metric']} {best['fd']:.4f} at {best['kimg']:.1f} kimg")
-        typer.echo(f"generator: {Path(run_dir) / 'G_ema.safetensors'}  ({cfg.image_size} px); run: {run_dir}")
+        typer.echo(f"generator: {run_dir / 'G_ema.safetensors'}  ({cfg.data.image_size} px); run: {run_dir}")
 
 
 def import_gan(
@@ -188,15 +130,21 @@ def import_gan(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
 ) -> None:
     """Convert an NVlabs StyleGAN2-ADA snapshot's G_ema into a safetensors + YAML generator checkpoint."""
-    from core.checkpoint import file_hash, sidecar_path
+    from core.checkpoint import file_hash, read_meta, sidecar_path, sniff_format
+    from core.rundir import check_output_file
     from models.stylegan2.checkpoint import save_generator
     from models.stylegan2.nvlabs_import import load_nvlabs_generator
 
     out = out or Path("checkpoints") / "stylegan2" / f"{snapshot.stem}.safetensors"
     if out.suffix != ".safetensors":
         raise UserError(f"--out must end in .safetensors, got {out}")
-    if not overwrite and (out.exists() or sidecar_path(out).exists()):
-        raise UserError(f"{out} already exists; pass --overwrite to replace it, or another --out")
+
+    def imported(_) -> bool:  # a generator that import-gan wrote: its sidecar says so
+        source = str(read_meta(out).get("source", ""))
+        return source.startswith("import-gan ") and (not out.exists() or sniff_format(out) == "safetensors")
+
+    for path in (out, sidecar_path(out)):
+        check_output_file(path, overwrite, imported, "a generator written by import-gan")
     G = load_nvlabs_generator(snapshot)
     digest = file_hash(snapshot, length=64)
     meta = {"source": f"import-gan {digest}", "snapshot": snapshot.name, "snapshot_sha256": digest}

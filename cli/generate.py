@@ -1,7 +1,8 @@
 """`generate`: sample images from trained generators. Modes: gan (StyleGAN2), cvae, phylo, traverse, interpolate.
 
-Every mode writes a run directory with images/ (per-image PNGs), grid.png and manifest.jsonl (one row per
-image: its condition, seed and the checkpoint's hash); the same seed gives the same bytes. `vdna make` reads it.
+Every mode writes a run directory with images/ (per-image PNGs), grid.png (labelled: what each row and column
+is) and manifest.jsonl (one row per image: its condition, seed and the checkpoint's hash); the same seed gives
+the same bytes. `vdna make` reads it.
 """
 
 from __future__ import annotations
@@ -57,8 +58,13 @@ AttrVector = Annotated[
 ]
 Temperature = Annotated[float, typer.Option(help="Prior sampling temperature.", rich_help_panel=SAMPLING)]
 TopK = Annotated[
-    int, typer.Option(help="Draw each code from the k most likely (0 = all).", rich_help_panel=SAMPLING)
+    int,
+    typer.Option(
+        help="Draw each code from the k most likely (0 = all; 5, the paper's, by default).",
+        rich_help_panel=SAMPLING,
+    ),
 ]
+TOP_K = 5  # Phylo-NN's generation script samples the prior with top-k 5
 
 
 def _common(checkpoint, out, name, command, seed, batch_size, device, overwrite, quiet):
@@ -153,7 +159,7 @@ def generate_phylo(
     node: Annotated[
         str | None,
         typer.Option(
-            help="A tree node (a group at some level): its coarse codes are kept, the finer ones resampled.",
+            help="A tree node (a group at some level): every image draws its codes from the prior given the node.",
             rich_help_panel=CONDITIONS,
         ),
     ] = None,
@@ -167,7 +173,7 @@ def generate_phylo(
     n: Count = 16,
     seed: Seed = 0,
     temperature: Temperature = 1.0,
-    top_k: TopK = 0,
+    top_k: TopK = TOP_K,
     batch_size: BatchSize = 64,
     device: Device = "auto",
     out: Out = None,
@@ -175,7 +181,7 @@ def generate_phylo(
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
-    """Phylo-NN samples: codes drawn by the prior for --species, or under an ancestor --node (coarse codes kept)."""
+    """Phylo-NN samples: codes drawn by the prior for --species, or under an ancestor --node (each image its own)."""
     from testing.generation.commands import generate_phylo as run
 
     common = _common(checkpoint, out, name, "generate-phylo", seed, batch_size, device, overwrite, quiet)
@@ -227,7 +233,7 @@ def traverse(
     ] = None,
     seed: Seed = 0,
     temperature: Temperature = 1.0,
-    top_k: TopK = 0,
+    top_k: TopK = TOP_K,
     batch_size: BatchSize = 64,
     device: Device = "auto",
     out: Out = None,
@@ -279,7 +285,7 @@ def interpolate(
     ] = 4,
     seed: Seed = 0,
     temperature: Temperature = 1.0,
-    top_k: TopK = 0,
+    top_k: TopK = TOP_K,
     batch_size: BatchSize = 64,
     device: Device = "auto",
     out: Out = None,

@@ -4,6 +4,7 @@ how well its codes follow the tree."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated
 
 import typer
@@ -13,26 +14,15 @@ from cli.common import (
     MODEL,
     OPTIM,
     OUTPUT,
-    Amp,
     DataDir,
-    Dataset,
-    Device,
-    LogEvery,
-    Name,
-    Out,
-    Overwrite,
-    Quiet,
-    Resume,
-    Show,
-    TrainSeed,
-    Workers,
-    WorldPreset,
-    is_main_process,
-    resolve_config,
+    TrainOptions,
     run_dir_for,
+    training_command,
+    with_options,
 )
 
-RESUMABLE = {"device", "num_workers", "amp", "log_every", "eval_every"}
+# Settings a resumed run may change besides the hardware and log cadence; everything else must match.
+RESUMABLE = {"eval_every"}
 
 
 def parse_cuts(text: str | None) -> list[float] | None:
@@ -49,10 +39,9 @@ def parse_cuts(text: str | None) -> list[float] | None:
         ) from None
 
 
+@training_command("train phylo")
 def train_phylo_command(
-    dataset: Dataset = "world",
-    data_dir: DataDir = None,
-    world: WorldPreset = None,
+    options: TrainOptions,
     tree: Annotated[
         Path | None,
         typer.Option(
@@ -68,9 +57,6 @@ def train_phylo_command(
             help="Relative depths cutting the tree into levels, e.g. 0.5,0.8,0.95 (species is the last level).",
             rich_help_panel=DATA,
         ),
-    ] = None,
-    image_size: Annotated[
-        int | None, typer.Option(help="Image side in pixels.", rich_help_panel=DATA)
     ] = None,
     preset: Annotated[
         str | None,
@@ -108,47 +94,26 @@ def train_phylo_command(
             rich_help_panel=MODEL,
         ),
     ] = None,
-    seed: TrainSeed = None,
     eval_every: Annotated[
         int | None, typer.Option(help="Steps between evaluations and checkpoints.", rich_help_panel=OUTPUT)
     ] = None,
-    log_every: LogEvery = None,
-    device: Device = "auto",
-    amp: Amp = True,
-    num_workers: Workers = None,
-    out: Out = None,
-    name: Name = None,
-    overwrite: Overwrite = False,
-    resume: Resume = False,
-    quiet: Quiet = False,
 ) -> None:
     """Train Phylo-NN: per-level phylo codes + adversarial free codes, the conditional code prior, the plain VQ
     baseline, then the code-tree correlation analysis (analysis/)."""
-    from core.rundir import prepare_run_dir
-    from datasets.registry import canonical_name, check_data_spec
     from training.phylo import DEFAULT_PRESET, PRESETS, PhyloConfig, train_phylo
 
-    dataset = canonical_name(dataset)
-    overrides = dict(
-        dataset=dataset, data_dir=str(data_dir) if data_dir else None, world=world, tree=str(tree) if tree else None,
-        cuts=parse_cuts(cuts), image_size=image_size, codes_per_level=codes_per_level, free_codes=free_codes,
-        n_embed=n_embed, phylo_weight=phylo_weight, adv_weight=adv_weight, batch_size=batch_size, steps=steps,
-        prior_steps=prior_steps, lr=lr, baseline=baseline, seed=seed, eval_every=eval_every, log_every=log_every,
-        device=device, amp=amp, num_workers=num_workers,
+    settings = dict(
+        tree=tree, cuts=parse_cuts(cuts), codes_per_level=codes_per_level, free_codes=free_codes, n_embed=n_embed,
+        phylo_weight=phylo_weight, adv_weight=adv_weight, batch_size=batch_size, steps=steps,
+        prior_steps=prior_steps, lr=lr, baseline=baseline, eval_every=eval_every,
     )  # fmt: skip
-    run_dir = run_dir_for("train-phylo", out, name)
-    cfg = resolve_config(PhyloConfig, PRESETS, preset or DEFAULT_PRESET[dataset], overrides, run_dir, resume,
-                         RESUMABLE, command="train phylo")  # fmt: skip
-    cfg.validate()
-    check_data_spec(cfg.data_spec())
-    if is_main_process():
-        prepare_run_dir(
-            run_dir, "train phylo", overwrite=overwrite, resume=resume, inputs=[cfg.data_dir, cfg.tree]
-        )
-    summary = train_phylo(cfg, Path(run_dir), resume=resume, quiet=quiet)
-    if is_main_process():
+    cfg, run_dir, summary = options.train(
+        PhyloConfig, PRESETS, preset or DEFAULT_PRESET[options.dataset], settings, RESUMABLE, train_phylo,
+        inputs=lambda cfg: [cfg.tree],
+    )  # fmt: skip
+    if summary is not None:
         print_correlations(summary["correlation"])
-        typer.echo(f"weights: {Path(run_dir) / 'phylo.safetensors'}; analysis: {Path(run_dir) / 'analysis'}")
+        typer.echo(f"weights: {run_dir / 'phylo.safetensors'}; analysis: {run_dir / 'analysis'}")
 
 
 def print_correlations(rows: list[dict]) -> None:
@@ -164,7 +129,9 @@ def print_correlations(rows: list[dict]) -> None:
     Console().print(table)
 
 
+@with_options("batch_size", "device", "num_workers", "out", "name", "overwrite", "show", "quiet")
 def test_phylo_command(
+    o: SimpleNamespace,
     checkpoint: Annotated[
         Path,
         typer.Option(
@@ -185,23 +152,16 @@ def test_phylo_command(
     ] = None,
     split: Annotated[str, typer.Option(help="test, val, train or trainval.", rich_help_panel=DATA)] = "test",
     data_dir: DataDir = None,
-    batch_size: Annotated[int, typer.Option(help="Images per batch.", rich_help_panel=DATA)] = 64,
-    device: Device = "auto",
-    num_workers: Workers = None,
-    out: Out = None,
-    name: Name = None,
-    overwrite: Overwrite = False,
-    show: Show = False,
-    quiet: Quiet = False,
 ) -> None:
     """Per tree level, the Spearman correlation between code distances and tree distances across species,
     beside the free part's and a plain VQ autoencoder's (correlation.json/.png, heatmaps.png)."""
     from testing.phylo import run_phylo_test
 
-    run_dir = run_dir_for("test-phylo", out, name)
+    run_dir = run_dir_for("test-phylo", o.out, o.name)
     summary = run_phylo_test(
         checkpoint, run_dir, baseline=baseline, split=split, data_overrides={"data_dir": str(data_dir) if data_dir else None},
-        batch_size=batch_size, device=device, num_workers=num_workers, overwrite=overwrite, show=show, quiet=quiet,
+        batch_size=o.batch_size, device=o.device, num_workers=o.num_workers, overwrite=o.overwrite, show=o.show,
+        quiet=o.quiet,
     )  # fmt: skip
     print_correlations(summary["levels"])
     typer.echo(f"results: {run_dir}")

@@ -4,8 +4,10 @@ embedding space. `train retrieval` (registered in cli/train.py) trains the model
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated
 
 import typer
@@ -20,19 +22,15 @@ from cli.common import (
     Amp,
     DataDir,
     Device,
-    LogEvery,
-    Name,
-    Out,
     Overwrite,
     Quiet,
-    Resume,
-    Show,
-    TrainSeed,
+    TrainOptions,
     Workers,
     WorldPreset,
-    is_main_process,
-    resolve_config,
+    results_dir,
     run_dir_for,
+    training_command,
+    with_options,
 )
 from core.errors import UserError
 
@@ -60,6 +58,17 @@ Backend = Annotated[
 ]
 Force = Annotated[bool, typer.Option(help="Rebuild cached embedding indexes.", rich_help_panel=OUTPUT)]
 TRAINED = "the data the model was trained on"
+
+
+# How `index`, `evaluate` and `plot` embed a split (cli.common.with_options)
+EMBEDDING = {
+    "batch_size": (BatchSize, 256),
+    "device": (Device, "auto"),
+    "amp": (Amp, True),
+    "num_workers": (Workers, None),
+    "force": (Force, False),
+}
+RESULTS = ("out", "name", "overwrite", "show", "quiet")
 
 
 def _data_for(data: Path | None, meta: dict) -> Path:
@@ -95,20 +104,26 @@ def export_world_command(
     quiet: Quiet = False,
 ) -> None:
     """Write the synthetic world as a BIOSCAN HDF5 file with the seen/unseen partition (all_keys included)."""
-    from datasets.bioscan.export import export_world
+    from datasets.bioscan.export import export_world, is_world_export
     from datasets.registry import ensure_world_root
 
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} already exists; pass --overwrite or another --out")
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; name an .h5 file")
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} already exists; pass --overwrite or another --out")
+    if out.exists() and not is_world_export(out):
+        raise UserError(
+            f"--overwrite refused: {out} is not a file `retrieve export-world` wrote; choose another --out"
+        )
     root = ensure_world_root(world or "default", data_dir, quiet=quiet)
     export_world(root, out, unseen_fraction, seed)
     typer.echo(f"wrote {out} (world {root.parent.name})")
 
 
 @app.command("index")
+@with_options(*EMBEDDING, "overwrite", "quiet", table=EMBEDDING)
 def index_command(
+    o: SimpleNamespace,
     model: Model,
     data: Data = None,
     split: Annotated[
@@ -118,38 +133,37 @@ def index_command(
         str | None,
         typer.Option(help="Comma-separated (default: every modality of the model).", rich_help_panel=DATA),
     ] = None,  # fmt: skip
-    batch_size: BatchSize = 256,
-    device: Device = "auto",
-    amp: Amp = True,
-    num_workers: Workers = None,
-    force: Force = False,
+    dtype: Annotated[
+        str,
+        typer.Option(
+            help="float32 (as the reference evaluates) or float16 (half the memory).", rich_help_panel=SEARCH
+        ),
+    ] = "float32",  # fmt: skip
     out: Annotated[
         Path | None,
         typer.Option(help="Also copy the index to this folder (e.g. for a laptop).", rich_help_panel=OUTPUT),
     ] = None,  # fmt: skip
-    overwrite: Overwrite = False,
-    quiet: Quiet = False,
 ) -> None:
-    """Embed a split once for all modalities into a cached, memory-mappable float16 index."""
+    """Embed a split once for all modalities into a cached, memory-mappable index."""
     from testing.retrieval.store import build_index, export_index
 
-    net, meta, model_hash, dev = _load(model, device)
+    net, meta, model_hash, dev = _load(model, o.device)
     chosen = [m.strip() for m in modalities.split(",")] if modalities else list(net.spec.modalities)
     unknown = [m for m in chosen if m not in net.spec.modalities]
     if unknown:
         raise UserError(f"--modalities: the model has {', '.join(net.spec.modalities)}, not {unknown[0]}")
-    if batch_size <= 0:
-        raise UserError(f"--batch-size must be positive, got {batch_size}")
-    if out is not None and out.exists() and not overwrite:
+    if o.batch_size <= 0:
+        raise UserError(f"--batch-size must be positive, got {o.batch_size}")
+    if out is not None and out.exists() and not o.overwrite:
         raise UserError(f"{out} already exists; pass --overwrite or another --out")
-    index, built = build_index(net, model_hash, model, _data_for(data, meta), split, chosen, dev, batch_size,
-                               num_workers, amp, force=force, quiet=quiet)  # fmt: skip
+    index, built = build_index(net, model_hash, model, _data_for(data, meta), split, chosen, dev, o.batch_size,
+                               o.num_workers, o.amp, force=o.force, quiet=o.quiet, dtype=dtype)  # fmt: skip
     manifest = index.manifest
     how = f"built at {manifest['records_per_s']} records/s" if built else "cached"
     typer.echo(f"index of {len(index)} {split} records ({', '.join(index.modalities)}, {manifest['dim']}-d "
-               f"float16), {how}: {index.folder}")  # fmt: skip
+               f"{manifest['dtype']}), {how}: {index.folder}")  # fmt: skip
     if out is not None:
-        typer.echo(f"copied to {export_index(index, out, overwrite)}")
+        typer.echo(f"copied to {export_index(index, out, o.overwrite)}")
 
 
 @app.command("query")
@@ -165,9 +179,30 @@ def query_command(
         Path | None,
         typer.Option(exists=True, dir_okay=False, help="FASTA file of barcodes.", rich_help_panel=DATA),
     ] = None,  # fmt: skip
+    text: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Taxon name to search by (repeatable): 'order family genus species' or "
+            "'order;family;genus;species' (zero-shot: against image or DNA keys).",
+            rich_help_panel=DATA,
+        ),
+    ] = None,  # fmt: skip
+    text_vocab: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="BERT-small's vocab.txt, for --text with a CLIBD model.",
+            rich_help_panel=DATA,
+        ),
+    ] = None,  # fmt: skip
     dna_unknown: Annotated[
         str, typer.Option(help="Characters outside ACGTN-: error, or n (read as N).", rich_help_panel=DATA)
     ] = "error",  # fmt: skip
+    skip_bad_images: Annotated[
+        bool,
+        typer.Option(help="Report unreadable images on stderr and answer the rest.", rich_help_panel=DATA),
+    ] = False,  # fmt: skip
     index: Annotated[
         Path | None,
         typer.Option(
@@ -196,39 +231,57 @@ def query_command(
     ] = False,
     device: Device = "auto",
 ) -> None:
-    """Identify specimens from photos and/or DNA barcodes: nearest keys, per-rank prediction, novelty flag."""
-    from datasets.bioscan.dna import clean_dna, read_fasta
-    from testing.retrieval.query import check_image_files, run_query
+    """Identify specimens from photos, DNA barcodes or taxon names: nearest keys, per-rank prediction, novelty."""
+    from datasets.bioscan.dna import clean_dna, iter_fasta
+    from testing.retrieval.query import check_image_files, check_min_sim, parse_taxon, run_query
     from testing.retrieval.store import EmbeddingIndex, build_index
 
+    check_min_sim(min_sim)
     sequences = [
         (f"dna{i + 1}", clean_dna(s, dna_unknown, source=f"--dna #{i + 1}")) for i, s in enumerate(dna or [])
     ]
-    if fasta is not None:
-        sequences += read_fasta(fasta, dna_unknown)
+    records = 0
+    if fasta is not None:  # checked in a first pass, read again while answering: memory holds one batch
+        records = sum(1 for _ in iter_fasta(fasta, dna_unknown))
+    texts = list(text or [])
+    for item in texts:
+        parse_taxon(item)
     images = check_image_files(image or [])
-    if not images and not sequences:
-        raise UserError("nothing to query: pass --image FILE, --dna SEQUENCE or --fasta FILE")
+    if not images and not sequences and not records and not texts:
+        raise UserError("nothing to query: pass --image FILE, --dna SEQUENCE, --fasta FILE or --text NAME")
     net, meta, model_hash, dev = _load(model, device)
     if index is not None:
         store = EmbeddingIndex.load(index)
         store.check_model(model_hash, model)
     else:
-        store, _ = build_index(
-            net, model_hash, model, _data_for(data, meta), "all_keys", net.spec.modalities, dev
+        store, _ = build_index(  # quiet with --json: stdout holds the JSON alone
+            net, model_hash, model, _data_for(data, meta), "all_keys", net.spec.modalities, dev, quiet=as_json
         )
     if keys not in store.modalities:
         raise UserError(f"--keys {keys}: the index holds {', '.join(store.modalities)} keys")
-    if images and "image" not in net.spec.modalities:
-        raise UserError("--image: this model has no image encoder")
-    results = run_query(net, store, images, sequences, keys, k, min_sim, dev, backend)
-    if as_json:
-        typer.echo(json.dumps(results, indent=2))
+    for flag, modality, given in (("--image", "image", images), ("--dna", "dna", sequences or records),
+                                  ("--text", "text", texts)):  # fmt: skip
+        if given and modality not in net.spec.modalities:
+            raise UserError(f"{flag}: this model has no {modality} encoder")
+    barcodes = itertools.chain(sequences, iter_fasta(fasta, dna_unknown) if fasta is not None else ())
+
+    def skipped(path, message: str) -> None:
+        typer.echo(f"skipped: {message}", err=True)
+
+    if texts and net.spec.text_arch == "bert" and text_vocab is None:
+        raise UserError("--text with a CLIBD model needs --text-vocab: BERT-small's vocab.txt")
+    results = run_query(net, store, images, barcodes, keys, k, min_sim, dev, backend, texts, skip_bad_images,
+                        skipped, text_vocab)  # fmt: skip
+    if not as_json:
+        _print_results(results)
         return
-    _print_results(results)
+    typer.echo("[")
+    for i, result in enumerate(results):  # one answer at a time: a FASTA of any size streams through
+        typer.echo(("," if i else "") + json.dumps(result, indent=2))
+    typer.echo("]")
 
 
-def _print_results(results: list[dict]) -> None:
+def _print_results(results) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -252,8 +305,36 @@ def _print_results(results: list[dict]) -> None:
 
 
 @app.command("evaluate")
+@with_options(*EMBEDDING, *RESULTS, table=EMBEDDING)
 def evaluate_command(
-    model: Model,
+    o: SimpleNamespace,
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            "--model",
+            "-m",
+            exists=True,
+            help="Retrieval weights (.safetensors, a `train retrieval` run "
+            "directory, or a CLIBD .pth); or pass --features.",
+            rich_help_panel=MODEL,
+        ),
+    ] = None,  # fmt: skip
+    features: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="Pre-extracted features instead of a model: CLIBD's "
+            "extracted_feature_from_{val,test}_split.hdf5 (with --labels).",
+            rich_help_panel=DATA,
+        ),
+    ] = None,  # fmt: skip
+    labels: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True, dir_okay=False, help="The features' labels_{val,test}.json.", rich_help_panel=DATA
+        ),
+    ] = None,  # fmt: skip
     data: Data = None,
     on: Annotated[
         str,
@@ -272,25 +353,38 @@ def evaluate_command(
     key_split: Annotated[
         str, typer.Option(help="Group holding the keys.", rich_help_panel=DATA)
     ] = "all_keys",
-    batch_size: BatchSize = 256,
+    heldout: Annotated[
+        str | None,
+        typer.Option(
+            help="Also query this group of species in neither set (BIOSCAN-5M: other_heldout): its "
+            "accuracy and how often the novelty flag rises on it.",
+            rich_help_panel=DATA,
+        ),
+    ] = None,  # fmt: skip
     backend: Backend = "torch",
-    device: Device = "auto",
-    amp: Amp = True,
-    num_workers: Workers = None,
-    force: Force = False,
-    out: Out = None,
-    name: Name = None,
-    overwrite: Overwrite = False,
-    show: Show = False,
-    quiet: Quiet = False,
 ) -> None:
     """The BIOSCAN protocol: micro/macro top-1/3/5 per rank, seen/unseen/H.M., novelty AUROC; table, CSV, figure."""
     from testing.retrieval.evaluate import run_evaluate
 
+    run_dir = run_dir_for("retrieve-evaluate", o.out, o.name)
+    if features is not None or labels is not None:
+        from testing.retrieval.features import run_evaluate_features
+
+        if model is not None or data is not None:
+            raise UserError("--features evaluates embeddings extracted before: leave out --model and --data")
+        if features is None or labels is None:
+            raise UserError(
+                "--features and --labels go together (CLIBD writes labels_{val,test}.json beside them)"
+            )
+        summary = run_evaluate_features(features, labels, run_dir, pairs, backend, o.show, o.overwrite)
+        _print_table(summary)
+        typer.echo(f"results: {run_dir}")
+        return
+    if model is None:
+        raise UserError("pass --model (weights or a run directory) or --features with --labels")
     _, meta, _, _ = _load(model, "cpu")
-    run_dir = run_dir_for("retrieve-evaluate", out, name)
-    summary = run_evaluate(model, _data_for(data, meta), run_dir, on, pairs, key_split, batch_size, device,
-                           num_workers, amp, backend, force, show, quiet, overwrite)  # fmt: skip
+    summary = run_evaluate(model, _data_for(data, meta), run_dir, on, pairs, key_split, o.batch_size, o.device,
+                           o.num_workers, o.amp, backend, o.force, o.show, o.quiet, o.overwrite, heldout)  # fmt: skip
     _print_table(summary)
     typer.echo(f"results: {run_dir}")
 
@@ -304,7 +398,7 @@ def _print_table(summary: dict) -> None:
     frame = summary["table"]
     top1 = frame[(frame["k"] == 1) & (frame["metric"] != "chance")]
     top1 = top1.sort_values(["query", "key", "metric"], ascending=[True, True, False])  # micro, then macro
-    queries = ", ".join(f"{n} {split}" for split, n in summary["queries"].items())
+    queries = ", ".join(f"{n} {split}" for split, n in summary["queries"].items() if "heldout" not in split)
     table = Table(title=f"top-1 accuracy (%): {queries} queries against {summary['keys']} keys")
     for column in ("query>key", "metric", "split", *RANKS):
         table.add_column(column, justify="right" if column in RANKS else "left", no_wrap=True)
@@ -321,64 +415,68 @@ def _print_table(summary: dict) -> None:
         if "threshold_from_val" in result:
             line += (f"; at the val threshold {result['threshold_from_val']:.3f} it flags {result['tpr']:.0%} of "
                      f"unseen and {result['fpr']:.0%} of seen queries")  # fmt: skip
+        other = result.get("heldout")
+        if other:
+            line += f"; {other['split']} ({other['n']} queries): AUROC {other['auroc']:.3f} against seen"
+            if "flagged" in other:
+                line += f", {other['flagged']:.0%} flagged"
         typer.echo(line)
 
 
 @app.command("plot")
+@with_options(*EMBEDDING, *RESULTS, table=EMBEDDING)
 def plot_command(
+    o: SimpleNamespace,
     model: Model,
     data: Data = None,
     split: Annotated[str, typer.Option(help="Group to embed.", rich_help_panel=DATA)] = "all_keys",
     rank: Annotated[
         str, typer.Option(help="Colour by order, family, genus or species.", rich_help_panel=DATA)
     ] = "genus",
-    batch_size: BatchSize = 256,
-    device: Device = "auto",
-    amp: Amp = True,
-    num_workers: Workers = None,
-    force: Force = False,
-    out: Out = None,
-    name: Name = None,
-    overwrite: Overwrite = False,
-    show: Show = False,
-    quiet: Quiet = False,
+    projection: Annotated[
+        str,
+        typer.Option(
+            help="pca, or umap (CLIBD's: cosine, min_dist 0.5; needs umap-learn).", rich_help_panel=OUTPUT
+        ),
+    ] = "pca",  # fmt: skip
 ) -> None:
-    """2-D projection (PCA, fitted jointly) of a split's image and DNA embeddings, coloured by a rank."""
+    """2-D projection (PCA or UMAP, fitted jointly) of a split's image and DNA embeddings, coloured by a rank."""
     import numpy as np
 
-    from core.rundir import mark_run, prepare_run_dir
+    from core.rundir import mark_run
     from datasets.bioscan.hdf5 import check_split
     from datasets.bioscan.taxonomy import RANKS
-    from testing.retrieval.plots import plot_projection
+    from testing.retrieval.plots import check_projection, plot_projection
     from testing.retrieval.store import build_index
 
     if rank not in RANKS:
         raise UserError(f"--rank must be one of {', '.join(RANKS)}, got {rank!r}")
-    net, meta, model_hash, dev = _load(model, device)
+    check_projection(projection)
+    net, meta, model_hash, dev = _load(model, o.device)
     source = _data_for(data, meta)
     modalities = [m for m in ("image", "dna") if m in net.spec.modalities]
     check_split(source, split, tuple(modalities))
-    run_dir = prepare_run_dir(
-        run_dir_for("retrieve-plot", out, name),
-        "retrieve plot",
-        overwrite=overwrite,
-        inputs=[model, source],
-        resumable=False,
-    )
-    index, _ = build_index(net, model_hash, model, source, split, modalities, dev, batch_size, num_workers, amp,
-                           force=force, quiet=quiet)  # fmt: skip
+    config = {"model": str(model), "model_hash": model_hash, "data": str(source), "split": split, "rank": rank,
+              "projection": projection}  # fmt: skip
+    run_dir = results_dir("retrieve plot", o, [model, source], config)
+    index, _ = build_index(net, model_hash, model, source, split, modalities, dev, o.batch_size, o.num_workers,
+                           o.amp, force=o.force, quiet=o.quiet)  # fmt: skip
     embeddings = {m: np.asarray(index.keys(m), dtype=np.float32) for m in modalities}
     path = plot_projection(embeddings, index.labels[rank], rank, run_dir / f"projection_{split}_{rank}.png",
-                           f"{', '.join(modalities)} embeddings of {split} ({len(index)} records)", show=show)  # fmt: skip
+                           f"{', '.join(modalities)} embeddings of {split} ({len(index)} records)", show=o.show,
+                           method=projection)  # fmt: skip
     mark_run(run_dir, status="finished")
     typer.echo(f"figure: {path}")
 
 
-# Settings a resumed run may change (not epochs: the OneCycle schedule is laid out over the whole run).
-RESUMABLE = {"device", "num_workers", "amp", "log_every", "eval_batch_size"}
+# Settings a resumed run may change besides the hardware and log cadence (not epochs: the OneCycle schedule is
+# laid out over the whole run); everything else must match.
+RESUMABLE = {"eval_batch_size"}
 
 
+@training_command("train retrieval", data=("world", "data_dir"))
 def train_retrieval_command(
+    options: TrainOptions,
     preset: Annotated[
         str,
         typer.Option(
@@ -397,8 +495,6 @@ def train_retrieval_command(
             rich_help_panel=DATA,
         ),
     ] = None,  # fmt: skip
-    world: WorldPreset = None,
-    data_dir: DataDir = None,
     modalities: Annotated[
         str | None, typer.Option(help="image,dna or image,dna,text.", rich_help_panel=MODEL)
     ] = None,
@@ -416,7 +512,24 @@ def train_retrieval_command(
         typer.Option(
             exists=True,
             dir_okay=False,
-            help="BarcodeBERT checkpoint (.pth or .safetensors).",
+            help="BarcodeBERT checkpoint (v1 .pth, v2 .pt/.pth, .safetensors): its tokenisation and size are used.",
+            rich_help_panel=MODEL,
+        ),
+    ] = None,  # fmt: skip
+    dna_k: Annotated[
+        int | None,
+        typer.Option(
+            help="k-mer size (default: the --dna-weights checkpoint's, else 5).", rich_help_panel=MODEL
+        ),
+    ] = None,  # fmt: skip
+    dna_stride: Annotated[
+        int | None,
+        typer.Option(help="k-mer stride (default: the checkpoint's, else k).", rich_help_panel=MODEL),
+    ] = None,  # fmt: skip
+    dna_max_len: Annotated[
+        int | None,
+        typer.Option(
+            help="Barcode length padded or cut to (default: the checkpoint's, else 660).",
             rich_help_panel=MODEL,
         ),
     ] = None,  # fmt: skip
@@ -433,42 +546,28 @@ def train_retrieval_command(
     weight_decay: Annotated[
         float | None, typer.Option(help="AdamW weight decay.", rich_help_panel=OPTIM)
     ] = None,
-    seed: TrainSeed = None,
     eval_every: Annotated[
         int | None, typer.Option(help="Steps between validations (0: every epoch).", rich_help_panel=OUTPUT)
     ] = None,  # fmt: skip
-    log_every: LogEvery = None,
-    device: Device = "auto",
-    amp: Amp = True,
-    num_workers: Workers = None,
-    out: Out = None,
-    name: Name = None,
-    overwrite: Overwrite = False,
-    resume: Resume = False,
-    quiet: Quiet = False,
 ) -> None:
     """Train the image-DNA(-taxonomy) retrieval model contrastively (best/last, log.jsonl, resume, DDP)."""
-    from core.rundir import prepare_run_dir
     from training.retrieval import PRESETS, RetrievalConfig, train_retrieval
 
-    if preset.startswith("bioscan") and data is None and not resume:
+    if preset.startswith("bioscan") and data is None and not options.resume:
         raise UserError(f"--preset {preset} trains on BIOSCAN: pass --data PATH to its HDF5 file")
-    overrides = dict(
-        data=str(data) if data else None, world=world, data_dir=str(data_dir) if data_dir else None,
-        modalities=[m.strip() for m in modalities.split(",")] if modalities else None, image_arch=image_arch,
-        image_size=image_size, weights=weights, dna_weights=str(dna_weights) if dna_weights else None,
-        embed_dim=embed_dim, batch_size=batch_size, epochs=epochs, lr=lr, weight_decay=weight_decay, seed=seed,
-        eval_every=eval_every, log_every=log_every, device=device, amp=amp, num_workers=num_workers,
+    settings = dict(
+        data=data, modalities=[m.strip() for m in modalities.split(",")] if modalities else None,
+        image_arch=image_arch, image_size=image_size, weights=weights, dna_weights=dna_weights, dna_k=dna_k,
+        dna_stride=dna_stride, dna_max_len=dna_max_len, embed_dim=embed_dim, batch_size=batch_size, epochs=epochs,
+        lr=lr, weight_decay=weight_decay, eval_every=eval_every,
     )  # fmt: skip
-    run_dir = run_dir_for("train-retrieval", out, name)
-    cfg = resolve_config(RetrievalConfig, PRESETS, preset, overrides, run_dir, resume, RESUMABLE,
-                         command="train retrieval")  # fmt: skip
-    cfg.validate()
-    inputs = [p for p in (data, dna_weights) if p is not None]
-    if is_main_process():
-        prepare_run_dir(run_dir, "train retrieval", overwrite=overwrite, resume=resume, inputs=inputs)
-    summary = train_retrieval(cfg, Path(run_dir), resume=resume, quiet=quiet)
-    if is_main_process():
+    cfg, run_dir, summary = options.train(
+        RetrievalConfig, PRESETS, preset, settings, RESUMABLE, train_retrieval,
+        inputs=lambda cfg: [cfg.data, cfg.dna_weights],
+    )  # fmt: skip
+    if summary is not None:
         best = summary["best"]
-        typer.echo(f"best val mean micro top-1 {best['score']:.4f} at step {best['step']}; run: {run_dir}")
-        typer.echo(f"weights: {Path(run_dir) / 'best.safetensors'}")
+        typer.echo(
+            f"best val {cfg.selection} top-1 {best['score']:.4f} at step {best['step']}; run: {run_dir}"
+        )
+        typer.echo(f"weights: {run_dir / 'best.safetensors'}")

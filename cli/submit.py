@@ -103,8 +103,8 @@ def submit(
     itself on preemption or before its time limit and continues from its run directory (--resume auto).
     """
     from core.atomic import write_text
-    from core.rundir import JOB_FOLDER, default_run_dir, read_run_info
-    from core.slurm import SlurmJob, render
+    from core.rundir import JOB_FOLDER, default_run_dir, read_run_info, run_state
+    from core.slurm import SlurmJob, log_pattern, render
     from core.slurm import submit as sbatch_submit
 
     words, cmd, args = _find_command(ctx, command)
@@ -120,7 +120,7 @@ def submit(
     if run_dir is not None:
         args = _without(args, {"--out", "--name"}, {"--resume"})
         job_dir = run_dir / JOB_FOLDER
-        held = read_run_info(run_dir).get("status") if resumable else None
+        held = run_state(read_run_info(run_dir)) if resumable else None
         if held:
             typer.echo(f"note: {run_dir} holds a {held} run; the job continues it", err=True)
     elif params.get("out") is not None:
@@ -134,14 +134,20 @@ def submit(
         description=f"biovis: {' '.join(words)}, written by `python main.py submit`.\n"
         f"Edit it if you like, and run it again with: sbatch {script}",
         nodes=nodes, gpus=gpus, cpus=cpus, mem=mem, time=time, partition=partition, account=account, qos=qos,
-        array=array, signal=signal, resumable=resumable, output=str(job_dir.resolve() / ("%x-%A_%a.out" if array else "%x-%j.out")),
+        array=array, signal=signal, resumable=resumable,
+        output=log_pattern(str(job_dir.resolve()), "%x-%A_%a.out" if array else "%x-%j.out"),
         python=python or sys.executable, main=str(ROOT / "main.py"), workdir=os.getcwd(),
         restart_overwrite=not resumable and "overwrite" in names and not params.get("overwrite"),
         extra=list(sbatch or []),
     )  # fmt: skip
     text = render(job)
-    job_dir.mkdir(parents=True, exist_ok=True)  # SLURM does not create the folder of its log
-    write_text(script, text)
+    try:
+        job_dir.mkdir(parents=True, exist_ok=True)  # SLURM does not create the folder of its log
+        write_text(script, text)
+    except OSError as err:
+        raise UserError(
+            f"cannot write the job script {script}: {err.strerror}; choose another --out"
+        ) from None
     if dry_run:
         typer.echo(text)
         typer.echo(f"# written to {script}; not submitted (--dry-run)")

@@ -3,32 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated
 
 import typer
 
 from cli import phylo, viscoin
-from cli.common import (
-    CONTEXT,
-    DATA,
-    MODEL,
-    Amp,
-    DataDir,
-    Device,
-    Name,
-    Out,
-    Overwrite,
-    Quiet,
-    Show,
-    Workers,
-    run_dir_for,
-)
+from cli.common import CONTEXT, DATA, MODEL, DataDir, run_dir_for, with_options
 
 app = typer.Typer(help="Evaluate a trained model.", no_args_is_help=True, context_settings=CONTEXT)
 
 
 @app.command("classifier")
+@with_options("batch_size", "device", "amp", "num_workers", "out", "name", "overwrite", "show", "quiet")
 def classifier(
+    o: SimpleNamespace,
     checkpoint: Annotated[
         Path,
         typer.Option(
@@ -47,15 +36,6 @@ def classifier(
         ),
     ] = None,
     data_dir: DataDir = None,
-    batch_size: Annotated[int, typer.Option(help="Images per batch.", rich_help_panel=DATA)] = 64,
-    device: Device = "auto",
-    amp: Amp = True,
-    num_workers: Workers = None,
-    out: Out = None,
-    name: Name = None,
-    overwrite: Overwrite = False,
-    show: Show = False,
-    quiet: Quiet = False,
 ) -> None:
     """Top-1/top-5 accuracy, per-class accuracy CSV and confusion matrix of a classifier."""
     from rich.console import Console
@@ -68,10 +48,10 @@ def classifier(
         "dataset": canonical_name(dataset) if dataset else None,
         "data_dir": str(data_dir) if data_dir else None,
     }
-    run_dir = run_dir_for("test-classifier", out, name)
+    run_dir = run_dir_for("test-classifier", o.out, o.name)
     metrics = run_classifier_test(
-        checkpoint, run_dir, split=split, data_overrides=overrides, batch_size=batch_size, device=device,
-        num_workers=num_workers, amp=amp, show=show, quiet=quiet, overwrite=overwrite,
+        checkpoint, run_dir, split=split, data_overrides=overrides, batch_size=o.batch_size, device=o.device,
+        num_workers=o.num_workers, amp=o.amp, show=o.show, quiet=o.quiet, overwrite=o.overwrite,
     )  # fmt: skip
     table = Table(title=f"{metrics['dataset']} / {split}: {metrics['n']} images")
     for column in ("top-1", "top-5", "mean per-class", "loss", "skipped"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated
 
 import typer
@@ -13,28 +14,18 @@ from cli.common import (
     MODEL,
     OPTIM,
     OUTPUT,
-    Amp,
     Compile,
     DataDir,
-    Dataset,
-    Device,
-    Name,
-    Out,
     Overwrite,
-    Quiet,
-    Resume,
-    Show,
-    TrainSeed,
-    Workers,
-    WorldPreset,
-    is_main_process,
-    resolve_config,
+    TrainOptions,
     run_dir_for,
+    training_command,
+    with_options,
 )
 from core.errors import UserError
 
-RESUMABLE = {"iterations", "device", "num_workers", "amp", "amp_lpips", "compile", "log_every", "eval_every",
-             "checkpoint_every"}  # fmt: skip
+# Settings a resumed run may change besides the hardware and log cadence; everything else must match.
+RESUMABLE = {"iterations", "amp_lpips", "compile", "eval_every", "checkpoint_every"}
 Bundle = Annotated[
     Path,
     typer.Option(
@@ -47,10 +38,13 @@ Bundle = Annotated[
 ]
 
 
+@training_command(
+    "train viscoin",
+    data=("dataset", "data_dir", "world", "val_fraction", "bbox_crop", "skip_bad_images"),
+    helps={"log_every": "Optimiser steps between log lines."},
+)
 def train_viscoin_command(
-    dataset: Dataset = "world",
-    data_dir: DataDir = None,
-    world: WorldPreset = None,
+    options: TrainOptions,
     classifier: Annotated[
         Path | None,
         typer.Option(
@@ -113,7 +107,6 @@ def train_viscoin_command(
     w_reg: Annotated[
         float | None, typer.Option(help="Weight of the ||w - w_avg||^2 regulariser.", rich_help_panel=OPTIM)
     ] = None,
-    seed: TrainSeed = None,
     eval_every: Annotated[
         int | None, typer.Option(help="Optimiser steps between evaluations.", rich_help_panel=OUTPUT)
     ] = None,
@@ -131,11 +124,6 @@ def train_viscoin_command(
     checkpoint_every: Annotated[
         int | None, typer.Option(help="Optimiser steps between resume checkpoints.", rich_help_panel=OUTPUT)
     ] = None,
-    log_every: Annotated[
-        int | None, typer.Option(help="Optimiser steps between log lines.", rich_help_panel=OUTPUT)
-    ] = None,
-    device: Device = "auto",
-    amp: Amp = True,
     amp_lpips: Annotated[
         bool | None,
         typer.Option(
@@ -145,54 +133,36 @@ def train_viscoin_command(
         ),
     ] = None,
     compile: Compile = None,
-    num_workers: Workers = None,
-    out: Out = None,
-    name: Name = None,
-    overwrite: Overwrite = False,
-    resume: Resume = False,
-    quiet: Quiet = False,
 ) -> None:
     """Train VisCoIN's concept extractor, explainer and concept decoder around a classifier and a StyleGAN2."""
-    from core.rundir import prepare_run_dir
-    from datasets.registry import DataSpec, canonical_name, check_data_spec
     from training.viscoin import DEFAULT_PRESET, PRESETS, VisCoINConfig, resolve_inputs, train_viscoin
 
-    dataset = canonical_name(dataset)
-    overrides = dict(
-        dataset=dataset, data_dir=str(data_dir) if data_dir else None, world=world,
-        classifier=str(classifier) if classifier else None, generator=str(generator) if generator else None,
-        n_concepts=n_concepts, learn_w_avg=learn_w_avg, decoder_lr_multiplier=decoder_lr_multiplier, lpips_weights=lpips_weights, batch_size=batch_size,
-        iterations=iterations, grad_accum=grad_accum, lr=lr, alpha=alpha, beta=beta, gamma=gamma, delta=delta, w_reg=w_reg,
-        seed=seed, eval_every=eval_every, eval_images=eval_images, select_metric=select_metric,
-        checkpoint_every=checkpoint_every,
-        log_every=log_every, device=device, amp=amp, amp_lpips=amp_lpips, compile=compile, num_workers=num_workers,
+    settings = dict(
+        classifier=classifier, generator=generator, n_concepts=n_concepts, learn_w_avg=learn_w_avg,
+        decoder_lr_multiplier=decoder_lr_multiplier, lpips_weights=lpips_weights, batch_size=batch_size,
+        iterations=iterations, grad_accum=grad_accum, lr=lr, alpha=alpha, beta=beta, gamma=gamma, delta=delta,
+        w_reg=w_reg, eval_every=eval_every, eval_images=eval_images, select_metric=select_metric,
+        checkpoint_every=checkpoint_every, amp_lpips=amp_lpips, compile=compile,
     )  # fmt: skip
-    run_dir = run_dir_for("train-viscoin", out, name)
-    cfg = resolve_config(
-        VisCoINConfig,
-        PRESETS,
-        preset or DEFAULT_PRESET[dataset],
-        overrides,
-        run_dir,
-        resume,
-        RESUMABLE,
-        command="train viscoin",
-    )
-    cfg.validate()
-    check_data_spec(DataSpec(cfg.dataset, cfg.data_dir, cfg.world))
-    clf, gan = resolve_inputs(cfg)
-    if is_main_process():
+
+    def inputs(cfg) -> list:
         lpips_file = None if cfg.lpips_weights in ("none", "imagenet", "random") else cfg.lpips_weights
-        inputs = [cfg.data_dir, clf, gan, lpips_file]
-        prepare_run_dir(run_dir, "train viscoin", overwrite=overwrite, resume=resume, inputs=inputs)
-    summary = train_viscoin(cfg, Path(run_dir), resume=resume, quiet=quiet)
-    if is_main_process():
+        return [*resolve_inputs(cfg), lpips_file]
+
+    _, run_dir, summary = options.train(
+        VisCoINConfig, PRESETS, preset or DEFAULT_PRESET[options.dataset], settings, RESUMABLE, train_viscoin,
+        inputs=inputs, check=resolve_inputs,
+    )  # fmt: skip
+    if summary is not None:
         typer.echo(
             f"finished {summary['steps']} steps; best at step {summary['best']['step']}; run: {run_dir}"
         )
 
 
+@with_options("batch_size", "device", "amp", "num_workers", "out", "name", "overwrite", "show", "quiet",
+              defaults={"batch_size": 32})  # fmt: skip
 def test_viscoin_command(
+    o: SimpleNamespace,
     bundle: Bundle,
     split: Annotated[str, typer.Option(help="test, val, train or trainval.", rich_help_panel=DATA)] = "test",
     dataset: Annotated[
@@ -200,7 +170,6 @@ def test_viscoin_command(
         typer.Option("--dataset", "-d", help="Dataset (default: the bundle's).", rich_help_panel=DATA),
     ] = None,
     data_dir: DataDir = None,
-    batch_size: Annotated[int, typer.Option(help="Images per batch.", rich_help_panel=DATA)] = 32,
     max_images: Annotated[
         int | None, typer.Option(help="Evaluate only the first N images of the split.", rich_help_panel=DATA)
     ] = None,
@@ -243,14 +212,6 @@ def test_viscoin_command(
             rich_help_panel=MODEL,
         ),
     ] = "none",
-    device: Device = "auto",
-    amp: Amp = True,
-    num_workers: Workers = None,
-    out: Out = None,
-    name: Name = None,
-    overwrite: Overwrite = False,
-    show: Show = False,
-    quiet: Quiet = False,
 ) -> None:
     """Accuracy of f and Theta, fidelity, reconstruction (L1, L2, LPIPS, FID), faithfulness beside its random
     baseline, consistency, sparsity, and concept-attribute alignment beside its shuffled-attribute null."""
@@ -259,12 +220,12 @@ def test_viscoin_command(
     from testing.viscoin.report import run_viscoin_test
 
     dataset = canonical_name(dataset) if dataset else None
-    run_dir = run_dir_for("test-viscoin", out, name)
+    run_dir = run_dir_for("test-viscoin", o.out, o.name)
     m = run_viscoin_test(bundle, run_dir, split=split, dataset=dataset, data_dir=str(data_dir) if data_dir else None,
-                         batch_size=batch_size, max_images=max_images, threshold=concept_threshold,
+                         batch_size=o.batch_size, max_images=max_images, threshold=concept_threshold,
                          consistency_images=consistency_images, lpips_weights=lpips_weights, fid_network=fid_network,
-                         fid_weights=fid_weights, device=device, num_workers=num_workers, amp=amp, show=show, quiet=quiet,
-                         overwrite=overwrite)  # fmt: skip
+                         fid_weights=fid_weights, device=o.device, num_workers=o.num_workers, amp=o.amp, show=o.show,
+                         quiet=o.quiet, overwrite=o.overwrite)  # fmt: skip
     typer.echo(f"{m['dataset']}/{split}, {m['n']} images, K={m['n_concepts']}")
     typer.echo(
         f"  accuracy f {m['accuracy_f']:.4f}   accuracy Theta {m['accuracy_theta']:.4f}   fidelity {m['fidelity']:.4f}"
@@ -297,19 +258,14 @@ def to_pickle(
 ) -> None:
     """Export a trained ensemble (classifier, Psi, Theta, Omega + configs) as one file, loadable with
     torch.load(weights_only=True)."""
-    from core.checkpoint import sniff_format
-    from models.viscoin_io import load_viscoin, save_bundle
+    from core.rundir import check_output_file
+    from models.viscoin_io import is_bundle, load_viscoin, save_bundle
 
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; give the bundle's file name, e.g. {out / 'viscoin.pt'}")
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} exists; pass --overwrite to replace it")
     if out.resolve() == source.resolve():
         raise UserError(f"--out {out} would replace the input {source}; choose another file")
-    if out.exists() and sniff_format(out) != "torch":
-        raise UserError(
-            f"--overwrite replaces only an earlier bundle, and {out} is not one; choose another file"
-        )
+    check_output_file(out, overwrite, is_bundle, "a VisCoIN bundle written by to-pickle")
     models = load_viscoin(source)
     save_bundle(models, out)
     typer.echo(f"bundle: {out} (K={models.n_concepts}, {models.num_classes} classes, {models.image_size} px)")

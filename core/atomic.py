@@ -1,6 +1,8 @@
 """Atomic writes: write to a temporary file in the target's folder, flush, fsync, `os.replace`.
 
-A killed job therefore never leaves a half-written file behind under the final name.
+A killed job therefore never leaves a half-written file behind under the final name, and a failed write
+(a full disk, a quota) leaves the previous file as it was. Such a failure surfaces as an `OSError` that names
+the final path (not the temporary one), which `main.py` reports in one line.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 
 def _umask() -> int:
@@ -41,19 +44,58 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     Use for writers that want a file name (safetensors, matplotlib, numpy).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         _share_like_open(tmp_path)
         os.replace(tmp_path, path)
+    except OSError as err:
+        if err.errno is None or err.filename not in (None, str(tmp_path), tmp_path):
+            raise
+        raise OSError(err.errno, err.strerror, str(path)) from None  # the file the user knows
     finally:
-        if tmp_path.exists():
+        if tmp_path is not None and tmp_path.exists():
             tmp_path.unlink()
+
+
+class _KeepsWriteError:
+    """A binary file that remembers the first error of its writes: torch.save reports its writer's failure
+    as a RuntimeError that no longer says why ("unexpected pos ..."); this keeps the OSError behind it."""
+
+    def __init__(self, file: BinaryIO):
+        self._file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self._file.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self._file, name)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, suffix: str = "") -> Iterator[BinaryIO]:
+    """Yield a binary file open for writing beside `path`, moved over `path` on success (as `atomic_path`).
+
+    For writers that take a file object (torch.save, numpy): whatever they raise after a failed write, the
+    OSError that caused it is what comes out."""
+    with atomic_path(path, suffix) as tmp, open(tmp, "wb") as raw:
+        file = _KeepsWriteError(raw)
+        try:
+            yield file  # type: ignore[misc]
+        except Exception:
+            if file.error is not None:
+                raise file.error from None
+            raise
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from core.atomic import atomic_path, write_text
+from core.atomic import atomic_file, atomic_path, write_text
 from core.errors import UserError
 
 
@@ -38,7 +38,9 @@ def git_commit() -> str | None:
 
 
 def save_weights(path: str | os.PathLike, state_dict: dict, meta: dict[str, Any]) -> Path:
-    """Write `state_dict` as safetensors and `meta` (architecture, provenance, metrics) as YAML beside it."""
+    """Write `state_dict` as safetensors and `meta` (architecture, provenance, metrics) as YAML beside it.
+    A failed write (a full disk) raises an OSError naming `path`; the previous weights stay as they were."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -47,7 +49,13 @@ def save_weights(path: str | os.PathLike, state_dict: dict, meta: dict[str, Any]
     meta = dict(meta)
     meta.setdefault("git_commit", git_commit())
     with atomic_path(path, suffix=".safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        try:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+        except SafetensorError as err:  # an I/O failure in safetensors' Rust writer: the OSError it was
+            code = re.search(r"os error (\d+)", str(err))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(tmp)) from None
     write_text(sidecar_path(path), yaml.safe_dump(meta, sort_keys=False))
     return path
 
@@ -167,12 +175,13 @@ def load_state_dict_checked(module, state_dict: dict, source: str) -> None:
 
 
 def save_state(path: str | os.PathLike, state: dict) -> Path:
-    """Resume state (model, optimiser, schedule, counters): tensors and plain values only."""
+    """Resume state (model, optimiser, schedule, counters): tensors and plain values only. A failed write
+    raises an OSError naming `path` (not torch's RuntimeError); the previous state stays as it was."""
     import torch
 
     path = Path(path)
-    with atomic_path(path, suffix=".pt") as tmp:
-        torch.save(state, tmp)
+    with atomic_file(path, suffix=".pt") as f:
+        torch.save(state, f)
     return path
 
 

@@ -2,6 +2,11 @@
 
 A preset file maps preset names (`tiny`, `cub`, ...) to field values of one dataclass. CLI options that
 the user gave override preset fields; the resolved config is saved in the run directory.
+
+A config may embed blocks, fields whose default is itself a dataclass (every trainer's `data` and `hardware`).
+Their fields are named without the block wherever values come from (a preset's `image_size: 32`, an option,
+a run's config.yaml written before the blocks existed): `build` moves them into their block (`nest`), and
+`flat` reads a config back under those names. A name is therefore unique over a config and its blocks.
 """
 
 from __future__ import annotations
@@ -53,21 +58,60 @@ def from_preset(
     presets = load_presets(path)
     if name not in presets:
         raise UserError(f"unknown preset {name!r} in {Path(path).name}; choices: {', '.join(presets)}")
-    values = dict(presets[name] or {})
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    values = nest(cls, dict(presets[name] or {}))
+    for key, value in nest(cls, {k: v for k, v in (overrides or {}).items() if v is not None}).items():
+        values[key] = {**values[key], **value} if key in blocks(cls) else value
     return build(cls, values, source=f"preset {name!r}")
 
 
+def blocks(cls: type) -> dict[str, Any]:
+    """The embedded blocks of a config class: field name -> the block's default instance."""
+    found = {}
+    for f in dataclasses.fields(cls):
+        if f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+            if dataclasses.is_dataclass(default):
+                found[f.name] = default
+    return found
+
+
+def nest(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """`values` with the flat names of block fields moved into their block (see the module docstring)."""
+    values = dict(values)
+    top = {f.name for f in dataclasses.fields(cls)}
+    for name, default in blocks(cls).items():
+        given = values.get(name)
+        block = dict(given) if isinstance(given, dict) else {}
+        for key in (f.name for f in dataclasses.fields(default)):
+            if key in values and key not in top:
+                block[key] = values.pop(key)
+        values[name] = block
+    return values
+
+
 def build(cls: type[T], values: dict[str, Any], source: str = "config") -> T:
-    """Instantiate a dataclass from a dict, refusing unknown keys with a clear message."""
+    """Instantiate a dataclass from a dict (flat names of block fields allowed), refusing unknown keys and
+    non-finite numbers with a clear message."""
+    values = nest(cls, values)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
         raise UserError(f"{source} has unknown setting(s) {', '.join(unknown)} for {cls.__name__}")
+    for name, default in blocks(cls).items():
+        values[name] = build(type(default), {**dataclasses.asdict(default), **values[name]}, source)
     for name, value in values.items():
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"{option_name(name)} must be a finite number, got {value}")
     return cls(**values)
+
+
+def flat(config: Any) -> dict[str, Any]:
+    """A config's settings under their flat names (block fields without their block)."""
+    out = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        out.update(flat(value) if dataclasses.is_dataclass(value) else {f.name: value})
+    return out
 
 
 def option_name(field: str) -> str:
@@ -102,3 +146,37 @@ def require_range(
     if not inside:
         valid = f"between {low} and {high}" if high is not None else f"at least {low}"
         raise UserError(f"{option_name(name)} must be {valid}, got {value}")
+
+
+def require_per_process(config: Any, *names: str) -> int:
+    """UserError unless each named count (images per step over all processes) splits evenly over the
+    processes of this launch (torchrun/srun); returns the number of processes."""
+    from core.distributed import dist_env
+
+    world = dist_env().world_size
+    for name in names:
+        if getattr(config, name) % world:
+            raise UserError(
+                f"{option_name(name)} {getattr(config, name)} is not divisible by the {world} processes"
+            )
+    return world
+
+
+def validate_blocks(config: Any) -> None:
+    """Validate each embedded block of `config` that can validate itself (data, hardware)."""
+    for name in blocks(type(config)):
+        block = getattr(config, name)
+        if hasattr(block, "validate"):
+            block.validate()
+
+
+def saved_settings(config: dict | None) -> dict[str, Any]:
+    """A config as a run saved it (config.yaml, a weights sidecar's `config`), flat whatever its version:
+    the fields of its blocks (`data`, `hardware`) beside the others."""
+    out: dict[str, Any] = {}
+    for key, value in (config or {}).items():
+        if key in ("data", "hardware") and isinstance(value, dict):
+            out.update(value)
+        else:
+            out[key] = value
+    return out

@@ -4,10 +4,27 @@ from __future__ import annotations
 
 import contextlib
 import re
+from dataclasses import dataclass
 
 from core.errors import UserError
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+
+
+@dataclass
+class HardwareConfig:
+    """Where and how a trainer computes (its config's `hardware` block): the device, bf16 autocast on CUDA,
+    DataLoader workers (None: the device's default, see `loader_settings`)."""
+
+    device: str = "auto"
+    amp: bool = True
+    num_workers: int | None = None
+
+    def validate(self) -> None:
+        if not DEVICE_PATTERN.match(self.device):
+            raise UserError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise UserError(f"--num-workers must be at least 0, got {self.num_workers}")
 
 
 def resolve_device(name: str = "auto", local_rank: int | None = None):

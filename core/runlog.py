@@ -20,9 +20,12 @@ SPLITS = ("train", "val", "test")
 
 
 def _plain(value: Any) -> Any:
-    """Turn tensors and numpy scalars into JSON numbers; non-finite floats become null."""
+    """Turn tensors and numpy scalars into JSON numbers; non-finite floats become null (also inside lists:
+    a diverged run's per-dimension values)."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
     if hasattr(value, "item"):
-        value = value.item()
+        value = value.item() if getattr(value, "ndim", 0) == 0 else _plain(value.tolist())
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
@@ -32,7 +35,8 @@ class RunLog:
     """Appends events to `log.jsonl`. Disabled (a no-op) on non-zero ranks.
 
     `resume_step`: the step a resumed run continues from. Events logged after it by the interrupted run
-    are dropped (the resumed run logs those steps again), so a resumed log has no duplicate rows.
+    are dropped (the resumed run logs those steps again), so a resumed log has no duplicate rows. A trainer of
+    several stages, each counting its own steps, drops them per stage (`truncate_after(step, stage)`).
     """
 
     def __init__(self, path: str | os.PathLike, enabled: bool = True, resume_step: int | None = None):
@@ -42,16 +46,22 @@ class RunLog:
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if resume_step is not None and self.path.is_file():
-                self._truncate_after(resume_step)
+                self.truncate_after(resume_step)
 
-    def _truncate_after(self, step: int) -> None:
+    def truncate_after(self, step: int, stage: str | None = None) -> None:
+        """Drop the events of `stage` (those without a `stage` field when None) logged after `step`, and a
+        half-written last line."""
+        if not (self.enabled and self.path.is_file()):
+            return
         kept = []
         for line in self.path.read_text(encoding="utf-8").splitlines():
             try:
                 event = json.loads(line)
             except json.JSONDecodeError:
                 continue  # the half-written last line of a killed run
-            if isinstance(event, dict) and int(event.get("step", 0)) <= step:
+            if not isinstance(event, dict):
+                continue
+            if event.get("stage") != stage or int(event.get("step", 0)) <= step:
                 kept.append(line + "\n")
         write_text(self.path, "".join(kept))
 

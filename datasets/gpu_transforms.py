@@ -32,6 +32,12 @@ CROP_RATIO = (3 / 4, 4 / 3)  # torchvision's default
 CROP_ATTEMPTS = 10  # torchvision's
 
 
+def mirror(images: torch.Tensor) -> torch.Tensor:
+    """Flip each image left-right with probability 1/2 (the device's global generator)."""
+    flip = torch.rand(images.shape[0], device=images.device) < 0.5
+    return torch.where(flip[:, None, None, None], images.flip(3), images)
+
+
 def to_pm1(images: torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] -> float32 [-1, 1]."""
     return images.float().mul_(2 / 255).sub_(1)

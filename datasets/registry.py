@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,8 +69,35 @@ def ensure_world_root(
 
 
 @dataclass
+class DataConfig:
+    """The data options of every trainer (its config's `data` block; the options of cli.common's bundle)."""
+
+    dataset: str = "world"
+    data_dir: str | None = None
+    world: str = "default"
+    image_size: int = 64
+    val_fraction: float = 0.1
+    bbox_crop: bool = False
+    skip_bad_images: bool = False
+
+    def validate(self) -> None:
+        """The checks that need no file: a known world preset, a resolution and split share in range (which
+        datasets a trainer reads is its own check; check_data_spec also looks at the files)."""
+        check_image_size(self.image_size)
+        if not 0 <= self.val_fraction < 1:
+            raise UserError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.world not in WORLD_PRESETS:
+            raise UserError(f"unknown world preset {self.world!r}; choices: {', '.join(WORLD_PRESETS)}")
+
+    def spec(self, seed: int, **changes) -> DataSpec:
+        """What the loaders need: these options, the seed that splits validation from train, and `changes`
+        (a trainer whose resolution comes from elsewhere, such as VisCoIN's classifier, passes it here)."""
+        return DataSpec(**{**dataclasses.asdict(self), "seed": seed, **changes})
+
+
+@dataclass
 class DataSpec:
-    """What the data loaders need to know; fields mirror the CLI's data options."""
+    """What the data loaders need to know: the data options and the split seed."""
 
     dataset: str = "world"
     data_dir: str | None = None

@@ -707,3 +707,15 @@ def load_barcodes(root: Path) -> dict[int, str]:
             image_id, sequence = line.split()
             barcodes[int(image_id)] = sequence
     return barcodes
+
+
+def load_traits(root: Path) -> tuple[list[str], dict[str, tuple[str, list[str]]]]:
+    """The ground truth of a generated world, read from its world.json: (species names in class-id order,
+    {trait: (the rank that fixes it, its value for each species)})."""
+    info = json.loads((Path(root) / "world.json").read_text(encoding="utf-8"))
+    species = sorted(info["species"], key=lambda sp: sp["class_id"])
+    traits = {
+        name: (trait["rank"], [sp["traits"][name] for sp in species])
+        for name, trait in info["traits"].items()
+    }
+    return [sp["name"] for sp in species], traits

@@ -4,8 +4,10 @@ The condition vector holds the class as a one-hot times its presence bit, the pr
 attribute's value times its presence bit and the presence bits (the CVAE testbed's [values, indicators]
 layout): `[onehot * p_c, p_c, a * m, m]`, of size `num_classes + 1 + 2 * num_attributes`. A missing condition
 is therefore a zero value *and* a zero indicator, never a value that happens to be zero. Encoder q(z | x, c),
-decoder p(x | z, c) and a learned prior p(z | c) = N(m(c), I) (Sohn et al. 2015) all read it: samples are drawn from the
-prior of their conditions, so a latent that also carries the class cannot contradict it. The decoder's
+decoder p(x | z, c) and, with `prior="learned"`, a learned prior p(z | c) = N(m(c), I) (Sohn et al. 2015) all read it:
+samples are drawn from the prior of their conditions, so a latent that also carries the class cannot contradict it.
+`prior="standard"` is the testbed's N(0, I) for every condition, so the KL charges every bit a latent carries.
+Checkpoints made before the choice existed have a learned prior. The decoder's
 likelihood is a Gaussian of fixed standard deviation `sigma` (a training setting; the testbed's summed squared
 error is sigma^2 = 1/2 without the constant).
 """
@@ -21,6 +23,7 @@ from core.errors import UserError
 from models.blocks import down_path
 
 ARCHS = ("conv", "mlp")
+PRIORS = ("learned", "standard")
 KIND = "cvae"
 
 
@@ -178,10 +181,13 @@ class CVAE(nn.Module):
         hidden: int = 256,
         layers: int = 3,
         depth: int = 1,
+        prior: str = "learned",
     ):
         super().__init__()
         if arch not in ARCHS:
             raise UserError(f"unknown CVAE architecture {arch!r}; choices: {', '.join(ARCHS)}")
+        if prior not in PRIORS:
+            raise UserError(f"unknown CVAE prior {prior!r}; choices: {', '.join(PRIORS)}")
         x_shape = tuple(int(s) for s in x_shape)
         if arch == "conv":
             size = x_shape[-1]
@@ -189,11 +195,11 @@ class CVAE(nn.Module):
                 raise UserError(
                     f"the conv CVAE needs square RGB images of a power-of-two size >= 8, got {x_shape}"
                 )
-        self.arch, self.x_shape = arch, x_shape
+        self.arch, self.x_shape, self.prior_kind = arch, x_shape, prior
         self.num_classes, self.num_attributes, self.latent_dim = num_classes, num_attributes, latent_dim
         self._config = dict(arch=arch, x_shape=list(x_shape), num_classes=num_classes, num_attributes=num_attributes,
                             latent_dim=latent_dim, channels=channels, max_channels=max_channels, hidden=hidden,
-                            layers=layers, depth=depth)  # fmt: skip
+                            layers=layers, depth=depth, prior=prior)  # fmt: skip
         cond = self.cond_dim
         if arch == "conv":
             widths = _widths(x_shape[-1], channels, max_channels)
@@ -203,10 +209,11 @@ class CVAE(nn.Module):
             x_dim = math.prod(x_shape)
             self.encoder = _mlp([x_dim + cond] + [hidden] * layers + [2 * latent_dim])
             self.decoder = _mlp([latent_dim + cond] + [hidden] * layers + [x_dim])
-        # The conditional prior p(z | c) = N(m(c), I): starts as N(0, I), learns where each condition's latents lie.
-        self.prior = _mlp([max(cond, 1), hidden, latent_dim])
-        nn.init.zeros_(self.prior[-1].weight)
-        nn.init.zeros_(self.prior[-1].bias)
+        if prior == "learned":
+            # The conditional prior p(z | c) = N(m(c), I): starts as N(0, I), learns where each condition's latents lie.
+            self.prior = _mlp([max(cond, 1), hidden, latent_dim])
+            nn.init.zeros_(self.prior[-1].weight)
+            nn.init.zeros_(self.prior[-1].bias)
 
     @property
     def config(self) -> dict:
@@ -237,8 +244,11 @@ class CVAE(nn.Module):
         return mu, logvar.clamp(-30.0, 20.0)
 
     def prior_stats(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, log-variance) of p(z | c) = N(m(c), I). Only the mean is learned: a learned variance lets
-        latents and prior drift to any scale together (we measured prior std ~15 after 500 steps)."""
+        """(mean, log-variance) of p(z | c): N(m(c), I) learned, or N(0, I). Only the mean is learned: a learned
+        variance lets latents and prior drift to any scale together (we measured prior std ~15 after 500 steps)."""
+        if self.prior_kind == "standard":
+            zeros = torch.zeros(c.shape[0], self.latent_dim, device=c.device)
+            return zeros, zeros
         c = c if c.shape[1] else torch.zeros(c.shape[0], 1, device=c.device)
         mu = self.prior(c).float()
         return mu, torch.zeros_like(mu)

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from core.config import saved_settings
 from core.errors import UserError
 
 ARCHS = ("resnet50", "vgg16", "inception_v3", "vit_b_16")
@@ -304,7 +305,7 @@ def _classifier_extractor(spec: str) -> FeatureExtractor:
     weights_file = path / "best.safetensors" if path.is_dir() else path
     digest = file_hash(weights_file, 32)
     steps, neurons = _resnet_steps(model.net, blocks=blocks)
-    size = int(meta.get("image_size") or (meta.get("config") or {}).get("image_size") or 224)
+    size = int(meta.get("image_size") or saved_settings(meta.get("config")).get("image_size") or 224)
     extractor = FeatureExtractor(
         f"classifier-{digest[:12]}" + ("-blocks" if blocks else ""),
         steps,

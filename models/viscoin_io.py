@@ -157,6 +157,15 @@ def load_viscoin(source: str | os.PathLike, device: str = "cpu") -> VisCoINModel
     return models.to(device).eval()
 
 
+def is_bundle(path: str | os.PathLike) -> bool:
+    """Whether `path` is a VisCoIN bundle (`save_bundle`'s format marker), read as data (tensors mapped, not
+    loaded)."""
+    if checkpoint.sniff_format(path) != "torch":
+        return False
+    bundle = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return isinstance(bundle, dict) and bundle.get("format") == BUNDLE_FORMAT
+
+
 def save_bundle(models: VisCoINModels, path: str | os.PathLike) -> Path:
     """The one-file export: configs, meta and the four state dicts, as tensors and plain values only."""
     configs = {

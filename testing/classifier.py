@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from core.atomic import write_text
+from core.config import saved_settings
 from core.device import loader_settings, resolve_device
 from core.errors import UserError
 from core.plotting import pyplot, save_figure, save_table, show_or_close
@@ -21,7 +22,7 @@ from testing.metrics import evaluate_classifier
 
 def data_spec_from_checkpoint(meta: dict, overrides: dict) -> DataSpec:
     """The data a classifier was trained on, with user overrides (e.g. another --data-dir or split seed)."""
-    config = dict(meta.get("config") or {})
+    config = saved_settings(meta.get("config"))
     values = {f: config.get(f) for f in DataSpec.__dataclass_fields__ if config.get(f) is not None}
     values.update({k: v for k, v in overrides.items() if v is not None})
     return DataSpec(**values)

@@ -1,5 +1,6 @@
 """CVAE evaluation: held-out ELBO terms and per-latent-dimension KL under given condition sets, the rate at
-which a classifier recognises conditional samples as their class, and the KL-per-dimension figure."""
+which a classifier recognises conditional samples as their class, the KL-per-dimension figure, and the testbed's
+sweep: KL per latent dimension as features are given as conditions, against the data's intrinsic dimension."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from core.plotting import pyplot, save_figure, save_table, show_or_close
-from models.cvae import CVAE, elbo_terms
+from models.cvae import CVAE, elbo_terms, gaussian_kl
 from testing.sampling import z_from_seeds
 
 SETTINGS = ("none", "class", "all")  # nothing given; the class only; the class and every attribute
+ACTIVE_KL = 0.05  # nats: a latent dimension whose held-out KL is above this carries information
 
 
 def settings_for(model: CVAE) -> tuple[str, ...]:
@@ -143,6 +145,99 @@ def plot_kl_per_dim(kl: dict[str, list[float]], path: str | os.PathLike, show: b
     ax.set_xticks(range(dims))
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
+    save_figure(fig, path)
+    show_or_close(fig, show)
+    return path
+
+
+# ----------------------------------------------------------------------------
+# The testbed's sweep: information through the bottleneck as conditions are given.
+
+
+SUBSETS = ("random", "first")
+
+
+def given_masks(
+    n: int, features: int, given: int, generator: torch.Generator, subset: str = "random"
+) -> torch.Tensor:
+    """[n, features] presence masks with exactly `given` features present per row: a random subset per row, or
+    the first `given` features in every row."""
+    if subset == "first":
+        return (torch.arange(features) < given).float().expand(n, -1)
+    ranks = torch.rand(n, features, generator=generator).argsort(1).argsort(1)
+    return (ranks < given).float()
+
+
+@torch.no_grad()
+def kl_by_given_count(model: CVAE, x: torch.Tensor, counts: list[int], seed: int = 0, batch_size: int = 512,
+                      subset: str = "random") -> dict:  # fmt: skip
+    """Held-out KL of every latent dimension (nats, mean over `x`) when `k` of the features (`given_masks`) are
+    given as conditions, for each k in `counts`. The features are the attributes (vector sets). With a random
+    subset per sample every dimension may stay in use, each for the samples whose coordinate is missing: the
+    total KL, not the count of active dimensions, then follows the information left to encode."""
+    model.eval()
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for k in counts:
+        total = torch.zeros(model.latent_dim, dtype=torch.float64)
+        for chunk in x.split(batch_size):
+            mask = given_masks(len(chunk), chunk.shape[1], k, generator, subset).to(device)
+            chunk = chunk.to(device).float()
+            c = model.conditions(len(chunk), attributes=chunk, attribute_present=mask)
+            mu, logvar = model.encode(chunk, c)
+            total += gaussian_kl(mu, logvar, *model.prior_stats(c)).double().sum(0).cpu()
+        out[k] = (total / len(x)).tolist()
+    return out
+
+
+def active_dimensions(kl_per_dim: list[float], threshold: float = ACTIVE_KL) -> int:
+    return int(sum(v > threshold for v in kl_per_dim))
+
+
+def sweep_rows(run: str, input_dim: int, intrinsic: int, kl: dict[int, list[float]]) -> list[dict]:
+    """Table rows of one run's `kl_by_given_count`: given count, active dimensions, total KL, and the two
+    hypotheses: max(intrinsic - given, 0) active dimensions, and the total KL with nothing given scaled by the
+    share of intrinsic coordinates left to encode."""
+    base = float(sum(kl[min(kl)])) if kl else 0.0
+    return [{"run": run, "input_dim": input_dim, "intrinsic_dim": intrinsic, "given": k,
+             "active_dims": active_dimensions(values), "kl_total": float(sum(values)),
+             "expected_active": max(intrinsic - k, 0), "expected_kl": base * max(intrinsic - k, 0) / intrinsic,
+             "kl_per_dim": [round(v, 5) for v in values]}
+            for k, values in kl.items()]  # fmt: skip
+
+
+def plot_kl_sweep(rows: list[dict], path: str | os.PathLike, show: bool = False) -> Path:
+    """Total held-out KL (left) and active latent dimensions (right) against the number of given features, one
+    line per run, each hypothesis dashed; the table beside it as CSV."""
+    import pandas as pd
+    from matplotlib.ticker import MaxNLocator
+
+    path = Path(path)
+    frame = pd.DataFrame(rows)
+    save_table(frame.assign(kl_per_dim=frame["kl_per_dim"].map(lambda v: " ".join(map(str, v)))),
+               path.with_suffix(".csv"))  # fmt: skip
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for i, (run, part) in enumerate(frame.groupby("run", sort=False)):
+        colour = f"C{i % 10}"
+        left.plot(part["given"], part["kl_total"], "o-", color=colour, label=run)
+        left.plot(part["given"], part["expected_kl"], "--", color=colour, alpha=0.6)
+        right.plot(part["given"], part["active_dims"], "o-", color=colour, label=run)
+        right.plot(part["given"], part["expected_active"], "--", color=colour, alpha=0.6)
+    left.set_xlabel("features given as conditions")
+    left.set_ylabel("total held-out KL (nats)")
+    left.set_title("Information through the bottleneck\n(dashed: KL with none given x share of coordinates left)",
+                   fontsize=9)  # fmt: skip
+    right.set_xlabel("features given as conditions")
+    right.set_ylabel(f"active latent dimensions (KL > {ACTIVE_KL} nats)")
+    right.set_title("Active dimensions (dashed: intrinsic dimension - given)", fontsize=9)
+    right.yaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in (left, right):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
     save_figure(fig, path)
     show_or_close(fig, show)
     return path

@@ -5,12 +5,15 @@ species is the Jensen-Shannon distance (base 2, in [0, 1]) of their histograms a
 Per level l, the Spearman correlation over species pairs between that code distance and the tree distance of the
 species' level-l groups, for: the phylo codes of levels 0..l (the prefix the level-l head reads), the free codes,
 and all codes of a plain VQ autoencoder of equal size. Figures: heat maps of the tree and code distance
-matrices per level, and the correlations as bars, each beside the numbers (CSV/JSON).
+matrices per level, and the correlations as bars, each beside the numbers (CSV/JSON). A correlation that does
+not exist (one of the two distances is the same for every pair) is NaN in memory and `null` in the JSON, with
+a `<column>_reason` beside it saying why; JSON files never hold `NaN` literals.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -18,6 +21,7 @@ import numpy as np
 import torch
 
 from core.atomic import write_text
+from core.config import saved_settings
 from core.plotting import pyplot, save_figure, save_table, show_or_close
 from core.progress import Progress
 from datasets.phylogeny import Levels
@@ -61,14 +65,39 @@ def js_distances(histograms: np.ndarray) -> np.ndarray:
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman correlation of the upper triangles (species pairs) of two distance matrices."""
+    """Spearman correlation of the upper triangles (species pairs) of two distance matrices (NaN when
+    undefined; `undefined_reason` says why)."""
     from scipy.stats import spearmanr
 
-    upper = np.triu_indices(a.shape[0], k=1)
-    x, y = a[upper], b[upper]
-    if np.ptp(x) == 0 or np.ptp(y) == 0:
+    if undefined_reason(a, b) is not None:
         return float("nan")
-    return float(spearmanr(x, y).statistic)
+    upper = np.triu_indices(a.shape[0], k=1)
+    return float(spearmanr(a[upper], b[upper]).statistic)
+
+
+def undefined_reason(code: np.ndarray, tree: np.ndarray) -> str | None:
+    """Why the Spearman correlation of two distance matrices does not exist, or None when it does."""
+    upper = np.triu_indices(code.shape[0], k=1)
+    if len(upper[0]) < 2:
+        return f"{code.shape[0]} species give fewer than two pairs"
+    if np.ptp(tree[upper]) == 0:
+        return "the tree distance is the same for every species pair at this level"
+    if np.ptp(code[upper]) == 0:
+        return "the code distance is the same for every species pair"
+    return None
+
+
+def json_ready(value):
+    """`value` with every non-finite float replaced by None (so `json.dumps(..., allow_nan=False)` passes)."""
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
 
 
 def present_species(labels: torch.Tensor, n_species: int) -> np.ndarray:
@@ -79,15 +108,16 @@ def present_species(labels: torch.Tensor, n_species: int) -> np.ndarray:
 def correlations(phylo_codes, labels, autoencoder, levels: Levels, plain=None) -> dict:
     """Per level: Spearman of tree vs code distances for the phylo prefix, the free part and the plain VQ.
 
-    `plain` is (codes, labels) of the plain VQ autoencoder on the same images, or None. Species without images
-    in the split are left out (and counted)."""
+    `plain` is (codes, labels) of the plain VQ autoencoder on the same images, or (codes, labels, vocab) when
+    its codebook differs in size (a stage-1 VQGAN's), or None. Species without images in the split are left out
+    (and counted)."""
     n_species, vocab = len(levels.species), autoencoder.quantizer.n_embed
     keep = present_species(labels, n_species)
     distances = js_distances(code_histograms(phylo_codes, labels, n_species, vocab))[np.ix_(keep, keep)]
     plain_distances = None
     if plain is not None:
-        plain_codes, plain_labels = plain
-        hist = code_histograms(plain_codes, plain_labels, n_species, vocab)
+        plain_codes, plain_labels, *rest = plain
+        hist = code_histograms(plain_codes, plain_labels, n_species, rest[0] if rest else vocab)
         plain_distances = js_distances(hist)[np.ix_(keep, keep)].mean(-1)
     free = distances[..., list(autoencoder.free_positions)].mean(-1)
     rows, matrices = [], {}
@@ -96,10 +126,16 @@ def correlations(phylo_codes, labels, autoencoder, levels: Levels, plain=None) -
         code = distances[..., list(autoencoder.level_positions(level))].mean(-1)
         matrices[level] = (tree, code)
         cut = levels.cuts[level] if level < len(levels.cuts) else 1.0
-        row = {"level": level, "cut": cut, "groups": len(levels.groups[level]), "phylo": spearman(code, tree),
-               "free": spearman(free, tree)}  # fmt: skip
+        row = {"level": level, "cut": cut, "groups": len(levels.groups[level])}
+        series = {"phylo": code, "free": free}
         if plain_distances is not None:
-            row["plain_vq"] = spearman(plain_distances, tree)
+            series["plain_vq"] = plain_distances
+        for name, matrix in series.items():
+            row[name] = spearman(matrix, tree)
+        for name, matrix in series.items():
+            reason = undefined_reason(matrix, tree)
+            if reason is not None:
+                row[f"{name}_reason"] = reason
         rows.append(row)
     return {
         "species": [levels.species[i] for i in keep],
@@ -126,7 +162,7 @@ def write_report(result: dict, out_dir: str | os.PathLike, show: bool = False) -
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = {k: result[k] for k in ("species", "species_without_images", "images", "levels")}
-    write_text(out_dir / "correlation.json", json.dumps(summary, indent=2))
+    write_text(out_dir / "correlation.json", json.dumps(json_ready(summary), indent=2, allow_nan=False))
     frame = pd.DataFrame(result["levels"])
     save_table(frame, out_dir / "correlation.csv")
 
@@ -140,13 +176,16 @@ def write_report(result: dict, out_dir: str | os.PathLike, show: bool = False) -
         bars = ax.bar(
             frame["level"] + (i - (len(series) - 1) / 2) * width, values, width, label=labels[column]
         )
-        ax.bar_label(bars, labels=[f"{v:.2f}" for v in frame[column]], fontsize=7, padding=1)
+        shown = [f"{v:.2f}" if np.isfinite(v) else "n/a" for v in frame[column]]
+        ax.bar_label(bars, labels=shown, fontsize=7, padding=1)
     ax.set_xticks(
         frame["level"], [f"{lv}\n({g} groups)" for lv, g in zip(frame["level"], frame["groups"], strict=True)]
     )
     ax.set_xlabel("tree level (coarse to fine; last = species)")
     ax.set_ylabel("Spearman correlation with tree distance")
-    ax.set_ylim(min(-0.2, float(np.nanmin(frame[series].to_numpy())) - 0.05), 1.0)
+    values = frame[series].to_numpy(dtype=float)
+    lowest = float(values[np.isfinite(values)].min()) if np.isfinite(values).any() else 0.0
+    ax.set_ylim(min(-0.2, lowest - 0.05), 1.0)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.legend(fontsize=8, loc="upper right")
     ax.set_title(f"Code distances vs tree distances ({len(result['species'])} species)")
@@ -224,7 +263,7 @@ def run_phylo_test(
     values = {"dataset": dataset_info.get("name", "world"), "data_dir": dataset_info.get("data_dir"),
               "world": dataset_info.get("world") or "default", "image_size": model.autoencoder.config["image_size"]}  # fmt: skip
     values.update({k: v for k, v in (data_overrides or {}).items() if v is not None})
-    spec = DataSpec(**values, val_fraction=(model.meta.get("config") or {}).get("val_fraction", 0.1))
+    spec = DataSpec(**values, val_fraction=saved_settings(model.meta.get("config")).get("val_fraction", 0.1))
     meta = resolve_meta(spec, quiet=quiet)
     if list(meta.class_names) != list(model.meta["phylogeny"]["class_names"]):
         raise UserError(f"dataset {spec.dataset} has other classes than the model was trained on "

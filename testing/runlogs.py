@@ -6,6 +6,7 @@ import math
 import os
 from pathlib import Path
 
+from core.config import saved_settings
 from core.errors import UserError
 from core.plotting import pyplot, save_figure, save_table, show_or_close
 
@@ -126,6 +127,33 @@ def plot_curves(
     return path
 
 
+# The tables `plot_run_log` writes, by their header: how it recognises its own files in an --out folder.
+OUTPUT_HEADERS = {
+    "curves.csv": "step,split,metric,value,panel",
+    "summary.csv": "split,metric,points,last,last_step,best,best_step",
+}
+
+
+def check_out_dir(out: Path) -> None:
+    """Refuse an output folder holding a `curves.csv`, `summary.csv` or `curves.png` that `logs` did not
+    write (it would replace them): a table is its own by its header, the figure when its table is."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; logs writes a folder of figures and tables")
+
+    def own_table(name: str) -> bool:
+        try:
+            with open(out / name, encoding="utf-8") as f:
+                return f.readline().rstrip("\r\n") == OUTPUT_HEADERS[name]
+        except (OSError, UnicodeDecodeError):
+            return False
+
+    for name in (*OUTPUT_HEADERS, "curves.png"):
+        if (out / name).exists() and not own_table("curves.csv" if name == "curves.png" else name):
+            raise UserError(
+                f"--out {out} holds a {name} that `logs` did not write; it is kept, choose another --out"
+            )
+
+
 def plot_run_log(
     source: str | os.PathLike, out_dir: str | os.PathLike | None = None, show: bool = False
 ) -> dict:
@@ -135,6 +163,7 @@ def plot_run_log(
     source = Path(source)
     run_dir = source if source.is_dir() else source.parent
     out = Path(out_dir) if out_dir else run_dir / "logs"
+    check_out_dir(out)
     table = long_table(read_log(source))
     summary = summarize(table)
     save_table(table, out / "curves.csv")
@@ -144,7 +173,7 @@ def plot_run_log(
     if config.is_file():
         import yaml
 
-        settings = yaml.safe_load(config.read_text()) or {}
+        settings = saved_settings(yaml.safe_load(config.read_text()))
         if settings.get("aug") == "ada":
             references["ada_r_t"] = (
                 f"target {settings.get('ada_target')}",

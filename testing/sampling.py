@@ -82,6 +82,20 @@ def save_grid(images: torch.Tensor | np.ndarray, path: str | os.PathLike, column
     return Path(path)
 
 
+def seed_grid(images: np.ndarray, seed: int, columns: int = 8) -> np.ndarray:
+    """The first images of a run as a labelled grid: row r holds seeds seed + r*columns + 0..columns-1."""
+    from testing.generation.grid import labelled_grid
+
+    rows = [images[i : i + columns] for i in range(0, len(images), columns)]
+    labels = [
+        f"seeds {seed + i}-{seed + i + len(r) - 1}"
+        for i, r in zip(range(0, len(images), columns), rows, strict=True)
+    ]
+    offsets = [[f"+{j}" for j in range(len(r))] for r in rows]
+    title = "generate gan: rows = seeds, columns = offset from the row's first seed"
+    return labelled_grid(rows, labels, offsets, title)[0]
+
+
 def generate_folder(
     G,
     out_dir: str | os.PathLike,
@@ -118,6 +132,6 @@ def generate_folder(
             if len(grid) < GRID_MAX:
                 grid.extend(images[: GRID_MAX - len(grid)])
             bar.update(len(chunk))
-    save_grid(np.stack(grid), out_dir / "grid.png")
+    write_bytes(out_dir / "grid.png", png_bytes(seed_grid(np.stack(grid), seed)))
     write_text(out_dir / "manifest.jsonl", "".join(json.dumps(row) + "\n" for row in manifest))
     return {"n": n, "images": str(out_dir / "images"), "grid": str(out_dir / "grid.png")}

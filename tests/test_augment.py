@@ -1,4 +1,4 @@
-"""ADA (training/augment.py): the twice-differentiable resampling, the transforms' invariants, the p controller
+"""ADA (training/gan/augment.py): the twice-differentiable resampling, the transforms' invariants, the p controller
 on a discriminator that overfits a tiny set versus one that cannot, and ADA with R1 in the real training step."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from test_gan_training import one_thread  # noqa: F401  (autouse: these small networks on one thread)
 
 from core.config import from_preset
-from training.augment import AugmentPipe, grid_sample
-from training.gan import PRESETS, GanConfig, build_networks, new_state, train_step
-from training.losses_gan import d_logistic, r1_penalty
+from training.gan.augment import AugmentPipe, grid_sample
+from training.gan.losses import d_logistic, r1_penalty
+from training.gan.trainer import PRESETS, GanConfig, build_networks, new_state, train_step
 
 
 def _grid(n: int, h: int, w: int, dtype=torch.float64) -> torch.Tensor:
@@ -125,7 +125,7 @@ def test_ada_and_r1_train_together(tmp_path):
     resume = state.to_resume_state(cfg)
     again = new_state(cfg, torch.device("cpu"))
     torch.save(resume, tmp_path / "last.pt")
-    again.load(tmp_path / "last.pt", torch.device("cpu"))
+    again.load(torch.load(tmp_path / "last.pt", weights_only=True), "last.pt")
     assert (
         float(again.augment.p) == float(state.augment.p)
         and again.augment.sign_count == state.augment.sign_count

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,6 +50,85 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
         raise RuntimeError("killed")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+class FullDisk:
+    """A file whose writes fill the disk: the first `room` bytes go through, then ENOSPC (as a real full
+    disk does: a short write, then the error)."""
+
+    def __init__(self, file, room: int = 600):
+        self.file, self.room = file, room
+
+    def write(self, data) -> int:
+        data = bytes(data)
+        if len(data) > self.room:
+            self.file.write(data[: self.room])
+            self.room = 0
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return self.file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+def _assert_full_disk(err, path) -> None:
+    assert (err.value.errno, err.value.strerror, err.value.filename) == (
+        errno.ENOSPC,
+        "No space left on device",
+        str(path),
+    )
+
+
+def test_a_full_disk_keeps_the_previous_weights_state_and_text(tmp_path, monkeypatch):
+    """save_weights (safetensors' Rust writer), save_state (torch.save) and write_text, each failing on a
+    full disk half-way: an OSError naming the final file, the previous file byte for byte, no temporary."""
+    import builtins
+
+    from safetensors import SafetensorError
+
+    import core.atomic
+
+    weights, state, text = tmp_path / "w.safetensors", tmp_path / "last.pt", tmp_path / "run.yaml"
+    checkpoint.save_weights(weights, {"w": torch.ones(4)}, {"kind": "test"})
+    checkpoint.save_state(state, {"step": 1, "w": torch.ones(4)})
+    write_text(text, "status: finished\n")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def rust_writer_fills_the_disk(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\x00" * 100)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr("safetensors.torch.save_file", rust_writer_fills_the_disk)
+    with pytest.raises(OSError) as err:
+        checkpoint.save_weights(weights, {"w": torch.zeros(4)}, {"kind": "test"})
+    _assert_full_disk(err, weights)
+
+    full = lambda *a, **k: FullDisk(builtins.open(*a, **k))  # noqa: E731, SIM115 (atomic_file closes it)
+    monkeypatch.setattr(core.atomic, "open", full, raising=False)
+    with pytest.raises(OSError) as err:
+        checkpoint.save_state(state, {"step": 2, "w": torch.zeros(100_000)})
+    _assert_full_disk(err, state)
+    monkeypatch.undo()
+
+    def write_bytes_on_a_full_disk(self, data):
+        with FullDisk(open(self, "wb")) as f:
+            return f.write(data)
+
+    real_write_bytes = Path.write_bytes
+    monkeypatch.setattr(Path, "write_bytes", write_bytes_on_a_full_disk)
+    with pytest.raises(OSError) as err:
+        write_text(text, "status: running\n" * 100)
+    _assert_full_disk(err, text)
+    monkeypatch.setattr(Path, "write_bytes", real_write_bytes)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 def test_weights_round_trip_and_mismatch_names_keys(tmp_path):

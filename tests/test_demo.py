@@ -30,7 +30,8 @@ def test_budget_follows_the_device(monkeypatch):
     import torch
 
     from core.config import from_preset
-    from training import demo, gan, viscoin
+    from training import demo, viscoin
+    from training.gan import trainer as gan
 
     assert demo.demo_budget("cpu") is demo.BUDGETS["cpu"] and demo.BUDGETS["cpu"].image_size == 32
     if not torch.cuda.is_available():

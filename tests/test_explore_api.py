@@ -337,7 +337,7 @@ def test_retrieval_queries_are_retrieve_query_s(server, client):
     (answer,) = out["results"]
     assert answer["neighbours"][0]["id"] == labels["id"][4] and answer["neighbours"][0]["row"] == 4
     assert answer["prediction"]["species"]["label"] == labels["species"][4]
-    (expected,) = run_query(view.net, view.index, [], [("barcode", barcode)], "dna", 5, None, "cpu")
+    (expected,) = list(run_query(view.net, view.index, [], [("barcode", barcode)], "dna", 5, None, "cpu"))
     assert [n["id"] for n in answer["neighbours"]] == [n["id"] for n in expected["neighbours"]]
     assert [n["score"] for n in answer["neighbours"]] == pytest.approx(
         [n["score"] for n in expected["neighbours"]], abs=1e-6
@@ -404,6 +404,9 @@ def test_phylo_node_samples_are_generate_phylo_s_files(server, client, cli, tmp_
     assert out["command"].startswith(
         f"python main.py generate phylo -c {server.sources.phylo} --node '{node}'"
     )
+    from cli.generate import TOP_K  # the tests may look at the CLI; the page may not import it
+
+    assert server.app.describe()["tabs"][2]["top_k"] == TOP_K  # the page's defaults are generate's
     for body, words in (({"node": "Nowhere"}, "no node 'Nowhere'"), ({"node": node, "n": 0}, "n must be in 1..64"),
                         ({"node": node, "temperature": 0}, "temperature must be"), ({}, "click a node")):  # fmt: skip
         status, answer = client.post(f"/api/{t}/sample", body)

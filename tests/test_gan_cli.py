@@ -24,7 +24,7 @@ from test_stylegan2 import (  # noqa: F401  (nvlabs_modules is a fixture)
 from core.checkpoint import file_hash, save_weights
 from datasets.transforms import to_uint8_images
 from models.stylegan2.checkpoint import load_generator, save_generator
-from testing.sampling import z_from_seeds
+from testing.sampling import seed_grid, z_from_seeds
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
@@ -132,7 +132,8 @@ def test_generate_is_deterministic_with_manifest(generator, tmp_path, cli) -> No
         }
         for i in range(6)
     ]
-    assert np.asarray(Image.open(a / "grid.png")).shape == (2 * 16, 3 * 16, 3)  # 3 columns, 2 rows
+    grid = np.asarray(Image.open(a / "grid.png"))
+    assert np.array_equal(grid, seed_grid(_pngs(a), 10))  # labelled: rows of seeds, columns of offsets
     with torch.no_grad():  # truncation pulls towards w_avg exactly as G does
         expected = to_uint8_images(G(z_from_seeds([14, 15], 16), truncation_psi=0.7, noise_mode="const"))
     assert np.array_equal(_pngs(a)[4:], expected)

@@ -28,16 +28,7 @@ from datasets.transforms import square_transform
 from models.stylegan2.checkpoint import load_generator, save_generator
 from testing.gan_metrics import feature_statistics, frechet_distance
 from testing.sampling import image_grid
-from training.gan import (
-    PRESETS,
-    Evaluator,
-    GanConfig,
-    StepBatches,
-    build_networks,
-    new_state,
-    train_step,
-)
-from training.losses_gan import (
+from training.gan.losses import (
     d_logistic,
     ema_beta,
     g_nonsaturating,
@@ -47,6 +38,15 @@ from training.losses_gan import (
     r1_penalty,
     update_ema,
 )
+from training.gan.trainer import (
+    PRESETS,
+    Evaluator,
+    GanConfig,
+    build_networks,
+    new_state,
+    train_step,
+)
+from training.lifecycle import ShuffledSteps
 
 # ----------------------------------------------------------------------------
 # Formulas.
@@ -136,7 +136,7 @@ def test_frechet_distance_known_answers() -> None:
 
 def test_step_batches_resume_where_the_step_counter_says() -> None:
     data = list(range(21))
-    full = StepBatches(data, 4, rank=0, world_size=1, seed=3)
+    full = ShuffledSteps(data, 4, rank=0, world_size=1, seed=3)
     it = iter(full)
     first = [next(it) for _ in range(12)]
     per_epoch = full.per_epoch
@@ -144,12 +144,12 @@ def test_step_batches_resume_where_the_step_counter_says() -> None:
     epoch0 = sum(first[:per_epoch], [])
     assert len(set(epoch0)) == 20 and all(len(b) == 4 for b in first)
     assert first[:per_epoch] != first[per_epoch : 2 * per_epoch]  # reshuffled per epoch
-    resumed = iter(StepBatches(data, 4, rank=0, world_size=1, seed=3, start=7))
+    resumed = iter(ShuffledSteps(data, 4, rank=0, world_size=1, seed=3, start=7))
     assert [next(resumed) for _ in range(5)] == first[7:12]
-    ranks = [next(iter(StepBatches(data, 2, rank=r, world_size=2, seed=3))) for r in (0, 1)]
+    ranks = [next(iter(ShuffledSteps(data, 2, rank=r, world_size=2, seed=3))) for r in (0, 1)]
     assert not set(ranks[0]) & set(ranks[1])
     with pytest.raises(UserError, match="fewer than one batch"):
-        StepBatches(data[:3], 4, rank=0, world_size=1, seed=0)
+        ShuffledSteps(data[:3], 4, rank=0, world_size=1, seed=0)
 
 
 def test_train_step_with_path_length_and_style_mixing() -> None:
@@ -257,7 +257,7 @@ def test_tiny_gan_learns_and_snapshots(tiny_run) -> None:
     cfg = build(GanConfig, yaml.safe_load((tiny_run / "config.yaml").read_text()))
     spec = cfg.data_spec()
     dataset = build_dataset(spec, "train", train_transform=False, meta=resolve_meta(spec, quiet=True))
-    dataset.transform = square_transform(cfg.image_size)
+    dataset.transform = square_transform(cfg.data.image_size)
     evaluate = Evaluator(cfg, dataset, torch.device("cpu"), 8)
     seed_everything(cfg.seed)
     untrained = build_networks(cfg)[0].eval()

@@ -38,6 +38,26 @@ def generate(cli, out, *args):  # noqa: F811
     return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
 
 
+def assert_labelled_grid(folder, groups: list[str]) -> dict:
+    """grid.png holds one labelled row per group whose cells are the files grid.json names, enlarged by nearest
+    neighbour to 96 px (what a reader sees at a glance), with a title and labels around them."""
+    layout = json.loads((folder / "grid.json").read_text())
+    grid = np.asarray(Image.open(folder / "grid.png"))
+    assert [row["cells"][0]["file"].split("/")[1] for row in layout["rows"]] == groups
+    assert layout["title"].startswith("generate ") and " rows = " in layout["title"]
+    for row in layout["rows"]:
+        assert row["label"] and all(cell["label"] for cell in row["cells"])
+        for cell in row["cells"]:
+            x, y, w, h = cell["box"]
+            image = np.asarray(Image.open(folder / cell["file"]))
+            scale = w // image.shape[1]
+            assert w >= 96 and np.array_equal(grid[y : y + h : scale, x : x + w : scale], image), cell
+    first = layout["rows"][0]["cells"][0]["box"]
+    labels = grid[first[1] : first[1] + first[3], : first[0]]  # the row label's margin
+    assert first[0] > 30 and (labels < 128).any()  # dark text on white
+    return layout
+
+
 def mode_args(runs, mode: str) -> list[str]:
     classes, levels = runs["classes"], runs["levels"]
     species = levels.species
@@ -133,28 +153,28 @@ def test_every_mode_same_seed_same_bytes_with_a_manifest(runs, cli, tmp_path, mo
     for row in rows:
         assert row["mode"] == kind and row["checkpoint"] == digest and "condition" in row and "seed" in row
         assert (a / row["file"]).is_file()
-    assert {p.name for p in a.iterdir()} == {"images", "grid.png", "manifest.jsonl", "run.yaml"}
+    assert {p.name for p in a.iterdir()} == {"images", "grid.png", "grid.json", "manifest.jsonl", "run.yaml"}
     source = resolve_source(str(a))
     assert source.kind == "generated" and len(source) == len(rows)  # what `vdna make` reads
-    groups = {row["file"].split("/")[1] for row in rows}
-    grid = np.asarray(Image.open(a / "grid.png"))
-    assert grid.shape[0] == 32 * len(groups)  # one row per group
+    groups = list(dict.fromkeys(row["file"].split("/")[1] for row in rows))
+    assert_labelled_grid(a, groups)
     if "images" not in mode:  # endpoints drawn from seeds: another seed, other images
         generate(cli, c, *args, "--seed", "6")
         assert snapshot(c / "images") != snapshot(a / "images")
 
 
-def test_node_keeps_coarse_codes_and_resamples_the_rest(runs, cli, tmp_path):  # noqa: F811
+def test_node_samples_draw_their_own_codes_each(runs, cli, tmp_path):  # noqa: F811
+    """Every `--node` image draws all its codes from the prior given the node: image i depends on seed + i only,
+    so a run is as varied as the clade and any image comes back alone from its seed."""
     levels = runs["levels"]
-    for level in (0, 1):
-        node = levels.groups[level][0]
-        rows = generate(cli, tmp_path / f"l{level}", "phylo", "-c", str(runs["phylo"]), "--node", node, "--level",
-                        str(level), "--n", "6", "--seed", "11")  # fmt: skip
-        kept = rows[0]["condition"]["kept_positions"]
-        assert kept == 4 * (level + 1)  # codes_per_level 4 (tiny preset)
-        assert all(row["codes"][:kept] == rows[0]["codes"][:kept] for row in rows)
-        assert len({tuple(row["codes"][kept:]) for row in rows}) > 1
-        assert rows[0]["condition"] == {"node": node, "level": level, "kept_positions": kept}
+    node = levels.groups[0][0]
+    args = ("phylo", "-c", str(runs["phylo"]), "--node", node, "--level", "0")
+    rows = generate(cli, tmp_path / "all", *args, "--n", "6", "--seed", "11", "--batch-size", "4")
+    members = [levels.species[s] for s in levels.members(0, 0)]
+    assert rows[0]["condition"] == {"node": node, "level": 0, "species": members}
+    assert len({tuple(row["codes"][:4]) for row in rows}) > 1  # level-0 codes (4 per level) vary per image
+    alone = generate(cli, tmp_path / "one", *args, "--n", "1", "--seed", "14")
+    assert alone[0]["codes"] == rows[3]["codes"] and rows[0]["top_k"] == 5  # the paper's top-k by default
 
 
 def test_phylo_interpolation_swaps_one_part_at_a_time(runs, cli, tmp_path):  # noqa: F811
@@ -203,6 +223,15 @@ def test_traversals_sweep_what_they_say(runs, cli, tmp_path):  # noqa: F811
     top = sorted(range(len(kl)), key=lambda d: -kl[d])[:3]
     assert [rows[5 * i]["dimension"] for i in range(3)] == top
     assert [row["value"] for row in rows[:5]] == [-3.0, -1.5, 0.0, 1.5, 3.0]
+    layout = assert_labelled_grid(tmp_path / "cvae", [f"dim{d:03d}" for d in top])
+    assert [c["label"] for c in layout["rows"][0]["cells"]] == [
+        "-3.00 sd",
+        "-1.50 sd",
+        "+0.00 sd",
+        "+1.50 sd",
+        "+3.00 sd",
+    ]
+    assert layout["rows"][0]["label"].startswith(f"dim {top[0]} (KL ")
     rows = generate(cli, tmp_path / "phylo", "traverse", "-c", str(runs["phylo"]), "--species", runs["levels"].species[0],
                     "--positions", "2,17", "--steps", "4")  # fmt: skip
     assert [(row["position"], row["part"], row["code"]) for row in rows[:5]] == [
@@ -219,3 +248,76 @@ def test_output_folder_may_not_hold_the_checkpoint(runs, cli, tmp_path):  # noqa
     assert_user_error(cli("generate", "phylo", "-c", runs["phylo"], "--node", runs["levels"].groups[0][0],
                           "--level", "9", "--out", tmp_path / "n"), "--level must be in 0..3")  # fmt: skip
     assert snapshot(run) == before and not (tmp_path / "t").exists()
+
+
+def test_long_traversals_stream_and_the_grid_shows_an_even_subset(runs, cli, tmp_path, monkeypatch):  # noqa: F811
+    """--steps 2000: decoded and written a batch at a time; the grid shows 16 evenly spaced values of each row."""
+    from testing.generation import cvae as gen_cvae
+
+    sizes = []
+    decode = gen_cvae.decode
+
+    def recording(model, eps, c, *args, **kwargs):
+        sizes.append(len(c))
+        return decode(model, eps, c, *args, **kwargs)
+
+    monkeypatch.setattr(gen_cvae, "decode", recording)
+    rows = generate(cli, tmp_path / "t", "traverse", "-c", str(runs["cvae"]), "--dims", "1", "--steps", "2000",
+                    "--batch-size", "128", "--span", "2")  # fmt: skip
+    assert len(rows) == 2000 and len(list((tmp_path / "t" / "images" / "dim001").iterdir())) == 2000
+    assert max(sizes) == 128 and sum(sizes) == 2000
+    cells = json.loads((tmp_path / "t" / "grid.json").read_text())["rows"][0]["cells"]
+    assert len(cells) == 16 and cells[0]["label"] == "-2.00 sd" and cells[-1]["label"] == "+2.00 sd"
+    assert cells[-1]["file"].endswith("001999.png")
+
+
+def test_out_of_range_values_and_unreadable_images_are_one_line_errors(runs, cli, tmp_path, monkeypatch):  # noqa: F811
+    cvae = str(runs["cvae"])
+    out = tmp_path / "out"
+    base = ("--out", str(out), "--device", "cpu")
+    assert_user_error(cli("generate", "cvae", "-c", cvae, "--attr", "has_crest::yes=1e308", *base),
+                      "--attr has_crest::yes: 1e308 is out of range")  # fmt: skip
+    assert_user_error(cli("generate", "cvae", "-c", cvae, "--attrs", ",".join(["-1e9"] + ["?"] * 40), *base),
+                      "--attrs entry 1: -1e9 is out of range")  # fmt: skip
+    for span in ("inf", "nan", "1e9", "0", "-1"):
+        assert_user_error(cli("generate", "traverse", "-c", cvae, "--span", span, *base),
+                          "--span must be a finite number of prior standard deviations")  # fmt: skip
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    good = runs["images"][0]
+    for args, option in (((broken, good), "--from-image"), ((good, broken), "--to-image")):
+        result = cli(
+            "generate", "interpolate", "-c", cvae, "--from-image", args[0], "--to-image", args[1], *base
+        )
+        assert_user_error(result, f"{option}: cannot read image {broken}", "give a readable image file")
+        assert "--skip-bad-images" not in result.stderr
+    from PIL import Image as PILImage
+
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 100)  # a 32 px image is now a decompression bomb
+    result = cli("generate", "traverse", "-c", str(runs["phylo"]), "--image", good, *base)
+    assert_user_error(
+        result, "--image: cannot read image", "decompression bombs", "give a readable image file"
+    )
+    assert not out.exists()
+
+
+def test_labelled_grid_layout():
+    """Shared column labels go on top; rows with other labels get a caption under each cell; long row labels wrap;
+    every cell sits, enlarged by nearest neighbour, where its box says."""
+    from testing.generation.grid import CELL, labelled_grid
+
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(0, 255, (k, 8, 8, 3), dtype=np.uint8) for k in (3, 2)]
+    shared, boxes = labelled_grid(rows, ["first row", "second"], [["a", "b", "c"], ["a", "b"]], "title")
+    own, own_boxes = labelled_grid(rows, ["first row", "second"], [["a", "b", "c"], ["x", "y"]], "title")
+    assert own.shape[0] > shared.shape[0]  # a caption line under every row
+    for image, layout in ((shared, boxes), (own, own_boxes)):
+        for cells, row in zip(rows, layout, strict=True):
+            for cell, (x, y, w, h) in zip(cells, row, strict=True):
+                assert (w, h) == (CELL, CELL) and np.array_equal(
+                    image[y : y + h : CELL // 8, x : x + w : CELL // 8], cell
+                )
+    long = "Mogilis trumubunata -> Gogella betrasii (seed 3)"
+    wrapped, _ = labelled_grid(rows[:1], [long], [["a", "b", "c"]], "title")
+    single, _ = labelled_grid(rows[:1], ["short"], [["a", "b", "c"]], "title")
+    assert wrapped.shape[1] - single.shape[1] < 250  # the label wraps instead of widening the figure

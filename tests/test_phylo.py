@@ -1,5 +1,5 @@
-"""Phylo-NN: Newick parsing and tree distances, level cuts, the VQ, the adversary's gradient path, the prior's
-conditioning, the code-tree correlation measure, and `train phylo` / `test phylo` / bad input as a user runs them."""
+"""Phylo-NN: the VQ, the adversary's gradient path, the prior's conditioning, the code-tree correlation measure,
+and `train phylo` / `test phylo` / bad input as a user runs them (trees and levels: tests/test_phylogeny.py)."""
 
 from __future__ import annotations
 
@@ -15,107 +15,27 @@ from scipy.stats import spearmanr
 from test_gan_cli import cli  # noqa: F401  (the in-process CLI fixture)
 from test_gan_training import one_thread  # noqa: F401  (autouse: small networks on one thread)
 
-from core.config import from_preset
-from core.errors import UserError
-from datasets.phylogeny import NewickError, Tree, build_levels, levels_from_record, parse_newick
-from datasets.world import DNA_RATES, load_taxonomy
+from datasets.phylogeny import Tree, build_levels, levels_from_record, parse_newick
+from datasets.world import load_taxonomy
 from models.phylo import CodePrior, PhyloAutoencoder, VectorQuantizer, load_phylo
-from testing.phylo import code_histograms, correlations, js_distances
-from training.phylo import PRESETS, PhyloConfig, autoencoder_losses
+from testing.phylo import code_histograms, correlations, js_distances, json_ready, write_report
+from training.phylo import PhyloConfig, autoencoder_losses
 
-# ((A:1,B:2)AB:3,(C:1,'D e':1)CD:0.5)root;  depths: AB 3, A 4, B 5, CD 0.5, C 1.5, D 1.5
-TREE = "((A:1,B:2)AB:3,(C:1,'D e':1)CD:0.5)root;"
+# Ultrametric, height 3: AB at 2, CD at 1.5; cut 0.6 (1.8) and 0.9 (2.7) both give the groups AB and CD.
+TREE = "((A:1,B:1)AB:2,(C:1.5,'D e':1.5)CD:1.5)root;"
 
 
 def tree(text: str = TREE) -> Tree:
     return Tree(parse_newick(text), "test tree")
 
 
-# ---------------------------------------------------------------------------------------------- Newick
+def strict_json(path):
+    """The JSON at `path`, refusing the NaN/Infinity literals that are not JSON."""
 
+    def refuse(token):
+        raise AssertionError(f"{path} holds the non-JSON literal {token}")
 
-def test_newick_names_lengths_nesting_quotes_and_comments():
-    root = parse_newick("[a comment] ( (A:1, B:2.5e-1)AB:3 ,\n ('it''s D':1,[NHX]C:1E0)CD:0.5 )'the root';\n")
-    assert root.name == "the root" and root.length is None
-    ab, cd = root.children
-    assert (ab.name, ab.length, [c.name for c in ab.children]) == ("AB", 3.0, ["A", "B"])
-    assert [c.length for c in ab.children] == [1.0, 0.25]
-    assert [c.name for c in cd.children] == ["it's D", "C"] and cd.children[1].length == 1.0
-    assert all(leaf.is_leaf for leaf in root.leaves()) and len(root.leaves()) == 4
-    assert ab.children[0].parent is ab and ab.parent is root
-
-
-@pytest.mark.parametrize(
-    ("text", "where", "what"),
-    [
-        ("(A,B", "line 1, column 5", "expected ',' or ')'"),
-        ("(A,B)", "line 1, column 6", "does not end with ';'"),
-        ("(A:x,B);", "line 1, column 4", "branch length 'x' is not a number"),
-        ("(A,\n'B);", "line 2, column 1", "quoted label is never closed"),
-        ("(A,B);C;", "line 1, column 7", "text after the closing ';'"),
-        ("(A,B));", "line 1, column 6", "')' without a matching '('"),
-        ("  \n", "line 2, column 1", "the text is empty"),
-        ("(A,B)[oops;", "line 1, column 6", "comment '[' is never closed"),
-    ],
-)
-def test_newick_errors_say_where(text, where, what):
-    with pytest.raises(NewickError) as err:
-        parse_newick(text, "t.nwk")
-    message = err.value.message
-    assert message.startswith(f"t.nwk is not valid Newick at {where}: ") and what in message, message
-
-
-def test_tree_distances_by_hand():
-    t = tree()
-    a, b, c, d = (t.leaf(n) for n in ("A", "B", "C", "D_e"))  # underscores match blanks
-    assert (t.depth(a), t.depth(b), t.depth(c)) == (4.0, 5.0, 1.5)
-    assert t.distance(a, b) == 3.0 and t.distance(c, d) == 2.0
-    assert t.distance(a, c) == 4.0 + 1.5 and t.distance(a, a) == 0.0
-    assert t.mrca(a, b).name == "AB" and t.mrca(b, d) is t.root
-    unit = tree("((A,B),C);")  # no lengths: every branch counts 1
-    assert unit.distance(unit.leaf("A"), unit.leaf("C")) == 3.0
-    with pytest.raises(UserError, match="some branches have lengths"):
-        tree("((A:1,B),C:1);")
-    with pytest.raises(UserError, match="'A' appears twice"):
-        tree("((A:1,B:1):1,A:1);")
-    with pytest.raises(UserError, match="no species 'E' in test tree; closest"):
-        t.leaf("E")
-
-
-def test_level_cuts_and_group_distances():
-    t = tree()
-    levels = build_levels(t, ["001.A", "002.B", "003.C", "004.D_e"], [0.5, 0.9])
-    # A (depth 4): deepest ancestor at depth <= 2 is the root; at <= 3.6, AB. C (1.5): CD at <= 0.75.
-    assert levels.groups[0] == ["root", "CD"] and levels.assignment[0].tolist() == [0, 0, 1, 1]
-    assert levels.groups[1] == ["AB", "CD"]
-    assert levels.groups[2] == ["A", "B", "C", "D e"]
-    assert levels.distances[0][0, 2] == pytest.approx(0.5) and levels.distances[0][0, 1] == 0
-    assert levels.distances[1][0, 2] == pytest.approx(3.5) and levels.distances[2][0, 1] == pytest.approx(3.0)
-    assert levels.find_node("CD") == (1, 1) and levels.find_node("CD", level=0) == (0, 1)
-    assert levels.condition_offsets == [0, 2, 4]
-    with pytest.raises(
-        UserError, match="no node .rooot. is a group at any level of the tree; closest: .root."
-    ):
-        levels.find_node("rooot")
-    with pytest.raises(UserError, match="classes are not leaves"):
-        build_levels(t, ["A", "Zed"], [0.5])
-
-
-def test_world_tree_levels_are_its_taxonomy(small_world):
-    """The world's tree.nwk, cut at the tiny preset's depths, gives orders, families, genera, species."""
-    taxonomy = load_taxonomy(small_world)
-    names = [row["species"] for row in taxonomy]
-    cfg = from_preset(PhyloConfig, PRESETS, "tiny")
-    levels = build_levels(Tree.read(small_world / "tree.nwk"), names, cfg.cuts)
-    for level, rank in enumerate(("order", "family", "genus", "species")):
-        expected = [row[rank].replace("_", " ") for row in taxonomy]
-        assert [levels.groups[level][g].replace("_", " ") for g in levels.assignment[level]] == expected
-    depth = {"order": 0.0, "family": DNA_RATES["order"], "genus": DNA_RATES["order"] + DNA_RATES["family"]}
-    pairs = [(i, j) for i in range(len(names)) for j in range(len(names))]
-    for i, j in pairs:  # level 0: two orders are 2 x order-branch apart, or 0 when the same
-        same = taxonomy[i]["order"] == taxonomy[j]["order"]
-        assert levels.distances[0][i, j] == pytest.approx(0 if same else 2 * DNA_RATES["order"])
-    assert depth["genus"] > 0
+    return json.loads(path.read_text(), parse_constant=refuse)
 
 
 # --------------------------------------------------------------------------------------------- models
@@ -141,8 +61,10 @@ def tiny_autoencoder(plain: bool = False) -> PhyloAutoencoder:
 
 
 def test_adversary_gradient_reaches_the_free_encoder_only_through_the_frozen_adversary():
+    from core.config import build
+
     model = tiny_autoencoder()
-    cfg = PhyloConfig(amp=False)
+    cfg = build(PhyloConfig, {"amp": False})
     x = torch.randn(6, 3, 16, 16)
     groups = torch.tensor([[0, 1, 0, 1, 0, 1], [0, 1, 2, 0, 1, 2], [0, 1, 2, 3, 4, 0]])
     losses = autoencoder_losses(model, x, groups, cfg)
@@ -188,7 +110,8 @@ def test_correlation_measure_known_answers():
         [1, 1, 0],
     ]
     t = tree()
-    levels = build_levels(t, ["A", "B", "C", "D e"], [0.5, 0.9])
+    levels = build_levels(t, ["A", "B", "C", "D e"], [0.6, 0.9])
+    assert levels.groups[:2] == [["AB", "CD"], ["AB", "CD"]]
     model = tiny_autoencoder()  # 3 levels x 2 codes + 3 free codes, 16 entries
     labels = torch.arange(4).repeat_interleave(5)
     codes = torch.zeros(20, model.sequence_length, dtype=torch.long)
@@ -199,13 +122,41 @@ def test_correlation_measure_known_answers():
     assert hist.shape == (4, model.sequence_length, 16) and np.allclose(hist.sum(-1), 1)
     result = correlations(codes, labels, model, levels, plain=(codes, labels))
     # Levels 0 and 1: code distance 0 within a group, 1 across, as the tree's: rank correlation 1. Species
-    # level: code distances (1/3 within AB and CD, 1 across) vs tree distances 3, 2 and 5.5-6.5 by hand.
-    pairs_code, pairs_tree = [1 / 3, 1, 1, 1, 1, 1 / 3], [3, 5.5, 5.5, 6.5, 6.5, 2]  # AB AC AD BC BD CD
+    # level: code distances (1/3 within AB and CD, 1 across) vs tree distances 2, 3 and 6 by hand.
+    pairs_code, pairs_tree = [1 / 3, 1, 1, 1, 1, 1 / 3], [2, 6, 6, 6, 6, 3]  # AB AC AD BC BD CD
     expected = spearmanr(pairs_code, pairs_tree).statistic
     assert [row["phylo"] for row in result["levels"]] == pytest.approx([1.0, 1.0, expected])
     # All codes: the free ones add nothing (equal histograms), the distance is 6/9 of the full prefix's.
     assert result["levels"][2]["plain_vq"] == pytest.approx(expected)
+    relabelled = correlations(
+        codes, labels, model, levels, plain=(codes * 10, labels, 200)
+    )  # a larger codebook
+    assert [row["plain_vq"] for row in relabelled["levels"]] == pytest.approx(
+        [r["plain_vq"] for r in result["levels"]]
+    )
     assert math.isnan(result["levels"][0]["free"])  # equal histograms: no distance varies
+    assert result["levels"][0]["free_reason"] == "the code distance is the same for every species pair"
+    assert "phylo_reason" not in result["levels"][0]
+
+
+def test_undefined_correlations_are_null_with_a_reason_in_the_json(tmp_path):
+    """A NaN correlation is written as null beside its reason, never as a `NaN` literal (not JSON)."""
+    t = tree()
+    levels = build_levels(t, ["A", "B", "C", "D e"], [0.6])
+    model = tiny_autoencoder()
+    labels = torch.arange(4).repeat_interleave(2)
+    codes = torch.zeros(8, model.sequence_length, dtype=torch.long)  # every species the same codes
+    result = correlations(codes, labels, model, levels)
+    assert all(math.isnan(row["phylo"]) for row in result["levels"])
+    write_report(result, tmp_path)
+    report = strict_json(tmp_path / "correlation.json")
+    for row in report["levels"]:
+        assert (
+            row["phylo"] is None
+            and row["phylo_reason"] == "the code distance is the same for every species pair"
+        )
+    assert json_ready({"a": [float("inf"), np.float32(0.5), np.int64(3)]}) == {"a": [None, 0.5, 3]}
+    assert (tmp_path / "correlation.png").stat().st_size > 5000  # the figure still drawn, bars marked n/a
 
 
 # ------------------------------------------------------------------------------------------- commands
@@ -230,12 +181,16 @@ def test_train_phylo_run_and_test_phylo(trained, cli, tmp_path):  # noqa: F811
         "test", "phylo", "--checkpoint", str(trained), "--out", str(out), "--device", "cpu", "--quiet"
     )
     assert result.returncode == 0, result.stderr
-    report = json.loads((out / "correlation.json").read_text())
+    report = strict_json(out / "correlation.json")
     assert [row["level"] for row in report["levels"]] == [0, 1, 2, 3]
-    assert all(
-        -1 <= row[k] <= 1 for row in report["levels"] for k in ("phylo", "plain_vq") if row[k] == row[k]
-    )
     assert report["images"] == 64  # the small world's test split
+    for row in report["levels"]:  # the reported numbers are those of the matrices written beside them
+        level = row["level"]
+        code, tree_distance = (np.loadtxt(out / f"{kind}_distance_level{level}.csv", delimiter=",", skiprows=1,
+                                          usecols=range(1, 9)) for kind in ("code", "tree"))  # fmt: skip
+        upper = np.triu_indices(8, k=1)
+        expected = spearmanr(code[upper], tree_distance[upper]).statistic
+        assert row["phylo"] == pytest.approx(expected), level
     train_report = json.loads((trained / "analysis" / "correlation.json").read_text())
     assert train_report["levels"] == report["levels"]  # the same measure at the end of training
     assert (out / "heatmaps.png").stat().st_size > 5000 and (out / "code_distance_level0.csv").is_file()

@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 
 from core.errors import UserError
-from datasets.bioscan.dna import UNK_ID, KmerTokenizer, clean_dna, read_fasta
+from datasets.bioscan.dna import KmerTokenizer, clean_dna, iter_fasta, read_fasta
 from datasets.bioscan.export import POOLS, export_world
 from datasets.bioscan.hdf5 import BioscanSplit, check_split, read_labels
 from datasets.bioscan.taxonomy import TaxonomyTokenizer, lineage_ids
 from datasets.world import load_barcodes, load_taxonomy
+
+UNK_ID = 2  # v1's <UNK>
 
 
 def test_vocabulary_is_barcodebert_order():
@@ -33,13 +35,35 @@ def test_tokens_and_padding_mask():
     assert mask[0].tolist() == [True, True, False, False]
     # an N inside the sequence is an unknown token that stays visible; padding is masked
     assert ids[1].tolist() == [tok.token("ACGTA"), UNK_ID, UNK_ID, UNK_ID]
-    assert mask[1].tolist() == [True, True, True, False]
+    assert mask[1].tolist() == [
+        True,
+        True,
+        False,
+        False,
+    ]  # 12 nt: two whole 5-mers; the partial one is padding
     long_ids, long_mask = tok.encode(["ACGTA" * 10])
     assert long_mask.all() and (long_ids == tok.token("ACGTA")).all()  # truncated to max_len
 
 
+def test_v2_vocabulary_and_n_kmers():
+    """BarcodeBERT v2: [MASK] [UNK] first (every k-mer one id lower than v1), and with tokenize_n the k-mers
+    holding N after the 4^k others, in the order of itertools.product("ACGTN")."""
+    v1, v2 = KmerTokenizer(k=3), KmerTokenizer(k=3, vocab="v2")
+    assert v2.token("AAA") == v1.token("AAA") - 1 == 2 and v2.unk_id == 1 and v2.vocab_size == 66
+    n = KmerTokenizer(k=2, stride=2, max_len=8, vocab="v2", n_kmers=True)
+    with_n = [km for km in ("".join(p) for p in itertools.product("ACGTN", repeat=2)) if "N" in km]
+    assert [n.token(km) for km in with_n] == list(range(18, 27)) and n.vocab_size == 27
+    assert n.token("A-") == 1  # a gap is unknown in every vocabulary
+
+
+def test_gaps_keep_the_frame_and_prefix():
+    tok = KmerTokenizer(k=3, stride=3, max_len=9, attend_padding=True, prefix=0)
+    ids, mask = tok.encode(["AC-GTAC"])
+    assert ids[0].tolist() == [0, 2, tok.token("GTA"), 2] and mask.all()  # AC- unknown, GTA in frame, C+NN
+
+
 def test_clean_dna_names_the_position():
-    assert clean_dna(" acg-t\nnA ") == "ACGTNA"
+    assert clean_dna(" acg-t\nnA ") == "ACG-TNA"
     with pytest.raises(UserError, match=r"'X' at position 4 .*--dna-unknown n"):
         clean_dna("ACGXT")
     assert clean_dna("ACGXRT", unknown="n") == "ACGNNT"
@@ -50,7 +74,8 @@ def test_clean_dna_names_the_position():
 def test_fasta(tmp_path):
     path = tmp_path / "q.fa"
     path.write_text(">one sample\nACGT\nacgt\n\n>two\nGG-CC\n")
-    assert read_fasta(path) == [("one sample", "ACGTACGT"), ("two", "GGCC")]
+    assert read_fasta(path) == [("one sample", "ACGTACGT"), ("two", "GG-CC")]
+    assert next(iter_fasta(path)) == ("one sample", "ACGTACGT")
     path.write_text(">bad\nACGT\nACZT\n")
     with pytest.raises(UserError, match=r"record 'bad'.*'Z' at position 7"):
         read_fasta(path)
@@ -177,3 +202,62 @@ def test_square_images_crop_flip_and_centre():
     out = square_images(pixels, "cpu", 12, train=False)
     assert torch.equal(out, to_pm1(pixels)[..., 1:13, 1:13])
     assert out.min() >= -1 and out.max() <= 1
+
+
+def test_clibd_augmentation_geometry():
+    """crop_flip_rotate: no rotation is gpu_transforms' crop_resize; a quarter turn of the whole image is
+    rot90 (sample points on pixel centres); at 45 degrees the corners fall outside the crop and are black."""
+    import torch
+
+    from datasets.bioscan.augment import crop_flip_rotate
+    from datasets.gpu_transforms import crop_resize
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    hw = torch.tensor([[16, 16], [24, 16]])  # the second shows a 24 x 16 source squashed
+    crops = torch.tensor([[2.0, 3.0, 10.0, 9.0], [4.0, 0.0, 20.0, 16.0]])
+    flips = torch.tensor([True, False])
+    same = crop_flip_rotate(x, hw, crops, 8, flips, ~flips)
+    assert torch.allclose(same, crop_resize(x, hw, crops, 8, flips, ~flips), atol=1e-6)
+    whole = torch.tensor([[0.0, 0.0, 16.0, 16.0]] * 2)
+    turned = crop_flip_rotate(x, hw[:1].expand(2, 2), whole, 16, angles=torch.tensor([90.0, 90.0]))
+    assert torch.allclose(turned, torch.rot90(x, 1, dims=(2, 3)), atol=1e-5) or torch.allclose(
+        turned, torch.rot90(x, -1, dims=(2, 3)), atol=1e-5
+    )
+    tilted = crop_flip_rotate(x, hw[:1].expand(2, 2), whole, 16, angles=torch.tensor([45.0, -45.0]))
+    assert (tilted[:, :, 0, 0] == -1).all() and (tilted[:, :, 8, 8] != -1).any()
+
+
+def test_whole_image_geometry(tmp_path):
+    """Training batches ship the whole image squashed with its Resize(side) size, for crops of all of it."""
+    from PIL import Image
+
+    from datasets.bioscan.hdf5 import decode_image
+
+    buffer = tmp_path / "wide.png"
+    Image.new("RGB", (90, 30), (200, 10, 10)).save(buffer)
+    pixels, size = decode_image(buffer.read_bytes(), 32, "wide.png", whole=True)
+    assert pixels.shape == (3, 32, 32) and size == (32, 96)
+    assert decode_image(buffer.read_bytes(), 32, "wide.png").shape == (3, 32, 32)
+
+
+def test_selection_and_unclassified_protocol():
+    """CLIBD's selection averages micro and macro top-1; not_classified counts as a label unless left out."""
+    from testing.retrieval.protocol import score_queries, selection_score
+
+    rows = [{"metric": "micro", "k": 1, "value": 0.8}, {"metric": "macro", "k": 1, "value": 0.4},
+            {"metric": "micro", "k": 3, "value": 1.0}, {"metric": "chance", "k": 1, "value": 0.1}]  # fmt: skip
+    assert selection_score(rows) == pytest.approx(0.6) and selection_score(rows, "micro") == pytest.approx(
+        0.8
+    )
+    nc = "not_classified"
+    query = {r: np.array(v, dtype=object) for r, v in zip(("order", "family", "genus", "species"),
+             (["O", "O", "O"], ["F", "F", "F"], ["G", nc, "H"], ["s", nc, "t"]), strict=True)}  # fmt: skip
+    keys = {r: np.array(v, dtype=object) for r, v in zip(("order", "family", "genus", "species"),
+            (["O", "O"], ["F", "F"], ["G", nc], ["s", nc]), strict=True)}  # fmt: skip
+    top = np.array([[0, 1], [1, 0], [0, 1]])  # query 2 (genus H) matches nothing
+    counted = {(r["rank"], r["metric"], r["k"]): r["value"] for r in score_queries(query, keys, top, ks=(1,))}
+    assert counted[("genus", "micro", 1)] == pytest.approx(2 / 3)
+    dropped = {(r["rank"], r["metric"], r["k"]): r["value"]
+               for r in score_queries(query, keys, top, ks=(1,), unclassified=False)}  # fmt: skip
+    assert dropped[("genus", "micro", 1)] == pytest.approx(1 / 2)

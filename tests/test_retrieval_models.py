@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from core.errors import UserError
 from datasets.bioscan.dna import KmerTokenizer
-from models.retrieval.bert import Bert, BertConfig, barcodebert_state, load_barcodebert
+from models.retrieval.barcodebert import bert_state, load_barcodebert
+from models.retrieval.bert import Bert, BertConfig
 from models.retrieval.clip import DNAEncoder
 from training.losses_retrieval import contrastive_loss
 
@@ -52,7 +53,7 @@ def test_barcodebert_checkpoint_loads(tmp_path):
     with pytest.raises(UserError, match="does not fit this architecture: shape mismatch"):
         load_barcodebert(Bert(BertConfig(**{**SMALL, "hidden_size": 64})), path)
     with pytest.raises(UserError, match="no BERT encoder weights"):
-        barcodebert_state({"cls.predictions.bias": torch.zeros(3)}, "x.pth")
+        bert_state({"cls.predictions.bias": torch.zeros(3)}, "x.pth")
 
 
 def test_equals_transformers_bert():
@@ -61,7 +62,7 @@ def test_equals_transformers_bert():
     torch.manual_seed(0)
     reference = transformers.BertModel(config, add_pooling_layer=False).eval()
     ours = Bert(BertConfig(**SMALL)).eval()
-    state = barcodebert_state({f"bert.{k}": v for k, v in reference.state_dict().items()}, "hf")
+    state = bert_state({f"bert.{k}": v for k, v in reference.state_dict().items()}, "hf")
     ours.load_state_dict(state)
     ids = torch.randint(3, 1027, (3, 20))
     mask = torch.ones(3, 20, dtype=torch.bool)

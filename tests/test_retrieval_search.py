@@ -21,13 +21,15 @@ def brute_force(queries: np.ndarray, keys: np.ndarray, k: int) -> tuple[np.ndarr
 
 
 def bf16_only(monkeypatch) -> None:
-    """Make the bfloat16 pass run on every chunk, however many candidates: no fall back to float32."""
+    """Make the bfloat16 pass score every chunk, however many candidates: no float32 pass, no dense steps."""
+    passes = core.search._pass_scores
 
-    def fail(*args):
-        raise AssertionError("the search fell back to float32")
+    def only_bf16(kind, *args):
+        assert kind == "bf16", "the search left the bfloat16 pass"
+        return passes(kind, *args)
 
     monkeypatch.setattr(core.search, "_DENSE_SHARE", 1.0)
-    monkeypatch.setattr(core.search, "_cpu_float32", fail)
+    monkeypatch.setattr(core.search, "_pass_scores", only_bf16)
 
 
 @pytest.mark.parametrize("bf16_pass", [False, True])
@@ -47,10 +49,11 @@ def test_exact_search_equals_brute_force(chunk, bf16_pass, monkeypatch):
     assert np.allclose(scores, expected_scores, atol=1e-5)
 
 
-def test_bf16_pass_keeps_keys_closer_than_bfloat16_can_tell(monkeypatch):
+@pytest.mark.parametrize("path", ["bf16", "resident"])
+def test_pass_keeps_keys_closer_than_it_can_tell(monkeypatch, path):
     """Query i has key i at cosine a and key n + i at a + 1e-5 (in a later chunk or the same), and bfloat16
-    often ranks the two the wrong way: each query still finds its key n + i, with its float32 score, in query
-    batches and chunks of several sizes."""
+    often ranks the two the wrong way (float16, CUDA's pass, too): each query still finds its key n + i, with
+    its float32 score, in query batches and chunks of several sizes."""
     rng = np.random.default_rng(3)
     n, dim = 200, 64
     queries = rng.standard_normal((n, dim))
@@ -67,7 +70,10 @@ def test_bf16_pass_keeps_keys_closer_than_bfloat16_can_tell(monkeypatch):
     queries = queries.astype(np.float32)
     rough = (torch.from_numpy(queries).bfloat16() @ torch.from_numpy(keys).bfloat16().T).float().numpy()
     assert (rough[np.arange(n), n + np.arange(n)] < rough[np.arange(n), np.arange(n)]).sum() > n // 10
-    bf16_only(monkeypatch)
+    if path == "bf16":
+        bf16_only(monkeypatch)
+    else:
+        on("cpu-resident", monkeypatch)
     for query_batch, chunk in ((7, n), (1024, n), (1024, 2 * n)):  # in the second chunk or in the same one
         scores, index = search(queries, keys, 1, chunk=chunk, query_batch=query_batch, bf16_pass=True)
         assert (index[:, 0] == n + np.arange(n)).all()
@@ -115,10 +121,10 @@ def test_bf16_pass_scores_equal_keys_equally_at_full_size():
 
 
 @pytest.mark.parametrize("case", ["all near-duplicates", "one query on a cluster", "huge norms"])
-def test_bf16_pass_hands_hard_batches_to_float32(case, monkeypatch):
-    """A query with most of a chunk's keys as candidates (the pass cannot pay, and its padded candidates would
-    grow with the cluster), or norms whose bfloat16 products could overflow: the query batch goes to the
-    float32 path, whose result it then is, bit for bit."""
+def test_hard_batches_stay_exact(case, monkeypatch):
+    """A query with most of a chunk's keys as candidates has them rescored in bounded steps (not padded into a
+    block that grows with the cluster); norms whose bfloat16 products could overflow take the float32 pass.
+    Either way the result is the float32 pass's, bit for bit."""
     rng = np.random.default_rng(5)
     centre = rng.standard_normal(64).astype(np.float32)
     keys = rng.standard_normal((500, 64)).astype(np.float32)
@@ -133,13 +139,15 @@ def test_bf16_pass_hands_hard_batches_to_float32(case, monkeypatch):
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     if case == "huge norms":
         keys, queries = keys * 1e16, queries * 1e16
-    calls = []
-    float32_batch = core.search._cpu_float32
-    monkeypatch.setattr(core.search, "_cpu_float32", lambda *a: calls.append(1) or float32_batch(*a))
+    kinds, dense = [], []
+    passes, padded = core.search._pass_scores, core.search._padded
+    monkeypatch.setattr(core.search, "_pass_scores", lambda kind, *a: kinds.append(kind) or passes(kind, *a))
+    monkeypatch.setattr(core.search, "_padded", lambda rows, *a: dense.append(len(rows)) or padded(rows, *a))
     fast = search(queries, keys, 5, chunk=100, query_batch=4, bf16_pass=True)
-    assert len(calls) == (2 if case != "one query on a cluster" else 1)  # the other batch of 4 keeps the pass
+    assert set(kinds) == ({"f32"} if case == "huge norms" else {"bf16"})
+    assert max(dense, default=0) <= 4 * (100 // 8)  # at most an eighth of a chunk per query is padded
     exact = search(queries, keys, 5, chunk=100, query_batch=4, bf16_pass=False)
-    assert (fast[1] == exact[1]).all() and np.isfinite(fast[0]).all()
+    assert (fast[1] == exact[1]).all() and (fast[0] == exact[0]).all() and np.isfinite(fast[0]).all()
 
 
 @pytest.mark.parametrize("bf16_pass", [False, True])
@@ -158,6 +166,82 @@ def test_ties_go_to_the_lower_index_across_chunks(bf16_pass, monkeypatch):
     equal = np.ones((6, 4), dtype=np.float32)  # all tied: the order is the index order
     top = search(np.ones((1, 4), np.float32), equal, 6, chunk=4, bf16_pass=bf16_pass)[1]
     assert top[0].tolist() == list(range(6))
+
+
+def reference_top(queries: np.ndarray, keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every key's score by the reference kernel (products summed over the last dimension, float32), then the
+    top-k by (score descending, index ascending)."""
+    q, kk = torch.from_numpy(queries), torch.from_numpy(keys)
+    with torch.inference_mode():
+        scores = torch.cat([(q[i : i + 20, None] * kk).sum(2) for i in range(0, len(q), 20)]).numpy()
+    order = np.lexsort((np.broadcast_to(np.arange(len(keys)), scores.shape), -scores), axis=1)[:, :k]
+    return np.take_along_axis(scores, order, 1), order
+
+
+DEVICES = ["cpu", "cpu-resident"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def on(device: str, monkeypatch) -> str:
+    """`cpu-resident` runs the CUDA path (float16 keys held, float16 pass, float32 rescoring) on the CPU."""
+    if device == "cpu-resident":
+        monkeypatch.setattr(core.search, "_RESIDENT_ON_CPU", True)
+        return "cpu"
+    return device
+
+
+@pytest.fixture(scope="module")
+def duplicated() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """250 vectors, each at 4 random rows of 1,000 keys (float16, d = 768); 200 queries, half near one of
+    them; the reference top-10."""
+    rng = np.random.default_rng(6)
+    distinct = rng.standard_normal((250, 768)).astype(np.float32)
+    distinct /= np.linalg.norm(distinct, axis=1, keepdims=True)
+    keys = distinct[rng.permutation(np.repeat(np.arange(250), 4))].astype(np.float16)
+    queries = rng.standard_normal((200, 768)).astype(np.float32)
+    queries[:100] = distinct[rng.integers(0, 250, 100)] + 0.05 * queries[:100] / np.sqrt(768)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    return (keys, queries, *reference_top(queries, keys.astype(np.float32), 10))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bf16_pass", [False, True])
+def test_duplicated_keys_tie_in_index_order_for_many_queries(duplicated, bf16_pass, device, monkeypatch):
+    """Identical barcodes give identical keys: on every path equal keys score equally, their order is the
+    index order, and the top-10 is the reference kernel's, whatever the chunking and query batching."""
+    keys, queries, expected_scores, expected = duplicated
+    reference_device = device
+    device = on(device, monkeypatch)
+    for chunk, query_batch in ((None, 1024), (333, 64), (999, 37)):
+        scores, index = search(queries, keys, 10, device=device, chunk=chunk, query_batch=query_batch,
+                               bf16_pass=bf16_pass)  # fmt: skip
+        assert (index == expected).all(), (chunk, query_batch)
+        if reference_device != "cuda":  # CUDA's own kernel rounds the last bits differently
+            assert (scores == expected_scores).all()
+        same = np.diff(scores, axis=1) == 0
+        assert (np.diff(index, axis=1)[same] > 0).all() and same.sum() > 250  # many ties, each in index order
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bf16_pass", [False, True])
+def test_nan_keys_are_skipped_and_nan_queries_refused(bf16_pass, device, monkeypatch):
+    device = on(device, monkeypatch)
+    rng = np.random.default_rng(7)
+    keys = rng.standard_normal((120, 32)).astype(np.float32)
+    keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+    queries = keys[[3, 50, 51]] + 0.01
+    bad = [3, 17, 50, 119]
+    damaged = keys.copy()
+    damaged[bad, 5] = np.nan
+    damaged[17] = np.inf
+    scores, index = search(queries, damaged, 6, chunk=40, device=device, bf16_pass=bf16_pass)
+    good = np.setdiff1d(np.arange(120), bad)
+    expected_scores, expected = search(queries, keys[good], 6, chunk=40, device=device, bf16_pass=bf16_pass)
+    assert (index == good[expected]).all() and np.allclose(scores, expected_scores, atol=1e-6)
+    few = search(queries, damaged[:4], 6, device=device, bf16_pass=bf16_pass)[1]  # 4 keys, 3 finite
+    assert few.shape == (3, 3) and 3 not in few
+    queries[1, 0] = np.nan
+    with pytest.raises(UserError, match="query 1 holds NaN or infinite values"):
+        search(queries, keys, 3, device=device)
 
 
 @pytest.mark.skipif(not faiss_available(), reason="faiss not installed")
@@ -192,7 +276,7 @@ def test_micro_macro_harmonic_by_hand():
 
 
 def test_protocol_rows_and_paper_table():
-    """Two seen and two unseen queries, three keys; not_classified queries do not count at their rank."""
+    """Two seen and two unseen queries, three keys; a not_classified query counts (and misses a named key)."""
     ranks = ("order", "family", "genus", "species")
     keys = {r: np.array([f"{r}1", f"{r}2", f"{r}2"], dtype=object) for r in ranks}
     seen = {r: np.array([f"{r}1", f"{r}2"], dtype=object) for r in ranks}
@@ -208,7 +292,7 @@ def test_protocol_rows_and_paper_table():
     assert table.loc[("micro", 1), "genus_seen"] == pytest.approx(0.5)  # query 0 right, query 1 wrong
     assert table.loc[("micro", 2), "genus_seen"] == pytest.approx(1.0)
     assert table.loc[("micro", 1), "genus_unseen"] == pytest.approx(0.5)
-    assert table.loc[("micro", 1), "species_unseen"] == pytest.approx(0.0)  # only query 0 counts
+    assert table.loc[("micro", 1), "species_unseen"] == pytest.approx(0.0)  # species2 and not_classified miss
     assert table.loc[("micro", 1), "genus_hm"] == pytest.approx(0.5)
     assert table.loc[("chance", 1), "genus_seen"] == pytest.approx((1 / 3 + 2 / 3) / 2)
 

@@ -14,6 +14,7 @@ import yaml
 from conftest import snapshot
 
 from core import checkpoint
+from core.config import build
 from core.errors import UserError
 from core.rundir import abandon_active_runs, mark_run, prepare_run_dir, read_run_info
 from core.runlog import RunLog, read_events
@@ -81,7 +82,9 @@ def classifier_run(tmp_path_factory, small_world) -> Path:
     from training.classifier import ClassifierConfig, train_classifier
 
     run = prepare_run_dir(tmp_path_factory.mktemp("clf") / "run", "train classifier")
-    cfg = ClassifierConfig(world="small", image_size=32, epochs=1, batch_size=16, device="cpu", amp=False)
+    cfg = build(
+        ClassifierConfig, dict(world="small", image_size=32, epochs=1, batch_size=16, device="cpu", amp=False)
+    )
     train_classifier(cfg, run, quiet=True)
     return run
 
@@ -301,7 +304,8 @@ def test_diverged_classifier_stops_and_never_becomes_best(small_world, tmp_path,
     tc_calls: list = []
     monkeypatch.setattr(tc, "evaluate_classifier", nan_after_first_epoch)
     run = prepare_run_dir(tmp_path / "run", "train classifier")
-    cfg = tc.ClassifierConfig(world="small", image_size=32, epochs=3, batch_size=16, device="cpu", amp=False)
+    cfg = build(tc.ClassifierConfig, dict(world="small", image_size=32, epochs=3, batch_size=16, device="cpu",
+                                          amp=False))  # fmt: skip
     with pytest.raises(TrainingDiverged, match="step"):
         tc.train_classifier(cfg, run, quiet=True)
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
@@ -369,7 +373,9 @@ def test_commands_without_resume_do_not_suggest_it(finished_run):
 def test_a_live_run_is_not_taken_over(tmp_path):
     run = prepare_run_dir(tmp_path / "r", "train gan")
     info = read_run_info(run)
-    info["pid"] = os.getppid()  # alive, and not this process
+    from core.rundir import _start_time
+
+    info["pid"], info["pid_start"] = os.getppid(), _start_time(os.getppid())  # alive, and not this process
     (run / "run.yaml").write_text(yaml.safe_dump(info))
     for kwargs in ({"resume": True}, {"overwrite": True}):
         with pytest.raises(UserError, match="still running"):
@@ -483,3 +489,68 @@ def test_new_commands_refuse_a_checkpoint_of_another_family(classifier_run, caps
         code, err = cli(capsys, *args)
         assert_one_line(code, err, str(classifier_run))
     assert not (tmp_path / "out").exists()
+
+
+def test_to_pickle_overwrite_replaces_only_a_bundle(viscoin, tmp_path, capsys):
+    """A resume state is a torch zip too, but not a bundle: --overwrite keeps it."""
+    state = tmp_path / "last.pt"
+    torch.save({"step": 3, "w": torch.ones(2)}, state)
+    before = state.read_bytes()
+    code, err = cli(capsys, "to-pickle", str(viscoin.run_dir), "--out", str(state), "--overwrite")
+    assert (code, err) == (
+        2,
+        f"error: --overwrite refused: {state} is not a VisCoIN bundle written by to-pickle, so it is kept; "
+        "choose another --out",
+    )
+    assert state.read_bytes() == before
+    bundle = tmp_path / "bundle.pt"
+    shutil.copy(viscoin.bundle, bundle)
+    code, err = cli(capsys, "to-pickle", str(viscoin.run_dir), "--out", str(bundle), "--overwrite")
+    assert code == 0, err
+
+
+def test_a_full_disk_while_saving_weights_is_one_line_and_keeps_the_old_run(classifier_run, tmp_path, capsys,
+                                                                             monkeypatch):  # fmt: skip
+    """safetensors' writer runs out of space during `train classifier --overwrite`: one line naming the file,
+    exit 2, and the run that was there before is back byte for byte."""
+    from safetensors import SafetensorError
+
+    run = tmp_path / "run"
+    shutil.copytree(classifier_run, run)
+    before = snapshot(tmp_path)
+
+    def full_disk(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\x00" * 100)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr("safetensors.torch.save_file", full_disk)
+    code, err = cli(capsys, *TRAIN, "--epochs", "1", "--batch-size", "16", "--out", str(run), "--overwrite")
+    assert (code, err) == (
+        2,
+        f"error: cannot write {run / 'last.safetensors'}: No space left on device; free some space or choose "
+        f"another --out (the file there before, if any, is unchanged) [the previous run in {run.resolve()} was "
+        "kept]",
+    )
+    assert snapshot(tmp_path) == before
+
+
+def test_a_full_disk_while_saving_a_bundle_keeps_the_old_one(viscoin, tmp_path, capsys, monkeypatch):
+    """torch.save runs out of space (a short write, then ENOSPC) while to-pickle replaces its bundle."""
+    import builtins
+
+    from test_core import FullDisk
+
+    import core.atomic
+
+    bundle = tmp_path / "bundle.pt"
+    shutil.copy(viscoin.bundle, bundle)
+    before = snapshot(tmp_path)
+    full = lambda *a, **k: FullDisk(builtins.open(*a, **k), room=4096)  # noqa: E731, SIM115
+    monkeypatch.setattr(core.atomic, "open", full, raising=False)
+    code, err = cli(capsys, "to-pickle", str(viscoin.run_dir), "--out", str(bundle), "--overwrite")
+    assert (code, err) == (
+        2,
+        f"error: cannot write {bundle}: No space left on device; free some space or choose another --out (the "
+        "file there before, if any, is unchanged)",
+    )
+    assert snapshot(tmp_path) == before

@@ -89,3 +89,27 @@ def test_requeued_job_finishes_from_its_resume_state(cluster, small_world, tmp_p
     for name in ("last.safetensors", "best.safetensors"):
         a, b = load_file(str(whole / name)), load_file(str(run / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_sbatch_reads_hostile_values_as_written(cluster, tmp_path):
+    """The real sbatch and slurmd take every #SBATCH line of a script whose folders hold spaces, quotes, `#`,
+    `%`, `$(...)` and `hetjob` as written: one job (not a heterogeneous one) with the asked working directory,
+    comment and requeue flag, whose log lands in the asked folder, and nothing in the values runs. The job's
+    Python is /bin/true, so that the job ends at once."""
+    odd = "a b'c\"d #e %f $(touch g) HetJob ü"
+    cwd, run = tmp_path / f"cwd {odd}", tmp_path / f"run {odd}"
+    cwd.mkdir()
+    submitted = run_cli("submit", "--gpus", "0", "--time", "5", "--job-name", "hostile-hetjob", "--python",
+                        "/bin/true", f"--sbatch=--comment={odd}", "--", "train", "classifier", "--dataset",
+                        "world", "--out", str(run), env=cluster.env, cwd=cwd)  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr
+    job = re.search(r"submitted job (\d+)", submitted.stdout).group(1)
+    log = run / "slurm" / f"hostile-hetjob-{job}.out"
+    _wait(lambda: cluster.job(job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 60,
+          "the job to finish", cluster, job, run)  # fmt: skip
+    shown = cluster.call("scontrol", "show", "job", job).stdout
+    fields = {k: v.strip() for k, v in re.findall(r"\b(WorkDir|Comment|JobName)=(.*)$", shown, re.M)}
+    assert "HetJobId" not in shown and "Requeue=1" in shown and "JobState=COMPLETED" in shown, shown
+    assert fields == {"JobName": "hostile-hetjob", "WorkDir": str(cwd), "Comment": odd}, shown
+    assert "the job step ended with exit status 0" in log.read_text(), sorted(run.rglob("*"))
+    assert not (cwd / "g").exists() and not (tmp_path / "g").exists()

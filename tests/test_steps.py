@@ -28,12 +28,13 @@ def test_the_guard_refuses_each_conversion_and_counts_them():
 
 
 def test_classifier_step_makes_no_host_sync():
+    from core.config import build
     from models.classifiers import build_classifier
     from training.classifier import ClassifierConfig, classifier_step
     from training.optim import build_optimizer
 
     torch.manual_seed(0)
-    cfg = ClassifierConfig(arch="tiny", image_size=16, label_smoothing=0.1)
+    cfg = build(ClassifierConfig, dict(arch="tiny", image_size=16, label_smoothing=0.1))
     model = build_classifier("tiny", 5, "none")
     before = copy.deepcopy(model)
     optimizer = build_optimizer(model.parameters(), "adam", 1e-2)
@@ -92,7 +93,7 @@ def test_viscoin_step_makes_no_host_sync():
 def test_gan_train_step_makes_no_host_sync(aug):
     """Step 0 runs all four phases (path length and R1 included), with style mixing and D's augmentation."""
     from core.config import from_preset
-    from training.gan import PRESETS, GanConfig, new_state, train_step
+    from training.gan.trainer import PRESETS, GanConfig, new_state, train_step
 
     overrides = dict(pl_weight=2.0, style_mixing=0.9, device="cpu", aug=aug, aug_p=0.2, ada_interval=1)
     cfg = from_preset(GanConfig, PRESETS, "tiny", overrides)
@@ -109,7 +110,7 @@ def test_gan_train_step_makes_no_host_sync(aug):
 def test_style_mixing_switches_every_image_to_the_second_latent_at_one_cutoff():
     """NVlabs' rule, drawn on the device: with probability p a cutoff in [1, num_ws) for the whole batch."""
     from models.stylegan2 import Generator
-    from training.gan import generate
+    from training.gan.trainer import generate
 
     torch.manual_seed(0)
     G = Generator(**TINY_G)

@@ -144,3 +144,13 @@ def test_bad_inputs_exit_2(setup, made, tmp_path, vdna_cli):
     result = vdna_cli("compare", str(made), str(setup["b"]), "-e", setup["extractor"], "--distribution",
                       "histogram-32", "--out", str(tmp_path / "d"), "-q")  # fmt: skip
     assert result.returncode == 2 and "different bin counts: 64 vs 32" in result.stderr
+
+
+def test_make_overwrite_replaces_its_own_pair(setup, made, tmp_path, vdna_cli):
+    mine = tmp_path / "mine"
+    for suffix in (".json", ".npz"):
+        shutil.copy(made.with_suffix(suffix), mine.with_suffix(suffix))
+    result = vdna_cli("make", str(setup["b"]), "--out", str(mine), "-e", setup["extractor"], "--distribution",
+                      "histogram-64", "--batch-size", "5", "-q", "--overwrite")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert load_vdna(mine).num_images == 8 and load_vdna(made).num_images == 12

@@ -13,30 +13,23 @@ recognises conditional samples, `cvae.safetensors` and `last.pt`. The end adds t
 
 from __future__ import annotations
 
-import json
-import math
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from core import checkpoint, preemption
-from core.atomic import write_text
-from core.config import require_positive, to_dict, to_yaml
-from core.device import autocast, loader_settings, resolve_device
-from core.distributed import barrier, dist_env, init_distributed
+from core import checkpoint
+from core.config import MAX_LR, require_per_process, require_positive, require_range, to_dict, validate_blocks
+from core.device import HardwareConfig, autocast, loader_settings
 from core.errors import UserError
-from core.progress import Progress
-from core.rundir import mark_run
-from core.runlog import RunLog
 from core.seeding import derive_seed, seed_everything
+from datasets.registry import DataConfig
 from models.cvae import CVAE, RUN_FILE, elbo_terms, save_cvae
 from testing import cvae as evaluation
 from testing.sampling import save_grid
-from training.gan import StepBatches
+from training.lifecycle import ShuffledSteps, TrainingRun
 
 PRESETS = Path(__file__).parent / "presets" / "cvae.yaml"
 DEFAULT_PRESET = {"world": "tiny", "cub": "cub", "folder": "cub", "digits": "digits"}
@@ -46,15 +39,8 @@ EVAL_SEED = 1_000_000  # latents of the evaluation grid and recognition samples 
 
 @dataclass
 class CVAEConfig:
-    # data
-    dataset: str = "world"
-    data_dir: str | None = None
-    world: str = "default"
-    image_size: int = 32
-    val_fraction: float = 0.1
-    bbox_crop: bool = False
-    attributes: bool = True
-    skip_bad_images: bool = False
+    data: DataConfig = field(default_factory=lambda: DataConfig(image_size=32))
+    attributes: bool = True  # the dataset's attributes as conditions besides the class
     # model
     arch: str = "conv"
     latent_dim: int = 16
@@ -78,25 +64,23 @@ class CVAEConfig:
     log_every: int = 50
     classifier: str | None = None
     recognition_samples: int = 20
-    device: str = "auto"
-    amp: bool = True
-    num_workers: int | None = None
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
     seed: int = 0
 
     def validate(self) -> None:
-        require_positive(
-            self, "batch_size", "steps", "lr", "image_size", "latent_dim", "channels", "max_channels"
-        )
+        validate_blocks(self)
+        require_positive(self, "batch_size", "steps", "lr", "latent_dim", "channels", "max_channels")
+        require_range(self, "lr", 0, MAX_LR)
         require_positive(
             self, "sigma", "hidden", "layers", "depth", "eval_every", "log_every", "recognition_samples"
         )
-        if self.dataset not in DATASETS:
+        if self.data.dataset not in DATASETS:
             raise UserError(
-                f"--dataset must be one of {', '.join(DATASETS)} for a CVAE, got {self.dataset!r}"
+                f"--dataset must be one of {', '.join(DATASETS)} for a CVAE, got {self.data.dataset!r}"
             )
         if self.arch not in ("conv", "mlp"):
             raise UserError(f"--arch must be conv or mlp, got {self.arch!r}")
-        if self.dataset == "digits" and self.arch != "mlp":
+        if self.data.dataset == "digits" and self.arch != "mlp":
             raise UserError(
                 "--dataset digits holds 64-value vectors: use --arch mlp (the digits preset does)"
             )
@@ -107,10 +91,7 @@ class CVAEConfig:
             raise UserError("--p-attrs-none plus --p-attrs-all must not exceed 1")
         if self.beta < 0:
             raise UserError(f"--beta must be >= 0, got {self.beta}")
-        if self.batch_size % dist_env().world_size:
-            raise UserError(
-                f"--batch-size {self.batch_size} is not divisible by the {dist_env().world_size} processes"
-            )
+        require_per_process(self, "batch_size")
 
 
 # ----------------------------------------------------------------------------
@@ -129,17 +110,15 @@ class CVAEData:
 
 
 def image_spec(cfg: CVAEConfig):
-    from datasets.registry import DataSpec
 
-    return DataSpec(cfg.dataset, cfg.data_dir, cfg.world, cfg.image_size, cfg.val_fraction, cfg.seed,
-                    cfg.bbox_crop, cfg.skip_bad_images)  # fmt: skip
+    return cfg.data.spec(cfg.seed)
 
 
 def build_data(cfg: CVAEConfig, quiet: bool = False) -> CVAEData:
-    if cfg.dataset == "digits":
+    if cfg.data.dataset == "digits":
         from datasets.digits import SIDE, DigitsDataset
 
-        train, val = (DigitsDataset(s, cfg.val_fraction, cfg.seed) for s in ("train", "val"))
+        train, val = (DigitsDataset(s, cfg.data.val_fraction, cfg.seed) for s in ("train", "val"))
         attrs = train.attribute_names if cfg.attributes else []
         info = {"name": "digits", "source": "sklearn.datasets.load_digits"}
         return CVAEData(train, val, train.class_names, attrs, (1, SIDE, SIDE), (0.0, 1.0), info)
@@ -148,19 +127,19 @@ def build_data(cfg: CVAEConfig, quiet: bool = False) -> CVAEData:
 
     spec = image_spec(cfg)
     meta = resolve_meta(spec, quiet=quiet)
-    transform = square_transform(cfg.image_size)
+    transform = square_transform(cfg.data.image_size)
     train, val = (build_dataset(spec, s, False, meta=meta, attributes=None if cfg.attributes else False,
                                 transform=transform) for s in ("train", "val"))  # fmt: skip
     if len(train) == 0 or len(val) == 0:
-        raise UserError(f"dataset {cfg.dataset}: the train or val split is empty (check --val-fraction)")
+        raise UserError(f"dataset {cfg.data.dataset}: the train or val split is empty (check --val-fraction)")
     attrs = list(train.attribute_names or []) if cfg.attributes else []
     info = {
-        "name": cfg.dataset,
+        "name": cfg.data.dataset,
         "root": str(meta.root),
-        "world": cfg.world if cfg.dataset == "world" else None,
+        "world": cfg.data.world if cfg.data.dataset == "world" else None,
     }
     return CVAEData(
-        train, val, meta.class_names, attrs, (3, cfg.image_size, cfg.image_size), (-1.0, 1.0), info
+        train, val, meta.class_names, attrs, (3, cfg.data.image_size, cfg.data.image_size), (-1.0, 1.0), info
     )
 
 
@@ -201,7 +180,7 @@ def train_step(net, model: CVAE, opt: torch.optim.Optimizer, x, labels, attribut
     """Draw the conditions, one ELBO step; returns detached device tensors (loss, rec, kl, kl_per_dim)."""
     label_present, attribute_present = condition_masks(labels, attributes, cfg)
     c = model.conditions(x.shape[0], labels, label_present, attributes, attribute_present)
-    with autocast(x.device, cfg.amp):
+    with autocast(x.device, cfg.hardware.amp):
         recon, mu, logvar, prior = net(x, c)
     terms = elbo_terms(x, recon, mu, logvar, cfg.beta, cfg.sigma, prior)
     opt.zero_grad(set_to_none=True)
@@ -240,7 +219,7 @@ def load_recogniser(path: str, num_classes: int, device: torch.device):
 class Evaluator:
     def __init__(self, cfg: CVAEConfig, data: CVAEData, device: torch.device):
         self.cfg, self.data, self.device = cfg, data, device
-        settings = {**loader_settings(device, cfg.num_workers), "persistent_workers": False}
+        settings = {**loader_settings(device, cfg.hardware.num_workers), "persistent_workers": False}
         self.loader = DataLoader(data.val, batch_size=cfg.batch_size, shuffle=False, **settings)
         labels = np.asarray([data.val[i]["label"] for i in range(len(data.val))])
         attrs = (
@@ -308,91 +287,59 @@ def weights_meta(cfg: CVAEConfig, data: CVAEData, step: int, result: dict | None
 
 def train_cvae(cfg: CVAEConfig, run_dir: Path, resume: bool = False, quiet: bool = False) -> dict:
     """Train, evaluate every `eval_every` steps, keep the latest weights; returns the summary."""
-    cfg.validate()
-    preempt = preemption.watch(run_dir)  # SIGUSR1/SIGTERM: save last.pt between two steps, requeue
-    env = dist_env()
-    device = resolve_device(cfg.device, env.local_rank)
-    init_distributed(env, device)
-    main, world = env.is_main, env.world_size
-    if main:
-        data = build_data(cfg, quiet=quiet)
-    barrier()
-    if not main:
-        data = build_data(cfg, quiet=True)
+    run = TrainingRun(cfg, run_dir, resume, quiet, tune=False)
+    device = run.device
+    data = run.prepare(lambda quiet: build_data(cfg, quiet=quiet))
     with_attributes = bool(data.attribute_names)
 
     seed_everything(cfg.seed)
     model = build_model(cfg, data).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    step = 0
-    if resume and (run_dir / "last.pt").is_file():
-        state = checkpoint.load_state(run_dir / "last.pt", device=str(device))
-        checkpoint.load_state_dict_checked(model, state["model"], str(run_dir / "last.pt"))
+    state, step = run.load_state(), 0
+    if state is not None:
+        checkpoint.load_state_dict_checked(model, state["model"], str(run.run_dir / "last.pt"))
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
-    net = model
-    if env.enabled:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    per_rank = cfg.batch_size // world
-    loader = DataLoader(data.train, batch_sampler=StepBatches(data.train, per_rank, env.rank, world, cfg.seed, step),
-                        **loader_settings(device, cfg.num_workers))  # fmt: skip
-    stream = iter(loader)
-    evaluator = Evaluator(cfg, data, device) if main else None
-    if main:
-        write_text(run_dir / "config.yaml", to_yaml(cfg))
-        mark_run(run_dir, status="running", world_size=world, device=str(device))
-    log = RunLog(run_dir / "log.jsonl", enabled=main)
+    net = run.ddp(model)
+    sampler = ShuffledSteps(data.train, cfg.batch_size // run.world, run.rank, run.world, cfg.seed, step)
+    stream = iter(run.loader(data.train, batch_sampler=sampler))
+    evaluator = Evaluator(cfg, data, device) if run.main else None
+    run.begin()
 
     def save_resume() -> None:
         state = {
             "model": model.state_dict(),
             "optimizer": opt.state_dict(),
-            "step": step,
+            "step": loop.step,
             "config": to_dict(cfg),
         }
-        checkpoint.save_state(run_dir / "last.pt", state)
+        run.save_state(state)
 
-    window, count, tick, result = None, 0, time.time(), None
-    with Progress(max(cfg.steps - step, 0), "train cvae", enabled=main and not quiet) as bar:
-        while step < cfg.steps:
-            torch.manual_seed(derive_seed(cfg.seed, "step", step, env.rank))
-            x, labels, attributes = unpack(next(stream), device, with_attributes)
-            out = train_step(net, model, opt, x, labels, attributes, cfg)
-            step += 1
-            scalars = torch.stack([out["loss"], out["rec"], out["kl"]]).double()
-            window = scalars if window is None else window + scalars
-            count += 1
-            shown = {}
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                loss, rec, kl = (window / count).tolist()
-                if not all(math.isfinite(v) for v in (loss, rec, kl)):
-                    raise FloatingPointError(f"non-finite CVAE loss at step {step}; lower --lr")
-                rate = count * cfg.batch_size / max(time.time() - tick, 1e-9)
-                log.write(step, "train", loss=loss, rec=rec, kl=kl, kl_per_dim=out["kl_per_dim"].tolist(),
-                          images_per_s=round(rate, 2))  # fmt: skip
-                shown = {"loss": round(loss, 2), "kl": round(kl, 2)}
-                window, count, tick = None, 0, time.time()
-            bar.update(1, **shown)
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                if main:
+    loop = run.steps(cfg.steps, step, name="train cvae", log_every=cfg.log_every, samples_per_step=cfg.batch_size,
+                     save=save_resume, state=state, hint="lower --lr")  # fmt: skip
+    result = None
+    for _ in loop:
+        x, labels, attributes = unpack(next(stream), device, with_attributes)
+        out = train_step(net, model, opt, x, labels, attributes, cfg)
+        loop.log({k: out[k] for k in ("loss", "rec", "kl")}, latest={"kl_per_dim": out["kl_per_dim"]},
+                 show=("loss", "kl"))  # fmt: skip
+        if loop.due(cfg.eval_every):
+            with loop.paused():
+                if run.main:
                     result = evaluator(model)
-                    log.write(step, "val", **flat_metrics(result))
-                    evaluator.grid(model, run_dir / "samples" / f"step_{step:07d}.png")
-                    save_cvae(run_dir / RUN_FILE, model, weights_meta(cfg, data, step, result))
+                    run.log.write(loop.step, "val", **flat_metrics(result))
+                    evaluator.grid(model, run.run_dir / "samples" / f"step_{loop.step:07d}.png")
+                    save_cvae(run.run_dir / RUN_FILE, model, weights_meta(cfg, data, loop.step, result))
                     save_resume()
-                barrier()
-                tick = time.time()
-            preempt.check(step, save_resume)
+                run.barrier()
 
-    summary = {"steps": step, "run_dir": str(run_dir)}
-    if main:
+    summary = {"steps": loop.step, "run_dir": str(run_dir)}
+    if run.main:
         if result is None:  # resumed a finished run: evaluate what it holds
             result = evaluator(model)
-            save_cvae(run_dir / RUN_FILE, model, weights_meta(cfg, data, step, result))
+            save_cvae(run.run_dir / RUN_FILE, model, weights_meta(cfg, data, loop.step, result))
         kl = {s: v["kl_per_dim"] for s, v in result["settings"].items()}
-        evaluation.plot_kl_per_dim(kl, run_dir / "kl_per_dim.png")
+        evaluation.plot_kl_per_dim(kl, run.run_dir / "kl_per_dim.png")
         summary["val"] = {
             s: {k: v for k, v in t.items() if k != "kl_per_dim"} for s, t in result["settings"].items()
         }
@@ -401,6 +348,4 @@ def train_cvae(cfg: CVAEConfig, run_dir: Path, resume: bool = False, quiet: bool
             summary["recognition"] = {
                 k: v for k, v in result["recognition"].items() if not k.endswith("per_class")
             }
-        write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
-        mark_run(run_dir, status="finished")
-    return summary
+    return run.finish(summary)

@@ -78,8 +78,8 @@ def run_demo(
     from testing.viscoin.concepts import open_analysis, run_concepts
     from testing.viscoin.report import run_viscoin_test
     from training import classifier as tc
-    from training import gan as tg
     from training import viscoin as tv
+    from training.gan import trainer as tg
 
     budget = demo_budget(device)
     image_size = image_size or budget.image_size

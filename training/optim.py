@@ -32,3 +32,24 @@ def build_schedule(optimizer, name: str, total: int, step_size: int = 30, gamma:
     if name == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total))
     raise UserError(f"unknown schedule {name!r}; choices: {', '.join(SCHEDULES)}")
+
+
+def optimiser_step(
+    opt: torch.optim.Optimizer, module: torch.nn.Module, loss: torch.Tensor, world: int
+) -> None:
+    """Backward, average gradients over ranks by hand (one flat all-reduce: no DDP wrapper, which keeps a
+    double backward such as R1's simple), replace non-finite values, step."""
+    import torch.distributed as dist
+
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for p in module.parameters() if p.grad is not None]
+    if params:
+        flat = torch.cat([p.grad.flatten() for p in params])
+        if world > 1:
+            dist.all_reduce(flat)
+            flat /= world
+        torch.nan_to_num(flat, nan=0.0, posinf=1e5, neginf=-1e5, out=flat)
+        for p, g in zip(params, flat.split([p.numel() for p in params]), strict=True):
+            p.grad.copy_(g.view_as(p))
+    opt.step()

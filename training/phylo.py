@@ -19,32 +19,28 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
-from core import checkpoint, preemption
+from core import checkpoint
 from core.atomic import write_text
-from core.config import require_positive, to_dict, to_yaml
-from core.device import autocast, loader_settings, resolve_device
-from core.distributed import barrier, dist_env, init_distributed
+from core.config import MAX_LR, require_per_process, require_positive, require_range, to_dict, validate_blocks
+from core.device import HardwareConfig, autocast
 from core.errors import UserError
-from core.progress import Progress
-from core.rundir import mark_run
-from core.runlog import RunLog
 from core.seeding import derive_seed, seed_everything
+from datasets.gpu_transforms import mirror
 from datasets.phylogeny import Levels, Tree, build_levels, phylogeny_record
-from datasets.registry import DataSpec, build_dataset, collate_skipping, resolve_meta
+from datasets.registry import DataConfig, DataSpec, build_dataset, collate_skipping, resolve_meta
 from datasets.transforms import square_transform
 from models.phylo import CodePrior, PhyloAutoencoder, save_phylo, save_plain
 from models.phylo.checkpoint import PLAIN_RUN_FILE, RUN_FILE
 from testing import phylo as analysis
 from testing.sampling import save_grid
-from training.gan import StepBatches, mirror, optimiser_step
+from training.lifecycle import ShuffledSteps, TrainingRun
+from training.optim import optimiser_step
 
 PRESETS = Path(__file__).parent / "presets" / "phylo.yaml"
 DEFAULT_PRESET = {"world": "tiny", "cub": "cub", "folder": "cub"}
@@ -54,12 +50,7 @@ ADAM_BETAS = (0.5, 0.9)  # the reference's autoencoder optimiser
 @dataclass
 class PhyloConfig:
     # data and tree
-    dataset: str = "world"
-    data_dir: str | None = None
-    world: str = "default"
-    image_size: int = 32
-    val_fraction: float = 0.1
-    skip_bad_images: bool = False
+    data: DataConfig = field(default_factory=lambda: DataConfig(image_size=32))
     mirror: bool = True
     tree: str | None = None
     cuts: list[float] = field(default_factory=lambda: [0.5, 0.8, 0.95])
@@ -97,15 +88,15 @@ class PhyloConfig:
     baseline: bool = True
     eval_every: int = 500
     log_every: int = 50
-    device: str = "auto"
-    amp: bool = True
-    num_workers: int | None = None
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
     seed: int = 0
 
     def validate(self) -> None:
-        require_positive(
-            self, "image_size", "latent_size", "channels", "max_channels", "depth", "branch_channels"
-        )
+        validate_blocks(self)
+        require_positive(self, "latent_size", "channels", "max_channels", "depth", "branch_channels")
+        require_range(self, "lr", 0, MAX_LR)
+        require_range(self, "adversary_lr", 0, MAX_LR)
+        require_range(self, "prior_lr", 0, MAX_LR)
         require_positive(self, "embed_dim", "n_embed", "codes_per_level", "free_codes", "adversary_hidden")
         require_positive(self, "batch_size", "steps", "lr", "adversary_lr", "prior_width", "prior_layers")
         require_positive(
@@ -133,20 +124,14 @@ class PhyloConfig:
             raise UserError(
                 f"--prior-width {self.prior_width} must be a multiple of --prior-heads {self.prior_heads}"
             )
-        world = dist_env().world_size
-        for name in ("batch_size", "prior_batch_size"):
-            if getattr(self, name) % world:
-                raise UserError(
-                    f"--{name.replace('_', '-')} {getattr(self, name)} is not divisible by the {world} processes"
-                )
+        require_per_process(self, "batch_size", "prior_batch_size")
 
     @property
     def levels(self) -> int:
         return len(self.cuts) + 1
 
     def data_spec(self) -> DataSpec:
-        return DataSpec(self.dataset, self.data_dir, self.world, self.image_size, self.val_fraction, self.seed,
-                        skip_bad_images=self.skip_bad_images)  # fmt: skip
+        return self.data.spec(self.seed)
 
 
 # ----------------------------------------------------------------------------
@@ -157,9 +142,11 @@ def tree_path(cfg: PhyloConfig, meta) -> Path:
     """`--tree`, else the world's own `tree.nwk`; CUB and folders need one."""
     if cfg.tree:
         return Path(cfg.tree)
-    if cfg.dataset == "world":
+    if cfg.data.dataset == "world":
         return Path(meta.root) / "tree.nwk"
-    raise UserError(f"--dataset {cfg.dataset} needs --tree: a Newick file whose leaves are the class names")
+    raise UserError(
+        f"--dataset {cfg.data.dataset} needs --tree: a Newick file whose leaves are the class names"
+    )
 
 
 def build_data(cfg: PhyloConfig, quiet: bool):
@@ -167,20 +154,18 @@ def build_data(cfg: PhyloConfig, quiet: bool):
     meta = resolve_meta(spec, quiet=quiet)
     path = tree_path(cfg, meta)
     levels = build_levels(Tree.read(path), meta.class_names, cfg.cuts)
-    transform = square_transform(cfg.image_size)
+    transform = square_transform(cfg.data.image_size)
     splits = {
         s: build_dataset(spec, s, False, meta=meta, transform=transform) for s in ("train", "val", "test")
     }
     if len(splits["train"]) == 0 or len(splits["val"]) == 0:
-        raise UserError(f"dataset {cfg.dataset}: the train or val split is empty (check --val-fraction)")
+        raise UserError(f"dataset {cfg.data.dataset}: the train or val split is empty (check --val-fraction)")
     return meta, path, levels, splits
 
 
-def eval_loader(dataset, cfg: PhyloConfig, device) -> DataLoader:
-    settings = {**loader_settings(device, cfg.num_workers), "persistent_workers": False}
-    return DataLoader(
-        dataset, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate_skipping, **settings
-    )
+def eval_loader(dataset, run: TrainingRun):
+    return run.loader(dataset, persistent=False, batch_size=run.cfg.batch_size, shuffle=False,
+                      collate_fn=collate_skipping)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------
@@ -189,7 +174,7 @@ def eval_loader(dataset, cfg: PhyloConfig, device) -> DataLoader:
 
 def build_autoencoder(cfg: PhyloConfig, levels: Levels, plain: bool) -> PhyloAutoencoder:
     return PhyloAutoencoder(
-        image_size=cfg.image_size, latent_size=cfg.latent_size, channels=cfg.channels, max_channels=cfg.max_channels, depth=cfg.depth,
+        image_size=cfg.data.image_size, latent_size=cfg.latent_size, channels=cfg.channels, max_channels=cfg.max_channels, depth=cfg.depth,
         branch_channels=cfg.branch_channels, embed_dim=cfg.embed_dim, n_embed=cfg.n_embed, levels=cfg.levels,
         codes_per_level=cfg.codes_per_level, free_codes=cfg.free_codes,
         group_counts=[len(g) for g in levels.groups], adversary_hidden=cfg.adversary_hidden, plain=plain,
@@ -225,7 +210,7 @@ def autoencoder_losses(
     zero = torch.zeros((), device=x.device)
     if not model.plain:
         model.adversary.requires_grad_(False)
-    with autocast(x.device, cfg.amp):
+    with autocast(x.device, cfg.hardware.amp):
         out = model(x)
     losses = {
         "rec": (out["recon"].float() - x).abs().mean(),
@@ -328,11 +313,11 @@ def _weights_meta(cfg: PhyloConfig, meta, record: dict, step: dict, metrics: dic
     return {
         "source": "train phylo",
         "dataset": {
-            "name": cfg.dataset,
+            "name": cfg.data.dataset,
             "root": str(meta.root),
-            "world": cfg.world if cfg.dataset == "world" else None,
-            "data_dir": cfg.data_dir,
-            "image_size": cfg.image_size,
+            "world": cfg.data.world if cfg.data.dataset == "world" else None,
+            "data_dir": cfg.data.data_dir,
+            "image_size": cfg.data.image_size,
         },  # fmt: skip
         "phylogeny": record,
         "steps": step,
@@ -341,11 +326,10 @@ def _weights_meta(cfg: PhyloConfig, meta, record: dict, step: dict, metrics: dic
     }
 
 
-def train_autoencoder_stage(
-    cfg, ctx, plain: bool, stage_dir: Path, log: RunLog, quiet: bool
-) -> PhyloAutoencoder:
-    """Stage 1 (or the baseline): train the autoencoder, evaluating and saving resume state every `eval_every`."""
-    env, device, main, world = ctx["env"], ctx["device"], ctx["env"].is_main, ctx["env"].world_size
+def train_autoencoder_stage(run: TrainingRun, ctx, plain: bool, stage_dir: Path, log) -> PhyloAutoencoder:
+    """Stage 1 (or the baseline): train the autoencoder, evaluating and saving resume state every `eval_every`;
+    `log` is the run's log (the baseline's has its own, `TrainingRun.open_log`)."""
+    cfg, device, world = run.cfg, run.device, run.world
     name = "baseline" if plain else "autoencoder"
     seed_everything(derive_seed(cfg.seed, name))
     model = build_autoencoder(cfg, ctx["levels"], plain).to(device)
@@ -356,22 +340,19 @@ def train_autoencoder_stage(
         if plain
         else torch.optim.Adam(model.adversary.parameters(), lr=cfg.adversary_lr, betas=ADAM_BETAS)
     )
-    state_path, step = stage_dir / f"last_{name}.pt", 0
-    if state_path.is_file():
-        state = checkpoint.load_state(state_path, device=str(device))
-        checkpoint.load_state_dict_checked(model, state["model"], str(state_path))
+    state_name = stage_dir.relative_to(run.run_dir) / f"last_{name}.pt"
+    state, step = run.load_state(state_name), 0
+    if state is not None:
+        checkpoint.load_state_dict_checked(model, state["model"], str(run.run_dir / state_name))
         opt_ae.load_state_dict(state["opt_ae"])
         if opt_adv is not None:
             opt_adv.load_state_dict(state["opt_adv"])
         step = state["step"]
-    if world > 1:
-        for tensor in model.state_dict().values():
-            torch.distributed.broadcast(tensor, 0)
+    run.broadcast(model)
     train = ctx["splits"]["train"]
-    per_rank = cfg.batch_size // world
-    loader = DataLoader(train, batch_sampler=StepBatches(train, per_rank, env.rank, world, cfg.seed, step),
-                        collate_fn=collate_skipping, **loader_settings(device, cfg.num_workers))  # fmt: skip
-    stream, val_loader = iter(loader), eval_loader(ctx["splits"]["val"], cfg, device)
+    sampler = ShuffledSteps(train, cfg.batch_size // world, run.rank, world, cfg.seed, step)
+    stream = iter(run.loader(train, batch_sampler=sampler, collate_fn=collate_skipping))
+    val_loader = eval_loader(ctx["splits"]["val"], run)
     assignment = ctx["assignment"]
     names = ("rec", "vq", "phylo", "confusion", "adversary_ce")
 
@@ -379,138 +360,112 @@ def train_autoencoder_stage(
         state = {
             "model": model.state_dict(),
             "opt_ae": opt_ae.state_dict(),
-            "step": step,
+            "step": loop.step,
             "config": to_dict(cfg),
         }
         if opt_adv is not None:
             state["opt_adv"] = opt_adv.state_dict()
-        checkpoint.save_state(state_path, state)
+        run.save_state(state, state_name)
 
-    window, count, tick = 0.0, 0, time.time()
-    with Progress(max(cfg.steps - step, 0), f"train phylo: {name}", enabled=main and not quiet) as bar:
-        while step < cfg.steps:
-            torch.manual_seed(derive_seed(cfg.seed, name, step, env.rank))
-            batch = next(stream)
-            if "image" not in batch:
-                raise UserError(f"step {step}: a whole batch of unreadable images")
-            x = batch["image"].to(device, non_blocking=True)
-            x = mirror(x) if cfg.mirror else x
-            groups = assignment[:, batch["label"].to(device, non_blocking=True)]
-            out = autoencoder_step(model, opt_ae, opt_adv, x, groups, cfg, world)
-            window, count, step = window + out["window"], count + 1, step + 1
-            shown = {}
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                means = dict(zip(names, (window / count).tolist(), strict=True))
-                if not all(math.isfinite(v) for v in means.values()):
-                    raise FloatingPointError(f"non-finite {name} losses at step {step}: {means}; lower --lr")
-                if plain:
-                    means = {k: means[k] for k in ("rec", "vq")}
-                rate = count * cfg.batch_size / max(time.time() - tick, 1e-9)
-                log.write(step, "train", stage=name, **means, images_per_s=round(rate, 2))
-                shown = {"rec": round(means["rec"], 4)}
-                window, count, tick = 0.0, 0, time.time()
-            bar.update(1, **shown)
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                if main:
+    loop = run.steps(cfg.steps, step, name=f"train phylo: {name}", log_every=cfg.log_every, samples_per_step=cfg.batch_size,
+                     save=save_resume, seed_key=name, stage=name, log=log, state=state)  # fmt: skip
+    for _ in loop:
+        batch = next(stream)
+        if "image" not in batch:
+            raise UserError(f"step {loop.step - 1}: a whole batch of unreadable images")
+        x = batch["image"].to(device, non_blocking=True)
+        x = mirror(x) if cfg.mirror else x
+        groups = assignment[:, batch["label"].to(device, non_blocking=True)]
+        out = autoencoder_step(model, opt_ae, opt_adv, x, groups, cfg, world)
+        parts = dict(zip(names, out["window"], strict=True))
+        loop.log({k: parts[k] for k in (("rec", "vq") if plain else names)}, show=("rec",))
+        if loop.due(cfg.eval_every):
+            with loop.paused():
+                if run.main:
                     metrics = evaluate_autoencoder(model, val_loader, assignment, device)
-                    log.write(step, "val", stage=name, **metrics)
+                    log.write(loop.step, "val", stage=name, **metrics)
                     reconstruction_grid(
-                        model, ctx["splits"]["val"], stage_dir / "samples" / f"{name}_{step:07d}.png", device
+                        model,
+                        ctx["splits"]["val"],
+                        stage_dir / "samples" / f"{name}_{loop.step:07d}.png",
+                        device,
                     )
                     save_resume()
                     if plain:
                         save_plain(stage_dir / Path(PLAIN_RUN_FILE).name, model,
-                                   _weights_meta(cfg, ctx["meta"], ctx["record"], {"autoencoder": step}, metrics))  # fmt: skip
-                barrier()
-                tick = time.time()
-            ctx["preempt"].check(step, save_resume)
+                                   _weights_meta(cfg, ctx["meta"], ctx["record"], {"autoencoder": loop.step}, metrics))  # fmt: skip
+                run.barrier()
     return model.eval().requires_grad_(False)
 
 
 @torch.no_grad()
-def training_codes(model: PhyloAutoencoder, cfg: PhyloConfig, ctx) -> tuple[torch.Tensor, torch.Tensor]:
+def training_codes(model: PhyloAutoencoder, run: TrainingRun, ctx) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes of every training image (and of its mirror image when `mirror`), on the device."""
-    loader = eval_loader(ctx["splits"]["train"], cfg, ctx["device"])
     codes, labels = [], []
-    for batch in loader:
+    for batch in eval_loader(ctx["splits"]["train"], run):
         if "image" in batch:
-            x = batch["image"].to(ctx["device"])
-            for view in (x, x.flip(3)) if cfg.mirror else (x,):
+            x = batch["image"].to(run.device)
+            for view in (x, x.flip(3)) if run.cfg.mirror else (x,):
                 codes.append(model.encode_codes(view))
-                labels.append(batch["label"].to(ctx["device"]))
+                labels.append(batch["label"].to(run.device))
     return torch.cat(codes), torch.cat(labels)
 
 
-def train_prior_stage(
-    cfg, ctx, autoencoder: PhyloAutoencoder, run_dir: Path, log: RunLog, quiet: bool
-) -> CodePrior:
-    env, device, main, world = ctx["env"], ctx["device"], ctx["env"].is_main, ctx["env"].world_size
+def train_prior_stage(run: TrainingRun, ctx, autoencoder: PhyloAutoencoder) -> CodePrior:
+    cfg, device, world = run.cfg, run.device, run.world
     levels = ctx["levels"]
     seed_everything(derive_seed(cfg.seed, "prior"))
     prior = build_prior(cfg, autoencoder, levels).to(device)
     opt = torch.optim.AdamW(prior.parameters(), lr=cfg.prior_lr, betas=(0.9, 0.95), weight_decay=0.01)
-    state_path, step, best = run_dir / "last_prior.pt", 0, {"nll": None, "step": None, "model": None}
-    if state_path.is_file():
-        state = checkpoint.load_state(state_path, device=str(device))
-        checkpoint.load_state_dict_checked(prior, state["model"], str(state_path))
+    state, step, best = run.load_state("last_prior.pt"), 0, {"nll": None, "step": None, "model": None}
+    if state is not None:
+        checkpoint.load_state_dict_checked(prior, state["model"], str(run.run_dir / "last_prior.pt"))
         opt.load_state_dict(state["opt"])
         step, best = state["step"], state["best"]
-    if world > 1:
-        for tensor in prior.state_dict().values():
-            torch.distributed.broadcast(tensor, 0)
-    codes, labels = training_codes(autoencoder, cfg, ctx)
+    run.broadcast(prior)
+    codes, labels = training_codes(autoencoder, run, ctx)
     val_codes, val_labels = analysis.encode_dataset(
-        autoencoder, eval_loader(ctx["splits"]["val"], cfg, device), device
+        autoencoder, eval_loader(ctx["splits"]["val"], run), device
     )
     val_codes, val_labels = val_codes.to(device), val_labels.to(device)
     assignment = ctx["assignment"]
     offsets = torch.tensor(levels.condition_offsets, device=device)
     species_cond = offsets[-1] + val_labels
-    window, count, tick = 0.0, 0, time.time()
 
     def save_resume() -> None:
         state = {
             "model": prior.state_dict(),
             "opt": opt.state_dict(),
-            "step": step,
+            "step": loop.step,
             "best": best,
             "config": to_dict(cfg),
         }
-        checkpoint.save_state(state_path, state)
+        run.save_state(state, "last_prior.pt")
 
-    with Progress(max(cfg.prior_steps - step, 0), "train phylo: prior", enabled=main and not quiet) as bar:
-        while step < cfg.prior_steps:
-            torch.manual_seed(derive_seed(cfg.seed, "prior", step, env.rank))
-            prior.train()
-            loss = prior_step(prior, opt, codes, labels, assignment, offsets, levels.n_levels, cfg.prior_batch_size // world,
-                              world)  # fmt: skip
-            window, count, step = window + loss.double(), count + 1, step + 1
-            shown = {}
-            if step % cfg.log_every == 0 or step == cfg.prior_steps:
-                mean = float(window / count)
-                if not math.isfinite(mean):
-                    raise FloatingPointError(f"non-finite prior loss at step {step}; lower --prior-lr")
-                rate = count * cfg.prior_batch_size / max(time.time() - tick, 1e-9)
-                log.write(step, "train", stage="prior", prior_nll=mean, sequences_per_s=round(rate, 2))
-                shown, window, count, tick = {"nll": round(mean, 3)}, 0.0, 0, time.time()
-            bar.update(1, **shown)
-            if step % cfg.prior_eval_every == 0 or step == cfg.prior_steps:
-                if main:
+    loop = run.steps(cfg.prior_steps, step, name="train phylo: prior", log_every=cfg.log_every,
+                     samples_per_step=cfg.prior_batch_size, save=save_resume, seed_key="prior", stage="prior",
+                     rate_key="sequences_per_s", state=state, hint="lower --prior-lr")  # fmt: skip
+    for _ in loop:
+        prior.train()
+        loss = prior_step(prior, opt, codes, labels, assignment, offsets, levels.n_levels, cfg.prior_batch_size // world,
+                          world)  # fmt: skip
+        loop.log({"prior_nll": loss}, show=("prior_nll",))
+        if loop.due(cfg.prior_eval_every):
+            with loop.paused():
+                if run.main:
                     prior.eval()
                     with torch.no_grad():
                         nll = float(prior.loss(species_cond, val_codes))
                     improved = best["nll"] is None or nll < best["nll"]
-                    log.write(step, "val", stage="prior", prior_nll=nll, best=improved)
+                    run.log.write(loop.step, "val", stage="prior", prior_nll=nll, best=improved)
                     if improved:  # keep the prior that predicts held-out images' codes best
                         weights = {k: v.detach().clone() for k, v in prior.state_dict().items()}
-                        best = {"nll": nll, "step": step, "model": weights}
-                        steps = {"autoencoder": cfg.steps, "prior": step}
+                        best = {"nll": nll, "step": loop.step, "model": weights}
+                        steps = {"autoencoder": cfg.steps, "prior": loop.step}
                         meta = _weights_meta(cfg, ctx["meta"], ctx["record"], steps, {"prior_val_nll": nll})
-                        save_phylo(run_dir / RUN_FILE, autoencoder, prior, meta)
+                        save_phylo(run.run_dir / RUN_FILE, autoencoder, prior, meta)
                     save_resume()
-                barrier()
-                tick = time.time()
-            ctx["preempt"].check(step, save_resume)
+                run.barrier()
     if best["model"] is not None:
         prior.load_state_dict(best["model"])
     return prior.eval().requires_grad_(False)
@@ -518,47 +473,33 @@ def train_prior_stage(
 
 def train_phylo(cfg: PhyloConfig, run_dir: Path, resume: bool = False, quiet: bool = False) -> dict:
     """The three stages, then the code-tree correlation analysis; returns the summary (summary.json)."""
-    cfg.validate()
-    preempt = preemption.watch(
-        run_dir
-    )  # SIGUSR1/SIGTERM: the stage's resume state between two steps, requeue
-    env = dist_env()
-    device = resolve_device(cfg.device, env.local_rank)
-    init_distributed(env, device)
-    main = env.is_main
-    if main:
-        meta, path, levels, splits = build_data(cfg, quiet)
-    barrier()
-    if not main:
-        meta, path, levels, splits = build_data(cfg, True)
+    run = TrainingRun(cfg, run_dir, resume, quiet, tune=False)
+    meta, path, levels, splits = run.prepare(lambda quiet: build_data(cfg, quiet))
     record = phylogeny_record(path, cfg.cuts, meta.class_names)
-    ctx = {"env": env, "device": device, "meta": meta, "levels": levels, "splits": splits, "record": record, "preempt": preempt,
-           "assignment": torch.as_tensor(levels.assignment, device=device)}  # fmt: skip
-    if main:
-        write_text(run_dir / "config.yaml", to_yaml(cfg))
-        write_text(run_dir / "levels.json", json.dumps(levels.summary(), indent=1))
-        mark_run(run_dir, status="running", world_size=env.world_size, device=str(device))
+    ctx = {"meta": meta, "levels": levels, "splits": splits, "record": record,
+           "assignment": torch.as_tensor(levels.assignment, device=run.device)}  # fmt: skip
+    log = run.begin()
+    if run.main:
+        write_text(run.run_dir / "levels.json", json.dumps(levels.summary(), indent=1))
         if not quiet:
             counts = ", ".join(f"level {lv}: {len(g)}" for lv, g in enumerate(levels.groups))
             print(f"tree {path}: groups per level {counts}", flush=True)
-    log = RunLog(run_dir / "log.jsonl", enabled=main)
-    autoencoder = train_autoencoder_stage(cfg, ctx, False, run_dir, log, quiet)
-    train_prior_stage(cfg, ctx, autoencoder, run_dir, log, quiet)
+    autoencoder = train_autoencoder_stage(run, ctx, False, run.run_dir, log)
+    train_prior_stage(run, ctx, autoencoder)
     baseline = None
     if cfg.baseline:
-        (run_dir / "baseline").mkdir(exist_ok=True)
-        baseline_log = RunLog(run_dir / "baseline" / "log.jsonl", enabled=main)
-        baseline = train_autoencoder_stage(cfg, ctx, True, run_dir / "baseline", baseline_log, quiet)
+        (run.run_dir / "baseline").mkdir(exist_ok=True)
+        baseline_log = run.open_log(run.run_dir / "baseline" / "log.jsonl")
+        baseline = train_autoencoder_stage(run, ctx, True, run.run_dir / "baseline", baseline_log)
 
     summary = {"run_dir": str(run_dir), "steps": {"autoencoder": cfg.steps, "prior": cfg.prior_steps,
                                                   "baseline": cfg.steps if cfg.baseline else 0}}  # fmt: skip
-    if main:
-        test = eval_loader(splits["test"], cfg, device)
-        codes = analysis.encode_dataset(autoencoder, test, device)
-        plain = analysis.encode_dataset(baseline, test, device) if baseline is not None else None
+    if run.main:
+        test = eval_loader(splits["test"], run)
+        codes = analysis.encode_dataset(autoencoder, test, run.device)
+        plain = analysis.encode_dataset(baseline, test, run.device) if baseline is not None else None
         result = analysis.correlations(*codes, autoencoder, levels, plain)
-        summary["correlation"] = analysis.write_report(result, run_dir / "analysis")["levels"]
-        write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
-        mark_run(run_dir, status="finished")
-    barrier()
+        summary["correlation"] = analysis.write_report(result, run.run_dir / "analysis")["levels"]
+    run.finish(summary)
+    run.barrier()
     return summary

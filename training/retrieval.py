@@ -11,41 +11,36 @@ SIGUSR1/SIGTERM (SLURM's time limit or preemption) save `last.pt` after the curr
 
 from __future__ import annotations
 
-import json
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
-from core import checkpoint, preemption
-from core.atomic import write_text
-from core.config import require_positive, to_dict, to_yaml
-from core.device import autocast, loader_settings, resolve_device
-from core.distributed import barrier, dist_env, init_distributed
+from core import checkpoint
+from core.config import MAX_LR, require_positive, require_range, to_dict, validate_blocks
+from core.device import HardwareConfig, autocast
 from core.errors import UserError
-from core.progress import Progress
-from core.rundir import mark_run
-from core.runlog import RunLog
-from core.seeding import derive_seed, seed_everything
+from core.seeding import seed_everything
 from datasets.bioscan.hdf5 import BioscanSplit, check_split
 from datasets.bioscan.taxonomy import token_groups
+from datasets.registry import check_image_size
 from models.retrieval import RetrievalModel, RetrievalSpec
 from testing.retrieval.embed import model_inputs
 from testing.retrieval.evaluate import parse_pairs, score_model
 from testing.retrieval.protocol import selection_score
-from training.gan import StepBatches
+from training.lifecycle import ShuffledSteps, TrainingRun
 from training.losses_retrieval import contrastive_loss, modality_pairs
 
 PRESETS = Path(__file__).parent / "presets" / "retrieval.yaml"
+SELECTIONS = ("micro_macro", "micro")
 
 
 @dataclass
 class RetrievalConfig:
-    # data
-    data: str | None = None  # BIOSCAN HDF5 file; None: the synthetic world exported to that layout
+    # data: a BIOSCAN HDF5 file with its fixed splits (no datasets.registry.DataConfig: no val share, crop or
+    # image folder to choose), or the synthetic world exported to that layout
+    data: str | None = None
     world: str = "default"
     data_dir: str | None = None
     train_split: str = "no_split_and_seen_train"
@@ -58,17 +53,18 @@ class RetrievalConfig:
     image_arch: str = "vit_b_16"
     image_size: int = 224
     weights: str = "imagenet"  # image tower: imagenet, none or PATH
-    dna_weights: str | None = None  # BarcodeBERT checkpoint
-    dna_k: int = 5
-    dna_stride: int = 5
-    dna_max_len: int = 660
+    dna_weights: str | None = None  # BarcodeBERT checkpoint (v1 or v2): its tokenisation and BERT size
+    dna_k: int | None = None  # None: the checkpoint's, else 5
+    dna_stride: int | None = None  # None: the checkpoint's, else k
+    dna_max_len: int | None = None  # None: the checkpoint's, else 660
     dna_bert: dict = field(default_factory=dict)
     text_buckets: int = 65536
     text_width: int = 256
     text_layers: int = 2
     temperature: float = 0.07
     learn_temperature: bool = True
-    mask_text_duplicates: bool = True  # same taxonomy tokens: not a negative in pairs with text
+    logit_scale_max: float | None = None  # None: unclamped, as CLIBD; else the logit scale's ceiling
+    mask_text_duplicates: bool = False  # same taxonomy tokens: not a negative in pairs with text (CLIBD: no)
     mask_same_species: bool = False  # same species: not a negative in image-DNA pairs
     # optimisation (batch_size per process, as CLIBD)
     batch_size: int = 500
@@ -77,34 +73,61 @@ class RetrievalConfig:
     lr_reference_batch: int | None = 500
     weight_decay: float = 0.01
     pct_start: float = 0.3
-    crop_scale: float = 0.5
+    crop_scale: float = 0.08  # smallest area share of RandomResizedCrop (CLIBD: torchvision's 0.08)
+    crop_whole_image: bool = True  # crops of the whole resized image (CLIBD); False: of its centre square
+    rotation: float = 45.0  # random rotation of +- this many degrees after the crop (CLIBD: 45)
     vflip: bool = True
+    # model selection: CLIBD's mean of micro and macro top-1 over every pair, rank and split ("micro_macro"),
+    # or the mean micro top-1 ("micro"); no evaluation before eval_skip_epochs (CLIBD: 23 on 1M, 10 on 5M)
+    selection: str = "micro_macro"
+    eval_skip_epochs: float = 0.0
     # bookkeeping
     eval_every: int = 0  # steps between evaluations; 0: once per epoch
     eval_batch_size: int = 256
     log_every: int = 50
-    device: str = "auto"
-    amp: bool = True
-    num_workers: int | None = None
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
     seed: int = 42
 
     def validate(self) -> None:
-        require_positive(
-            self, "batch_size", "epochs", "lr", "embed_dim", "image_size", "log_every", "eval_batch_size"
-        )
+        validate_blocks(self)
+        require_positive(self, "batch_size", "epochs", "lr", "embed_dim", "log_every", "eval_batch_size")
+        require_range(self, "lr", 0, MAX_LR)
+        check_image_size(self.image_size)
         if self.eval_every < 0:
             raise UserError(f"--eval-every must be >= 0, got {self.eval_every}")
         if not 0 < self.crop_scale <= 1:
             raise UserError(f"--crop-scale must be in (0, 1], got {self.crop_scale}")
+        if not 0 <= self.rotation <= 180:
+            raise UserError(f"rotation must be between 0 and 180 degrees, got {self.rotation}")
+        if self.selection not in SELECTIONS:
+            raise UserError(f"selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
+        if not 0 <= self.eval_skip_epochs < self.epochs:
+            raise UserError(f"eval_skip_epochs must be in [0, epochs), got {self.eval_skip_epochs}")
+        if self.logit_scale_max is not None and not self.logit_scale_max > 1:
+            raise UserError(f"logit_scale_max must be above 1 or null, got {self.logit_scale_max}")
         if not 0 < self.pct_start < 1:
             raise UserError(f"--pct-start must be in (0, 1), got {self.pct_start}")
         self.spec()
 
     def spec(self) -> RetrievalSpec:
+        """The model's spec; with `dna_weights`, the DNA tower's tokenisation and size are the checkpoint's
+        (the options may fill what it does not say, and only dropout may differ)."""
+        k = self.dna_k or 5
+        dna = {"dna_k": k, "dna_stride": self.dna_stride or k, "dna_max_len": self.dna_max_len or 660,
+               "dna_bert": dict(self.dna_bert)}  # fmt: skip
+        if self.dna_weights and "dna" in self.modalities:
+            from models.retrieval.barcodebert import read_barcodebert
+
+            dna = read_barcodebert(
+                self.dna_weights, self.dna_k, self.dna_stride, self.dna_max_len, tensors=False
+            ).spec_fields()
+            dropout = {k: v for k, v in self.dna_bert.items() if k.endswith("dropout_prob")}
+            dna["dna_bert"] = {**dna["dna_bert"], **dropout}
         return RetrievalSpec(
-            tuple(self.modalities), self.embed_dim, self.image_arch, self.image_size, self.dna_k, self.dna_stride,
-            self.dna_max_len, dict(self.dna_bert), self.text_buckets, self.text_width, self.text_layers,
-            self.temperature, self.learn_temperature,
+            tuple(self.modalities), self.embed_dim, self.image_arch, self.image_size, **dna,
+            text_buckets=self.text_buckets, text_width=self.text_width, text_layers=self.text_layers,
+            temperature=self.temperature, learn_temperature=self.learn_temperature,
+            logit_scale_max=self.logit_scale_max,
         )  # fmt: skip
 
     def data_path(self, quiet: bool = False) -> Path:
@@ -150,119 +173,98 @@ def _weights_meta(cfg: RetrievalConfig, model: RetrievalModel, data: Path, step:
 
 def _validate(cfg: RetrievalConfig, model, data: Path, device, pairs, quiet: bool) -> dict:
     splits = [f"{cfg.val_on}_seen", f"{cfg.val_on}_unseen"]
-    rows, _ = score_model(model, data, splits, cfg.key_split, pairs, device, cfg.eval_batch_size,
-                          cfg.num_workers, cfg.amp, quiet=True)  # fmt: skip
-    flat = {f"{r['query']}_{r['key']}_{r['rank']}_{r['kind']}": r["value"]
-            for r in rows if r["metric"] == "micro" and r["k"] == 1}  # fmt: skip
-    return {"score": selection_score(rows), **flat}
+    rows = score_model(model, data, splits, cfg.key_split, pairs, device, cfg.eval_batch_size,
+                       cfg.hardware.num_workers, cfg.hardware.amp, quiet=True).rows  # fmt: skip
+    flat = {f"{r['query']}_{r['key']}_{r['rank']}_{r['kind']}_{r['metric']}": r["value"]
+            for r in rows if r["metric"] in ("micro", "macro") and r["k"] == 1}  # fmt: skip
+    return {"score": selection_score(rows, cfg.selection), **flat}
 
 
 def train_retrieval(cfg: RetrievalConfig, run_dir: Path, resume: bool = False, quiet: bool = False) -> dict:
     """Train, evaluate, keep best and last; returns the summary written to summary.json."""
-    cfg.validate()
-    preempt = preemption.watch(run_dir)  # SIGUSR1/SIGTERM: save last.pt between two steps, requeue
-    env = dist_env()
-    device = resolve_device(cfg.device, env.local_rank)
-    init_distributed(env, device)
-    main = env.is_main
-    data = cfg.data_path(quiet=quiet or not main) if main else None
-    barrier()
-    data = data or cfg.data_path(quiet=True)
+    run = TrainingRun(cfg, run_dir, resume, quiet, tune=False)
+    device = run.device
+    data = run.prepare(lambda quiet: cfg.data_path(quiet=quiet))
     modalities = tuple(cfg.modalities)
     for split in (cfg.train_split, f"{cfg.val_on}_seen", f"{cfg.val_on}_unseen", cfg.key_split):
         check_split(data, split, modalities)
     spec = cfg.spec()
     train_set = BioscanSplit(data, cfg.train_split, modalities, spec.load_size, spec.dna_tokenizer,
-                             spec.text_tokenizer, cfg.dna_unknown)  # fmt: skip
+                             spec.text_tokenizer, cfg.dna_unknown, whole_image=cfg.crop_whole_image)  # fmt: skip
 
     seed_everything(cfg.seed)
     model = build_model(cfg).to(device)
-    net = model
-    if env.enabled:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    sampler = StepBatches(train_set, cfg.batch_size, env.rank, env.world_size, cfg.seed)
+    net = run.ddp(model)
+    sampler = ShuffledSteps(train_set, cfg.batch_size, run.rank, run.world, cfg.seed)
     total_steps = max(1, math.ceil(cfg.epochs * sampler.per_epoch))
     eval_every = cfg.eval_every or sampler.per_epoch
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.peak_lr(env.world_size), weight_decay=cfg.weight_decay
+        model.parameters(), lr=cfg.peak_lr(run.world), weight_decay=cfg.weight_decay
     )
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.peak_lr(env.world_size), total_steps=total_steps,
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.peak_lr(run.world), total_steps=total_steps,
                                                    pct_start=cfg.pct_start, anneal_strategy="cos", cycle_momentum=False)  # fmt: skip
-    step, best = 0, {"score": -1.0, "step": None}
-    if resume and (run_dir / "last.pt").is_file():
-        state = checkpoint.load_state(run_dir / "last.pt", device=str(device))
-        checkpoint.load_state_dict_checked(model, state["model"], str(run_dir / "last.pt"))
+    state, step, best = run.load_state(), 0, {"score": -1.0, "step": None}
+    if state is not None:
+        checkpoint.load_state_dict_checked(model, state["model"], str(run.run_dir / "last.pt"))
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         step, best = state["step"], state["best"]
     sampler.start = step
-    loader = DataLoader(train_set, batch_sampler=sampler, **loader_settings(device, cfg.num_workers))
-    batches = iter(loader)
+    batches = iter(run.loader(train_set, batch_sampler=sampler))
     pairs = parse_pairs(None, modalities)
-    if main:
-        write_text(run_dir / "config.yaml", to_yaml(cfg))
-        mark_run(run_dir, status="running", world_size=env.world_size, device=str(device), data=str(data))
-    log = RunLog(run_dir / "log.jsonl", enabled=main, resume_step=step if resume else None)
+    run.begin(data=str(data))
 
-    def resume_state() -> dict:
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                "step": step, "best": best, "config": to_dict(cfg)}  # fmt: skip
+    def save_resume() -> None:
+        run.save_state({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                        "step": loop.step, "best": best, "config": to_dict(cfg)})  # fmt: skip
+
+    def fields() -> dict:
+        return {"epoch": round(loop.step / sampler.per_epoch, 3), "lr": optimizer.param_groups[0]["lr"]}
 
     names = [
         f"loss_{a}_{b}" for a, b in modality_pairs([m for m in ("image", "dna", "text") if m in modalities])
     ]
-
-    window, window_steps, tick = None, 0, time.time()
-    with Progress(max(total_steps - step, 0), "train retrieval", enabled=main and not quiet) as bar:
-        while step < total_steps:
-            torch.manual_seed(derive_seed(cfg.seed, "step", step, env.rank))
-            batch = next(batches)
-            inputs = model_inputs(batch, device, cfg.image_size, train=True, vflip=cfg.vflip,
-                                  crop_scale=(cfg.crop_scale, 1.0))  # fmt: skip
-            targets: dict = {}
-            if "text_ids" in inputs and cfg.mask_text_duplicates:
-                targets["text_groups"] = token_groups(inputs["text_ids"], inputs["text_mask"])
-            if cfg.mask_same_species:
-                targets["species_groups"] = inputs["lineage"][:, -1]
-            model.train()
-            out = train_step(net, model, inputs, optimizer, schedule, env.rank, cfg.amp, targets)
-            model.logit_scale.data.clamp_(max=math.log(100.0))
-            values = torch.cat([out["loss"][None], out["pairs"], out["logit_scale"][None]]).double()
-            window = values if window is None else window + values
-            window_steps += 1
-            step += 1
-            shown = {}
-            if step % cfg.log_every == 0 or step == total_steps:
-                means = (window / window_steps).tolist()
-                if not math.isfinite(means[0]):
-                    raise FloatingPointError(f"non-finite retrieval loss at step {step}: lower --lr")
-                rate = window_steps * cfg.batch_size * env.world_size / max(time.time() - tick, 1e-9)
-                log.write(step, "train", epoch=round(step / sampler.per_epoch, 3), loss=means[0],
-                          **dict(zip(names, means[1:-1], strict=True)), logit_scale=means[-1],
-                          lr=optimizer.param_groups[0]["lr"], records_per_s=round(rate, 1))  # fmt: skip
-                shown = {"loss": round(means[0], 4)}
-                window, window_steps, tick = None, 0, time.time()
-            bar.update(1, **shown)
-            if step % eval_every == 0 or step == total_steps:
-                if main:
+    loop = run.steps(total_steps, step, name="train retrieval", log_every=cfg.log_every,
+                     samples_per_step=cfg.batch_size * run.world, save=save_resume, fields=fields,
+                     rate_key="records_per_s", state=state)  # fmt: skip
+    first_eval = cfg.eval_skip_epochs * sampler.per_epoch  # CLIBD skips evaluating the first epochs
+    for _ in loop:
+        batch = next(batches)
+        inputs = model_inputs(batch, device, cfg.image_size, train=True, vflip=cfg.vflip,
+                              crop_scale=(cfg.crop_scale, 1.0), rotation=cfg.rotation)  # fmt: skip
+        targets: dict = {}
+        if "text_ids" in inputs and cfg.mask_text_duplicates:
+            targets["text_groups"] = token_groups(inputs["text_ids"], inputs["text_mask"])
+        if cfg.mask_same_species:
+            targets["species_groups"] = inputs["lineage"][:, -1]
+        model.train()
+        out = train_step(net, model, inputs, optimizer, schedule, run.rank, cfg.hardware.amp, targets)
+        losses = {
+            "loss": out["loss"],
+            **dict(zip(names, out["pairs"], strict=True)),
+            "logit_scale": out["logit_scale"],
+        }
+        loop.log(losses, show=("loss",))
+        if (loop.step % eval_every == 0 and loop.step >= first_eval) or loop.step == total_steps:
+            with loop.paused():
+                if run.main:
                     val = _validate(cfg, model, data, device, pairs, quiet)
-                    log.write(step, "val", epoch=round(step / sampler.per_epoch, 3), **val)
+                    run.log.write(loop.step, "val", epoch=round(loop.step / sampler.per_epoch, 3), **val)
                     if not quiet:
-                        print(f"step {step}: val mean micro top-1 {val['score']:.4f}", flush=True)
-                    meta = _weights_meta(cfg, model, data, step, {"val": val})
-                    checkpoint.save_weights(run_dir / "last.safetensors", model.state_dict(), meta)
+                        print(f"step {loop.step}: val {cfg.selection} top-1 {val['score']:.4f}", flush=True)
+                    meta = _weights_meta(cfg, model, data, loop.step, {"val": val})
+                    checkpoint.save_weights(run.run_dir / "last.safetensors", model.state_dict(), meta)
                     if val["score"] > best["score"]:
-                        best = {"score": val["score"], "step": step}
-                        checkpoint.save_weights(run_dir / "best.safetensors", model.state_dict(), meta)
-                    checkpoint.save_state(run_dir / "last.pt", resume_state())
-                barrier()
-                tick = time.time()
-            preempt.check(step, lambda: checkpoint.save_state(run_dir / "last.pt", resume_state()))
+                        best = {"score": val["score"], "step": loop.step}
+                        checkpoint.save_weights(run.run_dir / "best.safetensors", model.state_dict(), meta)
+                    save_resume()
+                run.barrier()
 
-    summary = {"best": best, "steps": step, "epochs": cfg.epochs, "data": str(data), "run_dir": str(run_dir)}
-    if main:
-        write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
-        mark_run(run_dir, status="finished")
-    return summary
+    summary = {
+        "best": best,
+        "steps": loop.step,
+        "epochs": cfg.epochs,
+        "data": str(data),
+        "run_dir": str(run_dir),
+    }
+    return run.finish(summary)

@@ -15,27 +15,18 @@ its loss parts on the device and reads them once per `log_every` steps, where it
 
 from __future__ import annotations
 
-import json
-import math
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
-from core import checkpoint, preemption
-from core.atomic import write_text
-from core.config import MAX_LR, require_positive, require_range, to_dict, to_yaml
-from core.device import autocast, autotune, loader_settings, resolve_device
-from core.distributed import barrier, dist_env, init_distributed
-from core.errors import TrainingDiverged, UserError
-from core.progress import Progress
-from core.rundir import mark_run
-from core.runlog import RunLog
-from core.seeding import derive_seed, seed_everything
+from core import checkpoint
+from core.config import MAX_LR, require_positive, require_range, to_dict, validate_blocks
+from core.device import HardwareConfig, autocast
+from core.errors import UserError
+from core.seeding import seed_everything
 from datasets.gpu_transforms import to_model_batch
-from datasets.registry import DataSpec, build_dataset, collate_skipping, resolve_meta
+from datasets.registry import DataConfig, build_dataset, collate_skipping, resolve_meta
 from models.classifiers import load_classifier
 from models.stylegan2.checkpoint import load_generator
 from models.viscoin import ConceptDecoder, ConceptExtractor, Explainer
@@ -48,6 +39,7 @@ from testing.viscoin.evaluate import (
     selection_score,
 )
 from training import viscoin_losses as losses
+from training.lifecycle import DrawnSteps, TrainingRun
 
 PRESETS = Path(__file__).parent / "presets" / "viscoin.yaml"
 DEFAULT_PRESET = {"world": "tiny", "cub": "cub", "folder": "cub"}
@@ -55,9 +47,9 @@ DEFAULT_PRESET = {"world": "tiny", "cub": "cub", "folder": "cub"}
 
 @dataclass
 class VisCoINConfig:
-    dataset: str = "world"
-    data_dir: str | None = None
-    world: str = "default"
+    data: DataConfig = field(
+        default_factory=DataConfig
+    )  # image_size: the classifier's, set when training starts
     classifier: str | None = None  # default checkpoints/<dataset>/classifier.safetensors
     generator: str | None = None  # default checkpoints/<dataset>/gan.safetensors
     n_concepts: int = 256
@@ -84,22 +76,19 @@ class VisCoINConfig:
     select_metric: str = "fidelity"  # picks best.safetensors (testing.viscoin.SELECT_METRICS)
     checkpoint_every: int = 10000
     log_every: int = 50
-    val_fraction: float = 0.1
-    device: str = "auto"
-    amp: bool = True
-    num_workers: int | None = None
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
     seed: int = 0
     amp_lpips: bool = False  # LPIPS-VGG under bf16 too (its input gradients then differ by 15-25%: opt-in)
     compile: bool = False  # torch.compile f and the trainable trio (opt-in: not measured to win yet)
 
     def validate(self) -> None:
+        validate_blocks(self)
         require_positive(self, "batch_size", "iterations", "grad_accum", "lr", "n_concepts", "latent_channels",
                          "decoder_lr_multiplier",
                          "eval_every", "eval_images", "checkpoint_every", "log_every", "lr_decay_every")  # fmt: skip
         for name in ("alpha", "beta", "gamma", "delta", "w_reg", "warmup"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name} must not be negative")
-        require_range(self, "num_workers", 0, optional=True)
         require_range(self, "lr", 0, MAX_LR)
         if self.select_metric not in SELECT_METRICS:
             raise UserError(
@@ -119,38 +108,19 @@ def default_checkpoint(dataset: str, kind: str) -> Path:
 
 def resolve_inputs(cfg: VisCoINConfig) -> tuple[Path, Path]:
     """Paths of f and G, naming the command that produces a missing one."""
-    clf = Path(cfg.classifier) if cfg.classifier else default_checkpoint(cfg.dataset, "classifier")
-    gan = Path(cfg.generator) if cfg.generator else default_checkpoint(cfg.dataset, "gan")
+    clf = Path(cfg.classifier) if cfg.classifier else default_checkpoint(cfg.data.dataset, "classifier")
+    gan = Path(cfg.generator) if cfg.generator else default_checkpoint(cfg.data.dataset, "gan")
     if not (clf.is_file() or (clf.is_dir() and (clf / "best.safetensors").is_file())):
         raise UserError(
-            f"no trained classifier at {clf}: run `python main.py train classifier --dataset {cfg.dataset}` "
+            f"no trained classifier at {clf}: run `python main.py train classifier --dataset {cfg.data.dataset}` "
             f"and pass --classifier RUN_DIR (or copy its best.safetensors + .yaml there)"
         )
     if not gan.exists():
         raise UserError(
-            f"no pretrained generator at {gan}: run `python main.py train gan --dataset {cfg.dataset}` or "
+            f"no pretrained generator at {gan}: run `python main.py train gan --dataset {cfg.data.dataset}` or "
             f"`python main.py import-gan SNAPSHOT.pkl --out {gan}`, or pass --generator"
         )
     return clf, gan
-
-
-class StepBatches:
-    """Batch sampler drawing each step's real images from a generator seeded by (seed, step, rank).
-
-    Steps are independent of each other, so resuming at step s draws exactly what an uninterrupted run draws
-    (the augmentation is drawn on the device from the step's seed, whatever the number of workers).
-    """
-
-    def __init__(self, n: int, batch: int, seed: int, rank: int, start: int, stop: int):
-        self.n, self.batch, self.seed, self.rank, self.start, self.stop = n, batch, seed, rank, start, stop
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-    def __iter__(self):
-        for step in range(self.start, self.stop):
-            g = torch.Generator().manual_seed(derive_seed(self.seed, "batch", step, self.rank))
-            yield torch.randint(0, self.n, (self.batch,), generator=g).tolist()
 
 
 class VisCoINNet(torch.nn.Module):
@@ -191,16 +161,16 @@ def viscoin_step(m: StepModels, real: torch.Tensor, optimisers: list[torch.optim
     totals: dict[str, torch.Tensor] = {}
     for part in range(cfg.grad_accum):
         chunk = real[part * micro : (part + 1) * micro]
-        with torch.no_grad(), autocast(device, cfg.amp):
+        with torch.no_grad(), autocast(device, cfg.hardware.amp):
             fake = m.G(torch.randn(len(chunk), m.G.z_dim, device=device), noise_mode="random").clamp(-1, 1)
             x = torch.cat([chunk, fake.to(chunk.dtype)])
             logits_f, features = m.classifier(x)
-        with autocast(device, cfg.amp):
+        with autocast(device, cfg.hardware.amp):
             concepts, logits_theta, x_hat, ws = (m.net if m.ddp is None else m.ddp)(features)
             logits_hat, _ = m.classifier(x_hat)
         distance = None
         if m.lpips is not None and cfg.beta > 0:
-            with autocast(device, cfg.amp and cfg.amp_lpips):
+            with autocast(device, cfg.hardware.amp and cfg.amp_lpips):
                 distance = m.lpips(x_hat, x)
         parts = losses.reconstruction(x_hat, x, logits_f, logits_hat, distance, cfg.beta, cfg.gamma)
         parts["ortho"] = losses.orthogonality(extractor.conv5.weight)
@@ -224,20 +194,18 @@ def viscoin_step(m: StepModels, real: torch.Tensor, optimisers: list[torch.optim
     return totals
 
 
-def step_models(
-    classifier, G, net: VisCoINNet, lpips, cfg: VisCoINConfig, distributed: bool = False
-) -> StepModels:
+def step_models(classifier, G, net: VisCoINNet, lpips, cfg: VisCoINConfig, ddp=None) -> StepModels:
     """The step's models as `train viscoin` runs them: on CUDA channels_last (f, G, the trio with Omega's
-    synthesis, LPIPS's VGG); the trio in DDP when `distributed`; f and the trio compiled when `cfg.compile`."""
+    synthesis, LPIPS's VGG); the trio wrapped by `ddp` (the run's DDP wrapper, which leaves it alone without a
+    launcher); f and the trio compiled when `cfg.compile`."""
     device = next(net.parameters()).device
     cuda = device.type == "cuda"
     if cuda:
         for module in (classifier, G, net, lpips):
             if module is not None:
                 module.to(memory_format=torch.channels_last)
-    ddp = None
-    if distributed:
-        ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if cuda else None)
+    wrapped = ddp(net) if ddp is not None else net
+    ddp = None if wrapped is net else wrapped
     models = StepModels(classifier, G, net, lpips, ddp)
     if cfg.compile:
         models.classifier, models.ddp = torch.compile(classifier), torch.compile(net if ddp is None else ddp)
@@ -266,13 +234,8 @@ def _lr_factor(cfg: VisCoINConfig):
 
 
 def train_viscoin(cfg: VisCoINConfig, run_dir: Path, resume: bool = False, quiet: bool = False) -> dict:
-    cfg.validate()
-    preempt = preemption.watch(run_dir)  # SIGUSR1/SIGTERM: save last.pt between two steps, requeue
-    env = dist_env()
-    device = resolve_device(cfg.device, env.local_rank)
-    autotune(device)
-    init_distributed(env, device)
-    main = env.is_main
+    run = TrainingRun(cfg, run_dir, resume, quiet)
+    device = run.device
     clf_path, gan_path = resolve_inputs(cfg)
     classifier, clf_meta = load_classifier(clf_path, device=str(device))
     classifier.eval().requires_grad_(False)
@@ -282,15 +245,12 @@ def train_viscoin(cfg: VisCoINConfig, run_dir: Path, resume: bool = False, quiet
         raise UserError(
             f"the classifier works at {image_size} px but the generator makes {G.img_resolution} px images"
         )
-    spec = DataSpec(cfg.dataset, cfg.data_dir, cfg.world, image_size, cfg.val_fraction, cfg.seed)
-    if main:
-        meta = resolve_meta(spec, quiet=quiet)
-    barrier()
-    if not main:
-        meta = resolve_meta(spec, quiet=True)
+    cfg.data.image_size = image_size  # recorded in config.yaml as the size the run works at
+    spec = cfg.data.spec(cfg.seed)
+    meta = run.prepare(lambda quiet: resolve_meta(spec, quiet=quiet))
     if meta.num_classes != classifier.num_classes:
         raise UserError(
-            f"the classifier predicts {classifier.num_classes} classes; dataset {cfg.dataset} has {meta.num_classes}"
+            f"the classifier predicts {classifier.num_classes} classes; dataset {cfg.data.dataset} has {meta.num_classes}"
         )
     train_set = build_dataset(spec, "train", train_transform=True, meta=meta, output="uint8")
     val_set = build_dataset(spec, "val", train_transform=False, meta=meta, attributes=None)
@@ -308,16 +268,14 @@ def train_viscoin(cfg: VisCoINConfig, run_dir: Path, resume: bool = False, quiet
         learn_w_avg=cfg.learn_w_avg,
     )
     net = VisCoINNet(extractor, explainer, decoder).to(device)
-    models = step_models(classifier, G, net, load_lpips(cfg.lpips_weights, device), cfg, env.enabled)
-    lpips, cuda = models.lpips, device.type == "cuda"
+    models = step_models(classifier, G, net, load_lpips(cfg.lpips_weights, device), cfg, run.ddp)
+    lpips = models.lpips
     opt_concepts, opt_decoder = build_optimisers(net, cfg)
     schedules = [torch.optim.lr_scheduler.LambdaLR(o, _lr_factor(cfg)) for o in (opt_concepts, opt_decoder)]
 
-    step = 0
-    best = {"score": float("inf"), "step": None}
-    if resume and (run_dir / "last.pt").is_file():
-        state = checkpoint.load_state(run_dir / "last.pt", device=str(device))
-        checkpoint.load_state_dict_checked(net, state["model"], str(run_dir / "last.pt"))
+    state, step, best = run.load_state(), 0, {"score": float("inf"), "step": None}
+    if state is not None:
+        checkpoint.load_state_dict_checked(net, state["model"], str(run.run_dir / "last.pt"))
         opt_concepts.load_state_dict(state["opt_concepts"])
         opt_decoder.load_state_dict(state["opt_decoder"])
         for schedule, s in zip(schedules, state["schedules"], strict=True):
@@ -327,7 +285,7 @@ def train_viscoin(cfg: VisCoINConfig, run_dir: Path, resume: bool = False, quiet
     weights_meta = {
         "kind": "viscoin",
         "image_size": image_size,
-        "dataset": {"name": cfg.dataset, "root": str(meta.root), "num_classes": meta.num_classes, "world": cfg.world},
+        "dataset": {"name": cfg.data.dataset, "root": str(meta.root), "num_classes": meta.num_classes, "world": cfg.data.world},
         "class_names": meta.class_names,
         "configs": part_configs(extractor, explainer, decoder),
         "classifier": {"path": str(Path(clf_path if clf_path.is_file() else clf_path / "best.safetensors").resolve()),
@@ -335,93 +293,59 @@ def train_viscoin(cfg: VisCoINConfig, run_dir: Path, resume: bool = False, quiet
         "generator": {"path": str(gan_path.resolve()), "source": gan_meta.get("source")},
         "config": to_dict(cfg),
     }  # fmt: skip
-    if main:
-        write_text(run_dir / "config.yaml", to_yaml(cfg))
-        mark_run(run_dir, status="running", world_size=env.world_size, device=str(device))
-    log = RunLog(run_dir / "log.jsonl", enabled=main, resume_step=step if resume else None)
+    run.begin()
     eval_subset = fixed_subset(val_set, cfg.eval_images, cfg.seed)
-    eval_loader = DataLoader(eval_subset, batch_size=max(cfg.batch_size, 16), shuffle=False,
-                             collate_fn=collate_skipping, **loader_settings(device, cfg.num_workers))  # fmt: skip
-    micro = cfg.batch_size
-    loader = DataLoader(
-        train_set,
-        batch_sampler=StepBatches(
-            len(train_set), micro * cfg.grad_accum, cfg.seed, env.rank, step, cfg.iterations
-        ),
-        collate_fn=collate_skipping,
-        **loader_settings(device, cfg.num_workers),
+    eval_loader = run.loader(eval_subset, persistent=True, batch_size=max(cfg.batch_size, 16), shuffle=False,
+                             collate_fn=collate_skipping)  # fmt: skip
+    sampler = DrawnSteps(
+        len(train_set), cfg.batch_size * cfg.grad_accum, cfg.seed, run.rank, step, cfg.iterations
     )
+    batches = iter(run.loader(train_set, batch_sampler=sampler, collate_fn=collate_skipping))
 
     def save(name: str, metrics: dict) -> None:
-        checkpoint.save_weights(run_dir / f"{name}.safetensors", parts_state(extractor, explainer, decoder),
-                                {**weights_meta, "step": step, "metrics": metrics})  # fmt: skip
-
-    window, names, window_steps = None, [], 0  # the loss parts summed on the device since the last log line
-
-    def finite_window() -> dict:  # the window's means (one sync); never log or save a non-finite loss
-        if window is None:
-            return {}
-        means = dict(zip(names, (window / window_steps).tolist(), strict=True))
-        bad = [k for k, v in means.items() if not math.isfinite(v)]
-        if bad:
-            raise TrainingDiverged(f"the VisCoIN loss ({', '.join(bad)})", step)
-        return means
+        checkpoint.save_weights(run.run_dir / f"{name}.safetensors", parts_state(extractor, explainer, decoder),
+                                {**weights_meta, "step": loop.step, "metrics": metrics})  # fmt: skip
 
     def save_resume() -> None:
-        finite_window()
-        checkpoint.save_state(run_dir / "last.pt", {
+        run.save_state({
             "model": net.state_dict(), "opt_concepts": opt_concepts.state_dict(), "opt_decoder": opt_decoder.state_dict(),
-            "schedules": [s.state_dict() for s in schedules], "step": step, "best": best, "config": to_dict(cfg),
+            "schedules": [s.state_dict() for s in schedules], "step": loop.step, "best": best, "config": to_dict(cfg),
         })  # fmt: skip
 
-    tick, seen = time.time(), 0
+    loop = run.steps(cfg.iterations, step, name="viscoin", log_every=cfg.log_every,
+                     samples_per_step=cfg.batch_size * cfg.grad_accum * 2 * run.world, save=save_resume,
+                     fields=lambda: {"lr": opt_concepts.param_groups[0]["lr"]}, log_last=False, state=state,
+                     what="the VisCoIN loss")  # fmt: skip
     net.train()
-    with Progress(cfg.iterations - step, "viscoin", enabled=main and not quiet) as bar:
-        for batch in loader:
-            torch.manual_seed(derive_seed(cfg.seed, "step", step, env.rank))  # G's latents, augmentation
-            real = to_model_batch(batch, device, train=True, channels_last=cuda)["image"]
-            parts = viscoin_step(models, real, [opt_concepts, opt_decoder], cfg, step)
-            for schedule in schedules:
-                schedule.step()
-            step += 1
-            seen += len(real) * 2 * env.world_size
-            values = torch.stack(list(parts.values()))
-            window = values if window is None else window + values
-            names, window_steps = list(parts), window_steps + 1
-            shown = {}
-            if step % cfg.log_every == 0:  # the one host sync of a log interval
-                totals = finite_window()
-                log.write(step, "train", lr=opt_concepts.param_groups[0]["lr"],
-                          images_per_s=round(seen / max(time.time() - tick, 1e-9), 2), **totals)  # fmt: skip
-                shown = {k: totals[k] for k in ("loss", "rec", "of")}
-                window, window_steps = None, 0
-            bar.update(1, **shown)
-            if step % cfg.eval_every == 0 or step == cfg.iterations:
-                finite_window()
+    for index in loop:
+        real = to_model_batch(next(batches), device, train=True, channels_last=run.cuda)["image"]
+        parts = viscoin_step(models, real, [opt_concepts, opt_decoder], cfg, index)
+        for schedule in schedules:
+            schedule.step()
+        loop.log(parts, show=("loss", "rec", "of"))
+        if loop.due(cfg.eval_every):
+            with loop.paused():
+                loop.check_finite()
                 parts_now = VisCoINModels(classifier, extractor, explainer, decoder, weights_meta)
                 result = evaluate_viscoin(
-                    parts_now, eval_loader, device, lpips=lpips, amp=cfg.amp, progress=False
+                    parts_now, eval_loader, device, lpips=lpips, amp=cfg.hardware.amp, progress=False
                 )
                 net.train()
-                log.write(step, "val", **result)
+                run.log.write(loop.step, "val", **result)
                 score = selection_score(cfg.select_metric, result)
                 if score <= best["score"]:  # ties: the later, longer-trained weights
-                    best = {"score": score, "step": step, "metric": cfg.select_metric}
-                    if main:
+                    best = {"score": score, "step": loop.step, "metric": cfg.select_metric}
+                    if run.main:
                         save("best", result)
-                if main:
+                if run.main:
                     save("last", result)
-            if main and (step % cfg.checkpoint_every == 0 or step == cfg.iterations):
-                save_resume()
-            if env.enabled and step % cfg.checkpoint_every == 0:
-                barrier()
-            preempt.check(step, save_resume)
+        if run.main and loop.due(cfg.checkpoint_every):
+            save_resume()
+        if run.env.enabled and loop.step % cfg.checkpoint_every == 0:
+            run.barrier()
 
-    summary = {"best": best, "steps": step, "run_dir": str(run_dir)}
-    if main:
-        finite_window()
+    summary = {"best": best, "steps": loop.step, "run_dir": str(run_dir)}
+    if run.main:
         save("final", {})
         save_resume()
-        write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
-        mark_run(run_dir, status="finished")
-    return summary
+    return run.finish(summary)

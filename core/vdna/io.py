@@ -150,6 +150,29 @@ def _read_metadata(json_path: Path) -> dict[str, Any]:
     return metadata
 
 
+def is_vdna_file(path: str | os.PathLike) -> bool:
+    """Whether `path` (``x.json`` or ``x.npz``) is one half of a VDNA, as `vdna make --overwrite` may replace:
+    VDNA metadata in the json; in the npz, the arrays that the json beside it names."""
+    path = Path(path)
+    json_path, npz_path = vdna_paths(path)
+    try:
+        metadata = _read_metadata(json_path)
+    except UserError:
+        return False
+    if path.suffix != ".npz":
+        return True
+    if not zipfile.is_zipfile(npz_path):
+        return False
+    with zipfile.ZipFile(npz_path) as archive:
+        names = {n.removesuffix(".npy") for n in archive.namelist()}
+    layers = metadata["neurons_list"] if isinstance(metadata["neurons_list"], dict) else {}
+    keys = DIST_KEYS.get(metadata["type"], ())
+    expected = (
+        set(layers) if metadata["type"] == "histogram" else {f"{k}-{la}" for la in layers for k in keys}
+    )
+    return bool(expected) and expected <= names
+
+
 def _hist_nb_bins(metadata: dict[str, Any], json_path: Path) -> int | None:
     if metadata["type"] != "histogram":
         return None

@@ -89,6 +89,20 @@ def _write_group(
         group.create_dataset(column, data=values[rows])
 
 
+SOURCE = "biovis synthetic world"
+
+
+def is_world_export(path: str | os.PathLike) -> bool:
+    """Whether `path` is an HDF5 file that `export_world` wrote (what `--overwrite` may replace)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return f.attrs.get("source") == SOURCE
+    except (OSError, ValueError):
+        return False
+
+
 def export_world(world_root: str | os.PathLike, out: str | os.PathLike, unseen_fraction: float = 0.25,
                  seed: int = 0, progress=None) -> Path:  # fmt: skip
     """Write the world at `world_root` (its CUB-layout folder) to the HDF5 file `out`, atomically."""
@@ -118,7 +132,7 @@ def export_world(world_root: str | os.PathLike, out: str | os.PathLike, unseen_f
     groups = partition(class_ids, unseen_fraction, seed)
     unseen = sorted({species[i]["species"] for name in POOLS["unseen_keys"] for i in groups.get(name, [])})
     with atomic_path(out, suffix=".h5") as tmp, h5py.File(tmp, "w") as h5:
-        h5.attrs["source"] = "biovis synthetic world"
+        h5.attrs["source"] = SOURCE
         h5.attrs["world"] = str(root)
         h5.attrs["partition"] = json.dumps(
             {"unseen_fraction": unseen_fraction, "seed": seed, "unseen": unseen}

@@ -23,6 +23,7 @@ from datasets.bioscan.taxonomy import RANKS, TaxonomyTokenizer, lineage_ids
 
 LABELS = ("barcode", *RANKS)
 IMAGE = ("image", "image_mask")
+TEXT_TOKENS = ("language_tokens_input_ids", "language_tokens_attention_mask")  # BERT-small WordPiece (CLIBD)
 ID_FIELDS = ("processid", "sampleid", "image_file")
 MODALITIES = ("image", "dna", "text")
 
@@ -50,8 +51,10 @@ def open_hdf5(path: str | os.PathLike):
         raise UserError(f"{path} is not a readable HDF5 file ({reason[:120]}); is it truncated?") from None
 
 
-def check_split(path: str | os.PathLike, split: str, modalities: tuple[str, ...] = ("image", "dna")) -> int:
-    """The record count of `split`, after checking that the group and the datasets it needs are there."""
+def check_split(path: str | os.PathLike, split: str, modalities: tuple[str, ...] = ("image", "dna"),
+                text_tokens: bool = False) -> int:  # fmt: skip
+    """The record count of `split`, after checking that the group and the datasets it needs are there
+    (`text_tokens`: the pre-tokenised taxonomy CLIBD's text tower reads)."""
     with open_hdf5(path) as f:
         groups = sorted(k for k in f if hasattr(f[k], "keys"))
         if split not in f or not hasattr(f[split], "keys"):
@@ -61,6 +64,7 @@ def check_split(path: str | os.PathLike, split: str, modalities: tuple[str, ...]
             )
         group = f[split]
         needed = LABELS + (IMAGE if "image" in modalities else ())
+        needed += TEXT_TOKENS if text_tokens and "text" in modalities else ()
         missing = [name for name in needed if name not in group]
         if missing:
             raise UserError(
@@ -89,8 +93,10 @@ def read_labels(path: str | os.PathLike, split: str) -> dict[str, np.ndarray]:
     return out
 
 
-def decode_image(data: bytes, size: int, where: str) -> np.ndarray:
-    """JPEG/PNG bytes -> uint8 [3, size, size]: short side to `size`, centre crop (deterministic)."""
+def decode_image(data: bytes, size: int, where: str, whole: bool = False):
+    """JPEG/PNG bytes -> uint8 [3, size, size]: short side to `size`, centre crop (deterministic). With
+    `whole`: (the whole image squashed to size x size, (height, width) of it with its short side at `size`),
+    for crops drawn in that geometry (datasets/bioscan/augment.py)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -100,7 +106,24 @@ def decode_image(data: bytes, size: int, where: str) -> np.ndarray:
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot decode image {where} ({reason[:100]})") from None
+    if whole:
+        return squashed_uint8(img, size)
     return square_uint8(img, size)
+
+
+def squashed_uint8(img, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """A PIL RGB image -> (uint8 [3, size, size] of the whole image, (height, width) at short side `size`)."""
+    from PIL import Image
+
+    w, h = img.size
+    scale = size / min(w, h)
+    if (w, h) != (size, size):
+        img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    pixels = np.asarray(img, dtype=np.uint8)
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1)), (
+        max(size, round(h * scale)),
+        max(size, round(w * scale)),
+    )
 
 
 def square_uint8(img, size: int) -> np.ndarray:
@@ -131,13 +154,16 @@ class BioscanSplit(torch.utils.data.Dataset):
         dna: KmerTokenizer | None = None,
         taxonomy: TaxonomyTokenizer | None = None,
         dna_unknown: str = "n",
+        text_tokens: bool = False,
+        whole_image: bool = False,
     ):
         unknown = sorted(set(modalities) - set(MODALITIES))
         if unknown:
             raise UserError(f"unknown modality {', '.join(unknown)}; choices: {', '.join(MODALITIES)}")
         self.path, self.split = Path(path), split
         self.modalities = tuple(modalities)
-        self.length = check_split(self.path, split, self.modalities)
+        self.text_tokens, self.whole_image = text_tokens, whole_image
+        self.length = check_split(self.path, split, self.modalities, text_tokens)
         self.image_size = image_size
         self.dna = dna or KmerTokenizer()
         self.taxonomy = taxonomy or TaxonomyTokenizer()
@@ -155,6 +181,18 @@ class BioscanSplit(torch.utils.data.Dataset):
             self._file, self._pid = open_hdf5(self.path), os.getpid()
         return self._file[self.split]
 
+    def _check_lengths(self, rows: list[int], lengths: np.ndarray, data: np.ndarray) -> None:
+        """`image_mask` holds each JPEG's byte count: it must lie within the row (a negative one would cut
+        bytes off the end silently)."""
+        width = data.shape[1] if data.ndim == 2 else None
+        for i, n, row in zip(rows, np.asarray(lengths).reshape(-1).tolist(), data, strict=True):
+            limit = width if width is not None else len(row)
+            if not 0 < n <= limit:
+                raise UserError(
+                    f"{self.path}:{self.split} record {i}: image_mask is {n}, not a byte count within its "
+                    f"{limit}-byte image row; the file is damaged: rebuild or re-download it"
+                )
+
     def __getitem__(self, i: int) -> dict:
         return self.__getitems__([i])[0]
 
@@ -170,11 +208,14 @@ class BioscanSplit(torch.utils.data.Dataset):
         }
         if "image" in self.modalities:
             lengths, data = group["image_mask"][rows], group["image"][rows]
-            columns["image"] = [
-                torch.from_numpy(decode_image(np.asarray(row, dtype=np.uint8)[:n].tobytes(), self.image_size,
-                                              f"{i} of {self.path}:{self.split}"))
-                for i, row, n in zip(rows, data, lengths, strict=True)
-            ]  # fmt: skip
+            self._check_lengths(rows, lengths, data)
+            decoded = [decode_image(np.asarray(row, dtype=np.uint8)[:n].tobytes(), self.image_size,
+                                    f"{i} of {self.path}:{self.split}", self.whole_image)
+                       for i, row, n in zip(rows, data, lengths, strict=True)]  # fmt: skip
+            if self.whole_image:
+                columns["source_size"] = [torch.tensor(size) for _, size in decoded]
+                decoded = [pixels for pixels, _ in decoded]
+            columns["image"] = [torch.from_numpy(pixels) for pixels in decoded]
         if "dna" in self.modalities:
             sequences = [clean_dna(text(v) or "N", self.dna_unknown, source=f"{self.path}:{self.split} record {i}")
                          for i, v in zip(rows, group["barcode"][rows], strict=True)]  # fmt: skip
@@ -183,7 +224,14 @@ class BioscanSplit(torch.utils.data.Dataset):
                 list(torch.from_numpy(ids)),
                 list(torch.from_numpy(mask)),
             )
-        if "text" in self.modalities:
+        if "text" in self.modalities and self.text_tokens:
+            ids = np.asarray(group[TEXT_TOKENS[0]][rows], dtype=np.int64)
+            mask = np.asarray(group[TEXT_TOKENS[1]][rows]) != 0
+            columns["text_ids"], columns["text_mask"] = (
+                list(torch.from_numpy(ids)),
+                list(torch.from_numpy(mask)),
+            )
+        elif "text" in self.modalities:
             ids, mask = self.taxonomy.encode(names)
             columns["text_ids"], columns["text_mask"] = (
                 list(torch.from_numpy(ids)),

@@ -9,7 +9,7 @@
   const n = el("input", { type: "number", min: 1, max: tab.max_n, value: 8, class: "narrow", "aria-label": "samples" });
   const seed = el("input", { type: "number", min: 0, value: 0, class: "narrow", "aria-label": "seed" });
   const temperature = el("input", { type: "number", min: 0.05, step: 0.05, value: 1, class: "narrow", "aria-label": "temperature" });
-  const topK = el("input", { type: "number", min: 0, max: tab.vocab, value: 0, class: "narrow", "aria-label": "top-k" });
+  const topK = el("input", { type: "number", min: 0, max: tab.vocab, value: tab.top_k, class: "narrow", "aria-label": "top-k" });
   const msg = el("div", { class: "msg" });
   const head = el("div", { class: "headline" }, el("span", { class: "muted", text: "Click a coloured node of the tree." }));
   const grid = el("div", { class: "samples" });
@@ -19,11 +19,12 @@
 
   const levelKey = el("div", { class: "legend" }, Array.from({ length: tab.n_levels }, (_, level) => el("span", { class: "legend-item" },
     el("span", { class: "swatch round", style: `background:${LEVEL_COLOURS[level % LEVEL_COLOURS.length]}` }),
-    level === tab.n_levels - 1 ? `level ${level}: species` : `level ${level} (cut ${tab.cuts[level]})`)));
+    tab.level_names ? `level ${level}: ${tab.level_names[level]}`
+      : level === tab.n_levels - 1 ? `level ${level}: species` : `level ${level} (cut ${tab.cuts[level]})`)));
 
   root.append(
     el("div", { class: "panel tree-panel" }, el("h2", { text: "Phylogeny" }),
-      el("p", { class: "hint", text: "Coloured nodes are groups of the model's levels; clicking one samples from it as `generate phylo --node` does (its codes drawn once from the seed, finer levels and the free part per image). Grey nodes fall between levels." }),
+      el("p", { class: "hint", text: "Coloured nodes are groups of the model's levels; clicking one samples from it as `generate phylo --node` does: every image draws all its codes from the prior given the node, so the samples show the variation the model learnt for the clade. Grey nodes fall between levels." }),
       levelKey, treeBox),
     el("div", { class: "panel" }, el("h2", { text: "Samples" }),
       el("div", { class: "row" }, el("label", {}, "n ", n), el("label", {}, "seed ", seed), el("label", {}, "temperature ", temperature), el("label", {}, "top-k ", topK)),
@@ -85,7 +86,8 @@
       const answer = await api(tab.id, "sample", { json: { node: label, n: n.value, seed: seed.value, temperature: temperature.value, top_k: topK.value } });
       if (answer.superseded) return;
       const where = answer.level === answer.n_levels - 1 ? "species level" : `level ${answer.level} (cut ${answer.cut})`;
-      head.replaceChildren(el("span", {}, el("b", { text: answer.node }), ` · ${where} · ${answer.images.length} samples, seeds ${answer.seeds[0]}–${answer.seeds[answer.seeds.length - 1]} · the first ${answer.kept_positions} code positions shared`));
+      const members = answer.species.length === 1 ? "one species" : `${answer.species.length} species`;
+      head.replaceChildren(el("span", { title: answer.species.join(", ") }, el("b", { text: answer.caption }), ` · ${where}, ${members} · ${answer.images.length} samples, seeds ${answer.seeds[0]}–${answer.seeds[answer.seeds.length - 1]}`));
       grid.replaceChildren(...answer.images.map((src, i) => el("figure", { class: "sample" }, el("img", { src, alt: `seed ${answer.seeds[i]}`, class: "pixelated" }), el("figcaption", { text: `seed ${answer.seeds[i]}` }))));
       command.textContent = answer.command;
     } catch (error) {

@@ -13,6 +13,11 @@ class MemoryWriter:
     def __init__(self):
         self.items: list[dict] = []
 
-    def add(self, images, rows: list[dict], group: str) -> None:
-        for png, row in zip(pngs(images), rows, strict=True):
-            self.items.append({**row, "png": png, "group": group})
+    def add(self, images, rows: list[dict], group: str, labels: list[str] | None = None,
+            row_label: str | None = None, grid: list[bool] | None = None) -> None:  # fmt: skip
+        """As `SampleWriter.add`; the grid's labels are kept with each item (`label`, `row_label`)."""
+        for k, (png, row) in enumerate(zip(pngs(images), rows, strict=True)):
+            label = labels[k] if labels is not None else None
+            self.items.append(
+                {**row, "png": png, "group": group, "label": label, "row_label": row_label or group}
+            )

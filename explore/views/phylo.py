@@ -1,6 +1,6 @@
 """Generation, Phylo-NN: the run's Newick tree drawn as a clickable tree; clicking a node samples from it with
-`generate phylo --node` semantics (that node's codes drawn once from the seed, the finer levels and the free
-part per image), through the same `sample_node`, so the images are the bytes the command writes."""
+`generate phylo --node` semantics (every image draws all its codes from the prior given the node), through the
+same `sample_node`, so the images are the bytes the command writes."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from explore.views.collect import MemoryWriter
 
 MAX_SAMPLES = 64
 BATCH = 64  # `generate`'s default --batch-size: the same batches, the same bytes
+TOP_K = 5  # `generate`'s default --top-k (cli/generate.py TOP_K; a test checks that they agree)
 
 
 class PhyloView(View):
@@ -25,8 +26,8 @@ class PhyloView(View):
 
     def describe(self) -> dict:
         return {**super().describe(), "tree": self.tree(), "n_levels": self.levels.n_levels,
-                "cuts": list(self.levels.cuts), "species": list(self.levels.species), "max_n": MAX_SAMPLES,
-                "vocab": self.model.autoencoder.quantizer.n_embed}  # fmt: skip
+                "cuts": list(self.levels.cuts), "level_names": self.levels.names, "species": list(self.levels.species),
+                "max_n": MAX_SAMPLES, "vocab": self.model.autoencoder.quantizer.n_embed, "top_k": TOP_K}  # fmt: skip
 
     def actions(self) -> dict:
         return {"sample": ("POST", self.sample)}
@@ -37,7 +38,8 @@ class PhyloView(View):
         from datasets.phylogeny import Tree, name_key, node_label, parse_newick
 
         record = self.model.meta["phylogeny"]
-        tree = Tree(parse_newick(record["newick"], record.get("source", "tree")))
+        source = record.get("source", "the checkpoint's tree")  # as levels_from_record reads it
+        tree = Tree(parse_newick(record["newick"], source), source, record.get("ranks"))
         finest = {}
         for level, labels in enumerate(self.levels.groups):
             for label in labels:
@@ -72,7 +74,7 @@ class PhyloView(View):
         seed = integer(body.get("seed", 0), "seed", 0, 2**32 - 1)
         check_seed(seed, n)
         temperature = number(body.get("temperature", 1.0), "temperature", 1e-3, 100.0)
-        top_k = integer(body.get("top_k", 0), "top_k", 0, self.model.autoencoder.quantizer.n_embed)
+        top_k = integer(body.get("top_k", TOP_K), "top_k", 0, self.model.autoencoder.quantizer.n_embed)
         check_sampler(temperature, top_k)
         found_level, group = self.levels.find_node(node, level)
 
@@ -87,9 +89,9 @@ class PhyloView(View):
         label = self.levels.groups[found_level][group]
         command = (f"python main.py generate phylo -c {self.source.path} --node '{label}' --level {found_level} "
                    f"--n {n} --seed {seed}" + (f" --temperature {temperature:g}" if temperature != 1 else "")
-                   + (f" --top-k {top_k}" if top_k else ""))  # fmt: skip
+                   + (f" --top-k {top_k}" if top_k != TOP_K else ""))  # fmt: skip
         return {"node": label, "level": found_level, "n_levels": self.levels.n_levels,
                 "cut": self.levels.cuts[found_level] if found_level < len(self.levels.cuts) else 1.0,
+                "caption": writer.items[0]["row_label"], "species": writer.items[0]["condition"]["species"],
                 "images": [data_url(item["png"]) for item in writer.items],
-                "seeds": [item["seed"] for item in writer.items],
-                "kept_positions": writer.items[0]["condition"]["kept_positions"], "command": command}  # fmt: skip
+                "seeds": [item["seed"] for item in writer.items], "command": command}  # fmt: skip

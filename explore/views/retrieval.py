@@ -111,7 +111,7 @@ class RetrievalView(View):
                 if request.is_upload:  # `retrieve query` reads image files: the upload as one, for this query
                     images.append(Path(folder) / name)
                     images[0].write_bytes(request.body)
-                return run_query(self.net, self.index, images, sequences, keys, k, None, device)
+                return list(run_query(self.net, self.index, images, sequences, keys, k, None, device))
 
         results = self.ctx.worker.run(self.slot(request, "query"), work)
         for result in results:

@@ -18,6 +18,7 @@ from torch import nn
 
 from core.errors import UserError
 from models.blocks import down_path, up_path
+from models.phylo.layout import CodeLayout, level_heads, species_adversary
 from models.phylo.quantizer import VectorQuantizer
 
 
@@ -52,7 +53,7 @@ class _Branch(nn.Module):
         return self.from_codes(z_q.flatten(1)).view(-1, self.channels, self.size, self.size)
 
 
-class PhyloAutoencoder(nn.Module):
+class PhyloAutoencoder(CodeLayout, nn.Module):
     """`forward(x) -> dict(recon, codes, vq_loss, level_logits, free)`; `encode_codes(x)`, `decode_codes(codes)`."""
 
     def __init__(
@@ -98,36 +99,12 @@ class PhyloAutoencoder(nn.Module):
             nn.Conv2d(2 * branch_channels, top, 3, 1, 1), nn.SiLU(), up_path(widths, depth)
         )
         if not plain:
-            per_level = codes_per_level * embed_dim
-            self.heads = nn.ModuleList(
-                nn.Linear((lv + 1) * per_level, n) for lv, n in enumerate(group_counts)
-            )
-            self.adversary = nn.Sequential(
-                nn.Linear(free_codes * embed_dim, adversary_hidden),
-                nn.SiLU(),
-                nn.Linear(adversary_hidden, group_counts[-1]),
-            )
+            self.heads = level_heads(group_counts, codes_per_level, embed_dim)
+            self.adversary = species_adversary(free_codes, embed_dim, adversary_hidden, group_counts[-1])
 
     @property
     def config(self) -> dict:
         return dict(self._config)
-
-    @property
-    def n_phylo(self) -> int:
-        return self.levels * self.codes_per_level
-
-    @property
-    def sequence_length(self) -> int:
-        """Code positions per image: the phylo codes level by level (coarse first), then the free codes."""
-        return self.n_phylo + self.free_codes
-
-    def level_positions(self, level: int) -> range:
-        """Positions of the codes of levels 0..level (the cumulative prefix the level-l head reads)."""
-        return range(0, (level + 1) * self.codes_per_level)
-
-    @property
-    def free_positions(self) -> range:
-        return range(self.n_phylo, self.sequence_length)
 
     def _quantised(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         h = self.encoder(x)

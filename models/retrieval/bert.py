@@ -1,15 +1,11 @@
-"""A BERT encoder in plain PyTorch whose parameter names are BarcodeBERT's (HF `BertForMaskedLM` under
-`bert.`), so that its published checkpoint loads without `transformers`.
-
-Padding is masked in attention (keys) and, in `DNAEncoder`, in the mean pooling of the last hidden states;
-the embedding is that masked mean, projected (not the reference's softmax over a 768-way head).
+"""A BERT encoder in plain PyTorch with HF `BertModel`'s parameter names (BarcodeBERT's and BERT-small's under
+`bert.`), so that their checkpoints load without `transformers`: absolute positions, one token type (0),
+post-norm layers with exact GELU, attention to the tokens a boolean mask keeps (all when it is None).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +30,8 @@ class BertConfig:
     attention_probs_dropout_prob: float = 0.1
 
     def __post_init__(self):
+        if min(self.vocab_size, self.hidden_size, self.num_hidden_layers, self.num_attention_heads) < 1:
+            raise UserError(f"BERT sizes must be positive, got {asdict(self)}")
         if self.hidden_size % self.num_attention_heads:
             raise UserError(
                 f"BERT hidden size {self.hidden_size} is not divisible by {self.num_attention_heads} heads"
@@ -167,41 +165,21 @@ def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
 
 
-# Keys of a BarcodeBERT (BertForMaskedLM) state dict that the encoder has no use for.
-_UNUSED = ("cls.", "bert.pooler.")
-_BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
-
-
-def barcodebert_state(state: dict, source: str) -> dict:
-    """The `Bert` state dict inside a BarcodeBERT checkpoint: `module.`/`bert.` prefixes stripped, the MLM
-    head, pooler and index buffers dropped."""
-    if "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    out = {}
-    for key, value in state.items():
-        key = key.removeprefix("module.")
-        if key.startswith(_UNUSED) or key.endswith(_BUFFERS):
-            continue
-        out[key.removeprefix("bert.")] = value
-    if not any(k.startswith("encoder.layer.") for k in out):
-        raise UserError(f"{source} holds no BERT encoder weights (no encoder.layer.* keys)")
-    return out
-
-
-def config_from_state(state: dict, base: BertConfig) -> BertConfig:
-    """`base` with vocabulary, width, depth and positions read from a BERT state dict's shapes."""
-    vocab, hidden = state["embeddings.word_embeddings.weight"].shape
-    layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.layer."))
-    return BertConfig(**{**asdict(base), "vocab_size": vocab, "hidden_size": hidden, "num_hidden_layers": layers,
-                         "intermediate_size": state["encoder.layer.0.intermediate.dense.weight"].shape[0],
-                         "max_position_embeddings": state["embeddings.position_embeddings.weight"].shape[0],
-                         "type_vocab_size": state["embeddings.token_type_embeddings.weight"].shape[0]})  # fmt: skip
-
-
-def load_barcodebert(bert: Bert, path: str | os.PathLike) -> None:
-    """Load BarcodeBERT weights (`.pth` read with weights_only=True, or `.safetensors`) into `bert`."""
-    from core.checkpoint import load_foreign_state_dict, load_state_dict_checked
-
-    path = Path(path).expanduser()
-    state = barcodebert_state(load_foreign_state_dict(path), str(path))
-    load_state_dict_checked(bert, state, f"BarcodeBERT weights {path}")
+def config_from_state(state: dict, base: BertConfig | None = None, head_dim: int = 64) -> BertConfig:
+    """`base` with vocabulary, width, depth and positions read from a `Bert` state dict's shapes (tensors or
+    anything with `.shape`). Heads are not in a state dict: width / `head_dim` (64 in BERT-base, BERT-small
+    and BarcodeBERT) unless `base` says otherwise."""
+    base = base or BertConfig()
+    try:
+        vocab, hidden = state["embeddings.word_embeddings.weight"].shape
+        layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.layer."))
+        fields = {"vocab_size": vocab, "hidden_size": hidden, "num_hidden_layers": layers,
+                  "intermediate_size": state["encoder.layer.0.intermediate.dense.weight"].shape[0],
+                  "max_position_embeddings": state["embeddings.position_embeddings.weight"].shape[0],
+                  "type_vocab_size": state["embeddings.token_type_embeddings.weight"].shape[0]}  # fmt: skip
+    except (KeyError, ValueError, IndexError) as err:
+        raise UserError(
+            f"the BERT weights lack {err} (or it has another shape); is it a BERT checkpoint?"
+        ) from None
+    heads = base.num_attention_heads if base.hidden_size == hidden else max(1, hidden // head_dim)
+    return BertConfig(**{**asdict(base), **fields, "num_attention_heads": heads})

@@ -1,6 +1,7 @@
 """Image tower: a torchvision ResNet or ViT-B/16 (or the project's tiny ResNet) whose head is a linear map to
-the embedding. Inputs are the project's [-1, 1] pixels; the ImageNet normalisation the weights expect is
-applied inside (the reference fed its ViT unnormalised pixels).
+the embedding, or CLIBD's timm `vit_base_patch16_224` (models/retrieval/vit.py). Inputs are the project's
+[-1, 1] pixels; each network converts them inside to what its weights expect: ImageNet mean/std for the
+torchvision ones, unnormalised [0, 1] pixels for CLIBD's ViT (as it was trained).
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from torch import nn
 
 from core.errors import UserError
 from models.classifiers import IMAGENET_MEAN, IMAGENET_STD, Classifier, build_classifier, imagenet_state_dict
+from models.retrieval.vit import TimmViT, ViTConfig
 
-ARCHS = ("tiny", "resnet18", "resnet34", "resnet50", "vit_b_16")
+ARCHS = ("tiny", "resnet18", "resnet34", "resnet50", "vit_b_16", "vit_base_patch16_224")
 
 
 def _vit(embed_dim: int, image_size: int, weights: str) -> nn.Module:
@@ -47,12 +49,19 @@ def _vit(embed_dim: int, image_size: int, weights: str) -> nn.Module:
 class ImageEncoder(nn.Module):
     """`forward(x in [-1, 1]) -> [B, embed_dim]` (not normalised)."""
 
-    def __init__(self, arch: str, embed_dim: int, image_size: int, weights: str = "none"):
+    def __init__(
+        self, arch: str, embed_dim: int, image_size: int, weights: str = "none", vit: dict | None = None
+    ):
         super().__init__()
         if arch not in ARCHS:
             raise UserError(f"unknown image encoder {arch!r}; choices: {', '.join(ARCHS)}")
         self.arch = arch
-        if arch == "vit_b_16":
+        if arch == "vit_base_patch16_224":
+            if weights != "none":
+                raise UserError("vit_base_patch16_224 (CLIBD's image tower) takes its weights from a CLIBD "
+                                "checkpoint only; pass --weights none, or --image-arch vit_b_16 for ImageNet weights")  # fmt: skip
+            self.net = TimmViT(ViTConfig(**{"image_size": image_size, **(vit or {})}), embed_dim)
+        elif arch == "vit_b_16":
             self.net = _vit(embed_dim, image_size, weights)
             mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
             std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -64,4 +73,6 @@ class ImageEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.net, Classifier):
             return self.net(x)[0]
+        if isinstance(self.net, TimmViT):
+            return self.net((x + 1) / 2)
         return self.net(x * self.in_scale + self.in_shift)

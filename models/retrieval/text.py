@@ -1,12 +1,13 @@
-"""Taxonomy-text tower: one hashed token per rank (datasets.bioscan.taxonomy) plus a rank embedding, a small
-transformer encoder with the unclassified ranks masked out of attention, and a masked mean."""
+"""Taxonomy-text towers. This project's: one hashed token per rank (datasets.bioscan.taxonomy) plus a rank
+embedding, a small transformer encoder with the unclassified ranks masked out of attention, and a masked mean.
+CLIBD's: BERT-small over WordPiece tokens (`BertTextEncoder`)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from models.retrieval.bert import masked_mean
+from models.retrieval.bert import Bert, masked_mean
 
 
 class TextEncoder(nn.Module):
@@ -31,3 +32,17 @@ class TextEncoder(nn.Module):
         x = self.tokens(ids) + self.ranks[: ids.shape[1]]
         x = self.encoder(x, src_key_padding_mask=~mask)
         return self.proj(masked_mean(self.norm(x), mask))
+
+
+class BertTextEncoder(nn.Module):
+    """CLIBD's text tower: BERT-small over WordPiece ids of "order family genus species" (20 tokens), the mean
+    of the last hidden states over every position (padding included, as the reference), linear to embed_dim.
+    `forward(ids, mask) -> [B, embed_dim]` (not normalised); the mask is used in attention only."""
+
+    def __init__(self, config, embed_dim: int):
+        super().__init__()
+        self.bert = Bert(config)
+        self.proj = nn.Linear(config.hidden_size, embed_dim)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.bert(ids, mask).mean(1))

@@ -3,6 +3,7 @@ the outputs through a `SampleWriter`, and mark the run finished. Nothing is crea
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,7 +106,7 @@ def generate_cvae(
     labels: list[str | None] = list(meta["class_names"]) if classes == ["all"] else (classes or [None])
     conditions = [cvae_condition(meta, label, attrs, attr_vector) for label in labels]
     run_dir = start(common, "generate cvae", weights)
-    with SampleWriter(run_dir, "cvae", file_hash(weights)) as writer:
+    with SampleWriter(run_dir, "cvae", file_hash(weights), rows="condition", columns="seed") as writer:
         gen_cvae.sample(model, meta, writer, conditions, n, common.seed, common.batch_size, common.quiet)
     return finish(run_dir, writer, weights, n=n, seed=common.seed)
 
@@ -152,7 +153,8 @@ def generate_phylo(common: Common, species: list[str], node: str | None, level: 
             else [resolve_class(s, levels.species, "species") for s in species]
         )
     run_dir = start(common, "generate phylo", weights)
-    with SampleWriter(run_dir, "phylo", file_hash(weights)) as writer:
+    rows = "tree node" if node is not None else "species"
+    with SampleWriter(run_dir, "phylo", file_hash(weights), rows=rows, columns="seed") as writer:
         if node is not None:
             gen_phylo.sample_node(model, levels, writer, found_level, group, n, common.seed, temperature, top_k,
                                   common.batch_size, common.quiet)  # fmt: skip
@@ -184,6 +186,27 @@ class Choice:
             )
 
 
+MAX_SPAN = 100.0  # prior standard deviations: far beyond anything a decoder has seen
+
+
+def check_span(span: float) -> None:
+    if not (math.isfinite(span) and 0 < span <= MAX_SPAN):
+        raise UserError(f"--span must be a finite number of prior standard deviations in (0, {MAX_SPAN:g}], "
+                        f"e.g. 3; got {span}")  # fmt: skip
+
+
+def interpolation_label(condition: dict, seed: int | None) -> str:
+    """'A -> B' for a grid row, from the manifest's condition of an interpolation (class, species or image)."""
+
+    def end(side: dict) -> str:
+        if side.get("image"):
+            return Path(side["image"]).name
+        return str(side.get("species") or side.get("class") or "nothing given")
+
+    text = f"{end(condition['from'])} -> {end(condition['to'])}"
+    return text + (f" (seed {seed})" if seed is not None else "")
+
+
 def parse_ints(text: str | None, option: str, upper: int) -> list[int] | None:
     if text is None:
         return None
@@ -199,7 +222,7 @@ def parse_ints(text: str | None, option: str, upper: int) -> list[int] | None:
 
 def traverse(common: Common, label: str | None, attrs: list[str], dims: str | None, top: int | None, span: float,
              species: str | None, image: Path | None, positions: str | None, steps: int | None,
-             temperature: float = 1.0, top_k: int = 0) -> dict:  # fmt: skip
+             temperature: float = 1.0, top_k: int = 5) -> dict:  # fmt: skip
     check_seed(common.seed, 1)
     check_positive(batch_size=common.batch_size)
     kind, weights = family(common.checkpoint)
@@ -211,8 +234,7 @@ def traverse(common: Common, label: str | None, attrs: list[str], dims: str | No
     if kind == CVAE_KIND:
         steps = 9 if steps is None else steps
         check_positive(steps=steps)
-        if not span > 0:
-            raise UserError(f"--span must be positive, got {span}")
+        check_span(span)
         model, meta, _ = load_cvae(weights, resolve_device(common.device))
         condition = cvae_condition(meta, label, attrs, None)
         if dims is not None and top is not None:
@@ -224,7 +246,8 @@ def traverse(common: Common, label: str | None, attrs: list[str], dims: str | No
                 meta, condition.kl_setting(), min(4 if top is None else top, model.latent_dim)
             )
         run_dir = start(common, "generate traverse", weights)
-        with SampleWriter(run_dir, "traverse", file_hash(weights), grid_columns=steps) as writer:
+        with SampleWriter(run_dir, "traverse", file_hash(weights), rows="latent dimension",
+                          columns="value in prior standard deviations") as writer:  # fmt: skip
             gen_cvae.traverse(
                 model, meta, writer, condition, chosen, steps, span, common.seed, common.batch_size
             )
@@ -242,7 +265,7 @@ def traverse(common: Common, label: str | None, attrs: list[str], dims: str | No
         positions, "--positions", model.autoencoder.sequence_length
     ) or gen_phylo.default_positions(model)
     if image is not None:
-        base = model.autoencoder.encode_codes(load_image(image, model.autoencoder.config["image_size"]).to(
+        base = model.autoencoder.encode_codes(load_image(image, model.autoencoder.config["image_size"], "--image").to(
             next(model.autoencoder.parameters()).device))[0].cpu()  # fmt: skip
         info = {"condition": {"image": str(image)}, "seed": None}
     else:
@@ -252,14 +275,16 @@ def traverse(common: Common, label: str | None, attrs: list[str], dims: str | No
         )[0].cpu()
         info = {"condition": {"species": levels.species[s]}, "seed": common.seed}
     run_dir = start(common, "generate traverse", weights)
-    with SampleWriter(run_dir, "traverse", file_hash(weights), grid_columns=steps) as writer:
+    with SampleWriter(
+        run_dir, "traverse", file_hash(weights), rows="code position", columns="codebook entry"
+    ) as writer:
         gen_phylo.traverse(model, writer, base, info, chosen, steps, common.batch_size)
     return finish(run_dir, writer, weights, seed=common.seed)
 
 
 def interpolate(common: Common, from_class: str | None, to_class: str | None, attrs: list[str], from_species: str | None,
                 to_species: str | None, from_image: Path | None, to_image: Path | None, steps: int | None, n: int,
-                temperature: float = 1.0, top_k: int = 0) -> dict:  # fmt: skip
+                temperature: float = 1.0, top_k: int = 5) -> dict:  # fmt: skip
     check_positive(n=n, batch_size=common.batch_size)
     check_seed(common.seed, n)
     if (from_image is None) != (to_image is None):
@@ -282,8 +307,8 @@ def interpolate(common: Common, from_class: str | None, to_class: str | None, at
                 raise UserError("--from-image/--to-image need an image CVAE; this one models vectors")
             size = model.x_shape[-1]
             z0, z1 = (
-                gen_cvae.encode_mean(model, load_image(p, size), c)
-                for p, c in ((from_image, c0), (to_image, c1))
+                gen_cvae.encode_mean(model, load_image(p, size, option), c)
+                for p, c, option in ((from_image, c0, "--from-image"), (to_image, c1, "--to-image"))
             )
             rows = [{"condition": {"from": {"image": str(from_image), **c0.describe(meta)},
                                    "to": {"image": str(to_image), **c1.describe(meta)}}, "seed": None}]  # fmt: skip
@@ -295,11 +320,13 @@ def interpolate(common: Common, from_class: str | None, to_class: str | None, at
             ]
         count = len(rows)
         ends = [(z, c.vector(model).expand(count, -1)) for z, c in ((z0, c0), (z1, c1))]
+        labels = [interpolation_label(row["condition"], row["seed"]) for row in rows]
         run_dir = start(common, "generate interpolate", weights)
-        with SampleWriter(run_dir, "interpolate", file_hash(weights), grid_columns=steps) as writer:
-            gen_cvae.interpolate(
-                model, meta, writer, ends[0], ends[1], steps, common.batch_size, rows, bool(images)
-            )
+        with SampleWriter(
+            run_dir, "interpolate", file_hash(weights), rows="endpoints", columns="t"
+        ) as writer:
+            gen_cvae.interpolate(model, meta, writer, ends[0], ends[1], steps, common.batch_size, rows, bool(images),
+                                 labels)  # fmt: skip
         return finish(run_dir, writer, weights, seed=common.seed)
 
     check_sampler(temperature, top_k)
@@ -309,7 +336,8 @@ def interpolate(common: Common, from_class: str | None, to_class: str | None, at
             raise UserError("give species or images as endpoints, not both")
         device = next(model.autoencoder.parameters()).device
         size = model.autoencoder.config["image_size"]
-        a, b = (model.autoencoder.encode_codes(load_image(p, size).to(device))[0].cpu() for p in images)
+        a, b = (model.autoencoder.encode_codes(load_image(p, size, option).to(device))[0].cpu()
+                for p, option in zip(images, ("--from-image", "--to-image"), strict=True))  # fmt: skip
         pairs = [
             (
                 a,
@@ -331,9 +359,9 @@ def interpolate(common: Common, from_class: str | None, to_class: str | None, at
                                common.batch_size).cpu() for s in (s0, s1))  # fmt: skip
         condition = {"from": {"species": levels.species[s0]}, "to": {"species": levels.species[s1]}}
         pairs = [(a[i], b[i], {"condition": condition, "seed": s}) for i, s in enumerate(seeds)]
+    labels = [interpolation_label(info["condition"], info["seed"]) for _, _, info in pairs]
     run_dir = start(common, "generate interpolate", weights)
-    with SampleWriter(
-        run_dir, "interpolate", file_hash(weights), grid_columns=model.autoencoder.levels + 2
-    ) as writer:
-        gen_phylo.interpolate(model, writer, pairs, common.batch_size)
+    with SampleWriter(run_dir, "interpolate", file_hash(weights), grid_columns=max(16, model.autoencoder.levels + 2),
+                      rows="endpoints", columns="codes swapped so far") as writer:  # fmt: skip
+        gen_phylo.interpolate(model, writer, pairs, common.batch_size, labels)
     return finish(run_dir, writer, weights, seed=common.seed)

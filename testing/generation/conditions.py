@@ -33,6 +33,9 @@ def resolve_class(text: str, class_names: list[str], what: str = "class") -> int
     raise UserError(f"unknown {what} {text!r}; {suggest(text, class_names)}")
 
 
+MAX_VALUE = 1e6  # |attribute value|: far beyond any data's scale, and a float32 after every layer
+
+
 def parse_value(text: str, option: str) -> float:
     try:
         value = float(text)
@@ -40,6 +43,9 @@ def parse_value(text: str, option: str) -> float:
         raise UserError(f"{option}: {text!r} is not a number") from None
     if not math.isfinite(value):
         raise UserError(f"{option}: {text!r} is not a finite number")
+    if abs(value) > MAX_VALUE:
+        raise UserError(f"{option}: {text} is out of range; give a value within +-{MAX_VALUE:g} (attributes are "
+                        "presence values, 0 or 1, or the data's own scale)")  # fmt: skip
     return value
 
 
@@ -87,9 +93,14 @@ def uniforms(seeds: list[int], length: int) -> np.ndarray:
     return np.stack([np.random.RandomState(int(s)).random_sample(length) for s in seeds])
 
 
-def load_image(path: str | Path, size: int):
-    """One image as a [1, 3, size, size] tensor in [-1, 1] (resized and centre-cropped to a square)."""
-    from datasets.images import open_rgb
+def load_image(path: str | Path, size: int, option: str = "the image"):
+    """One image as a [1, 3, size, size] tensor in [-1, 1] (resized and centre-cropped to a square); a file that
+    does not decode is a one-line error naming `option` (these commands read one image, nothing to skip)."""
+    from datasets.images import BadImageError, open_rgb
     from datasets.transforms import square_transform
 
-    return square_transform(size)(open_rgb(path))[None]
+    try:
+        return square_transform(size)(open_rgb(path))[None]
+    except BadImageError as err:  # decompression bombs included
+        reason = err.message.split("; fix or remove it")[0]
+        raise UserError(f"{option}: {reason}; give a readable image file") from None

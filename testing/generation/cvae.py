@@ -3,6 +3,7 @@
 Image i of every condition draws its standard-normal `eps` from seed `seed + i` (`z_from_seeds`, NVlabs'
 convention) and decodes z = mean + std * eps of the prior p(z | condition): rows of different conditions share
 their draws and differ only by the condition. Traversals sweep `eps` in one dimension (prior standard units).
+Every mode decodes and writes `batch_size` images at a time, so memory does not grow with --n or --steps.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from core.errors import UserError
 from core.progress import Progress
 from models.cvae import CVAE
-from testing.generation.writer import SampleWriter, slug, to_rgb
+from testing.generation.writer import SampleWriter, evenly_spaced, slug, to_rgb
 from testing.sampling import z_from_seeds
 
 KL_SETTING = {(False, False): "none", (True, False): "class", (False, True): "all", (True, True): "all"}
@@ -55,6 +56,15 @@ class Condition:
             parts.append(f"{len(attrs)}-attributes")
         return slug("+".join(parts))
 
+    def caption(self, meta: dict) -> str:
+        """The condition in words, for the grid: class and attributes given (or "nothing given")."""
+        described = self.describe(meta)
+        parts = [described["class"]] if described["class"] else []
+        parts += [f"{k}={v:g}" for k, v in described["attributes"].items()][:3]
+        if len(described["attributes"]) > 3:
+            parts.append(f"+{len(described['attributes']) - 3} attributes")
+        return ", ".join(parts) or "nothing given"
+
     def kl_setting(self) -> str:
         return KL_SETTING[(self.label is not None, bool(self.attributes))]
 
@@ -79,16 +89,16 @@ def decode(model: CVAE, eps: torch.Tensor | None, c: torch.Tensor, value_range, 
 def sample(model, meta, writer: SampleWriter, conditions: list[Condition], n: int, seed: int, batch_size: int,
            quiet: bool = True) -> None:  # fmt: skip
     """n images per condition, image i from seed + i."""
-    seeds = list(range(seed, seed + n))
-    eps = z_from_seeds(seeds, model.latent_dim)
     value_range = tuple(meta.get("value_range", (-1.0, 1.0)))
     with Progress(len(conditions) * n, "generate cvae", enabled=not quiet) as bar:
         for condition in conditions:
-            c = condition.vector(model).expand(n, -1)
-            images = decode(model, eps, c, value_range, batch_size)
-            rows = [{"condition": condition.describe(meta), "seed": s} for s in seeds]
-            writer.add(images, rows, condition.group(meta))
-            bar.update(n)
+            for start in range(seed, seed + n, batch_size):
+                seeds = list(range(start, min(start + batch_size, seed + n)))
+                c = condition.vector(model).expand(len(seeds), -1)
+                images = decode(model, z_from_seeds(seeds, model.latent_dim), c, value_range, batch_size)
+                rows = [{"condition": condition.describe(meta), "seed": s} for s in seeds]
+                writer.add(images, rows, condition.group(meta), row_label=condition.caption(meta))
+                bar.update(len(seeds))
 
 
 def top_dimensions(meta: dict, setting: str, k: int) -> list[int]:
@@ -102,33 +112,45 @@ def top_dimensions(meta: dict, setting: str, k: int) -> list[int]:
 def traverse(model, meta, writer: SampleWriter, condition: Condition, dims: list[int], steps: int, span: float,
              seed: int, batch_size: int) -> None:  # fmt: skip
     """One row per dimension: the seed's prior draw with that coordinate swept over [-span, span] (in units of
-    the conditional prior's standard deviation)."""
+    the conditional prior's standard deviation); the grid shows evenly spaced values of each row."""
     base = z_from_seeds([seed], model.latent_dim)
     values = torch.linspace(-span, span, steps)
     kl = (meta.get("kl_per_dim") or {}).get(condition.kl_setting())
     value_range = tuple(meta.get("value_range", (-1.0, 1.0)))
+    shown = evenly_spaced(steps, writer.grid_columns)
+    c = condition.vector(model)
     for d in dims:
-        eps = base.repeat(steps, 1)
-        eps[:, d] = values
-        images = decode(model, eps, condition.vector(model).expand(steps, -1), value_range, batch_size)
-        rows = [{"condition": condition.describe(meta), "seed": seed, "dimension": d, "value": round(float(v), 6),
-                 "kl": kl[d] if kl else None} for v in values]  # fmt: skip
-        writer.add(images, rows, f"dim{d:03d}")
+        label = f"dim {d}" + (f" (KL {kl[d]:.2f})" if kl else "")
+        for start in range(0, steps, batch_size):
+            part = values[start : start + batch_size]
+            eps = base.repeat(len(part), 1)
+            eps[:, d] = part
+            images = decode(model, eps, c.expand(len(part), -1), value_range, batch_size)
+            rows = [{"condition": condition.describe(meta), "seed": seed, "dimension": d, "value": round(float(v), 6),
+                     "kl": kl[d] if kl else None} for v in part]  # fmt: skip
+            writer.add(images, rows, f"dim{d:03d}", labels=[f"{float(v):+.2f} sd" for v in part], row_label=label,
+                       grid=[start + k in shown for k in range(len(part))])  # fmt: skip
 
 
 def interpolate(model, meta, writer: SampleWriter, start: tuple, end: tuple, steps: int, batch_size: int,
-                rows_info: list[dict], latents: bool = False) -> None:  # fmt: skip
+                rows_info: list[dict], latents: bool = False, row_labels: list[str] | None = None) -> None:  # fmt: skip
     """Rows of `steps` frames from start to end, linear in both parts of each endpoint: (eps or z [R, latent],
     c [R, cond_dim]). `latents=False`: eps are prior draws (z follows the prior of the interpolated condition);
     True: they are latents (encoded images). `rows_info[r]` describes row r in the manifest."""
     (z0, c0), (z1, c1) = start, end
     t = torch.linspace(0, 1, steps)
     value_range = tuple(meta.get("value_range", (-1.0, 1.0)))
+    shown = evenly_spaced(steps, writer.grid_columns)
     for r, info in enumerate(rows_info):
-        z = torch.lerp(z0[r : r + 1], z1[r : r + 1], t[:, None].to(z0))
-        c = torch.lerp(c0[r : r + 1], c1[r : r + 1], t[:, None].to(c0))
-        images = decode(model, None if latents else z, c, value_range, batch_size, z if latents else None)
-        writer.add(images, [{**info, "t": round(float(v), 6)} for v in t], f"row{r:03d}")
+        for first in range(0, steps, batch_size):
+            part = t[first : first + batch_size]
+            z = torch.lerp(z0[r : r + 1], z1[r : r + 1], part[:, None].to(z0))
+            c = torch.lerp(c0[r : r + 1], c1[r : r + 1], part[:, None].to(c0))
+            images = decode(model, None if latents else z, c, value_range, batch_size, z if latents else None)
+            writer.add(images, [{**info, "t": round(float(v), 6)} for v in part], f"row{r:03d}",
+                       labels=[f"t = {float(v):.2f}" for v in part],
+                       row_label=row_labels[r] if row_labels else f"row {r}",
+                       grid=[first + k in shown for k in range(len(part))])  # fmt: skip
 
 
 @torch.no_grad()

@@ -2,8 +2,9 @@
 paths from one specimen or species to another (free part first, then level 0, 1, ... as the paper's translation).
 
 Image i draws its tokens with the uniforms of `RandomState(seed + i)`, so it depends on its seed only.
-With `--node` at level l, the codes of levels 0..l come from the seed's own draw and stay the same in every
-image; only the finer levels and the free part are drawn per image.
+With `--node` every image draws all its codes from the prior conditioned on the node, its coarse levels too:
+a run shows the variation the model has learnt for the clade, image by image, not one ancestor's draw.
+Codes are drawn, decoded and written `batch_size` images at a time.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from core.progress import Progress
 from datasets.phylogeny import Levels
 from models.phylo import PhyloModel
 from testing.generation.conditions import uniforms
-from testing.generation.writer import SampleWriter, slug
+from testing.generation.writer import SampleWriter, evenly_spaced, slug
 
 
 def draw(model: PhyloModel, cond: int, seeds: list[int], prefix: torch.Tensor | None, temperature: float,
@@ -43,33 +44,42 @@ def species_condition(levels: Levels, species: int) -> int:
     return levels.condition_offsets[-1] + species
 
 
+def _chunks(seed: int, n: int, batch_size: int):
+    for start in range(seed, seed + n, batch_size):
+        yield list(range(start, min(start + batch_size, seed + n)))
+
+
 def sample_species(model, levels: Levels, writer: SampleWriter, species: list[int], n: int, seed: int,
                    temperature: float, top_k: int, batch_size: int, quiet: bool = True) -> None:  # fmt: skip
-    seeds = list(range(seed, seed + n))
     with Progress(len(species) * n, "generate phylo", enabled=not quiet) as bar:
         for s in species:
-            codes = draw(model, species_condition(levels, s), seeds, None, temperature, top_k, batch_size)
-            rows = [{"condition": {"species": levels.species[s]}, "seed": sd, "temperature": temperature, "top_k": top_k,
-                     "codes": c} for sd, c in zip(seeds, codes.tolist(), strict=True)]  # fmt: skip
-            writer.add(decode(model, codes, batch_size), rows, slug(levels.species[s]))
-            bar.update(n)
+            name = levels.species[s]
+            for seeds in _chunks(seed, n, batch_size):
+                codes = draw(model, species_condition(levels, s), seeds, None, temperature, top_k, batch_size)
+                rows = [{"condition": {"species": name}, "seed": sd, "temperature": temperature, "top_k": top_k,
+                         "codes": c} for sd, c in zip(seeds, codes.tolist(), strict=True)]  # fmt: skip
+                writer.add(decode(model, codes, batch_size), rows, slug(name), row_label=name)
+                bar.update(len(seeds))
 
 
 def sample_node(model, levels: Levels, writer: SampleWriter, level: int, group: int, n: int, seed: int,
                 temperature: float, top_k: int, batch_size: int, quiet: bool = True) -> None:  # fmt: skip
-    """n images under an ancestor: its codes of levels 0..level drawn once (from `seed`), the rest per image."""
+    """n images under an ancestor, each drawing all its codes from the prior conditioned on it."""
     cond = levels.condition_offsets[level] + group
-    kept = len(model.autoencoder.level_positions(level))
-    prefix = draw(model, cond, [seed], None, temperature, top_k, batch_size)[0, :kept]
-    seeds = list(range(seed, seed + n))
     name = levels.groups[level][group]
+    label = f"{levels.names[level]} {name}" if levels.names else f"level {level}: {name}"
+    condition = {
+        "node": name,
+        "level": level,
+        "species": [levels.species[s] for s in levels.members(level, group)],
+    }
     with Progress(n, "generate phylo", enabled=not quiet) as bar:
-        codes = draw(model, cond, seeds, prefix, temperature, top_k, batch_size)
-        condition = {"node": name, "level": level, "kept_positions": kept}
-        rows = [{"condition": condition, "seed": sd, "temperature": temperature, "top_k": top_k, "codes": c}
-                for sd, c in zip(seeds, codes.tolist(), strict=True)]  # fmt: skip
-        writer.add(decode(model, codes, batch_size), rows, slug(f"level{level}-{name}"))
-        bar.update(n)
+        for seeds in _chunks(seed, n, batch_size):
+            codes = draw(model, cond, seeds, None, temperature, top_k, batch_size)
+            rows = [{"condition": condition, "seed": sd, "temperature": temperature, "top_k": top_k, "codes": c}
+                    for sd, c in zip(seeds, codes.tolist(), strict=True)]  # fmt: skip
+            writer.add(decode(model, codes, batch_size), rows, slug(f"level{level}-{name}"), row_label=label)
+            bar.update(len(seeds))
 
 
 def position_part(model: PhyloModel, position: int) -> str:
@@ -88,11 +98,17 @@ def traverse(model, writer: SampleWriter, base: torch.Tensor, base_info: dict, p
     """One row per code position: the base codes with that position set to `steps` evenly spaced entries."""
     vocab = model.autoencoder.quantizer.n_embed
     entries = np.unique(np.linspace(0, vocab - 1, min(steps, vocab)).round().astype(int)).tolist()
+    shown = evenly_spaced(len(entries), writer.grid_columns)
     for p in positions:
-        codes = base.repeat(len(entries), 1)
-        codes[:, p] = torch.tensor(entries)
-        rows = [{**base_info, "position": p, "part": position_part(model, p), "code": e} for e in entries]
-        writer.add(decode(model, codes, batch_size), rows, f"position{p:03d}")
+        part_name = position_part(model, p)
+        for first in range(0, len(entries), batch_size):
+            chunk = entries[first : first + batch_size]
+            codes = base.repeat(len(chunk), 1)
+            codes[:, p] = torch.tensor(chunk)
+            rows = [{**base_info, "position": p, "part": part_name, "code": e} for e in chunk]
+            writer.add(decode(model, codes, batch_size), rows, f"position{p:03d}", labels=[f"code {e}" for e in chunk],
+                       row_label=f"position {p} ({part_name})",
+                       grid=[first + k in shown for k in range(len(chunk))])  # fmt: skip
 
 
 def swap_path(model: PhyloModel, start: torch.Tensor, end: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
@@ -111,12 +127,13 @@ def swap_path(model: PhyloModel, start: torch.Tensor, end: torch.Tensor) -> list
     return frames
 
 
-def interpolate(
-    model, writer: SampleWriter, pairs: list[tuple[torch.Tensor, torch.Tensor, dict]], batch_size: int
-) -> None:
+def interpolate(model, writer: SampleWriter, pairs: list[tuple[torch.Tensor, torch.Tensor, dict]], batch_size: int,
+                row_labels: list[str] | None = None) -> None:  # fmt: skip
     """One row per (start codes, end codes, description): the code-swap path between them."""
     for r, (start, end, info) in enumerate(pairs):
         frames = swap_path(model, start, end)
         codes = torch.stack([c for _, c in frames])
         rows = [{**info, "swapped_last": name, "codes": c.tolist()} for name, c in frames]
-        writer.add(decode(model, codes, batch_size), rows, f"row{r:03d}")
+        labels = ["start"] + [f"+ {name}" for name, _ in frames[1:]]
+        writer.add(decode(model, codes, batch_size), rows, f"row{r:03d}", labels=labels,
+                   row_label=row_labels[r] if row_labels else f"row {r}")  # fmt: skip

@@ -1,5 +1,6 @@
 """Figures of retrieval results, each saved beside the table of its numbers: per-rank accuracy bars (seen vs
-unseen, with the chance level) and a 2-D projection (PCA) of image and DNA embeddings coloured by a rank."""
+unseen, with the chance level) and a 2-D projection (PCA, or UMAP as CLIBD draws it when umap-learn is
+installed) of image and DNA embeddings coloured by a rank."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from core.errors import UserError
 from core.plotting import pyplot, save_figure, save_table, show_or_close
 from datasets.bioscan.taxonomy import RANKS
 
@@ -52,6 +54,27 @@ def plot_accuracy(
     return Path(path)
 
 
+PROJECTIONS = ("pca", "umap")
+
+
+def check_projection(method: str) -> None:
+    if method not in PROJECTIONS:
+        raise UserError(f"--projection must be one of {', '.join(PROJECTIONS)}, got {method!r}")
+    if method == "umap":
+        try:
+            import umap  # noqa: F401
+        except ImportError:
+            raise UserError("--projection umap needs the umap-learn package (pip install umap-learn); "
+                            "or use --projection pca") from None  # fmt: skip
+
+
+def umap_2d(vectors: np.ndarray, seed: int = 0) -> np.ndarray:
+    """UMAP as CLIBD plots it: cosine metric, min_dist 0.5, two components (seeded)."""
+    import umap
+
+    return umap.UMAP(n_components=2, metric="cosine", min_dist=0.5, random_state=seed).fit_transform(vectors)
+
+
 def pca_2d(vectors: np.ndarray) -> np.ndarray:
     """The first two principal components (float64, deterministic sign: largest loading positive)."""
     x = vectors.astype(np.float64)
@@ -62,13 +85,16 @@ def pca_2d(vectors: np.ndarray) -> np.ndarray:
 
 
 def plot_projection(embeddings: dict[str, np.ndarray], labels: np.ndarray, rank: str, path: str | os.PathLike,
-                    title: str, show: bool = False) -> Path:  # fmt: skip
-    """PCA of all modalities' embeddings fitted jointly; colour = taxon at `rank` (the 10 most frequent, the
-    rest grey), marker = modality."""
+                    title: str, show: bool = False, method: str = "pca") -> Path:  # fmt: skip
+    """PCA (or UMAP) of all modalities' embeddings fitted jointly; colour = taxon at `rank` (the 10 most
+    frequent, the rest grey), marker = modality."""
     import pandas as pd
 
+    check_projection(method)
     modalities = list(embeddings)
-    coords = pca_2d(np.concatenate([embeddings[m] for m in modalities]))
+    joined = np.concatenate([embeddings[m] for m in modalities])
+    coords = umap_2d(joined) if method == "umap" else pca_2d(joined)
+    axis = "UMAP" if method == "umap" else "principal component"
     names, counts = np.unique(labels, return_counts=True)
     shown = [str(n) for n in names[np.argsort(-counts, kind="stable")][:MAX_TAXA]]
     table = pd.DataFrame({
@@ -91,8 +117,8 @@ def plot_projection(embeddings: dict[str, np.ndarray], labels: np.ndarray, rank:
                        label=name if m == modalities[0] else None)  # fmt: skip
     for m in modalities:
         ax.scatter([], [], marker=markers[m], color="black", label=f"[{m}]")
-    ax.set_xlabel("principal component 1")
-    ax.set_ylabel("principal component 2")
+    ax.set_xlabel(f"{axis} 1")
+    ax.set_ylabel(f"{axis} 2")
     ax.set_title(title)
     ax.legend(title=rank, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     save_table(table, Path(path).with_suffix(".csv"))

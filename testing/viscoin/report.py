@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from core.atomic import write_text
+from core.config import saved_settings
 from core.device import loader_settings, resolve_device
 from core.errors import UserError
 from core.plotting import pyplot, save_figure, save_table, show_or_close
@@ -38,7 +39,7 @@ PANELS = (
 
 def data_spec_for(models, dataset: str | None, data_dir: str | None) -> DataSpec:
     trained = models.meta.get("dataset") or {}
-    config = models.meta.get("config") or {}
+    config = saved_settings(models.meta.get("config"))
     name = dataset or trained.get("name", "world")
     check_compatible(models, dataset=name)
     return DataSpec(name, data_dir or config.get("data_dir"), trained.get("world") or "default", models.image_size,
@@ -150,7 +151,9 @@ def run_viscoin_test(
     subset = data if not max_images or max_images >= len(data) else Subset(data, range(max_images))
     loader = DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=collate_skipping,
                         **loader_settings(dev, num_workers))  # fmt: skip
-    lpips_weights = lpips_weights or (models.meta.get("config") or {}).get("lpips_weights", "imagenet")
+    lpips_weights = lpips_weights or saved_settings(models.meta.get("config")).get(
+        "lpips_weights", "imagenet"
+    )
     lpips = load_lpips(lpips_weights, dev)
     fid = build_fid_network(fid_network, fid_weights, dev)
     run_dir = prepare_run_dir(

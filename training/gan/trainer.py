@@ -19,35 +19,29 @@ import copy
 import dataclasses
 import json
 import math
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data import DataLoader
 
-from core import checkpoint, preemption
+from core import checkpoint
 from core.atomic import write_text
-from core.config import MAX_LR, require_positive, require_range, to_dict, to_yaml
-from core.device import autocast, autotune, loader_settings, resolve_device
-from core.distributed import barrier, dist_env, init_distributed
+from core.config import MAX_LR, require_per_process, require_positive, require_range, to_dict, validate_blocks
+from core.device import HardwareConfig, autocast, loader_settings
 from core.errors import TrainingDiverged, UserError
-from core.progress import Progress
-from core.rundir import mark_run
-from core.runlog import RunLog
 from core.seeding import derive_seed, seed_everything
-from datasets.gpu_transforms import to_model_batch
-from datasets.registry import DataSpec, build_dataset, collate_skipping, resolve_meta
+from datasets.gpu_transforms import mirror, to_model_batch
+from datasets.registry import DataConfig, DataSpec, build_dataset, collate_skipping, resolve_meta
 from datasets.transforms import Uint8Images
 from models.stylegan2 import Discriminator, Generator
 from models.stylegan2.checkpoint import save_generator
 from testing import gan_metrics
 from testing.sampling import render, save_grid, z_from_seeds
-from training.augment import MODES as AUG_MODES
-from training.augment import AugmentPipe, build_augment
-from training.losses_gan import (
+from training.gan.augment import MODES as AUG_MODES
+from training.gan.augment import AugmentPipe, build_augment
+from training.gan.losses import (
     d_logistic,
     ema_beta,
     g_nonsaturating,
@@ -57,8 +51,10 @@ from training.losses_gan import (
     r1_penalty,
     update_ema,
 )
+from training.lifecycle import ShuffledSteps, TrainingRun
+from training.optim import optimiser_step
 
-PRESETS = Path(__file__).parent / "presets" / "gan.yaml"
+PRESETS = Path(__file__).parents[1] / "presets" / "gan.yaml"
 DEFAULT_PRESET = {"world": "world", "cub": "cub", "folder": "cub"}
 ADAM_BETAS = (0.0, 0.99)
 METRIC_SEED = 1_000_000  # latents of the metric's fakes: seeds METRIC_SEED, METRIC_SEED + 1, ...
@@ -66,13 +62,8 @@ METRIC_SEED = 1_000_000  # latents of the metric's fakes: seeds METRIC_SEED, MET
 
 @dataclass
 class GanConfig:
-    # data
-    dataset: str = "world"
-    data_dir: str | None = None
-    world: str = "default"
-    image_size: int = 64
+    data: DataConfig = field(default_factory=lambda: DataConfig(val_fraction=0.0))  # trains on all of train
     mirror: bool = True
-    skip_bad_images: bool = False
     # networks
     z_dim: int = 512
     w_dim: int = 512
@@ -94,7 +85,7 @@ class GanConfig:
     style_mixing: float = 0.0
     ema_kimg: float = 10.0
     ema_rampup: float | None = 0.05
-    # discriminator augmentation (training/augment.py): ada adapts p towards ada_target, fixed keeps aug_p
+    # discriminator augmentation (training/gan/augment.py): ada adapts p towards ada_target, fixed keeps aug_p
     aug: str = "none"
     aug_p: float = 0.0  # fixed p, or ada's initial p
     ada_target: float = 0.6
@@ -106,22 +97,21 @@ class GanConfig:
     metric_images: int = 1000
     metric_classifier: str | None = None
     grid_size: int = 64
-    device: str = "auto"
-    amp: bool = True
-    num_workers: int | None = None
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
     seed: int = 0
 
     def validate(self) -> None:
-        require_positive(self, "batch_size", "kimg", "lr", "image_size", "log_every", "snapshot_kimg")
+        validate_blocks(self)
+        require_positive(self, "batch_size", "kimg", "lr", "log_every", "snapshot_kimg")
         require_positive(self, "z_dim", "w_dim", "mapping_layers", "channel_base", "channel_max", "ema_kimg")
         require_positive(self, "r1_interval", "pl_interval", "pl_batch_shrink", "metric_images", "grid_size")
-        if self.image_size < 8 or self.image_size > 1024 or self.image_size & (self.image_size - 1):
+        size = self.data.image_size
+        if size < 8 or size > 1024 or size & (size - 1):
             raise UserError(
-                f"--image-size must be a power of two from 8 to 1024 for StyleGAN2 (e.g. 32, 64, 256), got {self.image_size}"
+                f"--image-size must be a power of two from 8 to 1024 for StyleGAN2 (e.g. 32, 64, 256), got {size}"
             )
         if self.gamma < 0 or self.pl_weight < 0:
             raise UserError("--gamma and --pl-weight must be >= 0")
-        require_range(self, "num_workers", 0, optional=True)
         require_range(self, "lr", 0, MAX_LR)
         if self.aug not in AUG_MODES:
             raise UserError(f"--aug must be one of {', '.join(AUG_MODES)}, got {self.aug!r}")
@@ -134,63 +124,19 @@ class GanConfig:
             raise UserError(f"--style-mixing must be in [0, 1], got {self.style_mixing}")
         if self.ema_rampup is not None and self.ema_rampup <= 0:
             raise UserError(f"ema_rampup must be positive or null, got {self.ema_rampup}")
-        world = dist_env().world_size
-        if self.batch_size % world:
-            raise UserError(f"--batch-size {self.batch_size} is not divisible by the {world} processes")
-        per_rank = self.batch_size // world
+        per_rank = self.batch_size // require_per_process(self, "batch_size")
         if per_rank % min(self.mbstd_group, per_rank):
             raise UserError(
                 f"images per process ({per_rank}) must be a multiple of --mbstd-group ({self.mbstd_group})"
             )
 
     def data_spec(self) -> DataSpec:
-        return DataSpec(
-            self.dataset, self.data_dir, self.world, self.image_size, val_fraction=0.0, seed=self.seed,
-            skip_bad_images=self.skip_bad_images,
-        )  # fmt: skip
+        return self.data.spec(self.seed)
 
 
 # ----------------------------------------------------------------------------
 # Data: the train split, resized and centre-cropped to a square by the workers (uint8); [-1, 1] and
 # mirroring happen on the batch, on the device.
-
-
-class StepBatches(Sampler):
-    """Index batches of one rank for steps `start`, `start+1`, ... without end.
-
-    Step s is batch `s % per_epoch` of epoch `s // per_epoch`, shuffled by `DistributedSampler(seed).set_epoch`:
-    where a run resumes depends on its step counter only.
-    """
-
-    def __init__(self, dataset, batch_size: int, rank: int, world_size: int, seed: int, start: int = 0):
-        self.sampler = DistributedSampler(
-            dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed
-        )
-        self.batch_size = batch_size
-        self.per_epoch = self.sampler.num_samples // batch_size
-        if self.per_epoch == 0:
-            raise UserError(
-                f"the training set has {len(dataset)} images, fewer than one batch of {batch_size} per process; "
-                "lower --batch-size"
-            )
-        self.start = start
-
-    def __iter__(self):
-        step, epoch, order = self.start, None, []
-        while True:
-            if step // self.per_epoch != epoch:
-                epoch = step // self.per_epoch
-                self.sampler.set_epoch(epoch)
-                order = list(self.sampler)
-            k = step % self.per_epoch
-            yield order[k * self.batch_size : (k + 1) * self.batch_size]
-            step += 1
-
-
-def mirror(images: torch.Tensor) -> torch.Tensor:
-    """Flip each image left-right with probability 1/2 (global RNG)."""
-    flip = torch.rand(images.shape[0], device=images.device) < 0.5
-    return torch.where(flip[:, None, None, None], images.flip(3), images)
 
 
 def real_batch(batch: dict, device: torch.device, cfg: GanConfig, group: int) -> torch.Tensor:
@@ -211,7 +157,7 @@ def build_networks(cfg: GanConfig) -> tuple[Generator, Discriminator]:
         z_dim=cfg.z_dim,
         c_dim=0,
         w_dim=cfg.w_dim,
-        img_resolution=cfg.image_size,
+        img_resolution=cfg.data.image_size,
         img_channels=3,
         mapping_kwargs={"num_layers": cfg.mapping_layers},
         synthesis_kwargs={
@@ -222,7 +168,7 @@ def build_networks(cfg: GanConfig) -> tuple[Generator, Discriminator]:
     )
     D = Discriminator(
         c_dim=0,
-        img_resolution=cfg.image_size,
+        img_resolution=cfg.data.image_size,
         img_channels=3,
         channel_base=cfg.channel_base,
         channel_max=cfg.channel_max,
@@ -258,24 +204,6 @@ def generate(G: Generator, z: torch.Tensor, style_mixing: float) -> tuple[torch.
     return G.synthesis(ws), ws
 
 
-def optimiser_step(
-    opt: torch.optim.Optimizer, module: torch.nn.Module, loss: torch.Tensor, world: int
-) -> None:
-    """Backward, average gradients over ranks (one flat all-reduce), clean non-finite values, step."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    params = [p for p in module.parameters() if p.grad is not None]
-    if params:
-        flat = torch.cat([p.grad.flatten() for p in params])
-        if world > 1:
-            dist.all_reduce(flat)
-            flat /= world
-        torch.nan_to_num(flat, nan=0.0, posinf=1e5, neginf=-1e5, out=flat)
-        for p, g in zip(params, flat.split([p.numel() for p in params]), strict=True):
-            p.grad.copy_(g.view_as(p))
-    opt.step()
-
-
 # ----------------------------------------------------------------------------
 # Training state and one step.
 
@@ -304,13 +232,13 @@ class GanState:
             "config": to_dict(cfg), "augment": self.augment.state_dict() if self.augment is not None else None,
         }  # fmt: skip
 
-    def load(self, path: Path, device: torch.device) -> None:
-        state = checkpoint.load_state(path, device=str(device))
+    def load(self, state: dict, source: str) -> None:
+        """Restore a resume state that `to_resume_state` made (read from `source`)."""
         for key in ("G", "D", "G_ema"):
-            checkpoint.load_state_dict_checked(getattr(self, key), state[key], f"{path} [{key}]")
+            checkpoint.load_state_dict_checked(getattr(self, key), state[key], f"{source} [{key}]")
         self.opt_G.load_state_dict(state["opt_G"])
         self.opt_D.load_state_dict(state["opt_D"])
-        self.pl_mean = state["pl_mean"].to(device)
+        self.pl_mean = state["pl_mean"].to(self.pl_mean.device)
         self.step, self.nimg, self.best = state["step"], state["nimg"], state["best"]
         if self.augment is not None and state.get("augment") is not None:
             self.augment.load_state_dict(state["augment"])
@@ -400,7 +328,7 @@ class Evaluator:
         self.batch_size = batch_size
         n = min(cfg.metric_images, len(dataset))
         indices = np.unique(np.linspace(0, len(dataset) - 1, n).round().astype(int)).tolist()
-        settings = {**loader_settings(device, cfg.num_workers), "persistent_workers": False}
+        settings = {**loader_settings(device, cfg.hardware.num_workers), "persistent_workers": False}
         subset = torch.utils.data.Subset(dataset, indices)
         loader = DataLoader(subset, batch_size=batch_size, collate_fn=collate_skipping, **settings)
         reals = (to_model_batch(b, device, train=False)["image"] for b in loader if "image" in b)
@@ -422,7 +350,7 @@ class Evaluator:
 def _weights_meta(cfg: GanConfig, meta, s: GanState, metrics: dict) -> dict:
     return {
         "source": "train gan",
-        "dataset": {"name": cfg.dataset, "root": str(meta.root), "image_size": cfg.image_size},
+        "dataset": {"name": cfg.data.dataset, "root": str(meta.root), "image_size": cfg.data.image_size},
         "kimg": s.nimg / 1000,
         "step": s.step,
         "metrics": metrics,
@@ -430,9 +358,9 @@ def _weights_meta(cfg: GanConfig, meta, s: GanState, metrics: dict) -> dict:
     }
 
 
-def snapshot(cfg: GanConfig, run_dir: Path, meta, s: GanState, evaluator: Evaluator, log: RunLog,
-             batch: int, quiet: bool) -> None:  # fmt: skip
+def snapshot(run: TrainingRun, meta, s: GanState, evaluator: Evaluator, batch: int) -> None:
     """Rank 0: sample grid (+ its seeds), metric (logged), G_ema (+ best), then last.pt."""
+    cfg, run_dir = run.cfg, run.run_dir
     grid = run_dir / "samples" / f"fakes_{s.step:07d}.png"
     seeds = list(range(cfg.grid_size))  # `generate gan --seed 0` renders the same images
     save_grid(torch.cat([render(s.G_ema, z) for z in z_from_seeds(seeds, cfg.z_dim).split(batch)]), grid)
@@ -442,16 +370,16 @@ def snapshot(cfg: GanConfig, run_dir: Path, meta, s: GanState, evaluator: Evalua
     if not all(torch.isfinite(p).all() for p in s.G_ema.parameters()):
         raise TrainingDiverged("the generator's weights", s.step)
     metrics = evaluator(s.G_ema)
-    log.write(s.step, "val", kimg=s.nimg / 1000, **metrics)
+    run.log.write(s.step, "val", kimg=s.nimg / 1000, **metrics)
     value = metrics[evaluator.key]
-    if not quiet:
+    if not run.quiet:
         print(f"kimg {s.nimg / 1000:.1f}: {evaluator.key} {value:.4f} ({evaluator.n} images)", flush=True)
     weights_meta = _weights_meta(cfg, meta, s, metrics)
     save_generator(run_dir / "G_ema.safetensors", s.G_ema, weights_meta)
     if s.best["fd"] is None or value < s.best["fd"]:
         s.best = {"fd": value, "kimg": s.nimg / 1000, "metric": evaluator.key}
         save_generator(run_dir / "G_ema_best.safetensors", s.G_ema, weights_meta)
-    checkpoint.save_state(run_dir / "last.pt", s.to_resume_state(cfg))
+    run.save_state(s.to_resume_state(cfg))
 
 
 # ----------------------------------------------------------------------------
@@ -460,102 +388,50 @@ def snapshot(cfg: GanConfig, run_dir: Path, meta, s: GanState, evaluator: Evalua
 
 def train_gan(cfg: GanConfig, run_dir: Path, resume: bool = False, quiet: bool = False) -> dict:
     """Train G and D, snapshot every `snapshot_kimg`; returns the summary written to summary.json."""
-    cfg.validate()
-    preempt = preemption.watch(run_dir)  # SIGUSR1/SIGTERM: save last.pt between two steps, requeue
-    env = dist_env()
-    device = resolve_device(cfg.device, env.local_rank)
-    autotune(device)
-    init_distributed(env, device)
-    main, world = env.is_main, env.world_size
+    run = TrainingRun(cfg, run_dir, resume, quiet)
+    device, world = run.device, run.world
     per_rank = cfg.batch_size // world
     group = min(cfg.mbstd_group, per_rank)
-
     spec = cfg.data_spec()
-    if main:
-        meta = resolve_meta(spec, quiet=quiet)
-    barrier()
-    if not main:
-        meta = resolve_meta(spec, quiet=True)
+    meta = run.prepare(lambda quiet: resolve_meta(spec, quiet=quiet))
     dataset = build_dataset(
-        spec, "train", train_transform=False, meta=meta, transform=Uint8Images(cfg.image_size, "square")
+        spec, "train", train_transform=False, meta=meta, transform=Uint8Images(cfg.data.image_size, "square")
     )
 
     s = new_state(cfg, device)
-    if resume and (run_dir / "last.pt").is_file():
-        s.load(run_dir / "last.pt", device)
-    if world > 1:  # one set of weights for all ranks, whatever each rank's initialisation did
-        for module in (s.G, s.D, s.G_ema):
-            for tensor in module.state_dict().values():
-                dist.broadcast(tensor, 0)
-    loader = DataLoader(
-        dataset,
-        batch_sampler=StepBatches(dataset, per_rank, env.rank, world, cfg.seed, start=s.step),
-        collate_fn=collate_skipping,
-        **loader_settings(device, cfg.num_workers),
-    )
-    batches = iter(loader)
-    evaluator = Evaluator(cfg, dataset, device, per_rank) if main else None
-    if main:
-        write_text(run_dir / "config.yaml", to_yaml(cfg))
-        mark_run(run_dir, status="running", world_size=world, device=str(device))
-        if s.step == 0:
-            reals = collate_skipping([dataset[i] for i in range(min(cfg.grid_size, len(dataset)))])
-            save_grid(to_model_batch(reals, "cpu", train=False)["image"], run_dir / "samples" / "reals.png")
-    log = RunLog(run_dir / "log.jsonl", enabled=main, resume_step=s.step if resume else None)
+    state = run.load_state()
+    if state is not None:
+        s.load(state, str(run.run_dir / "last.pt"))
+    run.broadcast(s.G, s.D, s.G_ema)
+    sampler = ShuffledSteps(dataset, per_rank, run.rank, world, cfg.seed, start=s.step)
+    batches = iter(run.loader(dataset, batch_sampler=sampler, collate_fn=collate_skipping))
+    evaluator = Evaluator(cfg, dataset, device, per_rank) if run.main else None
+    run.begin()
+    if run.main and s.step == 0:
+        reals = collate_skipping([dataset[i] for i in range(min(cfg.grid_size, len(dataset)))])
+        save_grid(to_model_batch(reals, "cpu", train=False)["image"], run.run_dir / "samples" / "reals.png")
 
     total_steps = math.ceil(cfg.kimg * 1000 / cfg.batch_size)
     snapshot_nimg = max(1, round(cfg.snapshot_kimg * 1000))
-    window, window_steps, last, tick = 0.0, 0, {}, time.time()  # losses summed on the device between logs
-
-    def check_window() -> None:  # before a save: nothing trained on a non-finite loss (one sync)
-        if torch.is_tensor(window) and not torch.isfinite(window).all():
-            raise TrainingDiverged("the GAN loss", s.step)
-
-    def save_resume() -> None:
-        check_window()
-        checkpoint.save_state(run_dir / "last.pt", s.to_resume_state(cfg))
-
-    with Progress(max(total_steps - s.step, 0), "train gan", enabled=main and not quiet) as bar:
-        while s.step < total_steps:
-            torch.manual_seed(derive_seed(cfg.seed, "step", s.step, env.rank))
-            batch = next(batches)
-            if "image" not in batch or batch["image"].shape[0] < group:
-                raise UserError(f"step {s.step}: too many unreadable images in one batch to train on")
-            previous = s.nimg
-            out = train_step(s, real_batch(batch, device, cfg, group), cfg, world, cfg.amp)
-            window, window_steps = window + out.pop("window"), window_steps + 1
-            last.update(out)
-
-            shown = {}
-            if s.step % cfg.log_every == 0:
-                names = ("loss_G", "loss_D", "d_real", "d_fake")
-                values = [window / window_steps, *(v.double().reshape(1) for v in last.values())]
-                values = torch.cat(values).tolist()  # the one host sync of a log interval
-                means = dict(zip(names, values[: len(names)], strict=True))
-                if not all(math.isfinite(v) for v in means.values()):
-                    bad = ", ".join(k for k, v in means.items() if not math.isfinite(v))
-                    raise TrainingDiverged(f"the GAN loss ({bad})", s.step)
-                rate = window_steps * cfg.batch_size / max(time.time() - tick, 1e-9)
-                penalties = dict(zip(last, values[len(names) :], strict=True))
-                log.write(
-                    s.step, "train", kimg=s.nimg / 1000, **means, **penalties, images_per_s=round(rate, 2)
-                )
-                shown = {k: round(v, 3) for k, v in means.items()}
-                window, window_steps, tick = 0.0, 0, time.time()
-            bar.update(1, **shown)
-
-            if s.nimg // snapshot_nimg > previous // snapshot_nimg or s.step == total_steps:
-                if main:
-                    check_window()
-                    snapshot(cfg, run_dir, meta, s, evaluator, log, per_rank, quiet)
-                barrier()
-                tick = time.time()
-            preempt.check(s.step, save_resume)
+    loop = run.steps(total_steps, s.step, name="train gan", log_every=cfg.log_every, samples_per_step=cfg.batch_size,
+                     save=lambda: run.save_state(s.to_resume_state(cfg)), fields=lambda: {"kimg": s.nimg / 1000},
+                     log_last=False, state=state, what="the GAN loss")  # fmt: skip
+    for _ in loop:
+        batch = next(batches)
+        if "image" not in batch or batch["image"].shape[0] < group:
+            raise UserError(f"step {s.step}: too many unreadable images in one batch to train on")
+        previous = s.nimg
+        out = train_step(s, real_batch(batch, device, cfg, group), cfg, world, cfg.hardware.amp)
+        window = dict(zip(("loss_G", "loss_D", "d_real", "d_fake"), out.pop("window"), strict=True))
+        loop.log(window, latest=out, show=tuple(window))
+        if s.nimg // snapshot_nimg > previous // snapshot_nimg or s.step == total_steps:
+            with loop.paused():
+                if run.main:
+                    loop.check_finite()  # nothing trained on a non-finite loss is snapshot
+                    snapshot(run, meta, s, evaluator, per_rank)
+                run.barrier()
 
     summary = {"best": s.best, "kimg": s.nimg / 1000, "steps": s.step, "run_dir": str(run_dir)}
-    if main:
-        if not (run_dir / "G_ema.safetensors").is_file():  # resumed a run that had already finished
-            save_generator(run_dir / "G_ema.safetensors", s.G_ema, _weights_meta(cfg, meta, s, {}))
-        write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
-        mark_run(run_dir, status="finished")
-    return summary
+    if run.main and not (run.run_dir / "G_ema.safetensors").is_file():  # resumed a run that had finished
+        save_generator(run.run_dir / "G_ema.safetensors", s.G_ema, _weights_meta(cfg, meta, s, {}))
+    return run.finish(summary)
