@@ -85,9 +85,9 @@
     try {
       const answer = await api(tab.id, "sample", { json: { node: label, n: n.value, seed: seed.value, temperature: temperature.value, top_k: topK.value } });
       if (answer.superseded) return;
-      const where = answer.level === answer.n_levels - 1 ? "species level" : `level ${answer.level} (cut ${answer.cut})`;
+      const where = answer.level === answer.n_levels - 1 ? "" : ` (cut ${answer.cut})`;
       const members = answer.species.length === 1 ? "one species" : `${answer.species.length} species`;
-      head.replaceChildren(el("span", { title: answer.species.join(", ") }, el("b", { text: answer.caption }), ` · ${where}, ${members} · ${answer.images.length} samples, seeds ${answer.seeds[0]}–${answer.seeds[answer.seeds.length - 1]}`));
+      head.replaceChildren(el("span", { title: answer.species.join(", ") }, el("b", { text: answer.caption }), `${where} · ${members} · ${answer.images.length} samples, seeds ${answer.seeds[0]}–${answer.seeds[answer.seeds.length - 1]}`));
       grid.replaceChildren(...answer.images.map((src, i) => el("figure", { class: "sample" }, el("img", { src, alt: `seed ${answer.seeds[i]}`, class: "pixelated" }), el("figcaption", { text: `seed ${answer.seeds[i]}` }))));
       command.textContent = answer.command;
     } catch (error) {
