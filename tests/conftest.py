@@ -107,7 +107,7 @@ COMMAND_LOG = "BIOVIS_TEST_COMMAND_LOG"
 def record_command(args) -> None:
     path = os.environ.get(COMMAND_LOG)
     if path:
-        with open(path, "a", encoding="utf-8") as f:
+        with open(path, "a", encoding="utf-8", errors="backslashreplace") as f:
             f.write("\t".join(str(a) for a in args).replace("\n", " ") + "\n")
 
 
