@@ -158,6 +158,10 @@ def command_of(args: list[str], paths: set[str]) -> str | None:
 
 
 def pytest_configure(config):
+    if os.environ.get(
+        "PYTEST_XDIST_WORKER"
+    ):  # -n N: N workers share the cores; one thread each (and children)
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
     if not os.environ.get(
         COMMAND_LOG
     ):  # the controller (or a plain session) makes the file; workers inherit it
