@@ -158,13 +158,11 @@ def command_of(args: list[str], paths: set[str]) -> str | None:
 
 
 def pytest_configure(config):
-    if os.environ.get(
-        "PYTEST_XDIST_WORKER"
-    ):  # -n N: N workers share the cores; one thread each (and children)
+    # -n N: N workers share the cores, so each computes on one thread (and so do the commands it starts)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
         os.environ.setdefault("OMP_NUM_THREADS", "1")
-    if not os.environ.get(
-        COMMAND_LOG
-    ):  # the controller (or a plain session) makes the file; workers inherit it
+    # the controller (or a plain session) makes the command log; workers inherit it
+    if not os.environ.get(COMMAND_LOG):
         import tempfile
 
         handle, path = tempfile.mkstemp(prefix="biovis-commands-", suffix=".tsv")
