@@ -38,10 +38,11 @@
         (lpips.override { torch = torch-bin; torchvision = torchvision-bin; })
         pytorch-fid
         pytest
+        selenium  # explore's browser tests, with chromium and chromedriver below
       ]);
     in {
       devShells.${system}.default = pkgs.mkShell {
-        packages = [ env pkgs.ruff ];
+        packages = [ env pkgs.ruff pkgs.chromium pkgs.chromedriver ];
         shellHook = ''
           export PYTHONPATH=$PWD:$PYTHONPATH
         '';

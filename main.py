@@ -9,7 +9,21 @@ import sys
 
 import typer
 
-from cli import amplify, concepts, demo, gan, generate, logs, prefetch, retrieve, test, train, vdna, viscoin
+from cli import (
+    amplify,
+    concepts,
+    demo,
+    explore,
+    gan,
+    generate,
+    logs,
+    prefetch,
+    retrieve,
+    test,
+    train,
+    vdna,
+    viscoin,
+)
 from cli.common import CONTEXT
 from cli.cvae import compare_runs_command
 from cli.submit import submit
@@ -36,6 +50,7 @@ app.command("amplify")(amplify.amplify)
 app.add_typer(vdna.app, name="vdna")
 app.add_typer(retrieve.app, name="retrieve")
 app.command("submit")(submit)
+app.command("explore")(explore.explore)
 
 
 def one_line(error: UserError) -> str:

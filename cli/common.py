@@ -333,27 +333,27 @@ def with_options(
     first: tuple[str, ...] = (),
     helps: dict[str, str] | None = None,
     defaults: dict[str, Any] | None = None,
+    table: dict[str, tuple[Any, Any]] | None = None,
     wrap: Callable[[SimpleNamespace], Any] = lambda options: options,
 ):
-    """Give a command shared options, each declared once in SHARED_OPTIONS: `first` before the command's own
-    options, `names` after them (`helps` rewords one for this command, `defaults` changes its default). The
-    function declares only its own options after a first parameter, which receives the shared ones as one
-    object: `wrap(SimpleNamespace(name=value, ...))`."""
-    helps, defaults = helps or {}, defaults or {}
+    """Give a command shared options, each declared once in SHARED_OPTIONS (or in `table`, the options a family
+    of commands shares, same layout): `first` before the command's own options, `names` after them (`helps`
+    rewords one for this command, `defaults` changes its default). The function declares only its own options
+    after a first parameter, which receives the shared ones as one object: `wrap(SimpleNamespace(name=value))`."""
+    helps, defaults, options = helps or {}, defaults or {}, {**SHARED_OPTIONS, **(table or {})}
 
     def parameter(name: str) -> inspect.Parameter:
-        annotation, default = SHARED_OPTIONS[name]
+        annotation, default = options[name]
         if name in helps:  # the same option, reworded for this command
             info = copy.copy(annotation.__metadata__[0])
             info.help = helps[name]
             annotation = Annotated[annotation.__origin__, info]
         default = defaults.get(name, default)
-        return inspect.Parameter(
-            name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=annotation
-        )
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 
     def decorate(func: Callable) -> Callable:
         own = list(inspect.signature(func, eval_str=True).parameters.values())[1:]
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]  # any order of defaults: keywords
         params = [*(parameter(n) for n in first), *own, *(parameter(n) for n in names)]
 
         def run(**kwargs: Any) -> Any:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated
 
 import typer
@@ -21,16 +22,15 @@ from cli.common import (
     Amp,
     DataDir,
     Device,
-    Name,
-    Out,
     Overwrite,
     Quiet,
-    Show,
     TrainOptions,
     Workers,
     WorldPreset,
+    results_dir,
     run_dir_for,
     training_command,
+    with_options,
 )
 from core.errors import UserError
 
@@ -58,6 +58,17 @@ Backend = Annotated[
 ]
 Force = Annotated[bool, typer.Option(help="Rebuild cached embedding indexes.", rich_help_panel=OUTPUT)]
 TRAINED = "the data the model was trained on"
+
+
+# How `index`, `evaluate` and `plot` embed a split (cli.common.with_options)
+EMBEDDING = {
+    "batch_size": (BatchSize, 256),
+    "device": (Device, "auto"),
+    "amp": (Amp, True),
+    "num_workers": (Workers, None),
+    "force": (Force, False),
+}
+RESULTS = ("out", "name", "overwrite", "show", "quiet")
 
 
 def _data_for(data: Path | None, meta: dict) -> Path:
@@ -110,7 +121,9 @@ def export_world_command(
 
 
 @app.command("index")
+@with_options(*EMBEDDING, "overwrite", "quiet", table=EMBEDDING)
 def index_command(
+    o: SimpleNamespace,
     model: Model,
     data: Data = None,
     split: Annotated[
@@ -120,11 +133,6 @@ def index_command(
         str | None,
         typer.Option(help="Comma-separated (default: every modality of the model).", rich_help_panel=DATA),
     ] = None,  # fmt: skip
-    batch_size: BatchSize = 256,
-    device: Device = "auto",
-    amp: Amp = True,
-    num_workers: Workers = None,
-    force: Force = False,
     dtype: Annotated[
         str,
         typer.Option(
@@ -135,29 +143,27 @@ def index_command(
         Path | None,
         typer.Option(help="Also copy the index to this folder (e.g. for a laptop).", rich_help_panel=OUTPUT),
     ] = None,  # fmt: skip
-    overwrite: Overwrite = False,
-    quiet: Quiet = False,
 ) -> None:
     """Embed a split once for all modalities into a cached, memory-mappable index."""
     from testing.retrieval.store import build_index, export_index
 
-    net, meta, model_hash, dev = _load(model, device)
+    net, meta, model_hash, dev = _load(model, o.device)
     chosen = [m.strip() for m in modalities.split(",")] if modalities else list(net.spec.modalities)
     unknown = [m for m in chosen if m not in net.spec.modalities]
     if unknown:
         raise UserError(f"--modalities: the model has {', '.join(net.spec.modalities)}, not {unknown[0]}")
-    if batch_size <= 0:
-        raise UserError(f"--batch-size must be positive, got {batch_size}")
-    if out is not None and out.exists() and not overwrite:
+    if o.batch_size <= 0:
+        raise UserError(f"--batch-size must be positive, got {o.batch_size}")
+    if out is not None and out.exists() and not o.overwrite:
         raise UserError(f"{out} already exists; pass --overwrite or another --out")
-    index, built = build_index(net, model_hash, model, _data_for(data, meta), split, chosen, dev, batch_size,
-                               num_workers, amp, force=force, quiet=quiet, dtype=dtype)  # fmt: skip
+    index, built = build_index(net, model_hash, model, _data_for(data, meta), split, chosen, dev, o.batch_size,
+                               o.num_workers, o.amp, force=o.force, quiet=o.quiet, dtype=dtype)  # fmt: skip
     manifest = index.manifest
     how = f"built at {manifest['records_per_s']} records/s" if built else "cached"
     typer.echo(f"index of {len(index)} {split} records ({', '.join(index.modalities)}, {manifest['dim']}-d "
                f"{manifest['dtype']}), {how}: {index.folder}")  # fmt: skip
     if out is not None:
-        typer.echo(f"copied to {export_index(index, out, overwrite)}")
+        typer.echo(f"copied to {export_index(index, out, o.overwrite)}")
 
 
 @app.command("query")
@@ -299,7 +305,9 @@ def _print_results(results) -> None:
 
 
 @app.command("evaluate")
+@with_options(*EMBEDDING, *RESULTS, table=EMBEDDING)
 def evaluate_command(
+    o: SimpleNamespace,
     model: Annotated[
         Path | None,
         typer.Option(
@@ -353,22 +361,12 @@ def evaluate_command(
             rich_help_panel=DATA,
         ),
     ] = None,  # fmt: skip
-    batch_size: BatchSize = 256,
     backend: Backend = "torch",
-    device: Device = "auto",
-    amp: Amp = True,
-    num_workers: Workers = None,
-    force: Force = False,
-    out: Out = None,
-    name: Name = None,
-    overwrite: Overwrite = False,
-    show: Show = False,
-    quiet: Quiet = False,
 ) -> None:
     """The BIOSCAN protocol: micro/macro top-1/3/5 per rank, seen/unseen/H.M., novelty AUROC; table, CSV, figure."""
     from testing.retrieval.evaluate import run_evaluate
 
-    run_dir = run_dir_for("retrieve-evaluate", out, name)
+    run_dir = run_dir_for("retrieve-evaluate", o.out, o.name)
     if features is not None or labels is not None:
         from testing.retrieval.features import run_evaluate_features
 
@@ -378,15 +376,15 @@ def evaluate_command(
             raise UserError(
                 "--features and --labels go together (CLIBD writes labels_{val,test}.json beside them)"
             )
-        summary = run_evaluate_features(features, labels, run_dir, pairs, backend, show, overwrite)
+        summary = run_evaluate_features(features, labels, run_dir, pairs, backend, o.show, o.overwrite)
         _print_table(summary)
         typer.echo(f"results: {run_dir}")
         return
     if model is None:
         raise UserError("pass --model (weights or a run directory) or --features with --labels")
     _, meta, _, _ = _load(model, "cpu")
-    summary = run_evaluate(model, _data_for(data, meta), run_dir, on, pairs, key_split, batch_size, device,
-                           num_workers, amp, backend, force, show, quiet, overwrite, heldout)  # fmt: skip
+    summary = run_evaluate(model, _data_for(data, meta), run_dir, on, pairs, key_split, o.batch_size, o.device,
+                           o.num_workers, o.amp, backend, o.force, o.show, o.quiet, o.overwrite, heldout)  # fmt: skip
     _print_table(summary)
     typer.echo(f"results: {run_dir}")
 
@@ -426,7 +424,9 @@ def _print_table(summary: dict) -> None:
 
 
 @app.command("plot")
+@with_options(*EMBEDDING, *RESULTS, table=EMBEDDING)
 def plot_command(
+    o: SimpleNamespace,
     model: Model,
     data: Data = None,
     split: Annotated[str, typer.Option(help="Group to embed.", rich_help_panel=DATA)] = "all_keys",
@@ -439,21 +439,11 @@ def plot_command(
             help="pca, or umap (CLIBD's: cosine, min_dist 0.5; needs umap-learn).", rich_help_panel=OUTPUT
         ),
     ] = "pca",  # fmt: skip
-    batch_size: BatchSize = 256,
-    device: Device = "auto",
-    amp: Amp = True,
-    num_workers: Workers = None,
-    force: Force = False,
-    out: Out = None,
-    name: Name = None,
-    overwrite: Overwrite = False,
-    show: Show = False,
-    quiet: Quiet = False,
 ) -> None:
     """2-D projection (PCA or UMAP, fitted jointly) of a split's image and DNA embeddings, coloured by a rank."""
     import numpy as np
 
-    from core.rundir import mark_run, prepare_run_dir
+    from core.rundir import mark_run
     from datasets.bioscan.hdf5 import check_split
     from datasets.bioscan.taxonomy import RANKS
     from testing.retrieval.plots import check_projection, plot_projection
@@ -462,29 +452,25 @@ def plot_command(
     if rank not in RANKS:
         raise UserError(f"--rank must be one of {', '.join(RANKS)}, got {rank!r}")
     check_projection(projection)
-    net, meta, model_hash, dev = _load(model, device)
+    net, meta, model_hash, dev = _load(model, o.device)
     source = _data_for(data, meta)
     modalities = [m for m in ("image", "dna") if m in net.spec.modalities]
     check_split(source, split, tuple(modalities))
-    run_dir = prepare_run_dir(
-        run_dir_for("retrieve-plot", out, name),
-        "retrieve plot",
-        overwrite=overwrite,
-        inputs=[model, source],
-        resumable=False,
-    )
-    index, _ = build_index(net, model_hash, model, source, split, modalities, dev, batch_size, num_workers, amp,
-                           force=force, quiet=quiet)  # fmt: skip
+    config = {"model": str(model), "model_hash": model_hash, "data": str(source), "split": split, "rank": rank,
+              "projection": projection}  # fmt: skip
+    run_dir = results_dir("retrieve plot", o, [model, source], config)
+    index, _ = build_index(net, model_hash, model, source, split, modalities, dev, o.batch_size, o.num_workers,
+                           o.amp, force=o.force, quiet=o.quiet)  # fmt: skip
     embeddings = {m: np.asarray(index.keys(m), dtype=np.float32) for m in modalities}
     path = plot_projection(embeddings, index.labels[rank], rank, run_dir / f"projection_{split}_{rank}.png",
-                           f"{', '.join(modalities)} embeddings of {split} ({len(index)} records)", show=show,
+                           f"{', '.join(modalities)} embeddings of {split} ({len(index)} records)", show=o.show,
                            method=projection)  # fmt: skip
     mark_run(run_dir, status="finished")
     typer.echo(f"figure: {path}")
 
 
-# Settings a resumed run may change (not epochs: the OneCycle schedule is laid out over the whole run).
-# Settings a resumed run may change besides the hardware and log cadence; everything else must match.
+# Settings a resumed run may change besides the hardware and log cadence (not epochs: the OneCycle schedule is
+# laid out over the whole run); everything else must match.
 RESUMABLE = {"eval_batch_size"}
 
 

@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated
 
 import typer
 
-from cli.common import CONTEXT, DATA, HARDWARE, MODEL, OUTPUT, Device, Overwrite, Quiet, Show, Workers
+from cli.common import (
+    CONTEXT,
+    DATA,
+    HARDWARE,
+    MODEL,
+    OUTPUT,
+    Device,
+    Overwrite,
+    Quiet,
+    Show,
+    Workers,
+    with_options,
+)
 from core.errors import UserError
 
 app = typer.Typer(
@@ -82,6 +95,30 @@ Amp = Annotated[
 ]  # fmt: skip
 
 
+# The extraction options of `vdna make` and `vdna calibrate` (cli.common.with_options)
+EXTRACTION = {
+    "extractor": (Extractor, "rand_resnet50"),
+    "weights": (Weights, None),
+    "image_size": (ImageSize, None),
+    "resize": (Resize, "center-crop"),
+    "num_images": (NumImages, None),
+    "seed": (Seed, 0),
+    "batch_size": (BatchSize, 64),
+    "num_workers": (Workers, None),
+    "device": (Device, "auto"),
+    "amp": (Amp, True),
+}
+extraction_options = with_options(first=tuple(EXTRACTION), table=EXTRACTION)
+
+
+def _extract(o: SimpleNamespace) -> dict:
+    """The extraction options as the pipeline's keywords (after the checks every extraction makes)."""
+    check_sizes(o.image_size, o.num_images, o.batch_size)
+    return {"extractor": o.extractor, "batch_size": o.batch_size, "num_workers": o.num_workers, "device": o.device,
+            "image_size": o.image_size, "num_images": o.num_images, "seed": o.seed, "weights": o.weights,
+            "resize": o.resize, "amp": o.amp}  # fmt: skip
+
+
 def _describe(vdna) -> str:
     neurons = sum(vdna.neurons_list.values())
     return (
@@ -112,29 +149,21 @@ def check_sizes(image_size: int | None, num_images: int | None, batch_size: int)
 
 
 @app.command("make")
+@extraction_options
 def make(
+    o: SimpleNamespace,
     source: Source,
     out: Annotated[
         Path,
         typer.Option(help="Output path: writes OUT.json + OUT.npz (vdna's layout).", rich_help_panel=OUTPUT),
     ],
-    extractor: Extractor = "rand_resnet50",
-    weights: Weights = None,
     distribution: Distribution = "histogram-1000",
     ranges: Ranges = None,
-    image_size: ImageSize = None,
-    resize: Resize = "center-crop",
-    num_images: NumImages = None,
-    seed: Seed = 0,
-    batch_size: BatchSize = 64,
-    num_workers: Workers = None,
-    device: Device = "auto",
-    amp: Amp = True,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
     """Build the VDNA of SOURCE in one streaming pass and save it."""
-    check_sizes(image_size, num_images, batch_size)
+    extraction = _extract(o)
     from core.rundir import check_output_file
     from core.vdna import save_vdna, vdna_paths
     from core.vdna.io import is_vdna_file
@@ -143,8 +172,7 @@ def make(
     json_path, npz_path = vdna_paths(out)
     for path in (json_path, npz_path):
         check_output_file(path, overwrite, is_vdna_file, "one of a VDNA pair (<name>.json + <name>.npz)")
-    vdna = make_vdna(source, extractor, distribution, batch_size, num_workers, device, image_size, num_images,
-                     seed, weights=weights, ranges=ranges, resize=resize, amp=amp, quiet=quiet)  # fmt: skip
+    vdna = make_vdna(source, distribution=distribution, ranges=ranges, quiet=quiet, **extraction)
     save_vdna(vdna, out)
     typer.echo(f"made {_describe(vdna)} -> {json_path} + {npz_path.name}")
     settings = vdna.extraction_settings
@@ -158,28 +186,18 @@ def make(
 
 
 @app.command("calibrate")
+@extraction_options
 def calibrate(
+    o: SimpleNamespace,
     source: Source,
-    extractor: Extractor = "rand_resnet50",
-    weights: Weights = None,
-    image_size: ImageSize = None,
-    resize: Resize = "center-crop",
-    num_images: NumImages = None,
-    seed: Seed = 0,
-    batch_size: BatchSize = 64,
-    num_workers: Workers = None,
-    device: Device = "auto",
-    amp: Amp = True,
     force: Annotated[bool, typer.Option(help="Recompute even if cached.", rich_help_panel=OUTPUT)] = False,
     quiet: Quiet = False,
 ) -> None:
     """Per-neuron activation ranges of SOURCE for histograms, cached per extractor ($BIOVIS_CACHE)."""
-    check_sizes(image_size, num_images, batch_size)
+    extraction = _extract(o)
     from testing.vdna.pipeline import calibrate as run_calibration
 
-    vdna, path, cached = run_calibration(source, extractor, batch_size, num_workers, device, image_size,
-                                         num_images, seed, weights=weights, resize=resize, amp=amp, force=force,
-                                         quiet=quiet)  # fmt: skip
+    vdna, path, cached = run_calibration(source, force=force, quiet=quiet, **extraction)
     state = "already cached (--force recomputes)" if cached else "cached"
     typer.echo(
         f"activation ranges of {vdna.feature_extractor_name} on {vdna.num_images} images {state}: {path}"

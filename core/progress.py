@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
+
+_observer = threading.local()  # this thread's `observe` callback, if any
 
 
 def _format_metrics(metrics: dict[str, Any]) -> str:
@@ -60,6 +65,9 @@ class Progress:
     def update(self, n: int = 1, **metrics: Any) -> None:
         self.count += n
         self.metrics.update(metrics)
+        callback = getattr(_observer, "callback", None)
+        if callback is not None:
+            callback(self.description, self.count, self.total)
         if not self.enabled:
             return
         if self._bar is not None:
@@ -79,3 +87,15 @@ class Progress:
             self._bar.stop()
         elif self.enabled and self.count % self.every != 0 and self.count != self.total:
             self._print_line()
+
+
+@contextlib.contextmanager
+def observe(callback: Callable[[str, int, int | None], None]):
+    """Call `callback(description, count, total)` on every update of a Progress in this thread (e.g. for a web
+    page showing how far a computation is), whether or not the Progress prints."""
+    previous = getattr(_observer, "callback", None)
+    _observer.callback = callback
+    try:
+        yield
+    finally:
+        _observer.callback = previous

@@ -93,3 +93,107 @@ def cache_dir(tmp_path, monkeypatch):
     """An empty analysis cache ($BIOVIS_CACHE) for one test."""
     monkeypatch.setenv("BIOVIS_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
+
+
+# ----------------------------------------------------------------------------
+# Which commands the session ran. The fast tier (`-m "not slow"`) must still run every command once: a whole
+# fast-tier session that leaves one out fails, naming it. Commands are recorded where the suite starts them:
+# `main.main()` in this process, `python ... main.py ARGS` in a subprocess (torchrun included), and the
+# Typer runner of the VisCoIN helpers (`record_command`). Worker processes (pytest-xdist) append to one file.
+
+COMMAND_LOG = "BIOVIS_TEST_COMMAND_LOG"
+
+
+def record_command(args) -> None:
+    path = os.environ.get(COMMAND_LOG)
+    if path:
+        with open(path, "a", encoding="utf-8", errors="backslashreplace") as f:
+            f.write("\t".join(str(a) for a in args).replace("\n", " ") + "\n")
+
+
+def _recording_popen_init(original):
+    def init(self, args, *rest, **kwargs):
+        words = [str(a) for a in args] if isinstance(args, (list, tuple)) else []
+        for i, word in enumerate(words):
+            if word.endswith("main.py"):
+                record_command(words[i + 1 :])
+                break
+        original(self, args, *rest, **kwargs)
+
+    return init
+
+
+def _recording_main(original):
+    def main_():
+        record_command(sys.argv[1:])
+        return original()
+
+    return main_
+
+
+def command_paths() -> set[str]:
+    """Every command of main.py, as the words that name it (`train gan`, `demo`)."""
+    import typer
+
+    import main
+
+    def leaves(node, prefix: tuple[str, ...]) -> set[str]:
+        if not hasattr(node, "commands"):
+            return {" ".join(prefix)}
+        found = {" ".join(prefix)} if getattr(node, "invoke_without_command", False) and prefix else set()
+        for name, child in node.commands.items():
+            found |= leaves(child, (*prefix, name))
+        return found
+
+    return leaves(typer.main.get_command(main.app), ())
+
+
+def command_of(args: list[str], paths: set[str]) -> str | None:
+    """The longest command path that `args` starts with."""
+    words = [a for a in args if a]
+    for n in range(len(words), 0, -1):
+        if " ".join(words[:n]) in paths:
+            return " ".join(words[:n])
+    return None
+
+
+def pytest_configure(config):
+    # -n N: N workers share the cores, so each computes on one thread (and so do the commands it starts)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # the controller (or a plain session) makes the command log; workers inherit it
+    if not os.environ.get(COMMAND_LOG):
+        import tempfile
+
+        handle, path = tempfile.mkstemp(prefix="biovis-commands-", suffix=".tsv")
+        os.close(handle)
+        os.environ[COMMAND_LOG] = path
+        config._biovis_command_log = path
+    subprocess.Popen.__init__ = _recording_popen_init(subprocess.Popen.__init__)
+    import main
+
+    main.main = _recording_main(main.main)
+
+
+def _fast_tier_of_everything(config) -> bool:
+    selected_everything = not config.option.keyword and all(
+        Path(a).resolve() == ROOT / "tests" for a in config.args
+    )
+    return config.option.markexpr.replace(" ", "") == "notslow" and selected_everything
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    path = getattr(config, "_biovis_command_log", None)
+    if not path:
+        return
+    paths = command_paths()
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    Path(path).unlink(missing_ok=True)
+    ran = {command_of(line.split("\t"), paths) for line in lines} - {None}
+    missing = sorted(paths - ran)
+    terminalreporter.write_line(
+        f"commands run: {len(ran)} of {len(paths)}" + (f"; not run: {', '.join(missing)}" if missing else "")
+    )
+    if missing and _fast_tier_of_everything(config):
+        terminalreporter.write_line("the fast tier must run every command once: mark a test of each as fast")
+        terminalreporter._session.exitstatus = pytest.ExitCode.TESTS_FAILED

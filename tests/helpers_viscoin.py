@@ -84,6 +84,9 @@ def make_app() -> typer.Typer:
 
 def invoke(*args: str) -> tuple[int, str]:
     """Run the assembled app in-process as `main.main` does: a UserError is one line and exit code 2."""
+    from conftest import record_command
+
+    record_command(args)
     result = CliRunner().invoke(make_app(), [str(a) for a in args])
     if isinstance(result.exception, UserError):
         return 2, result.exception.message

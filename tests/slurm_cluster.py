@@ -26,11 +26,20 @@ def ensure_installed(timeout: int = 600) -> str | None:
     """None when SLURM and munge are there (installing them if needed); else the reason they are not."""
     if not missing_programs():
         return None
+    failed = apt_install(
+        PACKAGES, f"{', '.join(missing_programs())} missing", timeout, ["--no-install-recommends"]
+    )
+    if failed:
+        return failed
+    return None if not missing_programs() else f"still missing after apt-get: {', '.join(missing_programs())}"
+
+
+def apt_install(packages, missing: str, timeout: int = 600, options: list[str] = ()) -> str | None:
+    """Install Debian packages with apt-get (as root); None when it worked, else why it could not."""
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        return f"{', '.join(missing_programs())} missing and apt-get cannot install them here (needs root and apt)"
+        return f"{missing} and apt-get cannot install them here (needs root and apt)"
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "update", "-qq"],
-                ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES]):  # fmt: skip
+    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *options, *packages]):
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
         except (OSError, subprocess.SubprocessError) as err:
@@ -38,7 +47,7 @@ def ensure_installed(timeout: int = 600) -> str | None:
         if done.returncode != 0:
             lines = (done.stderr or done.stdout).strip().splitlines()
             return f"`{' '.join(cmd)}` failed: {lines[-1] if lines else done.returncode}"
-    return None if not missing_programs() else f"still missing after apt-get: {', '.join(missing_programs())}"
+    return None
 
 
 def _free_port() -> int:

@@ -47,6 +47,7 @@ def test_help_is_fast_and_does_not_import_torch():
         assert command in out.stdout
 
 
+@pytest.mark.slow
 def test_train_test_logs_end_to_end(trained, tmp_path):
     for name in (
         "best.safetensors",
@@ -90,6 +91,7 @@ def _weights(path):
     return load_file(str(path))
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_run_matches_uninterrupted(small_world, tmp_path):
     args = [*TRAIN, "--epochs", "4", "--batch-size", "8", "--num-workers", "0", "--device", "cpu"]
     whole = tmp_path / "whole"
@@ -139,6 +141,7 @@ def test_dataset_folder_missing_a_file(tmp_path):
            "classes.txt")  # fmt: skip
 
 
+@pytest.mark.slow
 def test_truncated_image_named_then_skipped(tmp_path):
     root = make_mini_cub(tmp_path / "cub", n_per_class=8)
     bad = sorted((root / "images").rglob("*.jpg"))[0]
@@ -183,6 +186,7 @@ def test_resume_refuses_changed_settings(trained):
     assert snapshot(trained) == before
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_gloo(small_world, tmp_path):
     """torchrun with two CPU processes: one writer, every val image counted once."""
     run = tmp_path / "ddp"

@@ -161,6 +161,7 @@ def test_resume_reaches_the_same_weights(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_resume_auto_matches_uninterrupted(tmp_path):
     """SLURM's preemption signal between two steps: last.pt at that step, the run marked preempted, exit 75;
     `--resume auto` then ends with the weights of an uninterrupted run."""

@@ -239,6 +239,7 @@ def tiny_run(small_world, tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 def test_tiny_gan_learns_and_snapshots(tiny_run) -> None:
     events = _events(tiny_run)
     train = [e for e in events if e["split"] == "train"]
@@ -280,6 +281,7 @@ def test_tiny_gan_learns_and_snapshots(tiny_run) -> None:
         assert torch.equal(state["G_ema"][key], tensor), key
 
 
+@pytest.mark.slow
 def test_sample_grid_is_regenerated_by_generate_gan(tiny_run, tmp_path, cli) -> None:  # noqa: F811
     from PIL import Image
 
@@ -304,6 +306,7 @@ def test_bad_training_settings(small_world, tmp_path, cli) -> None:  # noqa: F81
     assert not any((tmp_path / name).exists() for name in "abc")
 
 
+@pytest.mark.slow
 def test_resume_refuses_changed_settings(tiny_run, cli) -> None:  # noqa: F811
     from conftest import snapshot
 
@@ -312,6 +315,7 @@ def test_resume_refuses_changed_settings(tiny_run, cli) -> None:  # noqa: F811
     assert snapshot(tiny_run) == before
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_one_writer(small_world, tmp_path) -> None:
     """torchrun with two CPU processes (gloo): gradients averaged by hand, rank 0 alone writes."""
     run = tmp_path / "ddp"
@@ -350,6 +354,7 @@ def test_metric_features_from_the_projects_classifier(tmp_path) -> None:
     torch.testing.assert_close(random(images), build_extractor(None, torch.device("cpu"))(images))  # seeded
 
 
+@pytest.mark.slow
 def test_preempted_then_killed_run_ends_with_the_uninterrupted_weights(tiny_run, tmp_path) -> None:
     """SIGTERM (SLURM's preemption) between two steps: last.pt at that step, the run marked preempted, exit
     75. `--resume auto` continues it; SIGKILL after its next snapshot; `--resume` then ends with the weights,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import assert_user_error, run_cli
+from conftest import assert_user_error, run_cli, run_main
 
 from core.config import build, flat, from_preset, saved_settings, to_dict
 from core.errors import TrainingDiverged
@@ -67,6 +67,7 @@ def test_presets_options_and_blocks_combine():
         build(CVAEConfig, {"data": {"colour": 1}})
 
 
+@pytest.mark.slow
 def test_old_run_directory_resumes(small_world, tmp_path):
     """A run whose config.yaml is in the flat layout of before continues, and is saved in blocks after."""
     args = ["train", "classifier", "--world", "small", "--batch-size", "16", "--device", "cpu", "--quiet",
@@ -169,14 +170,16 @@ def test_the_guard_writes_the_diverged_line_then_stops(small_world, tmp_path, mo
 
 
 @pytest.mark.parametrize("command", ["cvae", "phylo", "retrieval"])
-def test_every_trainer_bounds_the_learning_rate(command, tmp_path):
-    result = run_cli("train", command, "--lr", "1e30", "--out", str(tmp_path / "run"), "--device", "cpu")
+def test_every_trainer_bounds_the_learning_rate(command, tmp_path, capsys, monkeypatch):
+    result = run_main(("train", command, "--lr", "1e30", "--out", str(tmp_path / "run"), "--device", "cpu"), capsys,
+                      monkeypatch)  # fmt: skip
     assert_user_error(result, "--lr must be between 0 and 10.0")
     assert not (tmp_path / "run").exists()
 
 
-def test_an_image_size_out_of_range_is_refused_before_any_folder(tmp_path):
+def test_an_image_size_out_of_range_is_refused_before_any_folder(tmp_path, capsys, monkeypatch):
     for command in ("classifier", "cvae", "phylo", "retrieval"):
-        result = run_cli("train", command, "--image-size", "1", "--out", str(tmp_path / command))
+        result = run_main(("train", command, "--image-size", "1", "--out", str(tmp_path / command)), capsys,
+                          monkeypatch)  # fmt: skip
         assert_user_error(result, "--image-size must be between 8 and 4096 pixels, got 1")
         assert not (tmp_path / command).exists()

@@ -43,6 +43,7 @@ def whole(small_world, tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 def test_signal_saves_mid_epoch_and_resume_auto_matches_uninterrupted(whole, tmp_path):
     run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *TRAIN, "--out", str(run), "--resume", "auto"],
@@ -77,6 +78,7 @@ def test_signal_saves_mid_epoch_and_resume_auto_matches_uninterrupted(whole, tmp
     assert logs[0] == logs[1], "the resumed run logs the uninterrupted run's values (sums saved mid-epoch)"
 
 
+@pytest.mark.slow
 def test_resume_auto_starts_a_new_run_and_refuses_overwrite(whole, tmp_path):
     before = snapshot(whole)
     assert_user_error(run_cli(*TRAIN, "--out", str(whole), "--resume", "auto", "--overwrite"),
@@ -128,6 +130,7 @@ def _children(pid: int) -> list[int]:
     return sorted(kids)
 
 
+@pytest.mark.slow
 def test_ddp_ranks_stop_at_the_same_step_and_resume(small_world, tmp_path):
     """Two gloo ranks under torchrun: a signal to one rank stops both after the same step (they agree every
     10 steps); `--resume auto` under torchrun then finishes the run."""

@@ -24,6 +24,9 @@ TRAIN = ["train", "classifier", "--dataset", "world", "--world", "small", "--ima
          "--log-every", "1"]  # fmt: skip
 
 
+pytestmark = pytest.mark.slow  # a real SLURM: installs and starts slurmctld/slurmd, runs jobs
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     reason = ensure_installed()

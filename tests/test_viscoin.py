@@ -363,6 +363,7 @@ def test_cli_test_and_to_pickle(trained, tmp_path):
         assert again[key] == pytest.approx(metrics[key], abs=1e-6), key
 
 
+@pytest.mark.slow
 def test_bad_inputs(parts, trained, tmp_path):
     from models.stylegan2.checkpoint import save_generator
 

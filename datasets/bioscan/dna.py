@@ -61,32 +61,44 @@ def iter_fasta(path: str | os.PathLike, unknown: str = "error") -> Iterator[tupl
     """(name, sequence) per record of a FASTA file, read line by line (memory holds one record); a file
     without a `>` header is one unnamed record."""
     path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            yield from fasta_records(handle, str(path), path.stem, unknown, f"FASTA file {path}")
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"cannot read FASTA file {path}: {err}") from None
+
+
+def parse_fasta(text: str, source: str, default_name: str, unknown: str = "error") -> list[tuple[str, str]]:
+    """The records of FASTA text (e.g. pasted into a page); `source` names it in messages."""
+    return list(fasta_records(text.splitlines(), source, default_name, unknown))
+
+
+def fasta_records(lines, source: str, default_name: str, unknown: str = "error",
+                  what: str | None = None) -> Iterator[tuple[str, str]]:  # fmt: skip
+    """(name, sequence) per FASTA record of `lines` (a file or a text's lines), one record in memory at a time;
+    `source` names the lines in messages (`source:LINE`), `default_name` a record without a `>` header."""
     name, parts, start, count = None, [], 0, 0
 
     def record() -> tuple[str, str]:
         if not parts:
-            raise UserError(f"{path}:{start}: record {name!r} has no sequence lines")
-        return name, clean_dna("".join(parts), unknown, source=f"{path} record {name!r}")
+            raise UserError(f"{source}:{start}: record {name!r} has no sequence lines")
+        return name, clean_dna("".join(parts), unknown, source=f"{source} record {name!r}")
 
-    try:
-        with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                line = line.strip()
-                if not line or line.startswith(";"):
-                    continue
-                if line.startswith(">"):
-                    if name is not None:
-                        yield record()
-                    count += 1
-                    name, parts, start = line[1:].strip() or f"record{count}", [], number
-                else:
-                    if name is None:
-                        count, name, start = 1, path.stem, number
-                    parts.append(line)
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"cannot read FASTA file {path}: {err}") from None
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith(";"):
+            continue
+        if line.startswith(">"):
+            if name is not None:
+                yield record()
+            count += 1
+            name, parts, start = line[1:].strip() or f"record{count}", [], number
+        else:
+            if name is None:
+                count, name, start = 1, default_name, number
+            parts.append(line)
     if name is None:
-        raise UserError(f"FASTA file {path} holds no sequence")
+        raise UserError(f"{what or source} holds no sequence")
     yield record()
 
 

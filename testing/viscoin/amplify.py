@@ -142,12 +142,40 @@ class AmplifyPlan:
                 f"normalised relevance is {float(peaks[i]):.3f}" for i in empty.nonzero().flatten().tolist()]  # fmt: skip
 
 
+def encode_tensor(models, images: torch.Tensor, device, batch_size: int = 16):
+    """(f logits, concepts, support, Theta logits) of images (N, 3, H, W) in [-1, 1], float, on the CPU."""
+    outs = [models.encode(chunk.to(device)) for chunk in images.split(batch_size)]
+    return tuple(torch.cat([o[j].float().cpu() for o in outs]) for j in range(4))
+
+
 def encode_images(analysis, image_ids: list[int], batch_size: int = 16):
     """Images of the split at `image_ids`, and their (concepts, support, Theta logits), on the CPU."""
     images = torch.stack([analysis.data[i]["image"] for i in image_ids])
-    outs = [analysis.models.encode(chunk.to(analysis.device)) for chunk in images.split(batch_size)]
-    concepts, support, logits = (torch.cat([o[j].float().cpu() for o in outs]) for j in (1, 2, 3))
+    _, concepts, support, logits = encode_tensor(analysis.models, images, analysis.device, batch_size)
     return images, concepts, support, logits
+
+
+def plan_encoded(
+    models,
+    device,
+    image_ids: list,
+    images: torch.Tensor,
+    codes: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    selection: Selection,
+    multipliers: list[float],
+    seed: int = 0,
+    target: torch.Tensor | None = None,
+) -> AmplifyPlan:
+    """The plan of encoded images, `codes` = (concepts, support, Theta logits): the explained class is
+    `target` (default: Theta's prediction), its concepts selected; any selection, also an empty one."""
+    concepts, support, logits = codes
+    target = logits.argmax(dim=1) if target is None else target
+    relevance = models.explainer.relevance(concepts.to(device), target.to(device)).float().cpu()
+    selected = select_concepts(relevance, selection)
+    scores = torch.rand(len(image_ids), concepts.shape[1], generator=torch.Generator().manual_seed(seed))
+    return AmplifyPlan(list(image_ids), images, concepts, support, target, normalised_relevance(relevance), selected,
+                       random_baseline(selected, scores, concept_activations(concepts) > 0), selection,
+                       list(multipliers))  # fmt: skip
 
 
 def plan_amplify(
@@ -159,21 +187,16 @@ def plan_amplify(
     batch_size: int = 16,
 ) -> AmplifyPlan:
     """Encode the images and select their concepts; UserError when no image has any concept selected."""
-    images, concepts, support, logits = encode_images(analysis, image_ids, batch_size)
-    target = logits.argmax(dim=1)
-    explainer = analysis.models.explainer
-    relevance = explainer.relevance(concepts.to(analysis.device), target.to(analysis.device)).float().cpu()
-    normalised = normalised_relevance(relevance)
-    selected = select_concepts(relevance, selection)
-    if not selected.any():
+    images, *codes = encode_images(analysis, image_ids, batch_size)
+    plan = plan_encoded(
+        analysis.models, analysis.device, image_ids, images, codes, selection, multipliers, seed
+    )
+    if not plan.selected.any():
         raise UserError(
             f"no image has a concept with {selection.describe()} (highest normalised relevance: "
-            f"{float(normalised.max()):.3f}); lower --concept-threshold or use --concept-top-k"
+            f"{float(plan.normalised.max()):.3f}); lower --concept-threshold or use --concept-top-k"
         )
-    scores = torch.rand(len(image_ids), concepts.shape[1], generator=torch.Generator().manual_seed(seed))
-    return AmplifyPlan(image_ids, images, concepts, support, target, normalised, selected,
-                       random_baseline(selected, scores, concept_activations(concepts) > 0), selection,
-                       list(multipliers))  # fmt: skip
+    return plan
 
 
 def amplify_images(plan: AmplifyPlan, models, device, batch_size: int = 16, quiet: bool = False) -> dict:

@@ -320,6 +320,16 @@ def save_concept_figures(
     save_table(table, run_dir / "theta_top_concepts.csv")
 
 
+def concept_arrays(analysis: Analysis, batch_size: int = 64, force: bool = False, quiet: bool = False):
+    """The per-image arrays of `collect_activations` from the cache, or one pass over the split (then cached)."""
+    from testing.cache import cached_arrays
+
+    # looked up at call time (not bound here), so tests can replace collect_activations
+    return cached_arrays(
+        "concepts", analysis.identity(), lambda: collect_activations(analysis, batch_size, quiet), force=force
+    )
+
+
 def run_concepts(
     analysis: Analysis,
     run_dir: Path,
@@ -332,13 +342,9 @@ def run_concepts(
     import torch
 
     from core.atomic import write_text
-    from testing.cache import cached_arrays
     from testing.viscoin.metrics import active_concepts
 
-    # looked up at call time (not bound here), so tests can replace collect_activations
-    result = cached_arrays(
-        "concepts", analysis.identity(), lambda: collect_activations(analysis, batch_size, quiet), force=force
-    )
+    result = concept_arrays(analysis, batch_size, force, quiet)
     arrays = result.arrays
     weight = analysis.models.explainer.linear.weight.detach().float().cpu().numpy()
     stats = concept_statistics(arrays["activations"], arrays["labels"], len(analysis.class_names), weight)

@@ -29,11 +29,15 @@ def top_concept_maps(concepts: torch.Tensor, relevance: torch.Tensor, top: int, 
     k = min(top, concepts.shape[1])
     ranked = relevance.topk(k, dim=1)
     maps = concepts.gather(1, ranked.indices[:, :, None, None].expand(-1, -1, *concepts.shape[2:]))
+    return {"concepts": ranked.indices, "relevance": ranked.values, "activation": maps.amax(dim=(2, 3)),
+            "maps": maps, "heat": heat_maps(maps, size)}  # fmt: skip
+
+
+def heat_maps(maps: torch.Tensor, size: int) -> torch.Tensor:
+    """Concept maps (B, k, g, g) upsampled bilinearly to (B, k, size, size), each divided by its own maximum."""
     heat = F.interpolate(maps, size=(size, size), mode="bilinear", align_corners=False)
     peak = heat.amax(dim=(2, 3), keepdim=True)
-    heat = torch.where(peak > 0, heat / peak.clamp_min(1e-30), torch.zeros_like(heat))
-    return {"concepts": ranked.indices, "relevance": ranked.values, "activation": maps.amax(dim=(2, 3)),
-            "maps": maps, "heat": heat}  # fmt: skip
+    return torch.where(peak > 0, heat / peak.clamp_min(1e-30), torch.zeros_like(heat))
 
 
 def heatmap_table(image_ids: list[int], found: dict):

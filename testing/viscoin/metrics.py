@@ -66,10 +66,15 @@ def random_baseline(
     return (ranks < selected.sum(dim=1, keepdim=True)) & ~selected
 
 
+def scale_concepts(concepts: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Concept maps (B, K, g, g) with concept k of image b multiplied by `factors[b, k]` ((B, K) or (1, K))."""
+    return concepts * factors.to(concepts.dtype)[:, :, None, None]
+
+
 def scale_selected(concepts: torch.Tensor, mask: torch.Tensor, factor: float) -> torch.Tensor:
     """Concept maps (B, K, g, g) with the masked concepts multiplied by `factor` (the others untouched)."""
     factors = torch.tensor([1.0, factor], dtype=concepts.dtype, device=concepts.device)
-    return concepts * factors[mask.long()][:, :, None, None]
+    return scale_concepts(concepts, factors[mask.long()])
 
 
 def faithfulness(
