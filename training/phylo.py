@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -141,6 +142,13 @@ class PhyloConfig:
     log_every: int = 50
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     seed: int = 0
+    # a config.yaml of the one-stage design (a pixel autoencoder trained end to end) names these: such a run
+    # cannot be resumed, while its weights still load in generate phylo and test phylo
+    RETIRED: ClassVar[dict[str, str]] = dict.fromkeys(
+        ("baseline", "branch_channels", "depth", "max_channels"),
+        "written by the one-stage Phylo-NN of before the two-stage design (stage 1 VQGAN, stage 2 disentangler); "
+        "its weights still load in generate phylo and test phylo, but it cannot be resumed: start a new run",
+    )
 
     def validate(self) -> None:
         validate_blocks(self)
