@@ -185,7 +185,7 @@ def level_names(levels: Levels) -> list[str]:
 
 
 def short_name(species: str) -> str:
-    """"Mosaelax_gubralata" -> "M.gubral" (a cell's width): genus initial and the epithet's start."""
+    """ "Mosaelax_gubralata" -> "M.gubral" (a cell's width): genus initial and the epithet's start."""
     parts = species.replace("_", " ").split()
     return f"{parts[0][0]}.{parts[-1][:6]}" if len(parts) > 1 else species[:8]
 
