@@ -25,6 +25,7 @@ from cli import (
     viscoin,
 )
 from cli.common import CONTEXT
+from cli.cvae import compare_runs_command
 from cli.submit import submit
 from core.errors import UserError
 
@@ -42,6 +43,7 @@ app.add_typer(prefetch.app, name="prefetch")
 app.command("demo")(demo.demo)
 app.command("import-gan")(gan.import_gan)
 app.add_typer(generate.app, name="generate")
+app.command("compare-runs")(compare_runs_command)
 app.command("to-pickle")(viscoin.to_pickle)
 app.add_typer(concepts.app, name="concepts")
 app.command("amplify")(amplify.amplify)

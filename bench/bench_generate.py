@@ -1,8 +1,8 @@
 """Benchmark the generation models: training steps/s at their presets' sizes and sampling images/s.
 
 Times the trainers' own step functions on random data of the preset's shape (data loading left out):
-`training.cvae.train_step` (tiny: world 32 px; digits: 64-value MLP), `training.phylo.autoencoder_step` and
-`prior_step` (tiny), and sampling through `testing.generation` (CVAE decode; Phylo-NN prior draw + decode).
+`training.cvae.train_step` (tiny: world 32 px; digits: 64-value MLP), `training.phylo.vqgan_step`,
+`disentangler_step` and `prior_step` (tiny), and sampling through `testing.generation` (CVAE decode; Phylo-NN prior draw + decode).
 bf16 autocast on CUDA unless `--no-amp`. On a CPU shared with other jobs, `OMP_NUM_THREADS=1` per process
 avoids OpenMP oversubscription (which slowed these small convolutions 5-10x in our runs).
 
@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     from core.config import from_preset
     from core.device import resolve_device
     from datasets.phylogeny import Tree, build_levels, parse_newick
+    from models.phylo import PatchDiscriminator, PhyloNN
     from models.phylo.checkpoint import PhyloModel
     from testing.generation import cvae as gen_cvae
     from testing.generation import phylo as gen_phylo
@@ -74,32 +75,46 @@ def main(argv: list[str] | None = None) -> None:
     cfg = from_preset(tp.PhyloConfig, tp.PRESETS, "tiny", {"device": str(device), "amp": amp})
     newick = "(((A:1,B:1)g1:1,(C:1,D:1)g2:1)f1:1,((E:1,F:1)g3:1,(G:1,H:1)g4:1)f2:1)root;"
     levels = build_levels(
-        Tree(parse_newick(newick)), list("ABCDEFGH"), cfg.cuts
+        Tree(parse_newick(newick)), list("ABCDEFGH"), [0.5, 0.8]
     )  # 2 orders, 4 genera, 8 species
-    ae = tp.build_autoencoder(cfg, levels, plain=False).to(device)
-    trainable = [p for name, p in ae.named_parameters() if not name.startswith("adversary.")]
-    opt_ae, opt_adv = (
+    assignment = torch.as_tensor(levels.assignment, device=device)
+    stage1 = tp.build_vqgan(cfg).to(device)
+    disc = PatchDiscriminator(3, cfg.disc_channels, cfg.disc_layers).to(device)
+    opt_g = torch.optim.Adam(stage1.parameters(), lr=cfg.vqgan_lr, betas=tp.ADAM_BETAS)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.vqgan_lr, betas=tp.ADAM_BETAS)
+    b = cfg.vqgan_batch_size
+    x = torch.rand(b, 3, cfg.data.image_size, cfg.data.image_size, device=device) * 2 - 1
+    after = cfg.disc_start  # the discriminator's phase: both networks step
+    step = timed(
+        lambda: tp.vqgan_step(stage1, disc, opt_g, opt_d, x, after, cfg, None, 1), device, args.steps
+    )
+    rows.append((f"train phylo stage 1 (VQGAN + discriminator) step, batch {b}", 1 / step, "steps/s"))
+    stage1.eval().requires_grad_(False)
+    dis = tp.build_disentangler(cfg, stage1, levels).to(device)
+    trainable = [p for name, p in dis.named_parameters() if not name.startswith("adversary.")]
+    opt, opt_adv = (
         torch.optim.Adam(trainable, lr=cfg.lr),
-        torch.optim.Adam(ae.adversary.parameters(), lr=cfg.lr),
+        torch.optim.Adam(dis.adversary.parameters(), lr=cfg.lr),
     )
     b = cfg.batch_size
-    x = torch.rand(b, 3, cfg.data.image_size, cfg.data.image_size, device=device) * 2 - 1
-    groups = torch.as_tensor(levels.assignment, device=device)[:, torch.randint(8, (b,), device=device)]
-    step = timed(lambda: tp.autoencoder_step(ae, opt_ae, opt_adv, x, groups, cfg, 1), device, args.steps)
-    rows.append((f"train phylo autoencoder step, batch {b}", 1 / step, "steps/s"))
-    prior = tp.build_prior(cfg, ae, levels).to(device)
+    with torch.no_grad():
+        h = stage1.encode_features(x[:1]).expand(b, -1, -1, -1).contiguous()
+    groups = assignment[:, torch.randint(8, (b,), device=device)]
+    step = timed(lambda: tp.disentangler_step(dis, opt, opt_adv, h, groups, cfg, 1), device, args.steps)
+    rows.append((f"train phylo stage 2 (disentangler) step, batch {b}", 1 / step, "steps/s"))
+    ae = PhyloNN(stage1, dis.eval())
+    prior = tp.build_prior(cfg, ae.sequence_length, levels).to(device)
     opt = torch.optim.AdamW(prior.parameters(), lr=cfg.prior_lr)
     codes = torch.randint(cfg.n_embed, (512, ae.sequence_length), device=device)
     labels = torch.randint(8, (512,), device=device)
     offsets = torch.tensor(levels.condition_offsets, device=device)
-    assignment = torch.as_tensor(levels.assignment, device=device)
     pb = cfg.prior_batch_size
     step = timed(
         lambda: tp.prior_step(prior, opt, codes, labels, assignment, offsets, levels.n_levels, pb, 1),
         device,
         args.steps,
     )
-    rows.append((f"train phylo prior step, batch {pb}", 1 / step, "steps/s"))
+    rows.append((f"train phylo stage 3 (prior) step, batch {pb}", 1 / step, "steps/s"))
     model = PhyloModel(ae.eval(), prior.eval(), {}, Path("bench"))
     n = args.sample_batch
     seeds = list(range(n))

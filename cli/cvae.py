@@ -1,13 +1,28 @@
-"""`train cvae`: a conditional VAE on images (world, CUB, image folder) or on scikit-learn's digits."""
+"""`train cvae`: a conditional VAE on images (world, CUB, image folder), scikit-learn's digits or the testbed's
+vectors (synthetic sets of known intrinsic dimension, a CSV table); `compare-runs`: CVAE runs side by side."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated
 
 import typer
 
-from cli.common import DATA, MODEL, OPTIM, OUTPUT, TrainOptions, check_classifier_checkpoint, training_command
+from cli.common import (
+    DATA,
+    MODEL,
+    OPTIM,
+    OUTPUT,
+    Name,
+    Out,
+    Overwrite,
+    Show,
+    TrainOptions,
+    check_classifier_checkpoint,
+    results_dir,
+    training_command,
+)
 
 # Settings a resumed run may change besides the hardware and log cadence; everything else must match.
 RESUMABLE = {"steps", "eval_every"}
@@ -16,10 +31,10 @@ RESUMABLE = {"steps", "eval_every"}
 @training_command(
     "train cvae",
     helps={
-        "dataset": "world (alias toy), cub, folder or digits.",
+        "dataset": "world (alias toy), cub, folder, digits, or vectors: gaussian, projected, swissroll, csv.",
         "val_fraction": "Share of train held out for the ELBO.",
     },
-    datasets=("digits",),
+    datasets=("digits", "gaussian", "projected", "swissroll", "csv"),
 )
 def train_cvae_command(
     options: TrainOptions,
@@ -31,15 +46,49 @@ def train_cvae_command(
             rich_help_panel=DATA,
         ),
     ] = None,
+    dim: Annotated[
+        int | None,
+        typer.Option(
+            help="Coordinates of --dataset gaussian|projected (their intrinsic dimension).",
+            rich_help_panel=DATA,
+        ),
+    ] = None,
+    projection_dim: Annotated[
+        int | None, typer.Option(help="Observed coordinates of --dataset projected.", rich_help_panel=DATA)
+    ] = None,
+    n_points: Annotated[
+        int | None, typer.Option(help="Points of a synthetic vector set (all splits).", rich_help_panel=DATA)
+    ] = None,
+    csv: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="--dataset csv: a table with a header row; every column but --label-column is a feature.",
+            rich_help_panel=DATA,
+        ),
+    ] = None,
+    label_column: Annotated[
+        str | None,
+        typer.Option(help="The CSV column naming each row's class (none: no classes).", rich_help_panel=DATA),
+    ] = None,
     preset: Annotated[
         str | None,
         typer.Option(
-            help="Recipe from training/presets/cvae.yaml: tiny, digits, cub (default per dataset).",
+            help="Recipe from training/presets/cvae.yaml: tiny, digits, vectors, cub (default per dataset).",
             rich_help_panel=MODEL,
         ),
     ] = None,
     arch: Annotated[
         str | None, typer.Option(help="conv (images) or mlp (vectors).", rich_help_panel=MODEL)
+    ] = None,
+    prior: Annotated[
+        str | None,
+        typer.Option(
+            help="p(z|c): standard, N(0, I) for every condition (the testbed's; samples vary as much as the data "
+            "allows), or learned, N(m(c), I) (the condition moves the prior).",
+            rich_help_panel=MODEL,
+        ),
     ] = None,
     latent_dim: Annotated[int | None, typer.Option(help="Latent dimensions.", rich_help_panel=MODEL)] = None,
     channels: Annotated[
@@ -85,13 +134,14 @@ def train_cvae_command(
     from training.cvae import DEFAULT_PRESET, PRESETS, CVAEConfig, train_cvae
 
     settings = dict(
-        attributes=attributes, arch=arch, latent_dim=latent_dim, channels=channels, hidden=hidden, beta=beta,
+        attributes=attributes, dim=dim, projection_dim=projection_dim, n_points=n_points, csv=csv,
+        label_column=label_column, prior=prior, arch=arch, latent_dim=latent_dim, channels=channels, hidden=hidden, beta=beta,
         sigma=sigma, p_class=p_class, batch_size=batch_size, steps=steps, lr=lr, classifier=classifier,
         eval_every=eval_every,
     )  # fmt: skip
     cfg, run_dir, summary = options.train(
         CVAEConfig, PRESETS, preset or DEFAULT_PRESET[options.dataset], settings, RESUMABLE, train_cvae,
-        inputs=lambda cfg: [cfg.classifier],
+        inputs=lambda cfg: [cfg.classifier, cfg.csv],
         check=lambda cfg: check_classifier_checkpoint(cfg.classifier, "--classifier"),
     )  # fmt: skip
     if summary is not None:
@@ -101,4 +151,43 @@ def train_cvae_command(
             r = summary["recognition"]
             rates = ", ".join(f"{k} {r[k]:.3f}" for k in ("class", "all") if k in r)
             typer.echo(f"samples recognised as their class: {rates} (chance {r['chance']:.3f})")
+            spreads = ", ".join(
+                f"{k} {r[f'{k}_spread']:.2f}" for k in ("class", "all") if r.get(f"{k}_spread") is not None
+            )
+            if spreads:
+                typer.echo(f"within-class pixel spread of the samples / the real images': {spreads}")
+        for row in summary.get("sweep") or []:
+            typer.echo(f"{row['given']} of {row['input_dim']} features given: held-out KL {row['kl_total']:.2f} nats, "
+                       f"{row['active_dims']} latent dimensions in use (intrinsic dimension left: {row['expected_active']})")  # fmt: skip
         typer.echo(f"weights: {run_dir / 'cvae.safetensors'}; run: {run_dir}")
+
+
+def compare_runs_command(
+    runs: Annotated[
+        list[Path], typer.Argument(exists=True, file_okay=False, help="train cvae run directories.")
+    ],
+    out: Out = None,
+    name: Name = None,
+    overwrite: Overwrite = False,
+    show: Show = False,
+) -> None:
+    """CVAE runs side by side (the testbed's compare_models): comparison.csv with one row per run (data,
+    prior, held-out ELBO terms and active dimensions per condition setting, recognition), comparison.png (the
+    held-out -ELBO and the sorted KL per latent dimension) and, for runs on vectors, kl_sweep.png: KL against
+    the number of features given, one line per run (runs of several --dim: against the input dimension)."""
+    from testing.cvae_compare import check_runs, compare_runs
+
+    check_runs(runs)
+    run_dir = results_dir("compare-runs", SimpleNamespace(out=out, name=name, overwrite=overwrite), runs,
+                          {"runs": [str(r) for r in runs]})  # fmt: skip
+    rows = compare_runs(runs, run_dir, show=show)
+    columns = [c for c in ("prior", "latent_dim", "none_neg_elbo", "class_neg_elbo", "all_neg_elbo",
+                           "recognition_class", "recognition_class_spread") if any(c in r for r in rows)]  # fmt: skip
+    for row in rows:
+        values = ", ".join(f"{c} {row[c]:.3g}" if isinstance(row.get(c), float) else f"{c} {row.get(c)}"
+                           for c in columns)  # fmt: skip
+        typer.echo(f"{row['run']}: {values}")
+    from core.rundir import mark_run
+
+    mark_run(run_dir, status="finished")
+    typer.echo(f"results: {run_dir}")

@@ -78,12 +78,12 @@ def sniff_format(path: str | os.PathLike) -> str:
         head = f.read(16)
     if head.startswith(b"PK\x03\x04"):
         return "torch"
-    if head[:1] == b"\x80":
-        return "pickle"
-    if len(head) > 8 and head[8:9] == b"{":
+    if len(head) > 8 and head[8:9] == b"{":  # before the pickle test: a header length may end in byte 0x80
         size = int.from_bytes(head[:8], "little")
         if 0 < size <= os.path.getsize(path) - 8:
             return "safetensors"
+    if head[:1] == b"\x80":
+        return "pickle"
     return "unknown"
 
 

@@ -95,6 +95,9 @@ def build(cls: type[T], values: dict[str, Any], source: str = "config") -> T:
     values = nest(cls, values)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
+    retired = [k for k in unknown if k in getattr(cls, "RETIRED", {})]
+    if retired:  # settings of an earlier design of the model, which says why they no longer apply
+        raise UserError(f"{source}: {cls.RETIRED[retired[0]]}")
     if unknown:
         raise UserError(f"{source} has unknown setting(s) {', '.join(unknown)} for {cls.__name__}")
     for name, default in blocks(cls).items():

@@ -7,7 +7,14 @@ is therefore a zero value *and* a zero indicator, never a value that happens to 
 decoder p(x | z, c) and, with `prior="learned"`, a learned prior p(z | c) = N(m(c), I) (Sohn et al. 2015) all read it:
 samples are drawn from the prior of their conditions, so a latent that also carries the class cannot contradict it.
 `prior="standard"` is the testbed's N(0, I) for every condition, so the KL charges every bit a latent carries.
-Checkpoints made before the choice existed have a learned prior. The decoder's
+Checkpoints made before the choice existed have a learned prior.
+Samples: a trained model's encodings of its training images need not fill its prior (measured on the world's
+birds: the N(0, I) prior's encoder keeps the species in z, so prior samples of one class show any species;
+the learned prior's class means are right but its encodings spread 1.3 standard units around them, so unit-
+variance samples are templates). `fit_latents` stores the training images' aggregate posterior around the prior
+mean as a Gaussian per class and dimension (and one over all images, for conditions without a class), and
+`sample_latent` draws from it (ex-post density estimation, Ghosh et al. 2020); a model without a fit samples its
+prior. The decoder's
 likelihood is a Gaussian of fixed standard deviation `sigma` (a training setting; the testbed's summed squared
 error is sigma^2 = 1/2 without the constant).
 """
@@ -182,6 +189,7 @@ class CVAE(nn.Module):
         layers: int = 3,
         depth: int = 1,
         prior: str = "learned",
+        fitted: bool = False,
     ):
         super().__init__()
         if arch not in ARCHS:
@@ -199,7 +207,7 @@ class CVAE(nn.Module):
         self.num_classes, self.num_attributes, self.latent_dim = num_classes, num_attributes, latent_dim
         self._config = dict(arch=arch, x_shape=list(x_shape), num_classes=num_classes, num_attributes=num_attributes,
                             latent_dim=latent_dim, channels=channels, max_channels=max_channels, hidden=hidden,
-                            layers=layers, depth=depth, prior=prior)  # fmt: skip
+                            layers=layers, depth=depth, prior=prior, fitted=fitted)  # fmt: skip
         cond = self.cond_dim
         if arch == "conv":
             widths = _widths(x_shape[-1], channels, max_channels)
@@ -214,6 +222,14 @@ class CVAE(nn.Module):
             self.prior = _mlp([max(cond, 1), hidden, latent_dim])
             nn.init.zeros_(self.prior[-1].weight)
             nn.init.zeros_(self.prior[-1].bias)
+        self.fitted = False
+        if fitted:  # filled by the checkpoint's weights
+            self.fit_latents(
+                torch.zeros(max(num_classes, 1), latent_dim),
+                torch.ones(max(num_classes, 1), latent_dim),
+                torch.zeros(latent_dim),
+                torch.ones(latent_dim),
+            )
 
     @property
     def config(self) -> dict:
@@ -257,6 +273,37 @@ class CVAE(nn.Module):
         """z = mean + std * eps under p(z | c): the latent a standard-normal draw `eps` stands for."""
         mu, logvar = self.prior_stats(c)
         return mu + (0.5 * logvar).exp() * eps.to(mu)
+
+    def fit_latents(
+        self, class_mean: torch.Tensor, class_std: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
+    ):
+        """Store the aggregate posterior around the prior mean: per class [C, latent] and over all images
+        [latent] (testing.cvae.fit_latents measures it); `sample_latent` then draws from it."""
+        device = next(self.parameters()).device
+        for name, value in (("fit_class_mean", class_mean), ("fit_class_std", class_std), ("fit_mean", mean),
+                            ("fit_std", std)):  # fmt: skip
+            value = value.detach().float().to(device)
+            if self.fitted:
+                getattr(self, name).copy_(value)
+            else:
+                self.register_buffer(name, value.clone())
+        self.fitted = True
+        self._config["fitted"] = True
+
+    def sample_latent(self, c: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """z for standard-normal draws `eps` under conditions `c`: prior mean + fitted offset + fitted std * eps,
+        the class's fit when `c` gives a class and the fit over all images otherwise; the prior's own draw
+        (`prior_latent`) for a model without a fit."""
+        if not self.fitted:
+            return self.prior_latent(c, eps)
+        mu, _ = self.prior_stats(c)
+        offset, scale = self.fit_mean.expand_as(mu), self.fit_std.expand_as(mu)
+        if self.num_classes:
+            given = (c[:, self.num_classes] > 0.5)[:, None]
+            label = c[:, : self.num_classes].argmax(1)
+            offset = torch.where(given, self.fit_class_mean[label], offset)
+            scale = torch.where(given, self.fit_class_std[label], scale)
+        return mu + offset + scale * eps.to(mu)
 
     def decode(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         if self.arch == "conv":

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from core.plotting import pyplot, save_figure, save_table, show_or_close
 from models.cvae import CVAE, elbo_terms, gaussian_kl
@@ -20,6 +19,9 @@ ACTIVE_KL = 0.05  # nats: a latent dimension whose held-out KL is above this car
 
 
 def settings_for(model: CVAE) -> tuple[str, ...]:
+    """The condition settings a model can be evaluated under (vectors without classes: none and all)."""
+    if not model.num_classes:
+        return ("none", "all") if model.num_attributes else ("none",)
     return SETTINGS if model.num_attributes else SETTINGS[:2]
 
 
@@ -79,17 +81,56 @@ def class_attributes(
 
 
 @torch.no_grad()
-def sample(model: CVAE, c: torch.Tensor, seeds: list[int], batch_size: int = 64) -> torch.Tensor:
-    """Decoded samples from the prior p(z | c): row i's standard-normal draw from seed `seeds[i]`
-    (`z_from_seeds`, NVlabs' convention)."""
+def sample(
+    model: CVAE, c: torch.Tensor, seeds: list[int], batch_size: int = 64, prior: bool = False
+) -> torch.Tensor:
+    """Decoded samples (`CVAE.sample_latent`: the fitted latents when the model has them; `prior`: the prior
+    p(z | c) itself): row i's standard-normal draw from seed `seeds[i]` (`z_from_seeds`, NVlabs' convention)."""
     model.eval()
     device = next(model.parameters()).device
     eps = z_from_seeds(seeds, model.latent_dim).to(device)
+    draw = model.prior_latent if prior else model.sample_latent
     out = []
     for i in range(0, len(seeds), batch_size):
         part = c[i : i + batch_size]
-        out.append(model.decode(model.prior_latent(part, eps[i : i + batch_size]), part))
+        out.append(model.decode(draw(part, eps[i : i + batch_size]), part))
     return torch.cat(out)
+
+
+@torch.no_grad()
+def fit_latents(model: CVAE, batches, device) -> dict:
+    """Measure and store (`CVAE.fit_latents`) the aggregate posterior of the images of `batches` of (x, labels,
+    attributes) around the prior mean: per class under the class given, and over all images under nothing
+    given; a Gaussian per dimension whose variance is that of the posterior means plus the mean posterior
+    variance (the mixture's). Classes with fewer than two images take the overall fit. Returns the mean
+    fitted standard deviation per setting."""
+    model.eval()
+    sums = {k: [] for k in ("class", "none")}
+    labels_all = []
+    for x, labels, _ in batches:
+        x, labels = x.to(device), labels.to(device)
+        for setting in ("class", "none") if model.num_classes else ("none",):
+            c = given_conditions(model, setting, labels, None)
+            mu, logvar = model.encode(x, c)
+            sums[setting].append((mu - model.prior_stats(c)[0], logvar.exp()))
+        labels_all.append(labels)
+    labels = torch.cat(labels_all)
+
+    def moments(residual, variance):
+        return residual.mean(0), (residual.var(0, unbiased=True) + variance.mean(0)).sqrt()
+
+    residual, variance = (torch.cat(parts) for parts in zip(*sums["none"], strict=True))
+    mean, std = moments(residual, variance)
+    n = max(model.num_classes, 1)
+    class_mean, class_std = mean.repeat(n, 1), std.repeat(n, 1)
+    if model.num_classes:
+        residual, variance = (torch.cat(parts) for parts in zip(*sums["class"], strict=True))
+        for k in range(model.num_classes):
+            members = labels == k
+            if int(members.sum()) > 1:
+                class_mean[k], class_std[k] = moments(residual[members], variance[members])
+    model.fit_latents(class_mean, class_std, mean, std)
+    return {"std_none": float(std.mean()), "std_class": float(class_std.mean())}
 
 
 @torch.no_grad()
@@ -100,26 +141,43 @@ def recognition(
     n_per_class: int,
     seed: int = 0,
     classifier_size: int | None = None,
+    real: tuple[torch.Tensor, np.ndarray] | None = None,
 ) -> dict:
     """Share of conditional samples the classifier assigns to the conditioned class, per condition setting
-    (class only; class and all attributes), with the per-class rates; chance is 1 / num_classes."""
+    (class only; class and all attributes), with the per-class rates; chance is 1 / num_classes. With `real`
+    (images [M, 3, S, S] in [-1, 1], labels [M]): the samples' diversity beside the real images' per setting,
+    `<setting>_spread` (within-class per-pixel spread, samples / real, testing.generation.fidelity) and
+    `<setting>_feature_distance` (Frechet distance of the classifier's features, samples against real).
+    Samples are `sample`'s (the fitted latents when the model has them); for a fitted model `prior_class`
+    and `prior_class_spread` say the same of class samples drawn from the prior itself."""
+    from testing.generation import fidelity
+
     device = next(model.parameters()).device
     classifier.eval()
     labels = torch.arange(model.num_classes, device=device).repeat_interleave(n_per_class)
     seeds = [seed + i for i in range(len(labels))]
     out = {"chance": 1.0 / model.num_classes, "n": len(labels)}
-    for setting in ("class", "all"):
+    real_features = None
+    if real is not None:
+        real_spread = fidelity.pixel_spread(real[0], real[1])
+        real_features = fidelity.classifier_outputs(classifier, real[0], classifier_size)[1]
+    runs = [("class", "class", False), ("all", "all", False)]
+    if model.fitted:
+        runs.append(("prior_class", "class", True))
+    for key, setting, from_prior in runs:
         if setting == "all" and per_class_attributes is None:
             continue
         attributes = per_class_attributes.to(device)[labels] if setting == "all" else None
-        images = sample(model, given_conditions(model, setting, labels, attributes), seeds).float()
-        if classifier_size and images.shape[-1] != classifier_size:
-            images = F.interpolate(images, size=(classifier_size,) * 2, mode="bilinear", antialias=True)
-        predicted = torch.cat([classifier(images[i : i + 64].clamp(-1, 1))[0].argmax(1)
-                               for i in range(0, len(images), 64)])  # fmt: skip
-        hits = (predicted == labels).float().view(model.num_classes, n_per_class).mean(1)
-        out[setting] = float(hits.mean())
-        out[f"{setting}_per_class"] = hits.tolist()
+        c = given_conditions(model, setting, labels, attributes)
+        images = sample(model, c, seeds, prior=from_prior).float().clamp(-1, 1)
+        predicted, features = fidelity.classifier_outputs(classifier, images.cpu(), classifier_size)
+        hits = (predicted == labels.cpu()).float().view(model.num_classes, n_per_class).mean(1)
+        out[key] = float(hits.mean())
+        out[f"{key}_per_class"] = hits.tolist()
+        if real is not None:
+            spread = fidelity.pixel_spread(images.cpu(), labels.cpu().numpy())
+            out[f"{key}_spread"] = fidelity.spread_ratio(spread, real_spread)["ratio"]
+            out[f"{key}_feature_distance"] = fidelity.feature_distance(features, real_features)
     return out
 
 
@@ -145,6 +203,31 @@ def plot_kl_per_dim(kl: dict[str, list[float]], path: str | os.PathLike, show: b
     ax.set_xticks(range(dims))
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
+    save_figure(fig, path)
+    show_or_close(fig, show)
+    return path
+
+
+def plot_vectors(real: torch.Tensor, samples: torch.Tensor, names: list[str], path: str | os.PathLike,
+                 show: bool = False) -> Path:  # fmt: skip
+    """Held-out vectors and as many samples given nothing, on their first two features (the points behind it
+    as CSV): whether the samples cover the data's shape (the swiss roll's spiral, a Gaussian's disc)."""
+    import pandas as pd
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    a, b = (0, 1) if real.shape[1] > 1 else (0, 0)
+    frame = pd.concat([pd.DataFrame({"set": kind, "x": v[:, a].numpy(), "y": v[:, b].numpy()})
+                       for kind, v in (("held-out", real), ("samples", samples.float()))])  # fmt: skip
+    save_table(frame, path.with_suffix(".csv"))
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(4.8, 4.4))
+    for kind, part in frame.groupby("set", sort=False):
+        ax.scatter(part["x"], part["y"], s=4, alpha=0.5, label=kind)
+    ax.set_xlabel(names[a] if names else f"feature {a}")
+    ax.set_ylabel(names[b] if names else f"feature {b}")
+    ax.set_title("Held-out vectors and samples given nothing", fontsize=9)
+    ax.legend(fontsize=8, markerscale=3)
     save_figure(fig, path)
     show_or_close(fig, show)
     return path

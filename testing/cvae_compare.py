@@ -1,8 +1,11 @@
-"""CVAE runs side by side (the testbed's `compare_models.py`): one table row per `train cvae` run directory and
-one figure of the held-out negative ELBO and the sorted KL per latent dimension under each condition setting.
+"""CVAE runs side by side (the testbed's `compare_models.py`): one table row per `train cvae` run directory, one
+figure of the held-out negative ELBO and the sorted KL per latent dimension under each condition setting, and
+for runs on vectors the KL sweep of all of them in one figure (KL against the features given, one line per run:
+runs on sets of several dimensions show it against the input dimension too).
 
-Read from each run: `summary.json` (held-out terms, active dimensions, recognition), the weights' sidecar
-(`cvae.yaml`: the KL per latent dimension per setting, the model config with its prior) and `config.yaml`.
+Read from each run: `summary.json` (held-out terms, active dimensions, recognition, the sweep), the weights'
+sidecar (`cvae.yaml`: the KL per latent dimension per setting, the model config with its prior) and
+`config.yaml`.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import numpy as np
 import yaml
 
 from core.checkpoint import read_meta
+from core.config import saved_settings
 from core.errors import UserError
 from core.plotting import pyplot, save_figure, save_table, show_or_close
 from models.cvae import RUN_FILE
@@ -31,11 +35,20 @@ def run_record(run_dir: str | os.PathLike) -> dict:
         config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
     except (OSError, ValueError, yaml.YAMLError) as err:
         raise UserError(f"cannot read the run {run_dir}: {err}") from None
+    config = saved_settings(config if isinstance(config, dict) else {})
     meta = read_meta(weights)
     if meta.get("kind") != "cvae":
         raise UserError(f"{weights} is not a CVAE checkpoint (kind: {meta.get('kind')!r})")
     return {"run_dir": run_dir, "config": config, "model": meta.get("model") or {}, "summary": summary,
             "kl_per_dim": meta.get("kl_per_dim") or {}}  # fmt: skip
+
+
+def check_runs(run_dirs: list[str | os.PathLike]) -> None:
+    """Every run readable and at least two of them (before any output folder is made)."""
+    if len(run_dirs) < 2:
+        raise UserError(f"compare at least two runs, got {len(run_dirs)}")
+    for path in run_dirs:
+        run_record(path)
 
 
 def labels_for(run_dirs: list[Path]) -> list[str]:
@@ -51,8 +64,7 @@ def compare_runs(
     import pandas as pd
     from matplotlib.ticker import MaxNLocator
 
-    if len(run_dirs) < 2:
-        raise UserError(f"compare at least two runs, got {len(run_dirs)}")
+    check_runs(run_dirs)
     records = [run_record(p) for p in run_dirs]
     names = labels_for([r["run_dir"] for r in records])
     rows = []
@@ -68,6 +80,10 @@ def compare_runs(
             row[f"{setting}_active_dims"] = count
         for key, value in (summary.get("recognition") or {}).items():
             row[f"recognition_{key}"] = value
+        sweep = summary.get("sweep") or []
+        if sweep:
+            row["input_dim"], row["intrinsic_dim"] = sweep[0]["input_dim"], sweep[0]["intrinsic_dim"]
+            row.update({f"kl_given_{r['given']}": r["kl_total"] for r in sweep})
         rows.append(row)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -107,4 +123,10 @@ def compare_runs(
     fig.tight_layout()
     save_figure(fig, out_dir / "comparison.png")
     show_or_close(fig, show)
+    sweeps = [{**r, "run": name, "kl_per_dim": []} for name, rec in zip(names, records, strict=True)
+              for r in rec["summary"].get("sweep") or []]  # fmt: skip
+    if sweeps:
+        from testing.cvae import plot_kl_sweep
+
+        plot_kl_sweep(sweeps, out_dir / "kl_sweep.png", show=show)
     return rows

@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 from core.atomic import write_text
-from core.config import saved_settings
 from core.plotting import pyplot, save_figure, save_table, show_or_close
 from core.progress import Progress
 from datasets.phylogeny import Levels
@@ -216,70 +215,4 @@ def write_report(result: dict, out_dir: str | os.PathLike, show: bool = False) -
     fig.tight_layout()
     save_figure(fig, out_dir / "heatmaps.png")
     show_or_close(fig, show)
-    return summary
-
-
-def run_phylo_test(
-    checkpoint,
-    run_dir,
-    baseline=None,
-    split: str = "test",
-    data_overrides: dict | None = None,
-    batch_size: int = 64,
-    device: str = "auto",
-    num_workers: int | None = None,
-    overwrite: bool = False,
-    show: bool = False,
-    quiet: bool = False,
-) -> dict:
-    """`test phylo`: the correlation report of a trained model on a split, written into `run_dir`, which is
-    created only once every input checked out."""
-    from torch.utils.data import DataLoader
-
-    from core.device import loader_settings, resolve_device
-    from core.errors import UserError
-    from core.rundir import mark_run, prepare_run_dir
-    from datasets.phylogeny import levels_from_record
-    from datasets.registry import DataSpec, build_dataset, collate_skipping, resolve_meta
-    from datasets.transforms import square_transform
-    from models.phylo import load_phylo, load_plain
-    from models.phylo.checkpoint import PLAIN_RUN_FILE
-
-    if batch_size <= 0:
-        raise UserError(f"--batch-size must be positive, got {batch_size}")
-    dev = resolve_device(device)
-    model = load_phylo(checkpoint, device=dev)
-    if baseline is None and Path(checkpoint).is_dir() and (Path(checkpoint) / PLAIN_RUN_FILE).is_file():
-        baseline = Path(checkpoint) / PLAIN_RUN_FILE
-    plain = None
-    if baseline is not None:
-        plain, _, _ = load_plain(baseline, device=dev)
-        ae = model.autoencoder
-        if (plain.sequence_length, plain.quantizer.n_embed) != (ae.sequence_length, ae.quantizer.n_embed):
-            raise UserError(f"--baseline {baseline} has {plain.sequence_length} codes of {plain.quantizer.n_embed} "
-                            f"entries, the model {ae.sequence_length} of {ae.quantizer.n_embed}: not of equal size")  # fmt: skip
-    levels = levels_from_record(model.meta["phylogeny"])
-    dataset_info = dict(model.meta.get("dataset") or {})
-    values = {"dataset": dataset_info.get("name", "world"), "data_dir": dataset_info.get("data_dir"),
-              "world": dataset_info.get("world") or "default", "image_size": model.autoencoder.config["image_size"]}  # fmt: skip
-    values.update({k: v for k, v in (data_overrides or {}).items() if v is not None})
-    spec = DataSpec(**values, val_fraction=saved_settings(model.meta.get("config")).get("val_fraction", 0.1))
-    meta = resolve_meta(spec, quiet=quiet)
-    if list(meta.class_names) != list(model.meta["phylogeny"]["class_names"]):
-        raise UserError(f"dataset {spec.dataset} has other classes than the model was trained on "
-                        f"({meta.num_classes} vs {len(levels.species)})")  # fmt: skip
-    data = build_dataset(spec, split, False, meta=meta, transform=square_transform(spec.image_size))
-    if len(data) == 0:
-        raise UserError(f"split {split} of dataset {spec.dataset} is empty")
-    inputs = [checkpoint, baseline, spec.data_dir]
-    run_dir = prepare_run_dir(run_dir, "test phylo", overwrite=overwrite, inputs=inputs, resumable=False)
-    loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_skipping,
-                        **loader_settings(dev, num_workers))  # fmt: skip
-    codes = encode_dataset(model.autoencoder, loader, dev, quiet)
-    plain_codes = encode_dataset(plain, loader, dev, quiet) if plain is not None else None
-    result = correlations(*codes, model.autoencoder, levels, plain_codes)
-    summary = write_report(result, run_dir, show=show)
-    mark_run(
-        run_dir, status="finished", checkpoint=str(model.path), baseline=str(baseline) if baseline else None
-    )
     return summary

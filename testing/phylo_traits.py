@@ -30,6 +30,25 @@ def code_parts(autoencoder) -> dict[str, list[int]]:
     return parts
 
 
+def level_ranks(
+    levels, taxonomy: list[dict], ranks=("order", "family", "genus", "species")
+) -> list[str | None]:
+    """The rank each level of `levels` stands for: the first rank of the world's taxonomy (rows of
+    `datasets.world.load_taxonomy`, in class order) below the previous level's whose grouping of the species
+    is the level's, else None (a world whose families hold one genus each groups them alike at two ranks)."""
+    out, start = [], 0
+    for groups in levels.assignment:
+        found = None
+        for k in range(start, len(ranks)):
+            names = [row[ranks[k]] for row in taxonomy]
+            pairs = set(zip(names, groups.tolist(), strict=True))
+            if len(pairs) == len(set(names)) == len(set(groups.tolist())):  # one group per name and back
+                found, start = ranks[k], k + 1
+                break
+        out.append(found)
+    return out
+
+
 def nearest_centroid(train_codes: torch.Tensor, train_y: np.ndarray, test_codes: torch.Tensor, vocab: int,
                      n_classes: int) -> np.ndarray:  # fmt: skip
     """Predicted class of each test row: the nearest class mean of the one-hot code vectors (ties: the lowest

@@ -66,12 +66,14 @@ def cvae(root: Path, steps: int = 300) -> Path:
 
 
 def phylo(root: Path, steps: int = 30) -> Path:
-    """A few steps of every Phylo-NN stage (autoencoder, prior, baseline): enough for shapes and plumbing."""
+    """A few steps of every Phylo-NN stage (VQGAN with its discriminator from half-way, disentangler, prior) on
+    the small world's bird crops: enough for shapes and plumbing."""
     from training import phylo as tp
 
     def build(run: Path) -> Path:
-        overrides = {**SMALL, "steps": steps, "prior_steps": steps, "batch_size": 16, "prior_batch_size": 16,
-                     "eval_every": steps, "log_every": steps}  # fmt: skip
+        overrides = {**SMALL, "bbox_crop": True, "vqgan_steps": steps, "steps": steps, "prior_steps": steps,
+                     "batch_size": 16, "vqgan_batch_size": 16, "prior_batch_size": 16, "disc_start": steps // 2,
+                     "eval_every": steps, "log_every": steps, "prior_eval_every": steps}  # fmt: skip
         cfg = from_preset(tp.PhyloConfig, tp.PRESETS, "tiny", overrides)
         tp.train_phylo(cfg, prepare_run_dir(run, "train phylo"), quiet=True)
         return run

@@ -131,6 +131,48 @@ def test_codebook_and_commitment_values_and_gradients():
     )  # moves only the encoder output
 
 
+def test_moving_average_codebook_and_restarts_by_hand():
+    """decay d: count <- d count + (1 - d) n, sum <- d sum + (1 - d) sum of assigned vectors, entry <- sum / count
+    (Laplace-smoothed); an eval-mode forward changes nothing; restarts move only the unused entries."""
+    from models.phylo import VectorQuantizer
+
+    vq = VectorQuantizer(3, 2, decay=0.5)
+    assert not vq.embedding.weight.requires_grad and {"ema_count", "ema_sum"} <= set(vq.state_dict())
+    with torch.no_grad():
+        vq.embedding.weight.copy_(torch.tensor([[0.0, 0.0], [1.0, 1.0], [5.0, 5.0]]))
+        vq.ema_sum.copy_(vq.embedding.weight)
+    z = torch.tensor([[0.2, 0.0], [0.0, 0.4], [1.2, 1.0]])  # two vectors choose entry 0, one entry 1
+    vq.eval()
+    vq(z)
+    assert torch.equal(vq.embedding.weight[0], torch.zeros(2))  # eval mode: no update
+    vq.train()
+    _, indices, _ = vq(z)
+    assert indices.tolist() == [0, 0, 1]
+    count = torch.tensor([0.5 + 0.5 * 2, 0.5 + 0.5 * 1, 0.5])
+    sums = torch.tensor([[0.5 * 0.2, 0.5 * 0.4], [0.5 + 0.6, 0.5 + 0.5], [2.5, 2.5]])
+    assert torch.allclose(vq.ema_count, count)
+    total = count.sum()
+    smoothed = (count + 1e-5) / (total + 3e-5) * total
+    assert torch.allclose(vq.embedding.weight, sums / smoothed[:, None])
+    moved = vq.restart_unused(torch.tensor([2, 1, 0]), z)
+    assert moved.item() == 1 and torch.allclose(vq.embedding.weight[:2], sums[:2] / smoothed[:2, None])
+    assert any(torch.equal(vq.embedding.weight[2], row) for row in z)  # onto one of the encoder outputs
+    assert torch.equal(vq.ema_sum[2], vq.embedding.weight[2]) and vq.ema_count[2].item() == 1.0
+
+
+def test_a_safetensors_header_length_ending_in_0x80_is_not_taken_for_a_pickle(tmp_path):
+    """A header of 0x..80 bytes starts the file with byte 0x80, pickle's first opcode: still safetensors."""
+    from core.checkpoint import load_weights, save_weights, sniff_format
+
+    for width in range(1, 300):  # header lengths vary with the tensors' names: find one ending in 0x80
+        path, name = tmp_path / "w.safetensors", "w" * width
+        save_weights(path, {name: torch.zeros(1)}, {})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    assert sniff_format(path) == "safetensors" and torch.equal(load_weights(path)[0][name], torch.zeros(1))
+
+
 def test_patch_discriminator_layout_and_init():
     torch.manual_seed(0)
     d = PatchDiscriminator(width=16, n_layers=2)

@@ -227,14 +227,14 @@ def test_zero_lengths_cut_by_topology_and_star_trees_refused():
 def test_world_tree_levels_are_its_taxonomy(small_world):
     """The world's tree.nwk, cut at the tiny preset's depths, gives orders, families, genera, species, and
     the group distances are the DNA rates of the ranks between them."""
-    from training.phylo import PRESETS, PhyloConfig
+    from training.phylo import PRESETS, PhyloConfig, level_cuts
 
     taxonomy = load_taxonomy(small_world)
     names = [row["species"] for row in taxonomy]
     cfg = from_preset(PhyloConfig, PRESETS, "tiny")
     t = Tree.read(small_world / "tree.nwk")
     assert t.ultrametric and t.height == pytest.approx(sum(DNA_RATES.values()))
-    levels = build_levels(t, names, cfg.cuts)
+    levels = build_levels(t, names, level_cuts(cfg, t))
     assert levels.notes == []
     for level, rank in enumerate(RANKS):
         expected = [row[rank].replace("_", " ") for row in taxonomy]

@@ -1,14 +1,20 @@
 """Conditional VAE training: one function over (config, run directory).
 
+Data: images (world, CUB, an image folder; the class and the per-image attributes as conditions), scikit-learn's
+digits, or the testbed's vectors (seed 004): `gaussian`, `projected` and `swissroll` sets of known intrinsic
+dimension, or a CSV table; a vector's conditions are any subset of its own features.
 Every step draws which conditions each sample is given (the class with probability `p_class`; no attributes,
 all attributes, or each attribute with a per-sample random probability), so one network learns every subset a
 user may give at sampling time. Loss: the Gaussian reconstruction NLL (std `sigma`) + beta * KL(q(z|x,c) ||
-p(z|c)), the negative ELBO when beta = 1.
+p(z|c)), the negative ELBO when beta = 1. The prior p(z|c) is the testbed's N(0, I) (`prior: standard`, the
+default) or a learned N(m(c), I) (`learned`, see models/cvae.py).
 Each step's randomness derives from (seed, step, rank) and the data order from (seed, epoch), so a run resumed
 from `last.pt` reaches the same weights as an uninterrupted one, also after a preemption signal
 (core.preemption), which saves `last.pt` between two steps. Every `eval_every` steps: held-out ELBO and
-per-dimension KL for each condition setting, a sample grid, optionally the rate at which a classifier
-recognises conditional samples, `cvae.safetensors` and `last.pt`. The end adds the KL-per-dimension figure.
+per-dimension KL for each condition setting, a sample grid, with `classifier` the rate at which it recognises
+class-conditional samples and their within-class spread against real images', `cvae.safetensors` and
+`last.pt`. The end adds the KL-per-dimension figure and, on vectors, the testbed's sweep: KL per latent
+dimension as 0, 1, ... features are given (kl_sweep.png).
 """
 
 from __future__ import annotations
@@ -26,23 +32,39 @@ from core.device import HardwareConfig, autocast, loader_settings
 from core.errors import UserError
 from core.seeding import derive_seed, seed_everything
 from datasets.registry import DataConfig
-from models.cvae import CVAE, RUN_FILE, elbo_terms, save_cvae
+from models.cvae import CVAE, PRIORS, RUN_FILE, elbo_terms, save_cvae
 from testing import cvae as evaluation
+from testing.phylo import json_ready
 from testing.sampling import save_grid
 from training.lifecycle import ShuffledSteps, TrainingRun
 
 PRESETS = Path(__file__).parent / "presets" / "cvae.yaml"
-DEFAULT_PRESET = {"world": "tiny", "cub": "cub", "folder": "cub", "digits": "digits"}
-DATASETS = ("world", "cub", "folder", "digits")
+VECTORS = ("gaussian", "projected", "swissroll", "csv")  # datasets.vectors
+DEFAULT_PRESET = {
+    "world": "tiny",
+    "cub": "cub",
+    "folder": "cub",
+    "digits": "digits",
+    **dict.fromkeys(VECTORS, "vectors"),
+}
+DATASETS = ("world", "cub", "folder", "digits", *VECTORS)
 EVAL_SEED = 1_000_000  # latents of the evaluation grid and recognition samples start here
+REAL_PER_CLASS = 50  # real training images per class the samples' spread is compared with
 
 
 @dataclass
 class CVAEConfig:
     data: DataConfig = field(default_factory=lambda: DataConfig(image_size=32))
     attributes: bool = True  # the dataset's attributes as conditions besides the class
+    # vector data (datasets.vectors): the synthetic sets' size and dimensions, or a CSV table
+    dim: int = 2  # coordinates of gaussian / projected (their intrinsic dimension)
+    projection_dim: int = 8  # observed coordinates of projected
+    n_points: int = 10000
+    csv: str | None = None
+    label_column: str | None = None  # the CSV column naming the classes (none: no classes)
     # model
     arch: str = "conv"
+    prior: str = "standard"  # N(0, I), the testbed's; or learned: N(m(c), I)
     latent_dim: int = 16
     channels: int = 32
     max_channels: int = 128
@@ -63,7 +85,7 @@ class CVAEConfig:
     eval_every: int = 500
     log_every: int = 50
     classifier: str | None = None
-    recognition_samples: int = 20
+    recognition_samples: int = 20  # per class
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     seed: int = 0
 
@@ -80,10 +102,15 @@ class CVAEConfig:
             )
         if self.arch not in ("conv", "mlp"):
             raise UserError(f"--arch must be conv or mlp, got {self.arch!r}")
-        if self.data.dataset == "digits" and self.arch != "mlp":
-            raise UserError(
-                "--dataset digits holds 64-value vectors: use --arch mlp (the digits preset does)"
-            )
+        if self.data.dataset in ("digits", *VECTORS) and self.arch != "mlp":
+            raise UserError(f"--dataset {self.data.dataset} holds vectors: use --arch mlp (its preset does)")
+        if self.prior not in PRIORS:
+            raise UserError(f"--prior must be one of {', '.join(PRIORS)}, got {self.prior!r}")
+        if self.data.dataset == "csv" and not self.csv:
+            raise UserError("--dataset csv needs --csv FILE: a table with a header row of feature names")
+        if self.csv and self.data.dataset != "csv":
+            raise UserError(f"--csv is read with --dataset csv, not {self.data.dataset}")
+        require_positive(self, "dim", "projection_dim", "n_points")
         for name in ("p_class", "p_attrs_none", "p_attrs_all"):
             if not 0 <= getattr(self, name) <= 1:
                 raise UserError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
@@ -114,7 +141,33 @@ def image_spec(cfg: CVAEConfig):
     return cfg.data.spec(cfg.seed)
 
 
+def vector_data(cfg: CVAEConfig) -> CVAEData:
+    """A synthetic set or a CSV table as train and val splits of vectors (datasets.vectors)."""
+    from datasets.vectors import csv_dataset, intrinsic_dimension, synthetic_dataset
+
+    name, fraction = cfg.data.dataset, cfg.data.val_fraction
+    if name == "csv":
+        train, val = (csv_dataset(cfg.csv, s, cfg.label_column, fraction, cfg.seed) for s in ("train", "val"))
+        info = {"name": "csv", "csv": str(cfg.csv), "label_column": cfg.label_column}
+    else:
+        train, val = (synthetic_dataset(name, s, cfg.n_points, cfg.dim, cfg.projection_dim, fraction, cfg.seed)
+                      for s in ("train", "val"))  # fmt: skip
+        info = {"name": name, "dim": cfg.dim, "intrinsic_dim": intrinsic_dimension(name, cfg.dim),
+                "n_points": cfg.n_points}  # fmt: skip
+        if name == "projected":
+            info["projection_dim"] = cfg.projection_dim
+    if len(train) == 0 or len(val) == 0:
+        raise UserError(
+            f"--dataset {name}: the train or val split is empty (more rows or another --val-fraction)"
+        )
+    low, high = float(train.x.min()), float(train.x.max())
+    info["input_dim"] = train.dim
+    return CVAEData(train, val, train.class_names, train.attribute_names, (train.dim,), (low, high), info)
+
+
 def build_data(cfg: CVAEConfig, quiet: bool = False) -> CVAEData:
+    if cfg.data.dataset in VECTORS:
+        return vector_data(cfg)
     if cfg.data.dataset == "digits":
         from datasets.digits import SIDE, DigitsDataset
 
@@ -192,7 +245,7 @@ def train_step(net, model: CVAE, opt: torch.optim.Optimizer, x, labels, attribut
 
 def build_model(cfg: CVAEConfig, data: CVAEData) -> CVAE:
     return CVAE(cfg.arch, data.x_shape, len(data.class_names), len(data.attribute_names), cfg.latent_dim,
-                cfg.channels, cfg.max_channels, cfg.hidden, cfg.layers, cfg.depth)  # fmt: skip
+                cfg.channels, cfg.max_channels, cfg.hidden, cfg.layers, cfg.depth, cfg.prior)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------
@@ -216,11 +269,19 @@ def load_recogniser(path: str, num_classes: int, device: torch.device):
     return clf.eval().requires_grad_(False), meta.get("image_size")
 
 
+def real_images(dataset, per_class: int) -> tuple[torch.Tensor, np.ndarray]:
+    """Up to `per_class` images of each class of `dataset` (images in [-1, 1]) and their labels."""
+    labels = np.asarray([dataset[i]["label"] for i in range(len(dataset))])
+    keep = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in np.unique(labels)])
+    return torch.stack([torch.as_tensor(dataset[int(i)]["image"]) for i in keep]), labels[keep]
+
+
 class Evaluator:
     def __init__(self, cfg: CVAEConfig, data: CVAEData, device: torch.device):
         self.cfg, self.data, self.device = cfg, data, device
         settings = {**loader_settings(device, cfg.hardware.num_workers), "persistent_workers": False}
         self.loader = DataLoader(data.val, batch_size=cfg.batch_size, shuffle=False, **settings)
+        self.train_loader = DataLoader(data.train, batch_size=cfg.batch_size, shuffle=False, **settings)
         labels = np.asarray([data.val[i]["label"] for i in range(len(data.val))])
         attrs = (
             np.stack([data.val[i]["attributes"] for i in range(len(data.val))])
@@ -228,24 +289,36 @@ class Evaluator:
             else None
         )
         self.per_class = evaluation.class_attributes(labels, attrs, len(data.class_names))
-        self.recogniser = None
+        self.recogniser, self.real = None, None
         if cfg.classifier:
             self.recogniser = load_recogniser(cfg.classifier, len(data.class_names), device)
+            self.real = real_images(data.train, REAL_PER_CLASS)
 
     def __call__(self, model: CVAE) -> dict:
         with_attributes = bool(self.data.attribute_names)
         result = evaluation.evaluate_elbo(model, batches(self.loader, self.device, with_attributes), self.device,
                                           seed=derive_seed(self.cfg.seed, "eval"), beta=self.cfg.beta, sigma=self.cfg.sigma)  # fmt: skip
+        result["fit"] = evaluation.fit_latents(
+            model, batches(self.train_loader, self.device, False), self.device
+        )
         if self.recogniser is not None:
             classifier, size = self.recogniser
             result["recognition"] = evaluation.recognition(
-                model, classifier, self.per_class, self.cfg.recognition_samples, EVAL_SEED, size
+                model, classifier, self.per_class, self.cfg.recognition_samples, EVAL_SEED, size, self.real
             )
         model.train()
         return result
 
     def grid(self, model: CVAE, path: Path) -> None:
-        """Up to 8 classes (rows) x 8 samples, class only given, from fixed latents."""
+        """Up to 8 classes (rows) x 8 samples, class only given, from fixed latents (vectors: a scatter of
+        samples given nothing beside held-out points)."""
+        if self.data.dataset_info["name"] in VECTORS:
+            real = torch.as_tensor(np.stack([self.data.val[i]["x"] for i in range(len(self.data.val))]))
+            c = model.conditions(len(real))
+            samples = evaluation.sample(model, c, list(range(EVAL_SEED, EVAL_SEED + len(real))))
+            model.train()
+            evaluation.plot_vectors(real, samples.cpu(), self.data.attribute_names, path)
+            return
         classes = min(8, model.num_classes)
         labels = torch.arange(classes, device=self.device).repeat_interleave(8)
         c = evaluation.given_conditions(model, "class", labels, None)
@@ -260,7 +333,8 @@ def flat_metrics(result: dict) -> dict:
     for setting, terms in result["settings"].items():
         for key, value in terms.items():
             out[f"kl_per_dim_{setting}" if key == "kl_per_dim" else f"{setting}_{key}"] = value
-    for key in ("class", "all", "chance"):
+    out.update({f"fit_{k}": v for k, v in result.get("fit", {}).items()})
+    for key in ("class", "all", "chance", "class_spread", "all_spread", "prior_class", "prior_class_spread"):
         if key in result.get("recognition", {}):
             out[f"recognition_{key}"] = result["recognition"][key]
     return out
@@ -297,6 +371,10 @@ def train_cvae(cfg: CVAEConfig, run_dir: Path, resume: bool = False, quiet: bool
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     state, step = run.load_state(), 0
     if state is not None:
+        if "fit_mean" in state["model"]:  # the latents fitted at the last evaluation
+            model.fit_latents(
+                *(state["model"][k] for k in ("fit_class_mean", "fit_class_std", "fit_mean", "fit_std"))
+            )
         checkpoint.load_state_dict_checked(model, state["model"], str(run.run_dir / "last.pt"))
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
@@ -348,4 +426,21 @@ def train_cvae(cfg: CVAEConfig, run_dir: Path, resume: bool = False, quiet: bool
             summary["recognition"] = {
                 k: v for k, v in result["recognition"].items() if not k.endswith("per_class")
             }
-    return run.finish(summary)
+        if data.dataset_info["name"] in VECTORS:
+            summary["sweep"] = kl_sweep(model, data, cfg, run.run_dir)
+    return run.finish(json_ready(summary))
+
+
+def kl_sweep(model: CVAE, data: CVAEData, cfg: CVAEConfig, run_dir: Path) -> list[dict]:
+    """The testbed's measure on the held-out vectors: KL per latent dimension as 0, 1, ..., all features are
+    given (a random subset per vector), against the data's intrinsic dimension; kl_sweep.png/.csv."""
+    x = torch.as_tensor(np.stack([data.val[i]["x"] for i in range(len(data.val))]))
+    features = x.shape[1]
+    kl = evaluation.kl_by_given_count(
+        model, x, list(range(features + 1)), seed=derive_seed(cfg.seed, "sweep")
+    )
+    info = data.dataset_info
+    intrinsic = info.get("intrinsic_dim", features)
+    rows = evaluation.sweep_rows(run_dir.name, info["input_dim"], intrinsic, kl)
+    evaluation.plot_kl_sweep(rows, run_dir / "kl_sweep.png")
+    return [{k: v for k, v in row.items() if k != "kl_per_dim"} for row in rows]

@@ -103,7 +103,8 @@ def vqgan_generator_losses(
     disc_factor_value: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """The VQGAN's side of one step: `loss` = nll + d_weight * factor * adv + codebook_weight * vq, with its
-    parts, and `recon` for the discriminator's step. The discriminator is frozen here (no gradient is kept)."""
+    parts, `recon` for the discriminator's step, and the codes `indices` and pre-quantisation vectors `z` (for
+    codebook restarts). The discriminator is frozen here (no gradient is kept)."""
     out = model(x)
     rec = reconstruction_loss(x, out["recon"], lpips, perceptual_weight)
     factor = disc_factor(step, disc_start, disc_factor_value)
@@ -115,7 +116,7 @@ def vqgan_generator_losses(
         weight = adaptive_weight(rec["nll"], g_loss, model.last_layer, disc_weight)
     loss = rec["nll"] + weight * factor * g_loss + codebook_weight * out["vq_loss"]
     return {"loss": loss, **rec, "vq": out["vq_loss"], "codebook": out["codebook"], "commitment": out["commitment"],
-            "g_loss": g_loss, "d_weight": weight, "recon": out["recon"]}  # fmt: skip
+            "g_loss": g_loss, "d_weight": weight, "recon": out["recon"], "indices": out["indices"], "z": out["z"]}  # fmt: skip
 
 
 def vqgan_discriminator_losses(
@@ -182,7 +183,8 @@ def disentangler_losses(
 ) -> dict[str, torch.Tensor]:
     """The disentangler's side of one step on frozen stage-1 `features` [N, C, S, S] with group targets
     `groups` [L, N]: `loss` = rec + vq + ortho_weight * ortho + phylo_weight * phylo + adv_weight * confusion,
-    its parts, and `free` (the free codes, for `adversary_loss`). The adversary is frozen here."""
+    its parts, `free` (the free codes, for `adversary_loss`), and the `codes` and pre-quantisation vectors `z`
+    (for codebook restarts). The adversary is frozen here."""
     disentangler.adversary.requires_grad_(False)
     out = disentangler(features)
     rec = (out["features"].float() - features.float()).abs().mean()
@@ -191,7 +193,8 @@ def disentangler_losses(
     confusion = confusion_loss(disentangler.adversary(out["free"]))
     loss = rec + out["vq_loss"] + ortho_weight * ortho + phylo_weight * phylo + adv_weight * confusion
     return {"loss": loss, "rec": rec, "vq": out["vq_loss"], "ortho": ortho, "phylo": phylo,
-            "confusion": confusion, "free": out["free"], "level_logits": out["level_logits"]}  # fmt: skip
+            "confusion": confusion, "free": out["free"], "level_logits": out["level_logits"], "codes": out["codes"],
+            "z": out["z"]}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------- schedule

@@ -1,29 +1,32 @@
-"""Phylo-NN training: one function over (config, run directory), in three stages.
+"""Phylo-NN training: one function over (config, run directory), in the paper's stages, each resumable on its own.
 
-1. Autoencoder (`steps`): L1 reconstruction + VQ loss; the level heads' cross-entropy on the cumulative code
-   prefixes (beta * sum over ancestor levels + (1 - beta) * species); and the adversary: a species classifier
-   on the free codes, trained on detached codes with its own optimiser, while the encoder minimises
-   log(C) - H(adversary(free codes)) through the frozen adversary, so the gradient reaches the free branch of
-   the encoder (the reference's adversary ran under no_grad and never did).
-2. Prior (`prior_steps`): the code sequences of the training images (mirrored too) under the frozen
-   autoencoder; each sample is conditioned on its group at a random level (species included), and the loss
-   covers every one of the sequence's tokens, exactly what sampling generates. The prior kept is the one with
-   the lowest held-out NLL (checked every `prior_eval_every` steps): it overfits the few training sequences.
-3. Baseline (`baseline`): the same autoencoder without heads or adversary, into `baseline/`.
-Then the correlation analysis of `testing.phylo` on the test split. Each stage saves its own resume state (at
-evaluations, and between two steps when a preemption signal comes, see core.preemption) and draws its
-randomness from (seed, stage, step, rank), so a resumed run reaches the same weights.
+1. Stage 1, the VQGAN (`vqgan_steps`, into `stage1/`; skipped when `stage1` names a trained one): L1 (+ LPIPS
+   when VGG-16 weights are at hand) + codebook and commitment terms + a PatchGAN hinge loss from `disc_start`
+   on, scaled by the adaptive weight (training/losses_phylo.py). `vqgan_only` stops after it: a stage 1 to
+   pass to later runs. It is also the plain VQ baseline the analysis compares against.
+2. Stage 2, the disentangler (`steps`) on the frozen stage-1 features, computed once for every training image
+   (and its mirror image with `mirror`): L1 between features and their reconstruction, its own VQ loss, the
+   kernel orthogonality of `conv_in`, the level heads (the species inside the beta-weighted sum), and the
+   adversary on the free codes: trained on detached codes with its own optimiser, while the disentangler
+   minimises log C - H(adversary(free codes)) through the frozen adversary, so that gradient reaches the
+   encoder (the public code's adversary ran under no_grad and never did). Cosine annealing with warm restarts.
+3. Stage 3, the prior (`prior_steps`): every code of the training images' sequences, each sequence
+   conditioned on its group at a random level (species included); the prior kept is the one of lowest
+   held-out NLL.
+Then the analysis of testing.phylo_evaluate on the test split: code-tree correlations, the world's trait
+probe, and with `classifier` the fidelity of samples. Each stage saves its own resume state (at evaluations,
+and between two steps when a preemption signal comes, see core.preemption), logs its own `stage`, and draws
+its randomness from (seed, stage, step, rank), so a resumed run reaches the same weights.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from core import checkpoint
 from core.atomic import write_text
@@ -35,47 +38,94 @@ from datasets.gpu_transforms import mirror
 from datasets.phylogeny import Levels, Tree, build_levels, phylogeny_record
 from datasets.registry import DataConfig, DataSpec, build_dataset, collate_skipping, resolve_meta
 from datasets.transforms import square_transform
-from models.phylo import CodePrior, PhyloAutoencoder, save_phylo, save_plain
-from models.phylo.checkpoint import PLAIN_RUN_FILE, RUN_FILE
-from testing import phylo as analysis
+from models.phylo import (
+    VQGAN,
+    CodePrior,
+    PatchDiscriminator,
+    PhyloDisentangler,
+    PhyloModel,
+    PhyloNN,
+    load_vqgan,
+    save_phylo,
+    save_vqgan,
+)
+from models.phylo.checkpoint import RUN_FILE, VQGAN_RUN_FILE
+from testing import phylo_evaluate
 from testing.sampling import save_grid
 from training.lifecycle import ShuffledSteps, TrainingRun
+from training.losses_phylo import (
+    adversary_loss,
+    cosine_warm_restarts,
+    disentangler_losses,
+    vqgan_discriminator_losses,
+    vqgan_generator_losses,
+)
 from training.optim import optimiser_step
 
 PRESETS = Path(__file__).parent / "presets" / "phylo.yaml"
 DEFAULT_PRESET = {"world": "tiny", "cub": "cub", "folder": "cub"}
-ADAM_BETAS = (0.5, 0.9)  # the reference's autoencoder optimiser
+DEFAULT_CUTS = [0.5, 0.8, 0.95]  # a Newick tree without --cuts: the world's orders, families and genera
+ADAM_BETAS = (0.5, 0.9)  # taming-transformers' and Phylo-NN's
+PERCEPTUAL = ("auto", "imagenet", "none")  # or a path to VGG-16 weights
 
 
 @dataclass
 class PhyloConfig:
     # data and tree
     data: DataConfig = field(default_factory=lambda: DataConfig(image_size=32))
-    mirror: bool = True
-    tree: str | None = None
-    cuts: list[float] = field(default_factory=lambda: [0.5, 0.8, 0.95])
-    # autoencoder
+    mirror: bool = True  # flip training images left-right (the world's birds face both ways; fish do not)
+    tree: str | None = None  # Newick or taxonomy table; the world's tree.nwk by default
+    cuts: list[float] | None = None  # None: DEFAULT_CUTS for a Newick tree, one level per rank for a table
+    # stage 1: the VQGAN
+    stage1: str | None = (
+        None  # a trained stage 1 (vqgan.safetensors or a train phylo run) instead of training one
+    )
+    vqgan_only: bool = False  # train stage 1 alone
     latent_size: int = 8
     channels: int = 16
-    max_channels: int = 128
-    depth: int = 1
-    branch_channels: int = 16
+    channel_mult: list[int] | None = None  # per resolution; None: 1, 2, 4, 4 ... (as many as halvings + 1)
+    res_blocks: int = 1
+    attention: bool = True
+    z_channels: int = 32
+    vq_embed_dim: int = 16
+    vq_n_embed: int = 256
+    vq_decay: float = (
+        0.99  # stage 1's entries follow moving averages of their vectors (0: trained by gradient)
+    )
+    vq_restart_every: int = 20  # steps between restarts of the entries no vector chose (0: never)
+    perceptual: str = (
+        "auto"  # LPIPS: auto (imagenet when VGG-16 weights are cached), imagenet, none or a path
+    )
+    perceptual_weight: float = 1.0
+    disc_channels: int = 16
+    disc_layers: int = 2
+    disc_weight: float = 0.8
+    disc_start: int = 300
+    vqgan_steps: int = 1000
+    vqgan_batch_size: int = 32
+    vqgan_lr: float = 1e-3
+    # stage 2: the disentangler
+    disentangler_channels: int = 64
+    phylo_channels: int = 32
     embed_dim: int = 16
     n_embed: int = 64
     codes_per_level: int = 4
     free_codes: int = 8
     adversary_hidden: int = 128
-    # losses
+    codebook_decay: float = 0.99  # as vq_decay, for the disentangler's codebook
+    codebook_restart_every: int = 0  # as vq_restart_every, for the disentangler's codebook
     vq_beta: float = 0.25
     phylo_weight: float = 0.1
     level_beta: float = 0.5
     adv_weight: float = 0.1
-    # optimisation (batch sizes count samples per step over all processes)
-    batch_size: int = 32
+    ortho_weight: float = 1.0
     steps: int = 3000
+    batch_size: int = 32
     lr: float = 1e-3
     adversary_lr: float = 1e-3
-    # prior
+    lr_cycle: int = 0  # steps per cosine cycle with warm restarts (the paper's 150); 0: a constant lr
+    lr_floor: float = 0.01  # the cosine's floor, a share of lr
+    # stage 3: the prior
     prior_width: int = 64
     prior_layers: int = 2
     prior_heads: int = 4
@@ -84,38 +134,50 @@ class PhyloConfig:
     prior_lr: float = 1e-3
     prior_dropout: float = 0.1
     prior_eval_every: int = 100
-    # baseline and bookkeeping
-    baseline: bool = True
+    # evaluation and bookkeeping
+    classifier: str | None = None  # an independent classifier (train classifier run) that judges the samples
+    fidelity_samples: int = 10  # per species and per node
+    top_k: int = 5
     eval_every: int = 500
     log_every: int = 50
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     seed: int = 0
+    # a config.yaml of the one-stage design (a pixel autoencoder trained end to end) names these: such a run
+    # cannot be resumed, while its weights still load in generate phylo and test phylo
+    RETIRED: ClassVar[dict[str, str]] = dict.fromkeys(
+        ("baseline", "branch_channels", "depth", "max_channels"),
+        "written by the one-stage Phylo-NN of before the two-stage design (stage 1 VQGAN, stage 2 disentangler); "
+        "its weights still load in generate phylo and test phylo, but it cannot be resumed: start a new run",
+    )
 
     def validate(self) -> None:
         validate_blocks(self)
-        require_positive(self, "latent_size", "channels", "max_channels", "depth", "branch_channels")
-        require_range(self, "lr", 0, MAX_LR)
-        require_range(self, "adversary_lr", 0, MAX_LR)
-        require_range(self, "prior_lr", 0, MAX_LR)
-        require_positive(self, "embed_dim", "n_embed", "codes_per_level", "free_codes", "adversary_hidden")
-        require_positive(self, "batch_size", "steps", "lr", "adversary_lr", "prior_width", "prior_layers")
-        require_positive(
-            self,
-            "prior_heads",
-            "prior_steps",
-            "prior_eval_every",
-            "prior_batch_size",
-            "prior_lr",
-            "eval_every",
-            "log_every",
-        )
-        if not self.cuts or any(not 0 < c < 1 for c in self.cuts) or len(set(self.cuts)) != len(self.cuts):
+        for name in ("vqgan_lr", "lr", "adversary_lr", "prior_lr"):
+            require_range(self, name, 0, MAX_LR)
+        require_positive(self, "latent_size", "channels", "res_blocks", "z_channels", "vq_embed_dim", "vq_n_embed",
+                         "disc_channels", "disc_layers", "vqgan_steps", "vqgan_batch_size", "vqgan_lr",
+                         "disentangler_channels", "phylo_channels", "embed_dim", "n_embed", "codes_per_level",
+                         "free_codes", "adversary_hidden", "steps", "batch_size", "lr", "adversary_lr",
+                         "prior_width", "prior_layers", "prior_heads", "prior_steps", "prior_batch_size", "prior_lr",
+                         "prior_eval_every", "fidelity_samples", "eval_every", "log_every")  # fmt: skip
+        if self.cuts is not None and (
+            not self.cuts or any(not 0 < c < 1 for c in self.cuts) or len(set(self.cuts)) != len(self.cuts)
+        ):
             raise UserError(
                 f"--cuts must be distinct relative depths strictly between 0 and 1, got {self.cuts}"
             )
-        for name in ("phylo_weight", "adv_weight", "vq_beta"):
+        for name in ("phylo_weight", "adv_weight", "vq_beta", "ortho_weight", "perceptual_weight", "disc_weight",
+                     "disc_start", "lr_cycle", "top_k", "vq_restart_every", "codebook_restart_every"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not self.phylo_channels < self.disentangler_channels:
+            raise UserError(f"--phylo-channels {self.phylo_channels} must be below --disentangler-channels "
+                            f"{self.disentangler_channels} (the rest is the free part's)")  # fmt: skip
+        for name in ("vq_decay", "codebook_decay"):
+            if not 0 <= getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
+        if not 0 < self.lr_floor <= 1:
+            raise UserError(f"--lr-floor must be in (0, 1], got {self.lr_floor}")
         if not 0 <= self.prior_dropout < 1:
             raise UserError(f"--prior-dropout must be in [0, 1), got {self.prior_dropout}")
         if not 0 <= self.level_beta <= 1:
@@ -124,11 +186,12 @@ class PhyloConfig:
             raise UserError(
                 f"--prior-width {self.prior_width} must be a multiple of --prior-heads {self.prior_heads}"
             )
-        require_per_process(self, "batch_size", "prior_batch_size")
-
-    @property
-    def levels(self) -> int:
-        return len(self.cuts) + 1
+        if self.stage1 and self.vqgan_only:
+            raise UserError("--vqgan-only trains stage 1; --stage1 passes a trained one: give one of them")
+        if self.perceptual not in PERCEPTUAL and not Path(self.perceptual).is_file():
+            raise UserError(f"--perceptual must be auto, imagenet, none or a VGG-16 weights file, got "
+                            f"{self.perceptual!r}")  # fmt: skip
+        require_per_process(self, "batch_size", "vqgan_batch_size", "prior_batch_size")
 
     def data_spec(self) -> DataSpec:
         return self.data.spec(self.seed)
@@ -144,23 +207,31 @@ def tree_path(cfg: PhyloConfig, meta) -> Path:
         return Path(cfg.tree)
     if cfg.data.dataset == "world":
         return Path(meta.root) / "tree.nwk"
-    raise UserError(
-        f"--dataset {cfg.data.dataset} needs --tree: a Newick file whose leaves are the class names"
-    )
+    raise UserError(f"--dataset {cfg.data.dataset} needs --tree: a Newick file or a taxonomy table (CSV with "
+                    "rank columns) whose leaves are the class names")  # fmt: skip
+
+
+def level_cuts(cfg: PhyloConfig, tree: Tree) -> list[float] | None:
+    """The cuts to use: the given ones; else one level per rank of a taxonomy table, DEFAULT_CUTS of a Newick."""
+    if cfg.cuts is not None:
+        return list(cfg.cuts)
+    return None if tree.ranks else list(DEFAULT_CUTS)
 
 
 def build_data(cfg: PhyloConfig, quiet: bool):
     spec = cfg.data_spec()
     meta = resolve_meta(spec, quiet=quiet)
     path = tree_path(cfg, meta)
-    levels = build_levels(Tree.read(path), meta.class_names, cfg.cuts)
+    tree = Tree.read(path)
+    cuts = level_cuts(cfg, tree)
+    levels = build_levels(tree, meta.class_names, cuts)
     transform = square_transform(cfg.data.image_size)
     splits = {
         s: build_dataset(spec, s, False, meta=meta, transform=transform) for s in ("train", "val", "test")
     }
     if len(splits["train"]) == 0 or len(splits["val"]) == 0:
         raise UserError(f"dataset {cfg.data.dataset}: the train or val split is empty (check --val-fraction)")
-    return meta, path, levels, splits
+    return meta, path, cuts, levels, splits
 
 
 def eval_loader(dataset, run: TrainingRun):
@@ -168,84 +239,93 @@ def eval_loader(dataset, run: TrainingRun):
                       collate_fn=collate_skipping)  # fmt: skip
 
 
+@torch.no_grad()
+def images_of(dataset, run: TrainingRun) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images [N, 3, S, S], labels [N]) of a small split (validation), on the device."""
+    images, labels = [], []
+    for batch in eval_loader(dataset, run):
+        if "image" in batch:
+            images.append(batch["image"].to(run.device))
+            labels.append(batch["label"].to(run.device))
+    if not images:
+        raise UserError("every image of the validation split is unreadable")
+    return torch.cat(images), torch.cat(labels)
+
+
 # ----------------------------------------------------------------------------
-# Models and steps.
+# Models.
 
 
-def build_autoencoder(cfg: PhyloConfig, levels: Levels, plain: bool) -> PhyloAutoencoder:
-    return PhyloAutoencoder(
-        image_size=cfg.data.image_size, latent_size=cfg.latent_size, channels=cfg.channels, max_channels=cfg.max_channels, depth=cfg.depth,
-        branch_channels=cfg.branch_channels, embed_dim=cfg.embed_dim, n_embed=cfg.n_embed, levels=cfg.levels,
-        codes_per_level=cfg.codes_per_level, free_codes=cfg.free_codes,
-        group_counts=[len(g) for g in levels.groups], adversary_hidden=cfg.adversary_hidden, plain=plain,
-        vq_beta=cfg.vq_beta,
-    )  # fmt: skip
+def build_vqgan(cfg: PhyloConfig) -> VQGAN:
+    return VQGAN(image_size=cfg.data.image_size, latent_size=cfg.latent_size, channels=cfg.channels,
+                 channel_mult=cfg.channel_mult, res_blocks=cfg.res_blocks, attention=cfg.attention,
+                 z_channels=cfg.z_channels, embed_dim=cfg.vq_embed_dim, n_embed=cfg.vq_n_embed,
+                 codebook_decay=cfg.vq_decay)  # fmt: skip
 
 
-def build_prior(cfg: PhyloConfig, autoencoder: PhyloAutoencoder, levels: Levels) -> CodePrior:
+def build_disentangler(cfg: PhyloConfig, stage1: VQGAN, levels: Levels) -> PhyloDisentangler:
+    return PhyloDisentangler(stage1.z_channels, stage1.latent_size, [len(g) for g in levels.groups],
+                             channels=cfg.disentangler_channels, phylo_channels=cfg.phylo_channels,
+                             embed_dim=cfg.embed_dim, n_embed=cfg.n_embed, codes_per_level=cfg.codes_per_level,
+                             free_codes=cfg.free_codes, adversary_hidden=cfg.adversary_hidden,
+                             vq_beta=cfg.vq_beta, codebook_decay=cfg.codebook_decay)  # fmt: skip
+
+
+def build_prior(cfg: PhyloConfig, length: int, levels: Levels) -> CodePrior:
     n_conditions = sum(len(g) for g in levels.groups)
-    return CodePrior(cfg.n_embed, autoencoder.sequence_length, n_conditions, cfg.prior_width, cfg.prior_layers,
-                     cfg.prior_heads, cfg.prior_dropout)  # fmt: skip
+    return CodePrior(cfg.n_embed, length, n_conditions, cfg.prior_width, cfg.prior_layers, cfg.prior_heads,
+                     cfg.prior_dropout)  # fmt: skip
 
 
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    log_p = logits.float().log_softmax(1)
-    return -(log_p.exp() * log_p).sum(1)
+def perceptual_network(cfg: PhyloConfig, device) -> tuple[torch.nn.Module | None, str]:
+    """(LPIPS or None, what was used): `auto` takes torchvision's VGG-16 when it is cached, else none."""
+    choice = cfg.perceptual
+    if choice == "auto":
+        from core.weights import hub_dir
+        from models.classifiers import imagenet_url
+
+        cached = (hub_dir() / Path(imagenet_url("vgg16")).name).is_file()
+        choice = "imagenet" if cached else "none"
+    if choice == "none" or cfg.perceptual_weight == 0:
+        return None, "none"
+    from models.lpips import LPIPS
+
+    return LPIPS(choice).to(device), choice
 
 
-def phylo_loss(level_logits: list[torch.Tensor], groups: torch.Tensor, beta: float) -> torch.Tensor:
-    """beta * sum of the ancestor levels' cross-entropies + (1 - beta) * the species'; [L, N] group targets."""
-    ce = [F.cross_entropy(logits.float(), groups[level]) for level, logits in enumerate(level_logits)]
-    if len(ce) == 1:
-        return ce[0]
-    return beta * torch.stack(ce[:-1]).sum() + (1 - beta) * ce[-1]
+# ----------------------------------------------------------------------------
+# One step of each stage (device tensors in and out, no host sync).
 
 
-def autoencoder_losses(
-    model: PhyloAutoencoder, x: torch.Tensor, groups: torch.Tensor, cfg: PhyloConfig
-) -> dict:
-    """The encoder-side losses with the adversary frozen: rec (L1), vq, phylo (level heads) and confusion
-    (log C - entropy of the adversary on the free codes; its gradient reaches the encoder through the frozen
-    adversary), their weighted sum `loss`, and the free codes `free` for the adversary's own step."""
-    zero = torch.zeros((), device=x.device)
-    if not model.plain:
-        model.adversary.requires_grad_(False)
+def vqgan_step(model: VQGAN, disc: PatchDiscriminator, opt_g, opt_d, x: torch.Tensor, step: int, cfg: PhyloConfig,
+               lpips, world: int) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The VQGAN's step, then the discriminator's (from `disc_start` on): detached losses, and the step's codes
+    `indices` and pre-quantisation vectors `z` for the codebook's restarts."""
     with autocast(x.device, cfg.hardware.amp):
-        out = model(x)
-    losses = {
-        "rec": (out["recon"].float() - x).abs().mean(),
-        "vq": out["vq_loss"],
-        "phylo": zero,
-        "confusion": zero,
-    }
-    if not model.plain:
-        losses["phylo"] = phylo_loss(out["level_logits"], groups, cfg.level_beta)
-        n_species = model.adversary[-1].out_features
-        losses["confusion"] = (math.log(n_species) - entropy(model.adversary(out["free"]))).mean()
-        losses["free"] = out["free"]
-    losses["loss"] = (
-        losses["rec"]
-        + losses["vq"]
-        + cfg.phylo_weight * losses["phylo"]
-        + cfg.adv_weight * losses["confusion"]
-    )
-    return losses
+        g = vqgan_generator_losses(model, disc, x, step, lpips, cfg.perceptual_weight, 1.0, cfg.disc_weight,
+                                   cfg.disc_start)  # fmt: skip
+    optimiser_step(opt_g, model, g["loss"], world)
+    with autocast(x.device, cfg.hardware.amp):
+        d = vqgan_discriminator_losses(disc, x, g["recon"], step, cfg.disc_start)
+    if step >= cfg.disc_start:
+        optimiser_step(opt_d, disc, d["loss"], world)
+    keys = ("l1", "perceptual", "codebook", "commitment", "g_loss", "d_weight", "indices", "z")
+    return {**{k: g[k].detach() for k in keys}, "d_loss": d["loss"].detach()}
 
 
-def autoencoder_step(
-    model: PhyloAutoencoder, opt_ae, opt_adv, x, groups, cfg: PhyloConfig, world: int
-) -> dict:
-    """One step of both players; returns detached device tensors [rec, vq, phylo, confusion, adversary CE]."""
-    losses = autoencoder_losses(model, x, groups, cfg)
-    optimiser_step(opt_ae, model, losses["loss"], world)
-    adv = torch.zeros((), device=x.device)
-    if not model.plain:
-        model.adversary.requires_grad_(True)
-        adv = F.cross_entropy(model.adversary(losses["free"].detach()).float(), groups[-1])
-        optimiser_step(opt_adv, model.adversary, adv, world)
-        opt_adv.zero_grad(set_to_none=True)
-    parts = [losses[k].detach() for k in ("rec", "vq", "phylo", "confusion")]
-    return {"window": torch.stack([*parts, adv.detach()]).double()}
+def disentangler_step(model: PhyloDisentangler, opt, opt_adv, h: torch.Tensor, groups: torch.Tensor,
+                      cfg: PhyloConfig, world: int) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The disentangler's step against the frozen adversary, then the adversary's on the detached free codes:
+    detached losses, and the step's `codes` and pre-quantisation vectors `z` for the codebook's restarts."""
+    with autocast(h.device, cfg.hardware.amp):
+        losses = disentangler_losses(model, h, groups, cfg.level_beta, cfg.phylo_weight, cfg.adv_weight,
+                                     cfg.ortho_weight)  # fmt: skip
+    optimiser_step(opt, model, losses["loss"], world)
+    adv = adversary_loss(model.adversary, losses["free"], groups[-1])
+    optimiser_step(opt_adv, model.adversary, adv, world)
+    opt_adv.zero_grad(set_to_none=True)
+    keys = ("rec", "vq", "ortho", "phylo", "confusion", "codes", "z")
+    return {**{k: losses[k].detach() for k in keys}, "adversary_ce": adv.detach()}
 
 
 def prior_step(
@@ -260,162 +340,249 @@ def prior_step(
     return loss.detach()
 
 
+def codebook_restarts(run: TrainingRun, quantizer, usage: torch.Tensor, codes: torch.Tensor, z: torch.Tensor,
+                      step: int, every: int, total: int) -> dict | None:  # fmt: skip
+    """Count the step's codes in `usage`; every `every` steps (not at the last) restart the entries it never
+    saw on this step's vectors `z` and start counting anew. The restart count for the log, or None."""
+    usage += torch.bincount(codes.flatten(), minlength=usage.numel())
+    if not every or step % every or step >= total:
+        return None
+    moved = quantizer.restart_unused(usage, z)
+    run.broadcast(quantizer)  # under DDP every rank drew from its own batch: rank 0's entries for all
+    usage.zero_()
+    return {"codes_restarted": moved}
+
+
 # ----------------------------------------------------------------------------
-# Evaluation.
+# Evaluations during training.
 
 
 @torch.no_grad()
-def evaluate_autoencoder(model: PhyloAutoencoder, loader, assignment: torch.Tensor, device) -> dict:
-    """Held-out L1, code usage (perplexity of the codebook), level-head and adversary accuracies."""
+def evaluate_vqgan(model: VQGAN, images: torch.Tensor) -> dict:
+    """Held-out L1 and codebook use (entries used, perplexity) of the stage-1 VQGAN."""
     model.eval()
-    n, l1, hits, adv_hits = 0, 0.0, torch.zeros(model.levels), 0.0
-    usage = torch.zeros(model.quantizer.n_embed)
-    for batch in loader:
-        if "image" not in batch:
-            continue
-        x, labels = batch["image"].to(device), batch["label"].to(device)
+    l1, counts = 0.0, torch.zeros(model.quantizer.n_embed, device=images.device)
+    for x in images.split(128):
         out = model(x)
-        l1 += float((out["recon"].float() - x).abs().mean((1, 2, 3)).sum())
-        usage += torch.bincount(out["codes"].flatten().cpu(), minlength=usage.numel()).float()
-        if not model.plain:
-            groups = assignment[:, labels]
-            for level, logits in enumerate(out["level_logits"]):
-                hits[level] += float((logits.argmax(1) == groups[level]).sum())
-            adv_hits += float((model.adversary(out["free"]).argmax(1) == labels).sum())
-        n += x.shape[0]
+        l1 += float((out["recon"].float().clamp(-1, 1) - x).abs().mean((1, 2, 3)).sum())
+        counts += torch.bincount(out["indices"].flatten(), minlength=counts.numel()).float()
     model.train()
-    p = usage / usage.sum().clamp(min=1)
-    result = {"l1": l1 / max(n, 1), "codes_used": int((usage > 0).sum()),
-              "perplexity": float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))}  # fmt: skip
-    if not model.plain:
-        result.update({f"acc_level{lv}": float(h) / max(n, 1) for lv, h in enumerate(hits)})
-        result["adversary_acc"] = adv_hits / max(n, 1)
-        result["adversary_chance"] = 1.0 / model.adversary[-1].out_features
+    return {"l1": l1 / len(images), **phylo_evaluate.code_usage(counts)}
+
+
+@torch.no_grad()
+def evaluate_disentangler(model: PhyloDisentangler, features: torch.Tensor, labels: torch.Tensor,
+                          assignment: torch.Tensor) -> dict:  # fmt: skip
+    """Held-out feature L1, code use, each level head's accuracy and the adversary's (beside its chance)."""
+    model.eval()
+    n, l1 = len(features), 0.0
+    hits = torch.zeros(model.levels, device=features.device)
+    adv_hits = torch.zeros((), device=features.device)
+    counts = torch.zeros(model.quantizer.n_embed, device=features.device)
+    for h, y in zip(features.split(128), labels.split(128), strict=True):
+        out = model(h)
+        l1 += float((out["features"].float() - h).abs().mean((1, 2, 3)).sum())
+        counts += torch.bincount(out["codes"].flatten(), minlength=counts.numel()).float()
+        groups = assignment[:, y]
+        for level, logits in enumerate(out["level_logits"]):
+            hits[level] += (logits.argmax(1) == groups[level]).sum()
+        adv_hits += (model.adversary(out["free"]).argmax(1) == y).sum()
+    model.train()
+    result = {"feature_l1": l1 / n, **phylo_evaluate.code_usage(counts)}
+    result.update({f"acc_level{lv}": float(h) / n for lv, h in enumerate(hits)})
+    result["adversary_acc"], result["adversary_chance"] = float(adv_hits) / n, 1.0 / model.n_species
     return result
 
 
-def reconstruction_grid(model: PhyloAutoencoder, dataset, path: Path, device) -> None:
-    """Top row real images, bottom row reconstructions (8 fixed validation images)."""
-    picks = torch.linspace(0, len(dataset) - 1, min(8, len(dataset))).round().long().tolist()
-    x = torch.stack([dataset[i]["image"] for i in picks]).to(device)
-    with torch.no_grad():
-        model.eval()
-        recon = model.decode_codes(model.encode_codes(x))
-        model.train()
-    save_grid(torch.cat([x, recon.clamp(-1, 1)]), path, columns=len(picks))
+@torch.no_grad()
+def reconstruction_grid(reconstruct, images: torch.Tensor, path: Path) -> None:
+    """Top row 8 fixed validation images, bottom row their reconstructions."""
+    picks = torch.linspace(0, len(images) - 1, min(8, len(images))).round().long()
+    x = images[picks]
+    save_grid(torch.cat([x, reconstruct(x).float().clamp(-1, 1)]), path, columns=len(picks))
 
 
 # ----------------------------------------------------------------------------
 # Stages.
 
 
-def _weights_meta(cfg: PhyloConfig, meta, record: dict, step: dict, metrics: dict) -> dict:
+def _weights_meta(cfg: PhyloConfig, ctx: dict, steps: dict, metrics: dict) -> dict:
     return {
         "source": "train phylo",
         "dataset": {
             "name": cfg.data.dataset,
-            "root": str(meta.root),
+            "root": str(ctx["meta"].root),
             "world": cfg.data.world if cfg.data.dataset == "world" else None,
             "data_dir": cfg.data.data_dir,
             "image_size": cfg.data.image_size,
         },  # fmt: skip
-        "phylogeny": record,
-        "steps": step,
+        "phylogeny": ctx["record"],
+        "steps": steps,
         "metrics": metrics,
         "config": to_dict(cfg),
     }
 
 
-def train_autoencoder_stage(run: TrainingRun, ctx, plain: bool, stage_dir: Path, log) -> PhyloAutoencoder:
-    """Stage 1 (or the baseline): train the autoencoder, evaluating and saving resume state every `eval_every`;
-    `log` is the run's log (the baseline's has its own, `TrainingRun.open_log`)."""
+def stage1_from_file(cfg: PhyloConfig, device) -> VQGAN:
+    """The trained stage 1 of `--stage1`, checked against the data's resolution."""
+    model, _, meta, weights = load_vqgan(cfg.stage1, device)
+    if model.config["image_size"] != cfg.data.image_size:
+        raise UserError(f"--stage1 {weights} was trained at {model.config['image_size']} px, this run uses "
+                        f"--image-size {cfg.data.image_size}")  # fmt: skip
+    return model
+
+
+def train_vqgan_stage(run: TrainingRun, ctx: dict) -> VQGAN:
+    """Stage 1: the VQGAN and its discriminator; `stage1/vqgan.safetensors` and `stage1/last_vqgan.pt` at every
+    evaluation."""
     cfg, device, world = run.cfg, run.device, run.world
-    name = "baseline" if plain else "autoencoder"
-    seed_everything(derive_seed(cfg.seed, name))
-    model = build_autoencoder(cfg, ctx["levels"], plain).to(device)
-    trainable = [p for n, p in model.named_parameters() if not n.startswith("adversary.")]
-    opt_ae = torch.optim.Adam(trainable, lr=cfg.lr, betas=ADAM_BETAS)
-    opt_adv = (
-        None
-        if plain
-        else torch.optim.Adam(model.adversary.parameters(), lr=cfg.adversary_lr, betas=ADAM_BETAS)
-    )
-    state_name = stage_dir.relative_to(run.run_dir) / f"last_{name}.pt"
+    stage_dir = run.run_dir / Path(VQGAN_RUN_FILE).parent
+    stage_dir.mkdir(exist_ok=True)
+    seed_everything(derive_seed(cfg.seed, "vqgan"))
+    model = build_vqgan(cfg).to(device)
+    disc = PatchDiscriminator(3, cfg.disc_channels, cfg.disc_layers).to(device)
+    opt_g = torch.optim.Adam(model.parameters(), lr=cfg.vqgan_lr, betas=ADAM_BETAS)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.vqgan_lr, betas=ADAM_BETAS)
+    state_name = Path(VQGAN_RUN_FILE).parent / "last_vqgan.pt"
     state, step = run.load_state(state_name), 0
+    usage = torch.zeros(
+        cfg.vq_n_embed, device=device
+    )  # how often each entry was chosen since the last restart
     if state is not None:
-        checkpoint.load_state_dict_checked(model, state["model"], str(run.run_dir / state_name))
-        opt_ae.load_state_dict(state["opt_ae"])
-        if opt_adv is not None:
-            opt_adv.load_state_dict(state["opt_adv"])
-        step = state["step"]
-    run.broadcast(model)
+        for module, key in ((model, "model"), (disc, "discriminator")):
+            checkpoint.load_state_dict_checked(module, state[key], f"{run.run_dir / state_name} [{key}]")
+        opt_g.load_state_dict(state["opt_g"])
+        opt_d.load_state_dict(state["opt_d"])
+        step, usage = state["step"], state["usage"].to(device)
+    run.broadcast(model, disc)
+    lpips, used = perceptual_network(cfg, device)
+    ctx["perceptual"] = used
     train = ctx["splits"]["train"]
-    sampler = ShuffledSteps(train, cfg.batch_size // world, run.rank, world, cfg.seed, step)
+    sampler = ShuffledSteps(train, cfg.vqgan_batch_size // world, run.rank, world, cfg.seed, step)
     stream = iter(run.loader(train, batch_sampler=sampler, collate_fn=collate_skipping))
-    val_loader = eval_loader(ctx["splits"]["val"], run)
-    assignment = ctx["assignment"]
-    names = ("rec", "vq", "phylo", "confusion", "adversary_ce")
+    val = ctx["val_images"]
 
     def save_resume() -> None:
-        state = {
-            "model": model.state_dict(),
-            "opt_ae": opt_ae.state_dict(),
-            "step": loop.step,
-            "config": to_dict(cfg),
-        }
-        if opt_adv is not None:
-            state["opt_adv"] = opt_adv.state_dict()
-        run.save_state(state, state_name)
+        run.save_state({"model": model.state_dict(), "discriminator": disc.state_dict(), "opt_g": opt_g.state_dict(),
+                        "opt_d": opt_d.state_dict(), "usage": usage, "step": loop.step, "config": to_dict(cfg)},
+                       state_name)  # fmt: skip
 
-    loop = run.steps(cfg.steps, step, name=f"train phylo: {name}", log_every=cfg.log_every, samples_per_step=cfg.batch_size,
-                     save=save_resume, seed_key=name, stage=name, log=log, state=state)  # fmt: skip
-    for _ in loop:
+    loop = run.steps(cfg.vqgan_steps, step, name="train phylo: stage 1 (VQGAN)", log_every=cfg.log_every,
+                     samples_per_step=cfg.vqgan_batch_size, save=save_resume, seed_key="vqgan", stage="vqgan",
+                     state=state, hint="lower --vqgan-lr")  # fmt: skip
+    for index in loop:
         batch = next(stream)
         if "image" not in batch:
             raise UserError(f"step {loop.step - 1}: a whole batch of unreadable images")
         x = batch["image"].to(device, non_blocking=True)
         x = mirror(x) if cfg.mirror else x
-        groups = assignment[:, batch["label"].to(device, non_blocking=True)]
-        out = autoencoder_step(model, opt_ae, opt_adv, x, groups, cfg, world)
-        parts = dict(zip(names, out["window"], strict=True))
-        loop.log({k: parts[k] for k in (("rec", "vq") if plain else names)}, show=("rec",))
+        out = vqgan_step(model, disc, opt_g, opt_d, x, index, cfg, lpips, world)
+        restarted = codebook_restarts(run, model.quantizer, usage, out.pop("indices"), out.pop("z"), loop.step,
+                                      cfg.vq_restart_every, cfg.vqgan_steps)  # fmt: skip
+        loop.log(out, latest=restarted, show=("l1", "g_loss"))
         if loop.due(cfg.eval_every):
             with loop.paused():
                 if run.main:
-                    metrics = evaluate_autoencoder(model, val_loader, assignment, device)
-                    log.write(loop.step, "val", stage=name, **metrics)
+                    metrics = evaluate_vqgan(model, val)
+                    run.log.write(loop.step, "val", stage="vqgan", **metrics)
+                    model.eval()
                     reconstruction_grid(
-                        model,
-                        ctx["splits"]["val"],
-                        stage_dir / "samples" / f"{name}_{loop.step:07d}.png",
-                        device,
+                        lambda x: model(x)["recon"], val, stage_dir / f"reconstructions_{loop.step:07d}.png"
                     )
+                    model.train()
+                    meta = _weights_meta(cfg, ctx, {"vqgan": loop.step}, {**metrics, "perceptual": used})
+                    save_vqgan(stage_dir / Path(VQGAN_RUN_FILE).name, model, meta, disc)
                     save_resume()
-                    if plain:
-                        save_plain(stage_dir / Path(PLAIN_RUN_FILE).name, model,
-                                   _weights_meta(cfg, ctx["meta"], ctx["record"], {"autoencoder": loop.step}, metrics))  # fmt: skip
                 run.barrier()
     return model.eval().requires_grad_(False)
 
 
 @torch.no_grad()
-def training_codes(model: PhyloAutoencoder, run: TrainingRun, ctx) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes of every training image (and of its mirror image when `mirror`), on the device."""
-    codes, labels = [], []
-    for batch in eval_loader(ctx["splits"]["train"], run):
+def cached_features(
+    stage1: VQGAN, loader, mirrored: bool, dtype=torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(frozen stage-1 features [N, C, S, S], labels [N]) of every image of `loader`, on the device; with
+    `mirrored`, those of their mirror images follow in the same order."""
+    device = next(stage1.parameters()).device
+    plain, flipped, labels = [], [], []
+    for batch in loader:
         if "image" in batch:
-            x = batch["image"].to(run.device)
-            for view in (x, x.flip(3)) if run.cfg.mirror else (x,):
-                codes.append(model.encode_codes(view))
-                labels.append(batch["label"].to(run.device))
-    return torch.cat(codes), torch.cat(labels)
+            x = batch["image"].to(device)
+            plain.append(stage1.encode_features(x).to(dtype))
+            if mirrored:
+                flipped.append(stage1.encode_features(x.flip(3)).to(dtype))
+            labels.append(batch["label"].to(device))
+    if not plain:
+        raise UserError("every image of the split is unreadable")
+    labels = torch.cat(labels)
+    return torch.cat(plain + flipped), labels.repeat(2) if mirrored else labels
 
 
-def train_prior_stage(run: TrainingRun, ctx, autoencoder: PhyloAutoencoder) -> CodePrior:
+def train_disentangler_stage(run: TrainingRun, ctx: dict, stage1: VQGAN) -> PhyloNN:
+    """Stage 2 on the cached stage-1 features; `last_disentangler.pt` at every evaluation."""
+    cfg, device, world = run.cfg, run.device, run.world
+    seed_everything(derive_seed(cfg.seed, "disentangler"))
+    model = build_disentangler(cfg, stage1, ctx["levels"]).to(device)
+    trainable = [p for n, p in model.named_parameters() if not n.startswith("adversary.")]
+    opt = torch.optim.Adam(trainable, lr=cfg.lr, betas=ADAM_BETAS)
+    opt_adv = torch.optim.Adam(model.adversary.parameters(), lr=cfg.adversary_lr, betas=ADAM_BETAS)
+    schedule = cosine_warm_restarts(opt, cfg.lr_cycle, cfg.lr_floor) if cfg.lr_cycle else None
+    state, step = run.load_state("last_disentangler.pt"), 0
+    usage = torch.zeros(cfg.n_embed, device=device)
+    if state is not None:
+        checkpoint.load_state_dict_checked(model, state["model"], str(run.run_dir / "last_disentangler.pt"))
+        opt.load_state_dict(state["opt"])
+        opt_adv.load_state_dict(state["opt_adv"])
+        if schedule is not None:
+            schedule.load_state_dict(state["schedule"])
+        step, usage = state["step"], state["usage"].to(device)
+    run.broadcast(model)
+    features, labels = ctx["train_features"], ctx["train_feature_labels"]
+    val_features = torch.cat([stage1.encode_features(x) for x in ctx["val_images"].split(128)])
+    assignment = ctx["assignment"]
+    batch = cfg.batch_size // world
+    full = PhyloNN(stage1, model)
+
+    def save_resume() -> None:
+        state = {"model": model.state_dict(), "opt": opt.state_dict(), "opt_adv": opt_adv.state_dict(),
+                 "usage": usage, "step": loop.step, "config": to_dict(cfg)}  # fmt: skip
+        if schedule is not None:
+            state["schedule"] = schedule.state_dict()
+        run.save_state(state, "last_disentangler.pt")
+
+    loop = run.steps(cfg.steps, step, name="train phylo: stage 2 (disentangler)", log_every=cfg.log_every,
+                     samples_per_step=cfg.batch_size, save=save_resume, seed_key="disentangler",
+                     stage="disentangler", state=state,
+                     fields=lambda: {"lr": opt.param_groups[0]["lr"]})  # fmt: skip
+    for _ in loop:
+        idx = torch.randint(len(features), (batch,), device=device)
+        out = disentangler_step(model, opt, opt_adv, features[idx], assignment[:, labels[idx]], cfg, world)
+        if schedule is not None:
+            schedule.step()
+        restarted = codebook_restarts(run, model.quantizer, usage, out.pop("codes"), out.pop("z"), loop.step,
+                                      cfg.codebook_restart_every, cfg.steps)  # fmt: skip
+        loop.log(out, latest=restarted, show=("rec", "phylo", "confusion"))
+        if loop.due(cfg.eval_every):
+            with loop.paused():
+                if run.main:
+                    metrics = evaluate_disentangler(model, val_features, ctx["val_labels"], assignment)
+                    run.log.write(loop.step, "val", stage="disentangler", **metrics)
+                    full.eval()
+                    reconstruction_grid(full.reconstruct, ctx["val_images"],
+                                        run.run_dir / "samples" / f"disentangler_{loop.step:07d}.png")  # fmt: skip
+                    full.train()  # back to training mode: the codebook's moving averages go on
+                    save_resume()
+                run.barrier()
+    return full.eval().requires_grad_(False)
+
+
+def train_prior_stage(run: TrainingRun, ctx: dict, autoencoder: PhyloNN) -> CodePrior:
+    """Stage 3 on the codes of the cached features; the prior of lowest held-out NLL is kept and saved with
+    the model as `phylo.safetensors`."""
     cfg, device, world = run.cfg, run.device, run.world
     levels = ctx["levels"]
     seed_everything(derive_seed(cfg.seed, "prior"))
-    prior = build_prior(cfg, autoencoder, levels).to(device)
+    prior = build_prior(cfg, autoencoder.sequence_length, levels).to(device)
     opt = torch.optim.AdamW(prior.parameters(), lr=cfg.prior_lr, betas=(0.9, 0.95), weight_decay=0.01)
     state, step, best = run.load_state("last_prior.pt"), 0, {"nll": None, "step": None, "model": None}
     if state is not None:
@@ -423,26 +590,19 @@ def train_prior_stage(run: TrainingRun, ctx, autoencoder: PhyloAutoencoder) -> C
         opt.load_state_dict(state["opt"])
         step, best = state["step"], state["best"]
     run.broadcast(prior)
-    codes, labels = training_codes(autoencoder, run, ctx)
-    val_codes, val_labels = analysis.encode_dataset(
-        autoencoder, eval_loader(ctx["splits"]["val"], run), device
-    )
-    val_codes, val_labels = val_codes.to(device), val_labels.to(device)
+    dis = autoencoder.disentangler
+    codes = torch.cat([dis.encode_codes(h.float()) for h in ctx["train_features"].split(256)])
+    labels = ctx["train_feature_labels"]
+    val_codes = torch.cat([autoencoder.encode_codes(x) for x in ctx["val_images"].split(128)])
     assignment = ctx["assignment"]
     offsets = torch.tensor(levels.condition_offsets, device=device)
-    species_cond = offsets[-1] + val_labels
+    species_cond = offsets[-1] + ctx["val_labels"]
 
     def save_resume() -> None:
-        state = {
-            "model": prior.state_dict(),
-            "opt": opt.state_dict(),
-            "step": loop.step,
-            "best": best,
-            "config": to_dict(cfg),
-        }
-        run.save_state(state, "last_prior.pt")
+        run.save_state({"model": prior.state_dict(), "opt": opt.state_dict(), "step": loop.step, "best": best,
+                        "config": to_dict(cfg)}, "last_prior.pt")  # fmt: skip
 
-    loop = run.steps(cfg.prior_steps, step, name="train phylo: prior", log_every=cfg.log_every,
+    loop = run.steps(cfg.prior_steps, step, name="train phylo: stage 3 (prior)", log_every=cfg.log_every,
                      samples_per_step=cfg.prior_batch_size, save=save_resume, seed_key="prior", stage="prior",
                      rate_key="sequences_per_s", state=state, hint="lower --prior-lr")  # fmt: skip
     for _ in loop:
@@ -461,8 +621,11 @@ def train_prior_stage(run: TrainingRun, ctx, autoencoder: PhyloAutoencoder) -> C
                     if improved:  # keep the prior that predicts held-out images' codes best
                         weights = {k: v.detach().clone() for k, v in prior.state_dict().items()}
                         best = {"nll": nll, "step": loop.step, "model": weights}
-                        steps = {"autoencoder": cfg.steps, "prior": loop.step}
-                        meta = _weights_meta(cfg, ctx["meta"], ctx["record"], steps, {"prior_val_nll": nll})
+                        steps = {"vqgan": cfg.vqgan_steps if not cfg.stage1 else 0, "disentangler": cfg.steps,
+                                 "prior": loop.step}  # fmt: skip
+                        meta = _weights_meta(cfg, ctx, steps, {"prior_val_nll": nll})
+                        if cfg.stage1:
+                            meta["stage1_source"] = str(cfg.stage1)
                         save_phylo(run.run_dir / RUN_FILE, autoencoder, prior, meta)
                     save_resume()
                 run.barrier()
@@ -472,34 +635,54 @@ def train_prior_stage(run: TrainingRun, ctx, autoencoder: PhyloAutoencoder) -> C
 
 
 def train_phylo(cfg: PhyloConfig, run_dir: Path, resume: bool = False, quiet: bool = False) -> dict:
-    """The three stages, then the code-tree correlation analysis; returns the summary (summary.json)."""
+    """The stages in sequence, then the evaluation; returns the summary (summary.json)."""
     run = TrainingRun(cfg, run_dir, resume, quiet, tune=False)
-    meta, path, levels, splits = run.prepare(lambda quiet: build_data(cfg, quiet))
-    record = phylogeny_record(path, cfg.cuts, meta.class_names)
-    ctx = {"meta": meta, "levels": levels, "splits": splits, "record": record,
+    meta, path, cuts, levels, splits = run.prepare(lambda quiet: build_data(cfg, quiet))
+    ctx = {"meta": meta, "levels": levels, "splits": splits, "record": phylogeny_record(path, cuts, meta.class_names),
            "assignment": torch.as_tensor(levels.assignment, device=run.device)}  # fmt: skip
-    log = run.begin()
+    ctx["val_images"], ctx["val_labels"] = images_of(splits["val"], run)
+    judge = (
+        phylo_evaluate.load_judge(cfg.classifier, len(levels.species), run.device) if cfg.classifier else None
+    )
+    run.begin()
     if run.main:
         write_text(run.run_dir / "levels.json", json.dumps(levels.summary(), indent=1))
         if not quiet:
             counts = ", ".join(f"level {lv}: {len(g)}" for lv, g in enumerate(levels.groups))
             print(f"tree {path}: groups per level {counts}", flush=True)
-    autoencoder = train_autoencoder_stage(run, ctx, False, run.run_dir, log)
-    train_prior_stage(run, ctx, autoencoder)
-    baseline = None
-    if cfg.baseline:
-        (run.run_dir / "baseline").mkdir(exist_ok=True)
-        baseline_log = run.open_log(run.run_dir / "baseline" / "log.jsonl")
-        baseline = train_autoencoder_stage(run, ctx, True, run.run_dir / "baseline", baseline_log)
-
-    summary = {"run_dir": str(run_dir), "steps": {"autoencoder": cfg.steps, "prior": cfg.prior_steps,
-                                                  "baseline": cfg.steps if cfg.baseline else 0}}  # fmt: skip
+    if cfg.stage1:
+        stage1 = stage1_from_file(cfg, run.device)
+        ctx["perceptual"] = "given stage 1"
+    else:
+        stage1 = train_vqgan_stage(run, ctx)
+    summary = {"run_dir": str(run_dir), "perceptual": ctx["perceptual"],
+               "steps": {"vqgan": 0 if cfg.stage1 else cfg.vqgan_steps}}  # fmt: skip
+    test = eval_loader(splits["test"], run)
+    if cfg.vqgan_only:
+        if run.main:
+            summary["stage1"] = phylo_evaluate.evaluate_stage1(
+                stage1, test, run.device, judge, run.run_dir / "analysis"
+            )
+        run.finish(phylo_evaluate.json_ready(summary))
+        run.barrier()
+        return summary
+    dtype = torch.bfloat16 if run.cuda and cfg.hardware.amp else torch.float32
+    features, labels = cached_features(stage1, eval_loader(splits["train"], run), cfg.mirror, dtype)
+    ctx["train_features"], ctx["train_feature_labels"] = features, labels
+    autoencoder = train_disentangler_stage(run, ctx, stage1)
+    prior = train_prior_stage(run, ctx, autoencoder)
+    summary["steps"].update({"disentangler": cfg.steps, "prior": cfg.prior_steps})
     if run.main:
-        test = eval_loader(splits["test"], run)
-        codes = analysis.encode_dataset(autoencoder, test, run.device)
-        plain = analysis.encode_dataset(baseline, test, run.device) if baseline is not None else None
-        result = analysis.correlations(*codes, autoencoder, levels, plain)
-        summary["correlation"] = analysis.write_report(result, run.run_dir / "analysis")["levels"]
-    run.finish(summary)
+        model = PhyloModel(autoencoder, prior, {"phylogeny": ctx["record"]}, run.run_dir / RUN_FILE)
+        n_train = len(labels) // (2 if cfg.mirror else 1)  # the training images themselves, not their mirrors
+        dis = autoencoder.disentangler
+        train_codes = torch.cat([dis.encode_codes(h.float()).cpu() for h in features[:n_train].split(256)])
+        train = (train_codes, labels[:n_train].cpu().numpy())
+        summary.update(phylo_evaluate.evaluate_run(
+            model, levels, test, run.device, run.run_dir / "analysis", train=train,
+            world_root=ctx["meta"].root if cfg.data.dataset == "world" else None, judge=judge,
+            judge_name=cfg.classifier, samples=cfg.fidelity_samples, top_k=cfg.top_k, seed=cfg.seed,
+            quiet=quiet))  # fmt: skip
+    run.finish(phylo_evaluate.json_ready(summary))
     run.barrier()
     return summary

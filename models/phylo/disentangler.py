@@ -56,6 +56,7 @@ class PhyloDisentangler(CodeLayout, nn.Module):
         free_codes: int = 8,
         adversary_hidden: int = 128,
         vq_beta: float = 0.25,
+        codebook_decay: float = 0.0,
     ):
         super().__init__()
         if not 0 < phylo_channels < channels:
@@ -67,13 +68,13 @@ class PhyloDisentangler(CodeLayout, nn.Module):
         self._config = dict(in_channels=in_channels, size=size, group_counts=list(group_counts), channels=channels,
                             phylo_channels=phylo_channels, embed_dim=embed_dim, n_embed=n_embed,
                             codes_per_level=codes_per_level, free_codes=free_codes,
-                            adversary_hidden=adversary_hidden, vq_beta=vq_beta)  # fmt: skip
+                            adversary_hidden=adversary_hidden, vq_beta=vq_beta, codebook_decay=codebook_decay)  # fmt: skip
         self.levels, self.codes_per_level, self.free_codes = len(group_counts), codes_per_level, free_codes
         self.split = (phylo_channels, channels - phylo_channels)
         self.conv_in = nn.Conv2d(in_channels, channels, 1)
         self.phylo = _Part(phylo_channels, size, self.levels * codes_per_level, embed_dim)
         self.free = _Part(channels - phylo_channels, size, free_codes, embed_dim)
-        self.quantizer = VectorQuantizer(n_embed, embed_dim, vq_beta)
+        self.quantizer = VectorQuantizer(n_embed, embed_dim, vq_beta, codebook_decay)
         self.conv_out = nn.Sequential(nn.SiLU(), nn.Conv2d(channels, in_channels, 1))
         self.heads = level_heads(group_counts, codes_per_level, embed_dim)
         self.adversary = species_adversary(free_codes, embed_dim, adversary_hidden, group_counts[-1])
@@ -106,7 +107,7 @@ class PhyloDisentangler(CodeLayout, nn.Module):
     def forward(self, h: torch.Tensor) -> dict:
         q = self.quantizer.quantize(self._vectors(h))
         z_q = q["z_q"]
-        return {"features": self.decode_vectors(z_q), "codes": q["indices"], "codebook": q["codebook"],
+        return {"features": self.decode_vectors(z_q), "codes": q["indices"], "z": q["z"], "codebook": q["codebook"],
                 "commitment": q["commitment"], "vq_loss": q["codebook"] + self.quantizer.beta * q["commitment"],
                 "level_logits": self.level_logits(z_q), "free": z_q[:, self.n_phylo :].flatten(1)}  # fmt: skip
 

@@ -1,7 +1,9 @@
 """Conditional VAE outputs: samples under given conditions, traversals of latent dimensions, interpolations.
 
 Image i of every condition draws its standard-normal `eps` from seed `seed + i` (`z_from_seeds`, NVlabs'
-convention) and decodes z = mean + std * eps of the prior p(z | condition): rows of different conditions share
+convention) and decodes z = mean + std * eps of the fitted latents of the condition (models.cvae: the prior
+mean plus the training images' spread around it; the prior p(z | condition) itself for a model without a fit):
+rows of different conditions share
 their draws and differ only by the condition. Traversals sweep `eps` in one dimension (prior standard units).
 Every mode decodes and writes `batch_size` images at a time, so memory does not grow with --n or --steps.
 """
@@ -72,7 +74,8 @@ class Condition:
 @torch.no_grad()
 def decode(model: CVAE, eps: torch.Tensor | None, c: torch.Tensor, value_range, batch_size: int,
            z: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-    """[-1, 1] RGB images of latents z = prior_latent(c, eps), or of the given latents `z`."""
+    """[-1, 1] RGB images of latents z = sample_latent(c, eps) (the fitted latents of a model that has them,
+    else its prior), or of the given latents `z`."""
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(c), batch_size):
@@ -80,7 +83,7 @@ def decode(model: CVAE, eps: torch.Tensor | None, c: torch.Tensor, value_range, 
         latent = (
             z[i : i + batch_size].to(device)
             if z is not None
-            else model.prior_latent(part, eps[i : i + batch_size])
+            else model.sample_latent(part, eps[i : i + batch_size])
         )
         out.append(model.decode(latent, part))
     return to_rgb(torch.cat(out), value_range).clamp(-1, 1)

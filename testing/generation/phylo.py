@@ -22,14 +22,20 @@ from testing.generation.writer import SampleWriter, evenly_spaced, slug
 def draw(model: PhyloModel, cond: int, seeds: list[int], prefix: torch.Tensor | None, temperature: float,
          top_k: int, batch_size: int) -> torch.Tensor:  # fmt: skip
     """[len(seeds), T] codes from the prior under condition id `cond`, keeping `prefix` [P] when given."""
+    return draw_many(model, [cond] * len(seeds), seeds, temperature, top_k, batch_size, prefix)
+
+
+def draw_many(model: PhyloModel, conds: list[int], seeds: list[int], temperature: float, top_k: int,
+              batch_size: int, prefix: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """[len(seeds), T] codes, row i drawn under condition id `conds[i]` with the uniforms of `seeds[i]`."""
     device = next(model.prior.parameters()).device
     u = torch.from_numpy(uniforms(seeds, model.prior.length)).to(device)
+    cond_ids = torch.as_tensor(conds, dtype=torch.long, device=device)
     out = []
     for i in range(0, len(seeds), batch_size):
         n = len(seeds[i : i + batch_size])
         pre = prefix.to(device).expand(n, -1) if prefix is not None else None
-        cond_ids = torch.full((n,), cond, dtype=torch.long, device=device)
-        out.append(model.prior.sample(cond_ids, u[i : i + n], pre, temperature, top_k))
+        out.append(model.prior.sample(cond_ids[i : i + n], u[i : i + n], pre, temperature, top_k))
     return torch.cat(out)
 
 
