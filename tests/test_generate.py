@@ -232,10 +232,16 @@ def test_traversals_sweep_what_they_say(runs, cli, tmp_path):  # noqa: F811
         "+3.00 sd",
     ]
     assert layout["rows"][0]["label"].startswith(f"dim {top[0]} (KL ")
+    model = load_phylo(runs["phylo"]).autoencoder
+    free, last = (
+        model.n_phylo,
+        model.quantizer.n_embed - 1,
+    )  # the first free position, the codebook's last entry
     rows = generate(cli, tmp_path / "phylo", "traverse", "-c", str(runs["phylo"]), "--species", runs["levels"].species[0],
-                    "--positions", "2,17", "--steps", "4")  # fmt: skip
+                    "--positions", f"2,{free}", "--steps", "4")  # fmt: skip
     assert [(row["position"], row["part"], row["code"]) for row in rows[:5]] == [
-        (2, "level 0", 0), (2, "level 0", 21), (2, "level 0", 42), (2, "level 0", 63), (17, "free", 0)]  # fmt: skip
+        (2, "level 0", 0), (2, "level 0", round(last / 3)), (2, "level 0", round(2 * last / 3)), (2, "level 0", last),
+        (free, "free", 0)]  # fmt: skip
 
 
 def test_output_folder_may_not_hold_the_checkpoint(runs, cli, tmp_path):  # noqa: F811
