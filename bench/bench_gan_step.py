@@ -230,21 +230,13 @@ def run_ours(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.worker == "ref":
-        run_ref(args)
+    if args.worker:
+        (run_ref if args.worker == "ref" else run_ours)(args)
         return 0
-    if args.worker == "ours":
-        run_ours(args)
-        return 0
-    sys.path.insert(0, str(ROOT))
-    from core.device import resolve_device
-
-    device = resolve_device(args.device)
-    sbs.fill_sizes(args, GPU_SIZES, CPU_SIZES, device.type == "cpu")
+    device, sizes = sbs.parent_sizes(args, GPU_SIZES, CPU_SIZES)
     wanted = args.impls or ",".join((["ref"] if args.reference else []) + ["ours", "ours-amp"])
     flags = {"ref": ["--worker", "ref"], "ref-aug": ["--worker", "ref", "--aug"], "ours": ["--worker", "ours"],
              "ours-amp": ["--worker", "ours", "--amp"]}  # fmt: skip
-    sizes = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in GPU_SIZES]
     impls = {}
     for impl in wanted.split(","):
         if impl not in flags:

@@ -214,10 +214,9 @@ def run_ref(args) -> None:
 
 def build_ours(args, dev) -> types.SimpleNamespace:
     """The project's VisCoIN parts at the bench's sizes, as `train_viscoin` builds and prepares them."""
-    from core.config import build
-
     sys.path.insert(0, str(ROOT))
     import models.lpips as plpips
+    from core.config import build
     from core.device import autotune
     from models.classifiers import Classifier
     from models.stylegan2 import Generator
@@ -289,22 +288,14 @@ def run_ours(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.worker == "ref":
-        run_ref(args)
+    if args.worker:
+        (run_ref if args.worker == "ref" else run_ours)(args)
         return 0
-    if args.worker == "ours":
-        run_ours(args)
-        return 0
-    sys.path.insert(0, str(ROOT))
-    from core.device import resolve_device
-
-    device = resolve_device(args.device)
-    sbs.fill_sizes(args, GPU_SIZES, CPU_SIZES, device.type == "cpu")
+    device, sizes = sbs.parent_sizes(args, GPU_SIZES, CPU_SIZES)
     wanted = args.impls or ",".join(
         (["ref"] if args.reference else []) + (["ours-amp"] if args.amp else ["ours", "ours-amp"])
     )
     argv = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--amp"]
-    sizes = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in GPU_SIZES]
     impls = {}
     for impl in wanted.split(","):
         if impl not in ("ref", "ours", "ours-amp"):

@@ -232,6 +232,17 @@ def fill_sizes(args: argparse.Namespace, gpu: dict, cpu: dict, on_cpu: bool) -> 
             setattr(args, name, value)
 
 
+def parent_sizes(args: argparse.Namespace, gpu: dict, cpu: dict):
+    """In the parent: the device the workers run on (the project's resolve_device), with the size options left
+    unset filled in for it, and the sizes as the workers' arguments."""
+    sys.path.insert(0, str(ROOT))
+    from core.device import resolve_device
+
+    device = resolve_device(args.device)
+    fill_sizes(args, gpu, cpu, device.type == "cpu")
+    return device, [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in gpu]
+
+
 def summarise(results: list[dict], reference: str, details: tuple[str, ...]) -> int:
     """Print the table and each worker's `details`; the exit status (1 when a worker failed)."""
     print()

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from cli.common import DATA, MODEL, DataDir, results_dir, with_options
+from cli.common import DATA, MODEL, REQUIRED, results_dir, with_options
 from core.errors import UserError
 
 SELECT = "Concept selection"
@@ -33,6 +33,19 @@ Seed = Annotated[
     int, typer.Option(help="Seed of the default images and the random baseline.", rich_help_panel=DATA)
 ]
 
+# The bundle and the images of a split that `amplify` and `concepts heatmaps` read (cli.common.with_options)
+IMAGES = {
+    "bundle": (Bundle, REQUIRED),
+    "dataset": (DatasetOpt, None),
+    "split": (Split, "test"),
+    "image_indices": (ImageIndices, None),
+    "seed": (Seed, 0),
+}
+images_command = with_options(
+    "seed", "batch_size", "device", "out", "name", "overwrite", "show", "quiet",
+    first=("bundle", "dataset", "data_dir", "split", "image_indices"), defaults={"batch_size": 16}, table=IMAGES,
+)  # fmt: skip
+
 
 def parse_list(text: str | None, option: str, kind: type = int) -> list | None:
     """'0,5,9' -> [0, 5, 9] (or floats); None stays None; anything else is a one-line UserError."""
@@ -54,16 +67,9 @@ def check_batch_size(batch_size: int) -> None:
         raise UserError(f"--batch-size must be positive, got {batch_size}")
 
 
-@with_options(
-    "batch_size", "device", "out", "name", "overwrite", "show", "quiet", defaults={"batch_size": 16}
-)
+@images_command
 def amplify(
     o: SimpleNamespace,
-    bundle: Bundle,
-    dataset: DatasetOpt = None,
-    data_dir: DataDir = None,
-    split: Split = "test",
-    image_indices: ImageIndices = None,
     concept_threshold: Annotated[
         float | None,
         typer.Option(
@@ -85,7 +91,6 @@ def amplify(
             help="Comma-separated factors applied to the selected concepts.", rich_help_panel=SELECT
         ),
     ] = "0,1,2,4",
-    seed: Seed = 0,
 ) -> None:
     """Scale the concepts that explain Theta's prediction by each multiplier, regenerate the image and record
     f's probability of that class, against scaling as many random concepts. Grid figure, CSV, summary.json."""
@@ -105,21 +110,21 @@ def amplify(
             f"--multipliers must be finite and >= 0 (concept maps are non-negative), got {multipliers}"
         )
     check_batch_size(o.batch_size)
-    indices = parse_list(image_indices, "--image-indices")
+    indices = parse_list(o.image_indices, "--image-indices")
     chosen_concepts = parse_list(concept_indices, "--concept-indices")
     check_selection_options(concept_threshold, concept_top_k, chosen_concepts)
-    analysis = open_analysis(bundle, dataset, data_dir, split, o.device, quiet=o.quiet)
+    analysis = open_analysis(o.bundle, o.dataset, o.data_dir, o.split, o.device, quiet=o.quiet)
     selection = resolve_selection(
         analysis.models.n_concepts, concept_threshold, concept_top_k, chosen_concepts
     )
-    image_ids = choose_images(len(analysis.data), indices, seed, split=f"the {split}")
-    plan = plan_amplify(analysis, image_ids, selection, factors, seed, o.batch_size)
+    image_ids = choose_images(len(analysis.data), indices, o.seed, split=f"the {o.split}")
+    plan = plan_amplify(analysis, image_ids, selection, factors, o.seed, o.batch_size)
     for line in plan.empty_lines():
         typer.echo(line)
-    config = {"bundle": str(bundle), "bundle_hash": analysis.models.content_hash, "dataset": analysis.spec.dataset,
-              "split": split, "images": image_ids, "selection": selection.describe(), "multipliers": factors,
-              "seed": seed}  # fmt: skip
-    run_dir = results_dir("amplify", o, [bundle, data_dir], config)
+    config = {"bundle": str(o.bundle), "bundle_hash": analysis.models.content_hash, "dataset": analysis.spec.dataset,
+              "split": o.split, "images": image_ids, "selection": selection.describe(), "multipliers": factors,
+              "seed": o.seed}  # fmt: skip
+    run_dir = results_dir("amplify", o, [o.bundle, o.data_dir], config)
     summary = run_amplify(plan, analysis, run_dir, o.batch_size, show=o.show, quiet=o.quiet)
     mark_run(run_dir, status="finished")
     for m in summary["mean_p_selected"]:

@@ -80,6 +80,16 @@ WorldPreset = Annotated[
 Show = Annotated[bool, typer.Option(help="Also open the figures in a window.", rich_help_panel=OUTPUT)]
 BatchSize = Annotated[int, typer.Option(help="Images per batch.", rich_help_panel=DATA)]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.", rich_help_panel=OUTPUT)]
+Checkpoint = Annotated[
+    Path,
+    typer.Option(
+        "--checkpoint",
+        "-c",
+        exists=True,
+        help="Checkpoint .safetensors or the training run folder.",
+        rich_help_panel=MODEL,
+    ),
+]
 
 
 def run_dir_for(command: str, out: Path | None, name: str | None) -> Path:
@@ -228,6 +238,8 @@ SkipBadImages = Annotated[
     typer.Option("--skip-bad-images", help="Skip and count unreadable images.", rich_help_panel=DATA),
 ]
 
+REQUIRED = inspect.Parameter.empty  # the default of an option that has none
+
 # name -> (option type, default)
 SHARED_OPTIONS: dict[str, tuple[Any, Any]] = {
     "dataset": (Dataset, "world"),
@@ -249,6 +261,7 @@ SHARED_OPTIONS: dict[str, tuple[Any, Any]] = {
     "quiet": (Quiet, False),
     "show": (Show, False),
     "batch_size": (BatchSize, 64),
+    "checkpoint": (Checkpoint, REQUIRED),
 }
 DATA_OPTIONS = ("dataset", "data_dir", "world", "image_size", "val_fraction", "bbox_crop", "skip_bad_images")
 HARDWARE_OPTIONS = ("device", "amp", "num_workers")

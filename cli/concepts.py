@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Annotated
 
 import typer
 
-from cli.amplify import Bundle, DatasetOpt, ImageIndices, Seed, Split, check_batch_size, parse_list
-from cli.common import CONTEXT, MODEL, OUTPUT, DataDir, results_dir, with_options
+from cli.amplify import IMAGES, check_batch_size, images_command, parse_list
+from cli.common import CONTEXT, MODEL, OUTPUT, results_dir, with_options
 from core.errors import UserError
 
 app = typer.Typer(
@@ -24,23 +23,13 @@ app = typer.Typer(
 
 
 @app.callback(invoke_without_command=True)
-@with_options("batch_size", "device", "out", "name", "overwrite", "show", "quiet")
+@with_options(
+    "batch_size", "device", "out", "name", "overwrite", "show", "quiet",
+    first=("bundle", "dataset", "data_dir", "split"), defaults={"bundle": None}, table=IMAGES,
+)  # fmt: skip
 def concepts(
     o: SimpleNamespace,
     ctx: typer.Context,
-    bundle: Annotated[
-        Path | None,
-        typer.Option(
-            "--bundle",
-            "-b",
-            exists=True,
-            rich_help_panel=MODEL,
-            help="to-pickle bundle (.pt), VisCoIN .safetensors checkpoint, or a training run directory.",
-        ),
-    ] = None,  # fmt: skip
-    dataset: DatasetOpt = None,
-    data_dir: DataDir = None,
-    split: Split = "test",
     force: Annotated[
         bool, typer.Option(help="Recompute the per-image activations even if cached.", rich_help_panel=OUTPUT)
     ] = False,
@@ -50,16 +39,16 @@ def concepts(
     summary.json. The per-image activations are cached under the bundle's hash, the data and the split."""
     if ctx.invoked_subcommand is not None:
         return
-    if bundle is None:
+    if o.bundle is None:
         raise UserError("concepts needs --bundle PATH (a to-pickle bundle or a VisCoIN run directory)")
     from core.rundir import mark_run
     from testing.viscoin.concepts import open_analysis, run_concepts
 
     check_batch_size(o.batch_size)
-    analysis = open_analysis(bundle, dataset, data_dir, split, o.device, quiet=o.quiet)
-    config = {"bundle": str(bundle), "bundle_hash": analysis.models.content_hash, "dataset": analysis.spec.dataset,
-              "split": split, "force": force}  # fmt: skip
-    run_dir = results_dir("concepts", o, [bundle, data_dir], config)
+    analysis = open_analysis(o.bundle, o.dataset, o.data_dir, o.split, o.device, quiet=o.quiet)
+    config = {"bundle": str(o.bundle), "bundle_hash": analysis.models.content_hash, "dataset": analysis.spec.dataset,
+              "split": o.split, "force": force}  # fmt: skip
+    run_dir = results_dir("concepts", o, [o.bundle, o.data_dir], config)
     summary = run_concepts(analysis, run_dir, o.batch_size, force=force, show=o.show, quiet=o.quiet)
     mark_run(run_dir, status="finished")
     cache = summary["cache"]
@@ -75,21 +64,13 @@ def concepts(
 
 
 @app.command("heatmaps", context_settings=CONTEXT)
-@with_options(
-    "batch_size", "device", "out", "name", "overwrite", "show", "quiet", defaults={"batch_size": 16}
-)
+@images_command
 def heatmaps(
     o: SimpleNamespace,
-    bundle: Bundle,
-    dataset: DatasetOpt = None,
-    data_dir: DataDir = None,
-    split: Split = "test",
-    image_indices: ImageIndices = None,
     top: Annotated[
         int,
         typer.Option(help="Concepts per image, by relevance to Theta's prediction.", rich_help_panel=MODEL),
     ] = 3,
-    seed: Seed = 0,
 ) -> None:
     """For chosen images, each top concept's map upsampled and overlaid on the image: grid PNG + CSV."""
     from core.rundir import mark_run
@@ -98,13 +79,13 @@ def heatmaps(
     from testing.viscoin.heatmaps import check_top, run_heatmaps
 
     check_batch_size(o.batch_size)
-    indices = parse_list(image_indices, "--image-indices")
-    analysis = open_analysis(bundle, dataset, data_dir, split, o.device, quiet=o.quiet)
+    indices = parse_list(o.image_indices, "--image-indices")
+    analysis = open_analysis(o.bundle, o.dataset, o.data_dir, o.split, o.device, quiet=o.quiet)
     check_top(top, analysis.models.n_concepts)
-    image_ids = choose_images(len(analysis.data), indices, seed, split=f"the {split}")
-    config = {"bundle": str(bundle), "bundle_hash": analysis.models.content_hash, "dataset": analysis.spec.dataset,
-              "split": split, "images": image_ids, "top": top}  # fmt: skip
-    run_dir = results_dir("concepts heatmaps", o, [bundle, data_dir], config)
+    image_ids = choose_images(len(analysis.data), indices, o.seed, split=f"the {o.split}")
+    config = {"bundle": str(o.bundle), "bundle_hash": analysis.models.content_hash, "dataset": analysis.spec.dataset,
+              "split": o.split, "images": image_ids, "top": top}  # fmt: skip
+    run_dir = results_dir("concepts heatmaps", o, [o.bundle, o.data_dir], config)
     run_heatmaps(analysis, image_ids, run_dir, top, o.batch_size, show=o.show)
     mark_run(run_dir, status="finished")
     typer.echo(f"heat maps of {len(image_ids)} images: {run_dir / 'heatmaps.png'}")

@@ -8,27 +8,18 @@ the same bytes. `vdna make` reads it.
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated
 
 import typer
 
-from cli.common import CONTEXT, MODEL, Device, Name, Out, Overwrite, Quiet, run_dir_for
+from cli.common import CONTEXT, MODEL, run_dir_for, with_options
 
 app = typer.Typer(help="Sample from a trained generator.", no_args_is_help=True, context_settings=CONTEXT)
 
 CONDITIONS = "Conditions"
 SAMPLING = "Sampling"
 
-Checkpoint = Annotated[
-    Path,
-    typer.Option(
-        "--checkpoint",
-        "-c",
-        exists=True,
-        help="Checkpoint .safetensors or the training run folder.",
-        rich_help_panel=MODEL,
-    ),
-]
 Seed = Annotated[int, typer.Option(help="Seed of image 0; image i uses seed + i.", rich_help_panel=SAMPLING)]
 Count = Annotated[int, typer.Option("--n", help="Images per condition.", rich_help_panel=SAMPLING)]
 BatchSize = Annotated[int, typer.Option(help="Images per forward pass.", rich_help_panel=SAMPLING)]
@@ -66,11 +57,28 @@ TopK = Annotated[
 ]
 TOP_K = 5  # Phylo-NN's generation script samples the prior with top-k 5
 
+# The sampling options of the CVAE and Phylo-NN modes (cli.common.with_options)
+SAMPLING_OPTIONS = {
+    "seed": (Seed, 0),
+    "temperature": (Temperature, 1.0),
+    "top_k": (TopK, TOP_K),
+    "batch_size": (BatchSize, 64),
+}
+OUTPUT_OPTIONS = ("device", "out", "name", "overwrite", "quiet")
 
-def _common(checkpoint, out, name, command, seed, batch_size, device, overwrite, quiet):
+
+def sampling_mode(*sampling: str):
+    """A CVAE / Phylo-NN mode's shared options: --checkpoint first, then its own options, then --seed, the
+    `sampling` ones, --batch-size and the output options; its first parameter receives them all."""
+    return with_options("seed", *sampling, "batch_size", *OUTPUT_OPTIONS, first=("checkpoint",),
+                        table=SAMPLING_OPTIONS)  # fmt: skip
+
+
+def _common(o, command: str):
     from testing.generation.commands import Common
 
-    return Common(checkpoint, run_dir_for(command, out, name), seed, batch_size, device, overwrite, quiet)
+    return Common(o.checkpoint, run_dir_for(command, o.out, o.name), o.seed, o.batch_size, o.device, o.overwrite,
+                  o.quiet)  # fmt: skip
 
 
 def _report(summary: dict) -> None:
@@ -80,17 +88,11 @@ def _report(summary: dict) -> None:
 
 
 @app.command("gan")
+@with_options(
+    *OUTPUT_OPTIONS, first=("checkpoint",), helps={"checkpoint": "Generator .safetensors or a train gan run."}
+)
 def generate_gan(
-    checkpoint: Annotated[
-        Path,
-        typer.Option(
-            "--checkpoint",
-            "-c",
-            exists=True,
-            help="Generator .safetensors or a train gan run.",
-            rich_help_panel=MODEL,
-        ),
-    ],
+    o: SimpleNamespace,
     n: Annotated[int, typer.Option("--n", help="Number of images.", rich_help_panel=MODEL)] = 64,
     seed: Annotated[
         int, typer.Option(help="Seed of image 0; image i uses seed + i.", rich_help_panel=MODEL)
@@ -100,11 +102,6 @@ def generate_gan(
     ] = 1.0,
     noise_mode: Annotated[str, typer.Option(help="const or random.", rich_help_panel=MODEL)] = "const",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.", rich_help_panel=MODEL)] = 16,
-    device: Device = "auto",
-    out: Out = None,
-    name: Name = None,
-    overwrite: Overwrite = False,
-    quiet: Quiet = False,
 ) -> None:
     """Write DIR/images/NNNNNN.png (one per seed), DIR/grid.png and DIR/manifest.jsonl."""
     from core.checkpoint import file_hash
@@ -114,44 +111,38 @@ def generate_gan(
     from testing.sampling import check_sampling_args, generate_folder
 
     check_sampling_args(n, seed, truncation, batch_size, noise_mode)
-    torch_device = resolve_device(device)
-    weights = resolve_generator_path(checkpoint)
+    torch_device = resolve_device(o.device)
+    weights = resolve_generator_path(o.checkpoint)
     G, _ = load_generator(weights, device=torch_device)
-    run_dir = prepare_run_dir(run_dir_for("generate-gan", out, name), "generate gan", overwrite=overwrite,
-                              inputs=[checkpoint, weights], resumable=False)  # fmt: skip
+    run_dir = prepare_run_dir(run_dir_for("generate-gan", o.out, o.name), "generate gan", overwrite=o.overwrite,
+                              inputs=[o.checkpoint, weights], resumable=False)  # fmt: skip
     summary = generate_folder(
         G, run_dir, n, seed=seed, truncation=truncation, batch_size=batch_size, noise_mode=noise_mode,
-        checkpoint_hash=file_hash(weights), quiet=quiet,
+        checkpoint_hash=file_hash(weights), quiet=o.quiet,
     )  # fmt: skip
     mark_run(run_dir, status="finished", checkpoint=str(weights), n=n, seed=seed, truncation=truncation)
     typer.echo(f"{summary['n']} images: {summary['images']}  grid: {summary['grid']}")
 
 
 @app.command("cvae")
+@sampling_mode()
 def generate_cvae(
-    checkpoint: Checkpoint,
+    o: SimpleNamespace,
     classes: Classes = None,
     attr: Attrs = None,
     attrs: AttrVector = None,
     n: Count = 16,
-    seed: Seed = 0,
-    batch_size: BatchSize = 64,
-    device: Device = "auto",
-    out: Out = None,
-    name: Name = None,
-    overwrite: Overwrite = False,
-    quiet: Quiet = False,
 ) -> None:
     """Conditional VAE samples: --class and/or attributes given (the rest left out); one folder per condition."""
     from testing.generation.commands import generate_cvae as run
 
-    common = _common(checkpoint, out, name, "generate-cvae", seed, batch_size, device, overwrite, quiet)
-    _report(run(common, classes or [], attr or [], attrs, n))
+    _report(run(_common(o, "generate-cvae"), classes or [], attr or [], attrs, n))
 
 
 @app.command("phylo")
+@sampling_mode("temperature", "top_k")
 def generate_phylo(
-    checkpoint: Checkpoint,
+    o: SimpleNamespace,
     species: Annotated[
         list[str] | None,
         typer.Option(help="Species to draw codes for (repeatable, or 'all').", rich_help_panel=CONDITIONS),
@@ -171,26 +162,17 @@ def generate_phylo(
         ),
     ] = None,
     n: Count = 16,
-    seed: Seed = 0,
-    temperature: Temperature = 1.0,
-    top_k: TopK = TOP_K,
-    batch_size: BatchSize = 64,
-    device: Device = "auto",
-    out: Out = None,
-    name: Name = None,
-    overwrite: Overwrite = False,
-    quiet: Quiet = False,
 ) -> None:
     """Phylo-NN samples: codes drawn by the prior for --species, or under an ancestor --node (each image its own)."""
     from testing.generation.commands import generate_phylo as run
 
-    common = _common(checkpoint, out, name, "generate-phylo", seed, batch_size, device, overwrite, quiet)
-    _report(run(common, species or [], node, level, n, temperature, top_k))
+    _report(run(_common(o, "generate-phylo"), species or [], node, level, n, o.temperature, o.top_k))
 
 
 @app.command("traverse")
+@sampling_mode("temperature", "top_k")
 def traverse(
-    checkpoint: Checkpoint,
+    o: SimpleNamespace,
     label: Annotated[
         str | None, typer.Option("--class", help="CVAE: class given.", rich_help_panel=CONDITIONS)
     ] = None,
@@ -231,28 +213,33 @@ def traverse(
             rich_help_panel=SAMPLING,
         ),
     ] = None,
-    seed: Seed = 0,
-    temperature: Temperature = 1.0,
-    top_k: TopK = TOP_K,
-    batch_size: BatchSize = 64,
-    device: Device = "auto",
-    out: Out = None,
-    name: Name = None,
-    overwrite: Overwrite = False,
-    quiet: Quiet = False,
 ) -> None:
     """One grid row per latent dimension (CVAE) or code position (Phylo-NN), swept across its values."""
     from testing.generation.commands import traverse as run
 
-    common = _common(checkpoint, out, name, "generate-traverse", seed, batch_size, device, overwrite, quiet)
+    common = _common(o, "generate-traverse")
     _report(
-        run(common, label, attr or [], dims, top, span, species, image, positions, steps, temperature, top_k)
+        run(
+            common,
+            label,
+            attr or [],
+            dims,
+            top,
+            span,
+            species,
+            image,
+            positions,
+            steps,
+            o.temperature,
+            o.top_k,
+        )
     )
 
 
 @app.command("interpolate")
+@sampling_mode("temperature", "top_k")
 def interpolate(
-    checkpoint: Checkpoint,
+    o: SimpleNamespace,
     from_class: Annotated[
         str | None, typer.Option(help="CVAE: start class.", rich_help_panel=CONDITIONS)
     ] = None,
@@ -283,23 +270,12 @@ def interpolate(
             rich_help_panel=SAMPLING,
         ),
     ] = 4,
-    seed: Seed = 0,
-    temperature: Temperature = 1.0,
-    top_k: TopK = TOP_K,
-    batch_size: BatchSize = 64,
-    device: Device = "auto",
-    out: Out = None,
-    name: Name = None,
-    overwrite: Overwrite = False,
-    quiet: Quiet = False,
 ) -> None:
     """Paths between two conditions or two images: linear in latent and condition (CVAE), or code swaps free part
     first, then level 0, 1, ... (Phylo-NN); one row per endpoint pair."""
     from testing.generation.commands import interpolate as run
 
-    common = _common(
-        checkpoint, out, name, "generate-interpolate", seed, batch_size, device, overwrite, quiet
-    )
+    common = _common(o, "generate-interpolate")
     _report(
         run(
             common,
@@ -312,7 +288,7 @@ def interpolate(
             to_image,
             steps,
             n,
-            temperature,
-            top_k,
+            o.temperature,
+            o.top_k,
         )
     )

@@ -233,19 +233,12 @@ def print_report(summary: dict) -> None:
     Console().print(table)
 
 
-@with_options("batch_size", "device", "num_workers", "out", "name", "overwrite", "show", "quiet")
+@with_options(
+    "batch_size", "device", "num_workers", "out", "name", "overwrite", "show", "quiet",
+    first=("checkpoint",), helps={"checkpoint": "phylo.safetensors or a train phylo run."},
+)  # fmt: skip
 def test_phylo_command(
     o: SimpleNamespace,
-    checkpoint: Annotated[
-        Path,
-        typer.Option(
-            "--checkpoint",
-            "-c",
-            exists=True,
-            help="phylo.safetensors or a train phylo run.",
-            rich_help_panel=MODEL,
-        ),
-    ],
     baseline: Annotated[
         Path | None,
         typer.Option(
@@ -279,7 +272,7 @@ def test_phylo_command(
         raise UserError(f"--seed must be >= 0, got {seed}")
     run_dir = run_dir_for("test-phylo", o.out, o.name)
     summary = run_phylo_test(
-        checkpoint, run_dir, baseline=baseline, classifier=classifier, split=split,
+        o.checkpoint, run_dir, baseline=baseline, classifier=classifier, split=split,
         data_overrides={"data_dir": str(data_dir) if data_dir else None}, samples=samples, top_k=top_k, seed=seed,
         batch_size=o.batch_size, device=o.device, num_workers=o.num_workers, overwrite=o.overwrite, show=o.show,
         quiet=o.quiet,

@@ -2,32 +2,24 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Annotated
 
 import typer
 
 from cli import phylo, viscoin
-from cli.common import CONTEXT, DATA, MODEL, DataDir, run_dir_for, with_options
+from cli.common import CONTEXT, DATA, DataDir, run_dir_for, with_options
 
 app = typer.Typer(help="Evaluate a trained model.", no_args_is_help=True, context_settings=CONTEXT)
 
 
 @app.command("classifier")
-@with_options("batch_size", "device", "amp", "num_workers", "out", "name", "overwrite", "show", "quiet")
+@with_options(
+    "batch_size", "device", "amp", "num_workers", "out", "name", "overwrite", "show", "quiet",
+    first=("checkpoint",), helps={"checkpoint": "Classifier .safetensors, or a training run directory (uses best)."},
+)  # fmt: skip
 def classifier(
     o: SimpleNamespace,
-    checkpoint: Annotated[
-        Path,
-        typer.Option(
-            "--checkpoint",
-            "-c",
-            exists=True,
-            help="Classifier .safetensors, or a training run directory (uses best).",
-            rich_help_panel=MODEL,
-        ),
-    ],
     split: Annotated[str, typer.Option(help="test, val, train or trainval.", rich_help_panel=DATA)] = "test",
     dataset: Annotated[
         str | None,
@@ -50,7 +42,7 @@ def classifier(
     }
     run_dir = run_dir_for("test-classifier", o.out, o.name)
     metrics = run_classifier_test(
-        checkpoint, run_dir, split=split, data_overrides=overrides, batch_size=o.batch_size, device=o.device,
+        o.checkpoint, run_dir, split=split, data_overrides=overrides, batch_size=o.batch_size, device=o.device,
         num_workers=o.num_workers, amp=o.amp, show=o.show, quiet=o.quiet, overwrite=o.overwrite,
     )  # fmt: skip
     table = Table(title=f"{metrics['dataset']} / {split}: {metrics['n']} images")

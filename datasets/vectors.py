@@ -125,9 +125,10 @@ class VectorDataset:
     """A split of vectors as items {x, label, attributes, index}; the attributes are the features themselves."""
 
     def __init__(self, x: np.ndarray, labels: np.ndarray | None, feature_names: list[str], class_names: list[str],
-                 split: str, val_fraction: float = 0.1, seed: int = 0):  # fmt: skip
+                 split: str, val_fraction: float = 0.1, seed: int = 0, test_draw: int | list[int] | None = None):  # fmt: skip
+        """`test_draw`: the seed of the test share's draw (default [seed, 7]; the digits draw theirs with seed)."""
         all_labels = labels if labels is not None else np.zeros(len(x), dtype=np.int64)
-        rng = np.random.default_rng([seed, 7])
+        rng = np.random.default_rng([seed, 7] if test_draw is None else test_draw)
         is_train = np.ones(len(x), dtype=bool)
         for c in np.unique(all_labels):
             members = np.flatnonzero(all_labels == c)

@@ -58,13 +58,18 @@ def _hm(s: float, u: float) -> float:
     return 2 * s * u / (s + u) if s and u else 0.0
 
 
-def test_features_table_by_hand(tmp_path, capsys, monkeypatch):
+def evaluate_features(tmp_path, pairs: str, capsys, monkeypatch):
+    """`retrieve evaluate --features` on the written features: (the result, results.csv indexed, the run)."""
     features, labels = write_features(tmp_path)
     out = tmp_path / "run"
     result = run_main(("retrieve", "evaluate", "--features", str(features), "--labels", str(labels), "--pairs",
-                       "image:image", "--out", str(out)), capsys, monkeypatch)  # fmt: skip
+                       pairs, "--out", str(out)), capsys, monkeypatch)  # fmt: skip
     assert result.returncode == 0, result.stderr
-    table = pd.read_csv(out / "results.csv").set_index(["query", "key", "metric", "k"])
+    return result, pd.read_csv(out / "results.csv").set_index(["query", "key", "metric", "k"]), out
+
+
+def test_features_table_by_hand(tmp_path, capsys, monkeypatch):
+    result, table, out = evaluate_features(tmp_path, "image:image", capsys, monkeypatch)
     for metric, i in (("micro", 0), ("macro", 1)):
         row = table.loc[("image", "image", metric, 1)]
         for rank in EXPECTED_SEEN:
@@ -82,12 +87,7 @@ def test_features_table_by_hand(tmp_path, capsys, monkeypatch):
 
 def test_features_all_pairs_and_stacked_keys(tmp_path, capsys, monkeypatch):
     """`--pairs all` runs every query type against every key type; the stacked keys carry tiled labels."""
-    features, labels = write_features(tmp_path)
-    out = tmp_path / "run"
-    result = run_main(("retrieve", "evaluate", "--features", str(features), "--labels", str(labels), "--pairs",
-                       "all", "--out", str(out)), capsys, monkeypatch)  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    table = pd.read_csv(out / "results.csv").set_index(["query", "key", "metric", "k"])
+    _, table, _ = evaluate_features(tmp_path, "all", capsys, monkeypatch)
     stacked = table.loc[("image", "all", "micro", 1)]
     assert stacked["genus_seen"] == pytest.approx(3 / 4) and stacked["species_unseen"] == pytest.approx(1 / 3)
 

@@ -307,48 +307,22 @@ def test_resume_reaches_the_same_weights(parts, tmp_path, monkeypatch):
 
 
 def test_cli_test_and_to_pickle(trained, tmp_path):
-    out = tmp_path / "t1"
-    result = run_cli(
-        "test",
-        "viscoin",
-        "--bundle",
-        str(trained),
-        "--out",
-        str(out),
-        "--no-amp",
-        "--quiet",
-        "--device",
-        "cpu",
-        "--consistency-images",
-        "24",
-    )
-    assert result.returncode == 0, result.stderr
-    metrics = json.loads((out / "metrics.json").read_text())
+    def evaluate(bundle, out):
+        result = run_cli("test", "viscoin", "--bundle", str(bundle), "--out", str(out), "--no-amp", "--quiet",
+                         "--device", "cpu", "--consistency-images", "24")  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        return result, json.loads((out / "metrics.json").read_text())
+
+    result, metrics = evaluate(trained, tmp_path / "t1")
     assert metrics["n"] == 64 and 0 <= metrics["accuracy_theta"] <= 1 and "alignment_mean_best_auc" in metrics
-    assert "fidelity" in result.stdout and (out / "reconstructions.png").is_file()
+    assert "fidelity" in result.stdout and (tmp_path / "t1" / "reconstructions.png").is_file()
     assert metrics["faithfulness_threshold"] == 0.2 and -1 <= metrics["faithfulness_random"] <= 1
     assert 0.5 <= metrics["alignment_null_mean"] <= metrics["alignment_null_p95"] <= 1
     assert metrics["consistency_images"] == 24 and 0 <= metrics["consistency"] <= 1
     assert "random baseline" in result.stdout and "null (shuffled attributes)" in result.stdout
     bundle = tmp_path / "bundle.pt"
     assert run_cli("to-pickle", str(trained), "--out", str(bundle)).returncode == 0
-    out2 = tmp_path / "t2"
-    result = run_cli(
-        "test",
-        "viscoin",
-        "--bundle",
-        str(bundle),
-        "--out",
-        str(out2),
-        "--no-amp",
-        "--quiet",
-        "--device",
-        "cpu",
-        "--consistency-images",
-        "24",
-    )
-    assert result.returncode == 0, result.stderr
-    again = json.loads((out2 / "metrics.json").read_text())
+    _, again = evaluate(bundle, tmp_path / "t2")
     for key in (
         "accuracy_f",
         "accuracy_theta",

@@ -27,13 +27,7 @@ from core.device import HardwareConfig, autocast
 from core.errors import TrainingDiverged, UserError
 from core.seeding import seed_everything
 from datasets.gpu_transforms import to_model_batch
-from datasets.registry import (
-    DataConfig,
-    DataSpec,
-    build_dataset,
-    collate_skipping,
-    resolve_meta,
-)
+from datasets.registry import DataConfig, DataSpec, build_dataset, collate_skipping, resolve_meta
 from models.classifiers import build_classifier
 from testing.metrics import evaluate_classifier
 from training.lifecycle import LossWindow, TrainingRun

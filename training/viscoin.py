@@ -47,9 +47,8 @@ DEFAULT_PRESET = {"world": "tiny", "cub": "cub", "folder": "cub"}
 
 @dataclass
 class VisCoINConfig:
-    data: DataConfig = field(
-        default_factory=DataConfig
-    )  # image_size: the classifier's, set when training starts
+    # data.image_size: the classifier's, set when training starts
+    data: DataConfig = field(default_factory=DataConfig)
     classifier: str | None = None  # default checkpoints/<dataset>/classifier.safetensors
     generator: str | None = None  # default checkpoints/<dataset>/gan.safetensors
     n_concepts: int = 256
