@@ -177,7 +177,7 @@ class StepLoop:
             raise TrainingDiverged(f"{self.what} ({', '.join(bad)})", self.step, self.hint)
         self._steps_since, self._tick, self._paused = 0, time.time(), 0.0
         keys = show if show is not None else tuple(means)
-        self.bar.update(1, **{k: round(means[k], 4) for k in keys if k in means})
+        self.bar.update(1, **{k: means[k] for k in keys if k in means})  # shown to 4 significant digits
         return means
 
     def check_finite(self) -> None:
