@@ -157,8 +157,13 @@ def train_cvae_command(
             if spreads:
                 typer.echo(f"within-class pixel spread of the samples / the real images': {spreads}")
         for row in summary.get("sweep") or []:
+            left = (
+                ""
+                if row["expected_active"] is None
+                else f" (intrinsic dimension left: {row['expected_active']})"
+            )
             typer.echo(f"{row['given']} of {row['input_dim']} features given: held-out KL {row['kl_total']:.2f} nats, "
-                       f"{row['active_dims']} latent dimensions in use (intrinsic dimension left: {row['expected_active']})")  # fmt: skip
+                       f"{row['active_dims']} latent dimensions in use{left}")  # fmt: skip
         typer.echo(f"weights: {run_dir / 'cvae.safetensors'}; run: {run_dir}")
 
 
@@ -173,8 +178,9 @@ def compare_runs_command(
 ) -> None:
     """CVAE runs side by side (the testbed's compare_models): comparison.csv with one row per run (data,
     prior, held-out ELBO terms and active dimensions per condition setting, recognition), comparison.png (the
-    held-out -ELBO and the sorted KL per latent dimension) and, for runs on vectors, kl_sweep.png: KL against
-    the number of features given, one line per run (runs of several --dim: against the input dimension)."""
+    held-out -ELBO and the sorted KL per latent dimension) and, for runs on vectors, kl_sweep.png: KL and active
+    dimensions against the number of features given (one line per run) and the KL with none given against
+    each run's input dimension."""
     from testing.cvae_compare import check_runs, compare_runs
 
     check_runs(runs)

@@ -217,7 +217,12 @@ def print_report(summary: dict) -> None:
     if not fidelity:
         return
     table = Table(title="Samples recognised by the classifier (in the group asked for / chance)")
-    for column in ("level", "species samples", "node samples", "spread vs real"):
+    for column in (
+        "level",
+        "species samples",
+        "node samples",
+        "spread vs real\n(node; species row: species)",
+    ):
         table.add_column(column, justify="right")
     species = {r["level"]: r for r in fidelity["species"]["recognition"]}
     for level in sorted(species):

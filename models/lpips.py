@@ -28,14 +28,14 @@ def _heads_file() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "weights" / "v0.1" / "vgg.pth"
 
 
-def _vgg_state(weights: str) -> dict | None:
+def _vgg_state(weights: str, option: str) -> dict | None:
 
     if weights == "random":
         return None
     if weights == "imagenet":
         from models.classifiers import imagenet_state_dict
 
-        return imagenet_state_dict("vgg16", option="--lpips-weights")
+        return imagenet_state_dict("vgg16", option=option)
     from core.checkpoint import load_foreign_state_dict
 
     return load_foreign_state_dict(weights)
@@ -44,14 +44,14 @@ def _vgg_state(weights: str) -> dict | None:
 class LPIPS(nn.Module):
     """`lpips(x, y) -> (B,)` perceptual distance; frozen, eval mode, differentiable w.r.t. the inputs."""
 
-    def __init__(self, weights: str = "imagenet", seed: int = 0):
+    def __init__(self, weights: str = "imagenet", seed: int = 0, option: str = "--lpips-weights"):
         super().__init__()
         import torchvision
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             vgg = torchvision.models.vgg16(weights=None)
-        state = _vgg_state(weights)
+        state = _vgg_state(weights, option)  # `option`: the command's option that chose the weights
         if state is not None:
             from core.checkpoint import load_state_dict_checked
 

@@ -278,21 +278,27 @@ def active_dimensions(kl_per_dim: list[float], threshold: float = ACTIVE_KL) -> 
     return int(sum(v > threshold for v in kl_per_dim))
 
 
-def sweep_rows(run: str, input_dim: int, intrinsic: int, kl: dict[int, list[float]]) -> list[dict]:
-    """Table rows of one run's `kl_by_given_count`: given count, active dimensions, total KL, and the two
+def sweep_rows(
+    run: str, input_dim: int, intrinsic: int, kl: dict[int, list[float]], independent: bool
+) -> list[dict]:
+    """Table rows of one run's `kl_by_given_count`: given count, active dimensions, total KL, and, for data whose
+    coordinates are independent (`independent`: each given one removes one intrinsic coordinate), the two
     hypotheses: max(intrinsic - given, 0) active dimensions, and the total KL with nothing given scaled by the
-    share of intrinsic coordinates left to encode."""
+    share of coordinates left to encode. Elsewhere (redundant or curved coordinates: which ones are given
+    decides what is left) they are None."""
     base = float(sum(kl[min(kl)])) if kl else 0.0
     return [{"run": run, "input_dim": input_dim, "intrinsic_dim": intrinsic, "given": k,
              "active_dims": active_dimensions(values), "kl_total": float(sum(values)),
-             "expected_active": max(intrinsic - k, 0), "expected_kl": base * max(intrinsic - k, 0) / intrinsic,
+             "expected_active": max(intrinsic - k, 0) if independent else None,
+             "expected_kl": base * max(intrinsic - k, 0) / intrinsic if independent else None,
              "kl_per_dim": [round(v, 5) for v in values]}
             for k, values in kl.items()]  # fmt: skip
 
 
 def plot_kl_sweep(rows: list[dict], path: str | os.PathLike, show: bool = False) -> Path:
-    """Total held-out KL (left) and active latent dimensions (right) against the number of given features, one
-    line per run, each hypothesis dashed; the table beside it as CSV."""
+    """Total held-out KL (left) and active latent dimensions (middle) against the number of given features, one
+    line per run, each hypothesis dashed where the run has one; the KL with nothing given against the input
+    dimension, one point per run (right); the table beside it as CSV."""
     import pandas as pd
     from matplotlib.ticker import MaxNLocator
 
@@ -301,22 +307,29 @@ def plot_kl_sweep(rows: list[dict], path: str | os.PathLike, show: bool = False)
     save_table(frame.assign(kl_per_dim=frame["kl_per_dim"].map(lambda v: " ".join(map(str, v)))),
                path.with_suffix(".csv"))  # fmt: skip
     plt = pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 3.8))
     for i, (run, part) in enumerate(frame.groupby("run", sort=False)):
         colour = f"C{i % 10}"
         left.plot(part["given"], part["kl_total"], "o-", color=colour, label=run)
-        left.plot(part["given"], part["expected_kl"], "--", color=colour, alpha=0.6)
-        right.plot(part["given"], part["active_dims"], "o-", color=colour, label=run)
-        right.plot(part["given"], part["expected_active"], "--", color=colour, alpha=0.6)
+        middle.plot(part["given"], part["active_dims"], "o-", color=colour, label=run)
+        if part["expected_kl"].notna().all():  # independent coordinates: the hypotheses hold
+            left.plot(part["given"], part["expected_kl"], "--", color=colour, alpha=0.6)
+            middle.plot(part["given"], part["expected_active"], "--", color=colour, alpha=0.6)
+        none_given = part[part["given"] == 0]
+        right.plot(none_given["input_dim"], none_given["kl_total"], "o", color=colour, label=run)
     left.set_xlabel("features given as conditions")
     left.set_ylabel("total held-out KL (nats)")
-    left.set_title("Information through the bottleneck\n(dashed: KL with none given x share of coordinates left)",
-                   fontsize=9)  # fmt: skip
-    right.set_xlabel("features given as conditions")
-    right.set_ylabel(f"active latent dimensions (KL > {ACTIVE_KL} nats)")
-    right.set_title("Active dimensions (dashed: intrinsic dimension - given)", fontsize=9)
-    right.yaxis.set_major_locator(MaxNLocator(integer=True))
-    for ax in (left, right):
+    left.set_title("Information through the bottleneck\n(dashed, independent coordinates: KL with none given x "
+                   "share left)", fontsize=9)  # fmt: skip
+    middle.set_xlabel("features given as conditions")
+    middle.set_ylabel(f"active latent dimensions (KL > {ACTIVE_KL} nats)")
+    middle.set_title("Active dimensions\n(dashed, independent coordinates: intrinsic dimension - given)",
+                     fontsize=9)  # fmt: skip
+    right.set_xlabel("input dimension (features)")
+    right.set_ylabel("total held-out KL, none given (nats)")
+    right.set_title("Information with nothing given, per run", fontsize=9)
+    middle.yaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in (left, middle, right):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

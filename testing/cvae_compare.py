@@ -1,7 +1,7 @@
 """CVAE runs side by side (the testbed's `compare_models.py`): one table row per `train cvae` run directory, one
 figure of the held-out negative ELBO and the sorted KL per latent dimension under each condition setting, and
-for runs on vectors the KL sweep of all of them in one figure (KL against the features given, one line per run:
-runs on sets of several dimensions show it against the input dimension too).
+for runs on vectors the KL sweep of all of them in one figure (KL and active dimensions against the features
+given, one line per run, and the KL with none given against each run's input dimension).
 
 Read from each run: `summary.json` (held-out terms, active dimensions, recognition, the sweep), the weights'
 sidecar (`cvae.yaml`: the KL per latent dimension per setting, the model config with its prior) and

@@ -236,13 +236,13 @@ def trait_summary(rows: list[dict]) -> dict:
 
 def world_traits(autoencoder, levels: Levels, train: tuple, test: tuple, world_root, out_dir: Path) -> dict:
     """The trait probe on a synthetic world: traits.csv/png in `out_dir`; the per-part summary."""
-    from datasets.world import load_taxonomy, load_traits
-    from testing.phylo_traits import code_parts, level_ranks, trait_probe, write_trait_report
+    from datasets.world import load_traits
+    from testing.phylo_traits import code_parts, trait_probe, write_trait_report
 
     _, traits = load_traits(world_root)
-    ranks = level_ranks(levels, load_taxonomy(world_root))
-    rows = trait_probe(train, test, code_parts(autoencoder), traits, levels.assignment,
-                       autoencoder.quantizer.n_embed, ranks)  # fmt: skip
+    rows = trait_probe(
+        train, test, code_parts(autoencoder), traits, levels.assignment, autoencoder.quantizer.n_embed
+    )
     write_trait_report(rows, out_dir, ["order", "family", "genus", "species"])
     return trait_summary(rows)
 
@@ -354,9 +354,8 @@ def run_phylo_test(checkpoint, run_dir, baseline=None, classifier=None, split: s
               "world": info.get("world") or "default", "image_size": ae.config["image_size"]}  # fmt: skip
     values.update({k: v for k, v in (data_overrides or {}).items() if v is not None})
     settings = saved_settings(model.meta.get("config"))
-    spec = DataSpec(
-        **values, val_fraction=settings.get("val_fraction", 0.1), bbox_crop=settings.get("bbox_crop", False)
-    )
+    spec = DataSpec(**values, val_fraction=settings.get("val_fraction", 0.1),
+                    bbox_crop=settings.get("bbox_crop", False), seed=settings.get("seed", 0))  # the run's splits  # fmt: skip
     meta = resolve_meta(spec, quiet=quiet)
     if list(meta.class_names) != list(model.meta["phylogeny"]["class_names"]):
         raise UserError(f"dataset {spec.dataset} has other classes than the model was trained on "

@@ -30,25 +30,6 @@ def code_parts(autoencoder) -> dict[str, list[int]]:
     return parts
 
 
-def level_ranks(
-    levels, taxonomy: list[dict], ranks=("order", "family", "genus", "species")
-) -> list[str | None]:
-    """The rank each level of `levels` stands for: the first rank of the world's taxonomy (rows of
-    `datasets.world.load_taxonomy`, in class order) below the previous level's whose grouping of the species
-    is the level's, else None (a world whose families hold one genus each groups them alike at two ranks)."""
-    out, start = [], 0
-    for groups in levels.assignment:
-        found = None
-        for k in range(start, len(ranks)):
-            names = [row[ranks[k]] for row in taxonomy]
-            pairs = set(zip(names, groups.tolist(), strict=True))
-            if len(pairs) == len(set(names)) == len(set(groups.tolist())):  # one group per name and back
-                found, start = ranks[k], k + 1
-                break
-        out.append(found)
-    return out
-
-
 def nearest_centroid(train_codes: torch.Tensor, train_y: np.ndarray, test_codes: torch.Tensor, vocab: int,
                      n_classes: int) -> np.ndarray:  # fmt: skip
     """Predicted class of each test row: the nearest class mean of the one-hot code vectors (ties: the lowest
@@ -86,13 +67,13 @@ def trait_probe(
     traits: dict[str, tuple[str, list[str]]],
     assignment: np.ndarray,
     vocab: int,
-    ranks: list[str],
 ) -> list[dict]:
-    """One row per (code part, trait): accuracy of the probe, chance and the group oracle.
+    """One row per (code part, trait): accuracy of the probe, chance, the group oracle, and whether the part's
+    level fixes the trait (`fixed_at_or_above`: every group of the level holds species of one value, read from
+    the data, so a level that groups the species as two ranks do fixes the traits of both).
 
     `train`/`test`: (codes [N, T], species index [N]); `traits`: {trait: (rank, value per species)};
-    `assignment` [L, C]: each species' group per level; `ranks`: the rank each level stands for (coarse to
-    fine), which says whether a trait is fixed at or above a part's level."""
+    `assignment` [L, C]: each species' group per level."""
     (train_codes, train_sp), (test_codes, test_sp) = train, test
     train_sp, test_sp = np.asarray(train_sp), np.asarray(test_sp)
     rows = []
@@ -111,7 +92,7 @@ def trait_probe(
                 groups = assignment[level]
                 oracle = group_oracle(groups[train_sp], y_train, groups[test_sp], len(values))
                 row["group_oracle"] = float((oracle == y_test).mean())
-                row["fixed_at_or_above"] = rank in ranks and ranks.index(rank) <= level
+                row["fixed_at_or_above"] = len(set(zip(groups, code, strict=True))) == len(set(groups))
             rows.append(row)
     return rows
 

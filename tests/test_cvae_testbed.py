@@ -183,11 +183,13 @@ def test_information_through_the_bottleneck_follows_the_coordinates_left(gaussia
     first = kl_by_given_count(model, held_out, [1], seed=3, subset="first")[1]
     active = sorted(first, reverse=True)
     assert active[0] > 1.0 and active[1] < 0.1  # coordinate 0 given: one latent dimension left in use
-    rows = sweep_rows("gaussian d=2", 2, 2, kl)
+    rows = sweep_rows("gaussian d=2", 2, 2, kl, independent=True)
     assert [r["expected_active"] for r in rows] == [2, 1, 0] and rows[1]["expected_kl"] == pytest.approx(
         total[0] / 2
     )
-    plot_kl_sweep(rows, tmp_path / "sweep.png")
+    curved = sweep_rows("swiss roll", 3, 2, kl, independent=False)  # x and y given leave z unknown: no rule
+    assert all(r["expected_active"] is None and r["expected_kl"] is None for r in curved)
+    plot_kl_sweep(rows + curved, tmp_path / "sweep.png")
     assert (tmp_path / "sweep.png").stat().st_size > 5000
     assert (
         (tmp_path / "sweep.csv").read_text().splitlines()[0].startswith("run,input_dim,intrinsic_dim,given")
@@ -289,3 +291,20 @@ def test_train_cvae_on_a_csv_table(cli, tmp_path):  # noqa: F811
     assert model.num_classes == 2 and model.num_attributes == 2
     missing = cli("train", "cvae", "--dataset", "csv", "--out", str(tmp_path / "none"))
     assert missing.returncode == 2 and "--dataset csv needs --csv FILE" in missing.stderr
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"dataset": "gaussian", "arch": "mlp", "classifier": "runs/clf"}, "--classifier judges images"),
+        ({"dataset": "digits", "arch": "mlp", "classifier": "runs/clf"}, "--classifier judges images"),
+        ({"dataset": "gaussian", "arch": "mlp", "label_column": "kind"}, "--label-column names a column"),
+        ({"dataset": "swissroll", "arch": "mlp", "attributes": False}, "features are its conditions"),
+    ],
+)
+def test_options_that_cannot_apply_to_vectors_are_refused(values, message):
+    from core.config import build
+    from training.cvae import CVAEConfig
+
+    with pytest.raises(UserError, match=message):
+        build(CVAEConfig, values).validate()

@@ -312,3 +312,15 @@ def test_phylo_bad_input(trained, small_world, cli, tmp_path):  # noqa: F811
     assert_user_error(cli("test", "phylo", "--checkpoint", str(cvae_weights), "--out", str(keep)),
                       "not a Phylo-NN checkpoint")  # fmt: skip
     assert snapshot(keep) == before
+    reuse = ("train", "phylo", "--world", "small", "--stage1", str(trained), "--device", "cpu", "--quiet")
+    for extra, said in ((("--bbox-crop", "--seed", "1"), "seed 0 (this run: 1)"),
+                        (("--no-bbox-crop",), "bbox_crop True (this run: False)")):  # fmt: skip
+        assert_user_error(cli(*reuse, *extra, "--out", str(out)), f"--stage1 {trained}", said)
+        assert not out.exists()  # refused before the run starts
+    done = cli(
+        *reuse, "--bbox-crop", "--steps", "4", "--prior-steps", "100", "--eval-every", "2", "--out", str(out)
+    )
+    assert done.returncode == 0, done.stderr
+    summary = strict_json(out / "summary.json")
+    assert summary["steps"]["vqgan"] == 0 and summary["perceptual"] == "given stage 1"
+    assert not (out / "stage1").exists() and (out / "phylo.safetensors").is_file()

@@ -16,6 +16,8 @@ TRAITS = {
     "body": ("order", ["round"] * 4 + ["long"] * 4),
     "bill": ("family", ["short", "short", "long", "long", "hooked", "hooked", "cone", "cone"]),
     "colour": ("species", ["red", "blue", "green", "white", "brown", "purple", "yellow", "orange"]),
+    # a genus trait where each family holds one genus: level 1 (the families) fixes it, as it fixes the bill
+    "crest": ("genus", ["none", "none", "tuft", "tuft", "none", "none", "tuft", "tuft"]),
 }
 
 
@@ -45,7 +47,7 @@ def test_nearest_centroid_and_oracle_by_hand():
 def test_each_levels_codes_reach_the_group_oracle_and_no_further():
     train, test = synthetic_codes(6, 0), synthetic_codes(4, 1)
     parts = {"level 0": [0, 1], "level 1": [2, 3], "level 2": [4, 5], "free": [6, 7]}
-    rows = trait_probe(train, test, parts, TRAITS, ASSIGNMENT, vocab=8, ranks=["order", "family", "species"])
+    rows = trait_probe(train, test, parts, TRAITS, ASSIGNMENT, vocab=8)
     table = {(r["part"], r["trait"]): r for r in rows}
     # Level 0 codes name the order: the body exactly; the bill as well as knowing the order allows (1 of the 2
     # families' bills: 1/2); the colour 1 of 4 species per order (ties go to the lowest class, as the oracle's).
@@ -57,16 +59,19 @@ def test_each_levels_codes_reach_the_group_oracle_and_no_further():
     assert (
         table["level 1", "bill"]["fixed_at_or_above"] and not table["level 1", "colour"]["fixed_at_or_above"]
     )
+    assert (
+        table["level 1", "crest"]["fixed_at_or_above"] and not table["level 0", "crest"]["fixed_at_or_above"]
+    )
     # The free codes are constant: the probe falls back to one value, the majority's share at best.
-    assert [table["free", t]["accuracy"] for t in TRAITS] == [0.5, 0.25, 0.125]
-    assert [table["free", t]["chance"] for t in TRAITS] == [0.5, 0.25, 0.125]
+    assert [table["free", t]["accuracy"] for t in TRAITS] == [0.5, 0.25, 0.125, 0.5]
+    assert [table["free", t]["chance"] for t in TRAITS] == [0.5, 0.25, 0.125, 0.5]
     assert table["free", "body"]["group_oracle"] is None
 
 
 def test_trait_report_files(tmp_path):
     train, test = synthetic_codes(3, 0), synthetic_codes(3, 1)
     parts = {"level 0": [0, 1], "free": [6, 7]}
-    rows = trait_probe(train, test, parts, TRAITS, ASSIGNMENT, vocab=8, ranks=["order", "family", "species"])
+    rows = trait_probe(train, test, parts, TRAITS, ASSIGNMENT, vocab=8)
     write_trait_report(rows, tmp_path, ["order", "family", "species"])
     header = (tmp_path / "traits.csv").read_text().splitlines()[0]
     assert header == "part,trait,rank,accuracy,chance,group_oracle,fixed_at_or_above"

@@ -110,6 +110,15 @@ class CVAEConfig:
             raise UserError("--dataset csv needs --csv FILE: a table with a header row of feature names")
         if self.csv and self.data.dataset != "csv":
             raise UserError(f"--csv is read with --dataset csv, not {self.data.dataset}")
+        if self.label_column and self.data.dataset != "csv":
+            raise UserError(f"--label-column names a column of --dataset csv, not of {self.data.dataset}")
+        if not self.attributes and self.data.dataset in VECTORS:
+            raise UserError(f"--dataset {self.data.dataset}: a vector's features are its conditions; "
+                            "--no-attributes would leave only the class")  # fmt: skip
+        if self.classifier and self.data.dataset in ("digits", *VECTORS):
+            raise UserError(
+                f"--classifier judges images; --dataset {self.data.dataset} holds vectors: leave it out"
+            )
         require_positive(self, "dim", "projection_dim", "n_points")
         for name in ("p_class", "p_attrs_none", "p_attrs_all"):
             if not 0 <= getattr(self, name) <= 1:
@@ -441,6 +450,7 @@ def kl_sweep(model: CVAE, data: CVAEData, cfg: CVAEConfig, run_dir: Path) -> lis
     )
     info = data.dataset_info
     intrinsic = info.get("intrinsic_dim", features)
-    rows = evaluation.sweep_rows(run_dir.name, info["input_dim"], intrinsic, kl)
+    independent = info["name"] == "gaussian"  # only there does each given coordinate remove one to encode
+    rows = evaluation.sweep_rows(run_dir.name, info["input_dim"], intrinsic, kl, independent)
     evaluation.plot_kl_sweep(rows, run_dir / "kl_sweep.png")
     return [{k: v for k, v in row.items() if k != "kl_per_dim"} for row in rows]

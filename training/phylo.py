@@ -30,8 +30,17 @@ import torch
 
 from core import checkpoint
 from core.atomic import write_text
-from core.config import MAX_LR, require_per_process, require_positive, require_range, to_dict, validate_blocks
+from core.config import (
+    MAX_LR,
+    require_per_process,
+    require_positive,
+    require_range,
+    saved_settings,
+    to_dict,
+    validate_blocks,
+)
 from core.device import HardwareConfig, autocast
+from core.distributed import all_reduce_sum
 from core.errors import UserError
 from core.seeding import derive_seed, seed_everything
 from datasets.gpu_transforms import mirror
@@ -277,9 +286,12 @@ def build_prior(cfg: PhyloConfig, length: int, levels: Levels) -> CodePrior:
                      cfg.prior_dropout)  # fmt: skip
 
 
-def perceptual_network(cfg: PhyloConfig, device) -> tuple[torch.nn.Module | None, str]:
-    """(LPIPS or None, what was used): `auto` takes torchvision's VGG-16 when it is cached, else none."""
-    choice = cfg.perceptual
+def perceptual_network(
+    cfg: PhyloConfig, device, resumed: str | None = None
+) -> tuple[torch.nn.Module | None, str]:
+    """(LPIPS or None, what was used): `auto` takes torchvision's VGG-16 when it is cached, else none; a resumed
+    stage keeps the choice it started with (`resumed`), so weights cached meanwhile do not change its loss."""
+    choice = resumed or cfg.perceptual
     if choice == "auto":
         from core.weights import hub_dir
         from models.classifiers import imagenet_url
@@ -290,7 +302,7 @@ def perceptual_network(cfg: PhyloConfig, device) -> tuple[torch.nn.Module | None
         return None, "none"
     from models.lpips import LPIPS
 
-    return LPIPS(choice).to(device), choice
+    return LPIPS(choice, option="--perceptual").to(device), choice
 
 
 # ----------------------------------------------------------------------------
@@ -342,9 +354,9 @@ def prior_step(
 
 def codebook_restarts(run: TrainingRun, quantizer, usage: torch.Tensor, codes: torch.Tensor, z: torch.Tensor,
                       step: int, every: int, total: int) -> dict | None:  # fmt: skip
-    """Count the step's codes in `usage`; every `every` steps (not at the last) restart the entries it never
-    saw on this step's vectors `z` and start counting anew. The restart count for the log, or None."""
-    usage += torch.bincount(codes.flatten(), minlength=usage.numel())
+    """Count the step's codes of every rank in `usage`; every `every` steps (not at the last) restart the entries
+    no rank chose on this step's vectors `z` and start counting anew. The restart count for the log, or None."""
+    usage += all_reduce_sum(torch.bincount(codes.flatten(), minlength=usage.numel()))
     if not every or step % every or step >= total:
         return None
     moved = quantizer.restart_unused(usage, z)
@@ -424,11 +436,23 @@ def _weights_meta(cfg: PhyloConfig, ctx: dict, steps: dict, metrics: dict) -> di
 
 
 def stage1_from_file(cfg: PhyloConfig, device) -> VQGAN:
-    """The trained stage 1 of `--stage1`, checked against the data's resolution."""
+    """The trained stage 1 of `--stage1`, checked against this run's resolution and, where its checkpoint says
+    (one `train phylo` wrote), its data and splits: a stage 1 trained on other images, other crops or another
+    split seed would have seen this run's validation images."""
     model, _, meta, weights = load_vqgan(cfg.stage1, device)
     if model.config["image_size"] != cfg.data.image_size:
         raise UserError(f"--stage1 {weights} was trained at {model.config['image_size']} px, this run uses "
                         f"--image-size {cfg.data.image_size}")  # fmt: skip
+    dataset, trained = meta.get("dataset") or {}, saved_settings(meta.get("config") or {})
+    theirs = {"dataset": dataset.get("name"), "world": dataset.get("world"), "bbox_crop": trained.get("bbox_crop"),
+              "val_fraction": trained.get("val_fraction"), "seed": trained.get("seed")}  # fmt: skip
+    ours = {"dataset": cfg.data.dataset, "world": cfg.data.world if cfg.data.dataset == "world" else None,
+            "bbox_crop": cfg.data.bbox_crop, "val_fraction": cfg.data.val_fraction, "seed": cfg.seed}  # fmt: skip
+    differ = [k for k, v in theirs.items() if v is not None and v != ours[k]]
+    if differ:
+        said = ", ".join(f"{k} {theirs[k]} (this run: {ours[k]})" for k in differ)
+        raise UserError(f"--stage1 {weights} was trained with {said}: give this run the same data and seed, or "
+                        "train its own stage 1")  # fmt: skip
     return model
 
 
@@ -455,7 +479,7 @@ def train_vqgan_stage(run: TrainingRun, ctx: dict) -> VQGAN:
         opt_d.load_state_dict(state["opt_d"])
         step, usage = state["step"], state["usage"].to(device)
     run.broadcast(model, disc)
-    lpips, used = perceptual_network(cfg, device)
+    lpips, used = perceptual_network(cfg, device, state.get("perceptual") if state is not None else None)
     ctx["perceptual"] = used
     train = ctx["splits"]["train"]
     sampler = ShuffledSteps(train, cfg.vqgan_batch_size // world, run.rank, world, cfg.seed, step)
@@ -464,7 +488,8 @@ def train_vqgan_stage(run: TrainingRun, ctx: dict) -> VQGAN:
 
     def save_resume() -> None:
         run.save_state({"model": model.state_dict(), "discriminator": disc.state_dict(), "opt_g": opt_g.state_dict(),
-                        "opt_d": opt_d.state_dict(), "usage": usage, "step": loop.step, "config": to_dict(cfg)},
+                        "opt_d": opt_d.state_dict(), "usage": usage, "step": loop.step, "perceptual": used,
+                        "config": to_dict(cfg)},
                        state_name)  # fmt: skip
 
     loop = run.steps(cfg.vqgan_steps, step, name="train phylo: stage 1 (VQGAN)", log_every=cfg.log_every,
@@ -637,7 +662,11 @@ def train_prior_stage(run: TrainingRun, ctx: dict, autoencoder: PhyloNN) -> Code
 def train_phylo(cfg: PhyloConfig, run_dir: Path, resume: bool = False, quiet: bool = False) -> dict:
     """The stages in sequence, then the evaluation; returns the summary (summary.json)."""
     run = TrainingRun(cfg, run_dir, resume, quiet, tune=False)
-    meta, path, cuts, levels, splits = run.prepare(lambda quiet: build_data(cfg, quiet))
+
+    def prepare(quiet: bool):  # the data, and a given stage 1 checked against it before the run starts
+        return *build_data(cfg, quiet), stage1_from_file(cfg, run.device) if cfg.stage1 else None
+
+    meta, path, cuts, levels, splits, given_stage1 = run.prepare(prepare)
     ctx = {"meta": meta, "levels": levels, "splits": splits, "record": phylogeny_record(path, cuts, meta.class_names),
            "assignment": torch.as_tensor(levels.assignment, device=run.device)}  # fmt: skip
     ctx["val_images"], ctx["val_labels"] = images_of(splits["val"], run)
@@ -650,8 +679,8 @@ def train_phylo(cfg: PhyloConfig, run_dir: Path, resume: bool = False, quiet: bo
         if not quiet:
             counts = ", ".join(f"level {lv}: {len(g)}" for lv, g in enumerate(levels.groups))
             print(f"tree {path}: groups per level {counts}", flush=True)
-    if cfg.stage1:
-        stage1 = stage1_from_file(cfg, run.device)
+    if given_stage1 is not None:
+        stage1 = given_stage1
         ctx["perceptual"] = "given stage 1"
     else:
         stage1 = train_vqgan_stage(run, ctx)
