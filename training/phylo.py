@@ -40,7 +40,6 @@ from core.config import (
     validate_blocks,
 )
 from core.device import HardwareConfig, autocast
-from core.distributed import all_reduce_sum
 from core.errors import UserError
 from core.seeding import derive_seed, seed_everything
 from datasets.gpu_transforms import mirror
@@ -356,7 +355,7 @@ def codebook_restarts(run: TrainingRun, quantizer, usage: torch.Tensor, codes: t
                       step: int, every: int, total: int) -> dict | None:  # fmt: skip
     """Count the step's codes of every rank in `usage`; every `every` steps (not at the last) restart the entries
     no rank chose on this step's vectors `z` and start counting anew. The restart count for the log, or None."""
-    usage += all_reduce_sum(torch.bincount(codes.flatten(), minlength=usage.numel()))
+    usage += run.all_reduce(torch.bincount(codes.flatten(), minlength=usage.numel()))
     if not every or step % every or step >= total:
         return None
     moved = quantizer.restart_unused(usage, z)

@@ -5,7 +5,7 @@ stop the run between two steps, see core.preemption), reads the launcher's distr
 device and starts the process group (nccl on CUDA, gloo on CPU). Then, in a trainer's order:
 `prepare(build)` builds the data on rank 0 first (a world is generated once) and on the other ranks after it;
 `load_state()` reads the resume state when resuming; `ddp(module)` / `broadcast(...)` make one set of weights
-for every rank; `loader(...)` is a DataLoader with the device's settings; `begin()` saves config.yaml, marks the
+for every rank (`all_reduce(tensor)` sums a count over them); `loader(...)` is a DataLoader with the device's settings; `begin()` saves config.yaml, marks the
 run `running` and opens its log (dropping what an interrupted run logged past the resume point, so a resumed
 log holds each event once); `loop(...)` runs the steps (training.lifecycle.loop); `save_state(...)` writes the
 resume state atomically on rank 0, only once the loss window is known to be finite; `finish(summary)` writes
@@ -26,7 +26,7 @@ from core import checkpoint, preemption
 from core.atomic import write_text
 from core.config import to_yaml
 from core.device import autotune, loader_settings, resolve_device
-from core.distributed import barrier, dist_env, init_distributed
+from core.distributed import all_reduce_sum, barrier, dist_env, init_distributed
 from core.rundir import mark_run
 from core.runlog import RunLog
 from training.lifecycle.loop import EpochLoop, StepLoop
@@ -76,6 +76,10 @@ class TrainingRun:
 
     def barrier(self) -> None:
         barrier()
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` summed over the ranks, in place (itself for one process)."""
+        return all_reduce_sum(tensor)
 
     def ddp(self, module: torch.nn.Module) -> torch.nn.Module:
         """`module` wrapped in DistributedDataParallel under a launcher; itself otherwise."""
