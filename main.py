@@ -125,7 +125,18 @@ def run_app() -> None:
         ctx = getattr(error, "ctx", None)
         where = f" (see `{ctx.command_path} -h`)" if ctx is not None else ""
         raise UserError(f"{error.format_message()}{where}") from None
+    close_process_group()
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def close_process_group() -> None:
+    """Destroy the process group a command under torchrun or srun started, once the command is done: left to
+    the interpreter's exit, gloo's threads now and then abort a rank ('terminate called without an active
+    exception'), failing a run that finished. Nothing to do (and no torch import) for a single process."""
+    if "torch.distributed" in sys.modules:
+        from core.distributed import shutdown_distributed
+
+        shutdown_distributed()
 
 
 def main() -> None:
