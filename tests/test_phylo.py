@@ -62,6 +62,25 @@ def tiny_autoencoder(plain: bool = False) -> PhyloAutoencoder:
     return PhyloAutoencoder(16, 4, 8, 16, 1, 8, 4, 16, 3, 2, 3, [2, 3, 5], 16, plain)
 
 
+def test_weights_of_the_one_stage_design_still_load(tmp_path):
+    """A run of the one-stage design (a pixel autoencoder, its prior, and the plain VQ twin it kept in
+    baseline/) loads as it was saved: the model for generate and test phylo, the twin as test phylo's baseline."""
+    from models.phylo import save_phylo, save_plain
+    from models.phylo.checkpoint import PLAIN_RUN_FILE, RUN_FILE
+    from testing.phylo_evaluate import load_baseline
+
+    ae, plain = tiny_autoencoder(), tiny_autoencoder(plain=True)
+    prior = CodePrior(ae.quantizer.n_embed, ae.sequence_length, n_conditions=10, width=16, layers=1, heads=2)
+    (tmp_path / "baseline").mkdir()
+    save_phylo(tmp_path / RUN_FILE, ae, prior, {"phylogeny": {}})
+    save_plain(tmp_path / PLAIN_RUN_FILE, plain, {})
+    model = load_phylo(tmp_path)
+    assert isinstance(model.autoencoder, PhyloAutoencoder)
+    for loaded, saved in ((model.autoencoder, ae), (model.prior, prior), (load_baseline(tmp_path / PLAIN_RUN_FILE, "cpu"), plain)):  # fmt: skip
+        state = loaded.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in saved.state_dict().items()), type(saved).__name__
+
+
 def test_prior_trains_every_token_and_honours_its_condition():
     torch.manual_seed(0)
     vocab, length = 12, 6
