@@ -88,7 +88,7 @@ class Watch:
         barrier()
         if self.main:
             print(f"preempted ({reason}): resume state saved in {self.run_dir}", file=sys.stderr, flush=True)
-            print(requeue(self.run_dir), file=sys.stderr, flush=True)
+            requeue(self.run_dir)
         raise Preempted()
 
 
@@ -128,17 +128,30 @@ def resume_command(argv: list[str], run_dir: Path) -> str:
     return shlex.join(["python", "main.py", *args])
 
 
-def requeue(run_dir: Path, environ: dict[str, str] | None = None) -> str:
-    """Put this SLURM job back in the queue (it resumes from `run_dir`); what to tell the user."""
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def requeue(
+    run_dir: Path, environ: dict[str, str] | None = None, say: Callable[[str], None] = _to_stderr
+) -> bool:
+    """Put this SLURM job back in the queue (it resumes from `run_dir`), telling the user through `say`.
+
+    The message goes out before `scontrol` runs: a requeue that succeeds ends this job at once, so a line
+    printed after it may never reach the log."""
     job = slurm_job(environ)
     by_hand = f"continue with: {resume_command(sys.argv, run_dir)}"
     if job is None:
-        return f"not under SLURM; {by_hand}"
+        say(f"not under SLURM; {by_hand}")
+        return False
+    say(f"requeueing SLURM job {job}; it continues from {run_dir} (--resume auto)")
     try:
         done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError) as err:
-        return f"could not run `scontrol requeue {job}` ({err}); resubmit the job or {by_hand}"
+        say(f"could not run `scontrol requeue {job}` ({err}); resubmit the job or {by_hand}")
+        return False
     if done.returncode != 0:
         why = (done.stderr or done.stdout).strip().splitlines()
-        return f"`scontrol requeue {job}` failed ({why[-1] if why else done.returncode}); {by_hand}"
-    return f"requeued SLURM job {job}; it continues from {run_dir} (--resume auto)"
+        say(f"`scontrol requeue {job}` failed ({why[-1] if why else done.returncode}); {by_hand}")
+        return False
+    return True

@@ -111,10 +111,24 @@ def test_slurm_job_ids_and_the_requeue_call(tmp_path, monkeypatch):
     fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
-    message = requeue(
-        tmp_path, {"SLURM_JOB_ID": "78", "SLURM_ARRAY_JOB_ID": "70", "SLURM_ARRAY_TASK_ID": "3"}
+    said = []
+    assert requeue(
+        tmp_path, {"SLURM_JOB_ID": "78", "SLURM_ARRAY_JOB_ID": "70", "SLURM_ARRAY_TASK_ID": "3"}, said.append
     )
-    assert calls.read_text() == "requeue 70_3\n" and "requeued SLURM job 70_3" in message
+    assert calls.read_text() == "requeue 70_3\n" and said == [
+        f"requeueing SLURM job 70_3; it continues from {tmp_path} (--resume auto)"
+    ]
+    fake.write_text("#!/bin/sh\necho 'Invalid job id specified' >&2\nexit 1\n")
+    said.clear()
+    assert not requeue(tmp_path, {"SLURM_JOB_ID": "79"}, said.append)
+    assert (
+        len(said) == 2
+        and "`scontrol requeue 79` failed (Invalid job id specified); continue with: python" in said[1]
+    )
+    said.clear()
+    assert not requeue(tmp_path, {}, said.append) and said[0].startswith(
+        "not under SLURM; continue with: python"
+    )
 
 
 def _children(pid: int) -> list[int]:

@@ -85,7 +85,7 @@ def test_requeued_job_finishes_from_its_resume_state(cluster, small_world, tmp_p
           "the job to finish", cluster, job, run)  # fmt: skip
     log = "\n".join(p.read_text() for p in (run / "slurm").glob("*.out"))
     assert cluster.job(job)["JobState"] == "COMPLETED", log[-3000:]
-    assert "forwarding it to the job step" in log and f"requeued SLURM job {job}" in log
+    assert "forwarding it to the job step" in log and f"requeueing SLURM job {job}" in log
     assert yaml.safe_load((run / "run.yaml").read_text())["status"] == "finished"
 
     assert reference.wait(timeout=300) == 0, reference.stderr.read()[-3000:]
