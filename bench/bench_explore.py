@@ -135,6 +135,12 @@ def screenshots(driver, url: str, folder: Path, image: int, kinds: list[str]) ->
     driver.execute_cdp_cmd("Network.setCacheDisabled", {"cacheDisabled": False})
     open_page(driver, url + "/")
     written = []
+
+    def shot(name: str) -> None:  # once the page settled (animations, image decoding)
+        time.sleep(0.5)
+        written.append(folder / f"explore-{name}.png")
+        driver.save_screenshot(str(written[-1]))
+
     section = open_tab(driver, "Concepts")
     choose_image(driver, section, image)
     for _ in range(30):
@@ -146,9 +152,7 @@ def screenshots(driver, url: str, folder: Path, image: int, kinds: list[str]) ->
         section,
         timeout=600,
     )
-    time.sleep(0.5)
-    written.append(folder / "explore-concepts.png")
-    driver.save_screenshot(str(written[-1]))
+    shot("concepts")
     if "retrieval" in kinds:
         section = open_tab(driver, "Retrieval")
         wait_for(driver, "return arguments[0].querySelector('.legend .legend-item')", section, timeout=120)
@@ -164,24 +168,18 @@ def screenshots(driver, url: str, folder: Path, image: int, kinds: list[str]) ->
         ActionChains(driver).move_to_element_with_offset(canvas, point[0] * scale - size["width"] / 2 + 2,
                                                          point[1] * scale - size["height"] / 2 + 2).click().perform()  # fmt: skip
         wait_for(driver, "return arguments[0].querySelector('.result')", section, timeout=60)
-        time.sleep(0.5)
-        written.append(folder / "explore-retrieval.png")
-        driver.save_screenshot(str(written[-1]))
+        shot("retrieval")
     if "phylo" in kinds:
         section = open_tab(driver, "Phylo-NN")
         section.find_elements(By.CSS_SELECTOR, "circle.node.clickable")[1].click()
         wait_for(
             driver, "return arguments[0].querySelectorAll('.samples img').length > 0", section, timeout=60
         )
-        time.sleep(0.5)
-        written.append(folder / "explore-phylo.png")
-        driver.save_screenshot(str(written[-1]))
+        shot("phylo")
     if "runs" in kinds:
         section = open_tab(driver, "Runs")
         wait_for(driver, "return arguments[0].querySelectorAll('svg.chart').length > 0", section, timeout=60)
-        time.sleep(0.5)
-        written.append(folder / "explore-runs.png")
-        driver.save_screenshot(str(written[-1]))
+        shot("runs")
     return written
 
 

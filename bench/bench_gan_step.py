@@ -233,19 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         (run_ref if args.worker == "ref" else run_ours)(args)
         return 0
-    device, sizes = sbs.parent_sizes(args, GPU_SIZES, CPU_SIZES)
-    wanted = args.impls or ",".join((["ref"] if args.reference else []) + ["ours", "ours-amp"])
     flags = {"ref": ["--worker", "ref"], "ref-aug": ["--worker", "ref", "--aug"], "ours": ["--worker", "ours"],
              "ours-amp": ["--worker", "ours", "--amp"]}  # fmt: skip
-    impls = {}
-    for impl in wanted.split(","):
-        if impl not in flags:
-            raise SystemExit(f"--impls: unknown {impl!r} ({', '.join(flags)})")
-        if impl.startswith("ref") and not args.reference:
-            raise SystemExit(
-                f"--impls {impl} needs --reference PATH (python bench/sidebyside.py fetch nvlabs)"
-            )
-        impls[impl] = [*sizes, f"--device={device}", *flags[impl]]
+    default = (["ref"] if args.reference else []) + ["ours", "ours-amp"]
+    device, impls = sbs.plan(args, GPU_SIZES, CPU_SIZES, flags, default, "nvlabs")
     argv = list(sys.argv[1:] if argv is None else argv)
     print(f"torch {torch.__version__}, {device}; StyleGAN2 iterations at {args.size} px, batch {args.batch}, z/w "
           f"{args.z_dim}, mapping {args.map_layers}, channel_base {args.channel_base}, channel_max {args.channel_max}, "

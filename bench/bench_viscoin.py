@@ -291,24 +291,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         (run_ref if args.worker == "ref" else run_ours)(args)
         return 0
-    device, sizes = sbs.parent_sizes(args, GPU_SIZES, CPU_SIZES)
-    wanted = args.impls or ",".join(
-        (["ref"] if args.reference else []) + (["ours-amp"] if args.amp else ["ours", "ours-amp"])
-    )
+    flags = {
+        "ref": ["--worker", "ref"],
+        "ours": ["--worker", "ours"],
+        "ours-amp": ["--worker", "ours", "--amp"],
+    }
+    default = (["ref"] if args.reference else []) + (["ours-amp"] if args.amp else ["ours", "ours-amp"])
+    device, impls = sbs.plan(args, GPU_SIZES, CPU_SIZES, flags, default, "viscoin")
     argv = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--amp"]
-    impls = {}
-    for impl in wanted.split(","):
-        if impl not in ("ref", "ours", "ours-amp"):
-            raise SystemExit(f"--impls: unknown {impl!r} (ref, ours, ours-amp)")
-        if impl == "ref" and not args.reference:
-            raise SystemExit("--impls ref needs --reference PATH (python bench/sidebyside.py fetch viscoin)")
-        impls[impl] = [
-            *sizes,
-            f"--device={device}",
-            "--worker",
-            impl.split("-")[0],
-            *(["--amp"] if impl == "ours-amp" else []),
-        ]
     print(f"torch {torch.__version__}, {device}; VisCoIN step at {args.size} px, batch {args.batch} real + "
           f"{args.batch} generated, K={args.concepts}, Psi latent {args.latent}, ResNet-50 f, G z/w {args.z_dim} "
           f"channel_base {args.channel_base} channel_max {args.channel_max}, LPIPS {args.lpips}; median of "

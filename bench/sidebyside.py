@@ -232,7 +232,7 @@ def fill_sizes(args: argparse.Namespace, gpu: dict, cpu: dict, on_cpu: bool) -> 
             setattr(args, name, value)
 
 
-def parent_sizes(args: argparse.Namespace, gpu: dict, cpu: dict):
+def _parent_sizes(args: argparse.Namespace, gpu: dict, cpu: dict):
     """In the parent: the device the workers run on (the project's resolve_device), with the size options left
     unset filled in for it, and the sizes as the workers' arguments."""
     sys.path.insert(0, str(ROOT))
@@ -241,6 +241,23 @@ def parent_sizes(args: argparse.Namespace, gpu: dict, cpu: dict):
     device = resolve_device(args.device)
     fill_sizes(args, gpu, cpu, device.type == "cpu")
     return device, [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in gpu]
+
+
+def plan(args: argparse.Namespace, gpu: dict, cpu: dict, flags: dict[str, list[str]], default: list[str],
+         reference: str):  # fmt: skip
+    """In the parent: the device and, for each implementation asked for (--impls, else `default`), its worker's
+    arguments (the sizes, the device and its `flags`). `ref*` needs --reference (fetched as `reference`)."""
+    device, sizes = _parent_sizes(args, gpu, cpu)
+    impls = {}
+    for impl in args.impls.split(",") if args.impls else default:
+        if impl not in flags:
+            raise SystemExit(f"--impls: unknown {impl!r} ({', '.join(flags)})")
+        if impl.startswith("ref") and not args.reference:
+            raise SystemExit(
+                f"--impls {impl} needs --reference PATH (python bench/sidebyside.py fetch {reference})"
+            )
+        impls[impl] = [*sizes, f"--device={device}", *flags[impl]]
+    return device, impls
 
 
 def summarise(results: list[dict], reference: str, details: tuple[str, ...]) -> int:

@@ -96,17 +96,10 @@ class DataConfig:
 
 
 @dataclass
-class DataSpec:
-    """What the data loaders need to know: the data options and the split seed."""
+class DataSpec(DataConfig):
+    """What the data loaders need to know: the data options and the seed that splits validation from train."""
 
-    dataset: str = "world"
-    data_dir: str | None = None
-    world: str = "default"
-    image_size: int = 64
-    val_fraction: float = 0.1
     seed: int = 0
-    bbox_crop: bool = False
-    skip_bad_images: bool = False
 
 
 def check_image_size(size: int | None, option: str = "--image-size") -> None:

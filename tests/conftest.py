@@ -71,6 +71,16 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def make_finished_run(folder: Path, command: str, weights: str) -> Path:
+    """A finished run of `command` in `folder` holding one weights file (bytes that must survive)."""
+    from core.rundir import mark_run, prepare_run_dir
+
+    run = prepare_run_dir(folder, command)
+    (run / weights).write_bytes(b"precious weights")
+    mark_run(run, status="finished")
+    return run
+
+
 def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
     """Exit code 2, one line on stderr without a traceback, naming every fragment."""
     assert result.returncode == 2, result.stdout + result.stderr

@@ -93,3 +93,12 @@ def invoke(*args: str) -> tuple[int, str]:
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
     return result.exit_code, result.output
+
+
+def assert_only_viscoin_trained(before: dict, after: dict) -> None:
+    """After VisCoIN steps: Omega's copy of G (synthesis, w_avg) is frozen; its heads and Psi have moved."""
+    for key, value in after.items():
+        if key.startswith("decoder.synthesis.") or key == "decoder.w_avg":
+            assert torch.equal(value, before[key]), key
+    for key in ("extractor.conv5.weight", "decoder.heads.0.weight"):
+        assert not torch.equal(after[key], before[key]), key

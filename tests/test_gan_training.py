@@ -28,16 +28,7 @@ from datasets.transforms import square_transform
 from models.stylegan2.checkpoint import load_generator, save_generator
 from testing.gan_metrics import feature_statistics, frechet_distance
 from testing.sampling import image_grid
-from training.gan.losses import (
-    d_logistic,
-    ema_beta,
-    g_nonsaturating,
-    lazy_regularization,
-    path_length_penalty,
-    path_lengths,
-    r1_penalty,
-    update_ema,
-)
+from training.gan import losses
 from training.gan.trainer import (
     PRESETS,
     Evaluator,
@@ -55,9 +46,11 @@ from training.lifecycle import ShuffledSteps
 def test_nonsaturating_losses_hand_values() -> None:
     real, fake = torch.tensor([[0.0], [2.0]]), torch.tensor([[1.0], [-3.0]])
     sp = lambda x: math.log1p(math.exp(x))  # noqa: E731
-    assert g_nonsaturating(fake).item() == pytest.approx((sp(-1.0) + sp(3.0)) / 2)
-    assert d_logistic(real, fake).item() == pytest.approx((sp(1.0) + sp(-3.0)) / 2 + (sp(0.0) + sp(-2.0)) / 2)
-    assert g_nonsaturating(torch.zeros(3, 1)).item() == pytest.approx(math.log(2))
+    assert losses.g_nonsaturating(fake).item() == pytest.approx((sp(-1.0) + sp(3.0)) / 2)
+    assert losses.d_logistic(real, fake).item() == pytest.approx(
+        (sp(1.0) + sp(-3.0)) / 2 + (sp(0.0) + sp(-2.0)) / 2
+    )
+    assert losses.g_nonsaturating(torch.zeros(3, 1)).item() == pytest.approx(math.log(2))
 
 
 def test_r1_is_the_sum_of_squared_input_gradients() -> None:
@@ -65,7 +58,7 @@ def test_r1_is_the_sum_of_squared_input_gradients() -> None:
     x[1] *= 2
     x.requires_grad_(True)
     logits = x.square().sum(dim=[1, 2, 3]) + (x * 0.5).sum(dim=[1, 2, 3])  # dD/dx = 2x + 0.5
-    penalty = r1_penalty(x, logits)
+    penalty = losses.r1_penalty(x, logits)
     expected = (2 * x.detach() + 0.5).square().sum(dim=[1, 2, 3])
     torch.testing.assert_close(penalty, expected)
     assert penalty[0].item() == pytest.approx(2.5**2 + 3.5**2 + 1.5**2 + 0.5**2 + 6.5**2 + 2.5**2)
@@ -79,32 +72,34 @@ def test_path_length_of_a_linear_map() -> None:
     ws = torch.randn(5, 2, 4, requires_grad=True)
     images = torch.einsum("nld,ldk->nk", ws, M).reshape(5, 3, 2, 2)
     torch.manual_seed(1)
-    lengths = path_lengths(images, ws)
+    lengths = losses.path_lengths(images, ws)
     torch.manual_seed(1)
     y = torch.randn(5, 3, 2, 2).reshape(5, -1) / 2  # / sqrt(H * W)
     jty = torch.einsum("ldk,nk->nld", M, y)
     torch.testing.assert_close(lengths, jty.square().sum(2).mean(1).sqrt())
-    penalty, mean = path_length_penalty(lengths, torch.tensor(1.0), decay=0.25)
+    penalty, mean = losses.path_length_penalty(lengths, torch.tensor(1.0), decay=0.25)
     assert mean.item() == pytest.approx(1 + 0.25 * (lengths.mean().item() - 1))
     torch.testing.assert_close(penalty, (lengths - mean).square())
 
 
 def test_lazy_regularisation_correction() -> None:
-    lr, betas = lazy_regularization(0.0025, (0.0, 0.99), 16)
+    lr, betas = losses.lazy_regularization(0.0025, (0.0, 0.99), 16)
     assert lr == pytest.approx(0.0025 * 16 / 17)
     assert betas == (0.0, pytest.approx(0.99 ** (16 / 17)))
-    assert lazy_regularization(0.002, (0.5, 0.9), 4) == (pytest.approx(0.0016), (0.5**0.8, 0.9**0.8))
+    assert losses.lazy_regularization(0.002, (0.5, 0.9), 4) == (pytest.approx(0.0016), (0.5**0.8, 0.9**0.8))
 
 
 def test_ema_beta_and_update() -> None:
-    assert ema_beta(32, 10**6, 10) == pytest.approx(0.5 ** (32 / 10_000))
-    assert ema_beta(32, 1000, 10, rampup=0.05) == pytest.approx(0.5 ** (32 / 50))  # ramp: 5% of 1000 images
-    assert ema_beta(32, 10**6, 10, rampup=0.05) == pytest.approx(0.5 ** (32 / 10_000))
-    assert ema_beta(8, 0, 10, rampup=0.05) == 0.0  # the first step copies G
+    assert losses.ema_beta(32, 10**6, 10) == pytest.approx(0.5 ** (32 / 10_000))
+    assert losses.ema_beta(32, 1000, 10, rampup=0.05) == pytest.approx(
+        0.5 ** (32 / 50)
+    )  # ramp: 5% of 1000 images
+    assert losses.ema_beta(32, 10**6, 10, rampup=0.05) == pytest.approx(0.5 ** (32 / 10_000))
+    assert losses.ema_beta(8, 0, 10, rampup=0.05) == 0.0  # the first step copies G
     G, G_ema = tiny_generator(8, seed=1).train(), tiny_generator(8, seed=2)
     randomise_extras(G)
     before = {k: v.clone() for k, v in G_ema.state_dict().items()}
-    update_ema(G_ema, G, 0.9)
+    losses.update_ema(G_ema, G, 0.9)
     for name, p in G.named_parameters():
         expected = p.detach() + 0.9 * (before[name] - p.detach())
         torch.testing.assert_close(G_ema.state_dict()[name], expected, rtol=1e-6, atol=1e-4)  # |p| ~ 100

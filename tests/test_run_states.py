@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import ROOT, run_main, snapshot
+from conftest import ROOT, make_finished_run, run_main, snapshot
 from test_safety import no_active_runs  # noqa: F401 (autouse: no unfinished run left registered)
 
 from core.errors import UserError
@@ -43,12 +43,17 @@ def _record(run: Path, **fields) -> None:
     (run / "run.yaml").write_text(yaml.safe_dump(info))
 
 
+def _refused(args: tuple[str, ...], message: str, capsys, monkeypatch, unchanged: Path) -> None:
+    """`main.py ARGS` fails with exit code 2 and exactly `message`, and nothing under `unchanged` changes."""
+    before = snapshot(unchanged)
+    result = run_main(args, capsys, monkeypatch)
+    assert (result.returncode, result.stderr.strip()) == (2, f"error: {message}")
+    assert snapshot(unchanged) == before
+
+
 @pytest.fixture
 def finished(tmp_path) -> Path:
-    run = prepare_run_dir(tmp_path / "runs" / "done", "train gan")
-    (run / "G_ema.safetensors").write_bytes(b"precious weights")
-    mark_run(run, status="finished")
-    return run
+    return make_finished_run(tmp_path / "runs" / "done", "train gan", "G_ema.safetensors")
 
 
 # ----- a killed run is killed, not running -----
@@ -228,14 +233,9 @@ def test_overwrite_refuses_a_run_of_another_command(finished, capsys, monkeypatc
         f"--overwrite refused: {finished} holds a `train gan` run, which `test classifier` does not replace; "
         "choose another --out"
     )
-    result = run_main(
-        ("vdna", "compare", "a", "b", "--out", str(finished), "--overwrite"), capsys, monkeypatch
-    )
-    assert (result.returncode, result.stderr.strip()) == (
-        2,
-        f"error: --overwrite refused: {finished} holds a `train gan` run, which `vdna compare` does not "
-        "replace; choose another --out",
-    )
+    _refused(("vdna", "compare", "a", "b", "--out", str(finished), "--overwrite"),
+             f"--overwrite refused: {finished} holds a `train gan` run, which `vdna compare` does not replace; "
+             "choose another --out", capsys, monkeypatch, unchanged=finished.parent)  # fmt: skip
     assert snapshot(finished.parent) == before
 
 
@@ -281,17 +281,10 @@ def test_vdna_make_overwrite_refuses_files_that_are_not_a_vdna(case, tmp_path, c
         np.savez(tmp_path / "mine.npz", table=np.arange(3))
     else:
         np.savez(tmp_path / "mine.npz", table=np.arange(3))
-    before = snapshot(tmp_path)
-    result = run_main(
-        ("vdna", "make", "world:small:test", "--out", str(out), "--overwrite"), capsys, monkeypatch
-    )
     wrong = tmp_path / ("mine.json" if case == "foreign-json" else "mine.npz")
-    assert (result.returncode, result.stderr.strip()) == (
-        2,
-        f"error: --overwrite refused: {wrong} is not one of a VDNA pair (<name>.json + <name>.npz), so it is "
-        "kept; choose another --out",
-    )
-    assert snapshot(tmp_path) == before
+    _refused(("vdna", "make", "world:small:test", "--out", str(out), "--overwrite"),
+             f"--overwrite refused: {wrong} is not one of a VDNA pair (<name>.json + <name>.npz), so it is kept; "
+             "choose another --out", capsys, monkeypatch, unchanged=tmp_path)  # fmt: skip
 
 
 def test_import_gan_overwrite_refuses_weights_it_did_not_write(tmp_path, capsys, monkeypatch):
@@ -301,14 +294,9 @@ def test_import_gan_overwrite_refuses_weights_it_did_not_write(tmp_path, capsys,
     snap.write_bytes(b"not read: the target is refused first")
     out = tmp_path / "classifier.safetensors"
     save_weights(out, {"w": torch.zeros(2)}, {"kind": "classifier", "source": "train classifier"})
-    before = snapshot(tmp_path)
-    result = run_main(("import-gan", str(snap), "--out", str(out), "--overwrite"), capsys, monkeypatch)
-    assert (result.returncode, result.stderr.strip()) == (
-        2,
-        f"error: --overwrite refused: {out} is not a generator written by import-gan, so it is kept; choose "
-        "another --out",
-    )
-    assert snapshot(tmp_path) == before
+    _refused(("import-gan", str(snap), "--out", str(out), "--overwrite"),
+             f"--overwrite refused: {out} is not a generator written by import-gan, so it is kept; choose another "
+             "--out", capsys, monkeypatch, unchanged=tmp_path)  # fmt: skip
 
 
 def test_logs_replaces_only_its_own_tables_and_figure(tmp_path, capsys, monkeypatch):

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import snapshot
+from conftest import make_finished_run, snapshot
 
 from core import checkpoint
 from core.config import build
 from core.errors import UserError
-from core.rundir import abandon_active_runs, mark_run, prepare_run_dir, read_run_info
+from core.rundir import abandon_active_runs, prepare_run_dir, read_run_info
 from core.runlog import RunLog, read_events
 
 TRAIN = ["train", "classifier", "--dataset", "world", "--world", "small", "--image-size", "32", "--quiet",
@@ -71,10 +71,7 @@ def no_active_runs():
 
 @pytest.fixture
 def finished_run(tmp_path) -> Path:
-    run = prepare_run_dir(tmp_path / "runs" / "done", "train classifier")
-    (run / "best.safetensors").write_bytes(b"precious weights")
-    mark_run(run, status="finished")
-    return run
+    return make_finished_run(tmp_path / "runs" / "done", "train classifier", "best.safetensors")
 
 
 @pytest.fixture(scope="module")

@@ -43,7 +43,7 @@ def data_spec_for(models, dataset: str | None, data_dir: str | None) -> DataSpec
     name = dataset or trained.get("name", "world")
     check_compatible(models, dataset=name)
     return DataSpec(name, data_dir or config.get("data_dir"), trained.get("world") or "default", models.image_size,
-                    config.get("val_fraction", 0.1), config.get("seed", 0))  # fmt: skip
+                    config.get("val_fraction", 0.1), seed=config.get("seed", 0))  # fmt: skip
 
 
 def plot_reconstructions(models, dataset, device, path: Path, n: int = 8, show: bool = False) -> Path:

@@ -130,18 +130,28 @@ class StepLoop:
     )
 
     def __iter__(self) -> Iterator[int]:
+        def steps(bar: Progress) -> Iterator[int]:
+            for index in range(self.start, self.total):
+                if self.seed_key is not None:
+                    torch.manual_seed(derive_seed(self.run.cfg.seed, self.seed_key, index, self.run.rank))
+                self.step = index + 1
+                yield index
+
+        return self._drive(max(self.total - self.start, 0), self.name, steps)
+
+    def _drive(
+        self, length: int, description: str, items: Callable[[Progress], Iterator[Any]]
+    ) -> Iterator[Any]:
+        """Yield `items(bar)` under a progress bar, this loop being the run's current one: a step the body did
+        not log still moves the bar, and a requested stop is honoured between two items."""
         run = self.run
         previous, run.loop = run.loop, self
         try:
-            with Progress(
-                max(self.total - self.start, 0), self.name, enabled=run.main and not run.quiet
-            ) as bar:
+            with Progress(length, description, enabled=run.main and not run.quiet) as bar:
                 self.bar = bar
-                for index in range(self.start, self.total):
-                    if self.seed_key is not None:
-                        torch.manual_seed(derive_seed(run.cfg.seed, self.seed_key, index, run.rank))
-                    self.step, self._updated = index + 1, False
-                    yield index
+                for item in items(bar):
+                    self._updated = False
+                    yield item
                     if not self._updated:
                         bar.update(1)
                     run.preempt.check(self.step, self.save)
@@ -230,24 +240,17 @@ class EpochLoop(StepLoop):
         run = self.run
         torch.manual_seed(derive_seed(run.cfg.seed, self.epoch, run.rank))
         self.loader.sampler.set_epoch(self.epoch)
-        previous, run.loop = run.loop, self
-        try:
-            description = f"epoch {self.epoch + 1}/{self.epochs}"
-            with Progress(len(self.loader), description, enabled=run.main and not run.quiet) as bar:
-                self.bar = bar
-                batches = iter(self.loader)
-                if self.batches_done:
-                    bar.update(sum(1 for _ in itertools.islice(batches, self.batches_done)))
-                    self._restore_random_state()
-                for batch in batches:
-                    self.batches_done += 1
-                    self._updated = False
-                    yield batch
-                    if not self._updated:
-                        bar.update(1)
-                    run.preempt.check(self.step, self.save)
-        finally:
-            run.loop = previous
+
+        def batches(bar: Progress) -> Iterator[Any]:
+            remaining = iter(self.loader)
+            if self.batches_done:
+                bar.update(sum(1 for _ in itertools.islice(remaining, self.batches_done)))
+                self._restore_random_state()
+            for batch in remaining:
+                self.batches_done += 1
+                yield batch
+
+        return self._drive(len(self.loader), f"epoch {self.epoch + 1}/{self.epochs}", batches)
 
     def _restore_random_state(self) -> None:
         run = self.run
