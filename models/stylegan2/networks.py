@@ -58,8 +58,12 @@ class _Configured(nn.Module):
 def channels_per_resolution(
     resolutions: Sequence[int], channel_base: int, channel_max: int
 ) -> dict[int, int]:
-    """NVlabs channel rule: min(channel_base // res, channel_max) feature maps at resolution `res`."""
-    return {res: min(channel_base // res, channel_max) for res in resolutions}
+    """NVlabs channel rule: min(channel_base // res, channel_max) feature maps at resolution `res`; every
+    resolution must get at least one (the highest gets the fewest)."""
+    channels = {res: min(channel_base // res, channel_max) for res in resolutions}
+    if channels[max(resolutions)] < 1:
+        raise ValueError(f"channel_base={channel_base} leaves no channels at {max(resolutions)} px")
+    return channels
 
 
 def _check_resolution(img_resolution: int) -> None:
@@ -284,8 +288,6 @@ class SynthesisNetwork(nn.Module):
         self.num_fp16_res = num_fp16_res
         self.block_resolutions = [2**i for i in range(2, int(math.log2(img_resolution)) + 1)]
         channels = channels_per_resolution(self.block_resolutions, channel_base, channel_max)
-        if channels[img_resolution] < 1:
-            raise ValueError(f"channel_base={channel_base} leaves no channels at {img_resolution} px")
 
         self.num_ws = 0
         for res in self.block_resolutions:
@@ -506,8 +508,6 @@ class Discriminator(_Configured):
         self.img_channels = img_channels
         self.block_resolutions = [2**i for i in range(int(math.log2(img_resolution)), 2, -1)]
         channels = channels_per_resolution(self.block_resolutions + [4], channel_base, channel_max)
-        if channels[img_resolution] < 1:
-            raise ValueError(f"channel_base={channel_base} leaves no channels at {img_resolution} px")
         if cmap_dim is None:
             cmap_dim = channels[4]
         if c_dim == 0:
