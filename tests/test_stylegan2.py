@@ -165,24 +165,24 @@ def test_generator_gradients_reach_ws() -> None:
 # FIR resampling against the literal definition.
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 5, 5), (1, 2, 8, 8), (1, 1, 4, 7)])
-def test_upsample_matches_naive_reference(shape: tuple[int, ...]) -> None:
+@pytest.mark.parametrize(
+    ("resample", "naive", "shape", "out_size"),
+    [
+        (upsample2d, naive_upsample2d, (2, 3, 5, 5), (10, 10)),
+        (upsample2d, naive_upsample2d, (1, 2, 8, 8), (16, 16)),
+        (upsample2d, naive_upsample2d, (1, 1, 4, 7), (8, 14)),
+        (downsample2d, naive_downsample2d, (2, 3, 6, 6), (3, 3)),
+        (downsample2d, naive_downsample2d, (1, 2, 8, 8), (4, 4)),
+        (downsample2d, naive_downsample2d, (1, 1, 4, 10), (2, 5)),
+    ],
+)
+def test_up_and_downsample_match_naive_reference(resample, naive, shape, out_size) -> None:
     torch.manual_seed(1)
     x = torch.randn(shape, dtype=torch.float64)
     f = setup_filter([1, 3, 3, 1]).double()
-    y = upsample2d(x, f)
-    assert y.shape == (*shape[:2], shape[2] * 2, shape[3] * 2)
-    torch.testing.assert_close(y, naive_upsample2d(x, f), rtol=1e-12, atol=1e-12)
-
-
-@pytest.mark.parametrize("shape", [(2, 3, 6, 6), (1, 2, 8, 8), (1, 1, 4, 10)])
-def test_downsample_matches_naive_reference(shape: tuple[int, ...]) -> None:
-    torch.manual_seed(2)
-    x = torch.randn(shape, dtype=torch.float64)
-    f = setup_filter([1, 3, 3, 1]).double()
-    y = downsample2d(x, f)
-    assert y.shape == (*shape[:2], shape[2] // 2, shape[3] // 2)
-    torch.testing.assert_close(y, naive_downsample2d(x, f), rtol=1e-12, atol=1e-12)
+    y = resample(x, f)
+    assert y.shape == (*shape[:2], *out_size)
+    torch.testing.assert_close(y, naive(x, f), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize(
