@@ -19,8 +19,10 @@ from pathlib import Path
 import torch
 
 
-def _timed(fn, device: torch.device, steps: int) -> float:
-    """Mean seconds per call of `fn` over `steps` calls (synchronising on CUDA)."""
+def _timed(fn, device: torch.device, steps: int, warmup: int = 0) -> float:
+    """Mean seconds per call of `fn` over `steps` calls after `warmup` untimed ones (synchronising on CUDA)."""
+    for _ in range(warmup):
+        fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()

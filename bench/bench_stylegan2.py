@@ -14,26 +14,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 import torch
-
-
-def _timed(fn: Callable[[], torch.Tensor], device: torch.device, warmup: int, iters: int) -> float:
-    """Mean seconds per call of `fn` after `warmup` calls (synchronising on CUDA)."""
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / iters
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -54,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.bench_gan_training import _timed
     from models.stylegan2 import Generator
     from models.stylegan2.ops import conv2d_resample, setup_filter
 
@@ -85,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         with torch.inference_mode():
             for name in names:
                 call = partial(G, z, noise_mode="const", fused_modconv=variants[name])
-                times[name] = _timed(call, device, args.warmup, args.iters)
+                times[name] = _timed(call, device, args.iters, warmup=args.warmup)
         figures = " | ".join(
             f"{name} {args.batch / t:7.2f} img/s ({t * 1e3:8.1f} ms/batch)" for name, t in times.items()
         )
@@ -103,8 +88,8 @@ def main(argv: list[str] | None = None) -> None:
                 fast: _timed(
                     partial(conv2d_resample, x, w, f=f, up=2, padding=1, flip_weight=False, fast=fast),
                     device,
-                    args.warmup,
                     args.iters,
+                    warmup=args.warmup,
                 )
                 for fast in (True, False)
             }

@@ -39,15 +39,18 @@ from models.stylegan2.reference import naive_downsample2d, naive_upfirdn2d, naiv
 TINY = dict(channel_base=256, channel_max=32)
 
 
-def tiny_generator(res: int = 16, seed: int = 0, **synthesis_kwargs) -> Generator:
+def tiny_generator(
+    res: int = 16, seed: int = 0, *, dim: int = 16, mapping_layers: int = 2, **synthesis_kwargs
+) -> Generator:
+    """An unconditional RGB generator in eval mode, z and w of `dim`, TINY channels unless overridden."""
     torch.manual_seed(seed)
     return Generator(
-        z_dim=16,
+        z_dim=dim,
         c_dim=0,
-        w_dim=16,
+        w_dim=dim,
         img_resolution=res,
         img_channels=3,
-        mapping_kwargs=dict(num_layers=2),
+        mapping_kwargs=dict(num_layers=mapping_layers),
         synthesis_kwargs={**TINY, **synthesis_kwargs},
     ).eval()
 
@@ -67,15 +70,7 @@ def randomise_extras(G: Generator) -> None:
 
 @pytest.mark.parametrize(("res", "num_ws"), [(8, 4), (16, 6), (32, 8), (64, 10), (128, 12), (256, 14)])
 def test_num_ws_and_image_shape(res: int, num_ws: int) -> None:
-    G = Generator(
-        z_dim=8,
-        c_dim=0,
-        w_dim=8,
-        img_resolution=res,
-        img_channels=3,
-        mapping_kwargs=dict(num_layers=1),
-        synthesis_kwargs=dict(channel_base=256, channel_max=8),
-    ).eval()
+    G = tiny_generator(res, dim=8, mapping_layers=1, channel_max=8)
     assert G.num_ws == G.synthesis.num_ws == G.mapping.num_ws == num_ws
     img = G(torch.randn(2, 8), noise_mode="const")
     assert img.shape == (2, 3, res, res) and img.dtype == torch.float32
@@ -170,24 +165,24 @@ def test_generator_gradients_reach_ws() -> None:
 # FIR resampling against the literal definition.
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 5, 5), (1, 2, 8, 8), (1, 1, 4, 7)])
-def test_upsample_matches_naive_reference(shape: tuple[int, ...]) -> None:
+@pytest.mark.parametrize(
+    ("resample", "naive", "shape", "out_size"),
+    [
+        (upsample2d, naive_upsample2d, (2, 3, 5, 5), (10, 10)),
+        (upsample2d, naive_upsample2d, (1, 2, 8, 8), (16, 16)),
+        (upsample2d, naive_upsample2d, (1, 1, 4, 7), (8, 14)),
+        (downsample2d, naive_downsample2d, (2, 3, 6, 6), (3, 3)),
+        (downsample2d, naive_downsample2d, (1, 2, 8, 8), (4, 4)),
+        (downsample2d, naive_downsample2d, (1, 1, 4, 10), (2, 5)),
+    ],
+)
+def test_up_and_downsample_match_naive_reference(resample, naive, shape, out_size) -> None:
     torch.manual_seed(1)
     x = torch.randn(shape, dtype=torch.float64)
     f = setup_filter([1, 3, 3, 1]).double()
-    y = upsample2d(x, f)
-    assert y.shape == (*shape[:2], shape[2] * 2, shape[3] * 2)
-    torch.testing.assert_close(y, naive_upsample2d(x, f), rtol=1e-12, atol=1e-12)
-
-
-@pytest.mark.parametrize("shape", [(2, 3, 6, 6), (1, 2, 8, 8), (1, 1, 4, 10)])
-def test_downsample_matches_naive_reference(shape: tuple[int, ...]) -> None:
-    torch.manual_seed(2)
-    x = torch.randn(shape, dtype=torch.float64)
-    f = setup_filter([1, 3, 3, 1]).double()
-    y = downsample2d(x, f)
-    assert y.shape == (*shape[:2], shape[2] // 2, shape[3] // 2)
-    torch.testing.assert_close(y, naive_downsample2d(x, f), rtol=1e-12, atol=1e-12)
+    y = resample(x, f)
+    assert y.shape == (*shape[:2], *out_size)
+    torch.testing.assert_close(y, naive(x, f), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize(
@@ -433,9 +428,7 @@ def test_conv_clamp_is_honoured() -> None:
 
 
 def precision_pair() -> tuple[Generator, Discriminator, torch.Tensor]:
-    torch.manual_seed(0)
-    G = Generator(32, 0, 32, 32, 3, mapping_kwargs=dict(num_layers=2),
-                  synthesis_kwargs=dict(channel_base=1024, channel_max=64, conv_clamp=256)).eval()  # fmt: skip
+    G = tiny_generator(32, dim=32, channel_base=1024, channel_max=64, conv_clamp=256)
     D = Discriminator(0, 32, 3, channel_base=1024, channel_max=64, mbstd_group_size=2)
     return G, D, torch.randn(4, 32, generator=torch.Generator().manual_seed(1))
 

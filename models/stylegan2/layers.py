@@ -61,7 +61,32 @@ class FullyConnectedLayer(nn.Module):
         )
 
 
-class Conv2dLayer(nn.Module):
+class _ResamplingConv(nn.Module):
+    """What `Conv2dLayer` and `SynthesisLayer` share: NVlabs' FIR `resample_filter` buffer, 'same' padding for
+    `kernel_size`, and the closing bias + activation, whose gain and clamp scale with the caller's `gain`."""
+
+    def __init__(
+        self,
+        kernel_size: int,
+        activation: str,
+        up: int,
+        resample_filter: Sequence[float],
+        conv_clamp: float | None,
+    ):
+        super().__init__()
+        self.activation = activation
+        self.up = up
+        self.conv_clamp = conv_clamp
+        self.register_buffer("resample_filter", setup_filter(resample_filter))
+        self.padding = kernel_size // 2
+        self.act_gain = activation_gain(activation)
+
+    def _bias_act(self, x: torch.Tensor, gain: float) -> torch.Tensor:
+        act_clamp = self.conv_clamp * gain if self.conv_clamp is not None else None
+        return bias_act(x, self.bias, act=self.activation, gain=self.act_gain * gain, clamp=act_clamp)
+
+
+class Conv2dLayer(_ResamplingConv):
     """Equalised-LR convolution with optional FIR up/down-sampling, bias, activation and clamp (used by D)."""
 
     def __init__(
@@ -76,15 +101,9 @@ class Conv2dLayer(nn.Module):
         resample_filter: Sequence[float] = (1, 3, 3, 1),
         conv_clamp: float | None = None,
     ):
-        super().__init__()
-        self.activation = activation
-        self.up = up
+        super().__init__(kernel_size, activation, up, resample_filter, conv_clamp)
         self.down = down
-        self.conv_clamp = conv_clamp
-        self.register_buffer("resample_filter", setup_filter(resample_filter))
-        self.padding = kernel_size // 2
         self.weight_gain = 1 / math.sqrt(in_channels * kernel_size**2)
-        self.act_gain = activation_gain(activation)
         self.weight = nn.Parameter(torch.randn([out_channels, in_channels, kernel_size, kernel_size]))
         self.bias = nn.Parameter(torch.zeros([out_channels])) if bias else None
 
@@ -99,11 +118,10 @@ class Conv2dLayer(nn.Module):
             padding=self.padding,
             flip_weight=self.up == 1,
         )
-        act_clamp = self.conv_clamp * gain if self.conv_clamp is not None else None
-        return bias_act(x, self.bias, act=self.activation, gain=self.act_gain * gain, clamp=act_clamp)
+        return self._bias_act(x, gain)
 
 
-class SynthesisLayer(nn.Module):
+class SynthesisLayer(_ResamplingConv):
     """Style-modulated 3x3 convolution (optionally 2x up-sampling) + per-pixel noise + bias + lrelu + clamp.
 
     `affine` maps w to one style per input channel (bias initialised to 1, so styles start near identity).
@@ -124,16 +142,9 @@ class SynthesisLayer(nn.Module):
         resample_filter: Sequence[float] = (1, 3, 3, 1),
         conv_clamp: float | None = None,
     ):
-        super().__init__()
+        super().__init__(kernel_size, activation, up, resample_filter, conv_clamp)
         self.resolution = resolution
-        self.up = up
         self.use_noise = use_noise
-        self.activation = activation
-        self.conv_clamp = conv_clamp
-        self.register_buffer("resample_filter", setup_filter(resample_filter))
-        self.padding = kernel_size // 2
-        self.act_gain = activation_gain(activation)
-
         self.affine = FullyConnectedLayer(w_dim, in_channels, bias_init=1)
         self.weight = nn.Parameter(torch.randn([out_channels, in_channels, kernel_size, kernel_size]))
         if use_noise:
@@ -181,8 +192,7 @@ class SynthesisLayer(nn.Module):
             flip_weight=self.up == 1,
             fused_modconv=fused_modconv,
         )
-        act_clamp = self.conv_clamp * gain if self.conv_clamp is not None else None
-        return bias_act(x, self.bias, act=self.activation, gain=self.act_gain * gain, clamp=act_clamp)
+        return self._bias_act(x, gain)
 
 
 class ToRGBLayer(nn.Module):

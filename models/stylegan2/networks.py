@@ -41,11 +41,29 @@ def _plain(value: Any) -> Any:
     return value
 
 
+class _Configured(nn.Module):
+    """A network that keeps its constructor arguments as plain data: `type(net)(**net.config)` rebuilds it."""
+
+    def _keep_config(self, init_locals: dict[str, Any]) -> None:
+        """Keep the calling `__init__`'s arguments, passed as its `locals()` taken before it makes any other local
+        (arguments it normalised are kept as normalised)."""
+        self._config = _plain({k: v for k, v in init_locals.items() if k not in ("self", "__class__")})
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments as a plain dict (a copy)."""
+        return copy.deepcopy(self._config)
+
+
 def channels_per_resolution(
     resolutions: Sequence[int], channel_base: int, channel_max: int
 ) -> dict[int, int]:
-    """NVlabs channel rule: min(channel_base // res, channel_max) feature maps at resolution `res`."""
-    return {res: min(channel_base // res, channel_max) for res in resolutions}
+    """NVlabs channel rule: min(channel_base // res, channel_max) feature maps at resolution `res`; every
+    resolution must get at least one (the highest gets the fewest)."""
+    channels = {res: min(channel_base // res, channel_max) for res in resolutions}
+    if channels[max(resolutions)] < 1:
+        raise ValueError(f"channel_base={channel_base} leaves no channels at {max(resolutions)} px")
+    return channels
 
 
 def _check_resolution(img_resolution: int) -> None:
@@ -270,8 +288,6 @@ class SynthesisNetwork(nn.Module):
         self.num_fp16_res = num_fp16_res
         self.block_resolutions = [2**i for i in range(2, int(math.log2(img_resolution)) + 1)]
         channels = channels_per_resolution(self.block_resolutions, channel_base, channel_max)
-        if channels[img_resolution] < 1:
-            raise ValueError(f"channel_base={channel_base} leaves no channels at {img_resolution} px")
 
         self.num_ws = 0
         for res in self.block_resolutions:
@@ -315,7 +331,7 @@ class SynthesisNetwork(nn.Module):
         return img
 
 
-class Generator(nn.Module):
+class Generator(_Configured):
     """StyleGAN2 generator: `G(z, c)` -> images in about [-1, 1]; `G.mapping` and `G.synthesis` are public.
 
     `G.config` is the plain dict of constructor arguments: `Generator(**G.config)` rebuilds the architecture.
@@ -334,17 +350,7 @@ class Generator(nn.Module):
         super().__init__()
         mapping_kwargs = dict(mapping_kwargs or {})
         synthesis_kwargs = dict(synthesis_kwargs or {})
-        self._config = _plain(
-            dict(
-                z_dim=z_dim,
-                c_dim=c_dim,
-                w_dim=w_dim,
-                img_resolution=img_resolution,
-                img_channels=img_channels,
-                mapping_kwargs=mapping_kwargs,
-                synthesis_kwargs=synthesis_kwargs,
-            )
-        )
+        self._keep_config(locals())
         self.z_dim = z_dim
         self.c_dim = c_dim
         self.w_dim = w_dim
@@ -357,11 +363,6 @@ class Generator(nn.Module):
         self.mapping = MappingNetwork(
             z_dim=z_dim, c_dim=c_dim, w_dim=w_dim, num_ws=self.num_ws, **mapping_kwargs
         )
-
-    @property
-    def config(self) -> dict[str, Any]:
-        """Constructor arguments as a plain dict (a copy)."""
-        return copy.deepcopy(self._config)
 
     def forward(
         self,
@@ -471,7 +472,7 @@ class DiscriminatorEpilogue(nn.Module):
         return x
 
 
-class Discriminator(nn.Module):
+class Discriminator(_Configured):
     """StyleGAN2 residual discriminator: image [N, C, R, R] in [-1, 1] (and label c) -> logits [N, 1].
 
     `num_fp16_res` is accepted for NVlabs config compatibility and ignored (float32 throughout).
@@ -501,29 +502,12 @@ class Discriminator(nn.Module):
             )
         super().__init__()
         mapping_kwargs = dict(mapping_kwargs or {})
-        self._config = _plain(
-            dict(
-                c_dim=c_dim,
-                img_resolution=img_resolution,
-                img_channels=img_channels,
-                channel_base=channel_base,
-                channel_max=channel_max,
-                mbstd_group_size=mbstd_group_size,
-                mbstd_num_channels=mbstd_num_channels,
-                architecture=architecture,
-                num_fp16_res=num_fp16_res,
-                conv_clamp=conv_clamp,
-                cmap_dim=cmap_dim,
-                mapping_kwargs=mapping_kwargs,
-            )
-        )
+        self._keep_config(locals())
         self.c_dim = c_dim
         self.img_resolution = img_resolution
         self.img_channels = img_channels
         self.block_resolutions = [2**i for i in range(int(math.log2(img_resolution)), 2, -1)]
         channels = channels_per_resolution(self.block_resolutions + [4], channel_base, channel_max)
-        if channels[img_resolution] < 1:
-            raise ValueError(f"channel_base={channel_base} leaves no channels at {img_resolution} px")
         if cmap_dim is None:
             cmap_dim = channels[4]
         if c_dim == 0:
@@ -551,11 +535,6 @@ class Discriminator(nn.Module):
             mbstd_num_channels=mbstd_num_channels,
             conv_clamp=conv_clamp,
         )
-
-    @property
-    def config(self) -> dict[str, Any]:
-        """Constructor arguments as a plain dict (a copy): `Discriminator(**D.config)` rebuilds it."""
-        return copy.deepcopy(self._config)
 
     def forward(self, img: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         expected = (self.img_channels, self.img_resolution, self.img_resolution)

@@ -321,30 +321,16 @@ def modulated_conv2d(
     if demodulate:
         dcoefs = (w.square().sum(dim=[2, 3, 4]) + 1e-8).rsqrt()  # [N, O]
 
-    if not fused_modconv:
-        x = x * styles.to(x.dtype).reshape(batch_size, -1, 1, 1)
-        x = conv2d_resample(
-            x,
-            weight.to(x.dtype),
-            f=resample_filter,
-            up=up,
-            down=down,
-            padding=padding,
-            flip_weight=flip_weight,
-            fast=fast,
-        )
-        if demodulate and noise is not None:
-            return torch.addcmul(noise.to(x.dtype), x, dcoefs.to(x.dtype).reshape(batch_size, -1, 1, 1))
+    # Both forms run one conv2d_resample: the unfused one on the style-scaled activations with the shared
+    # weight, the fused one as a grouped convolution of the batch as channels with one kernel per sample.
+    if fused_modconv:
         if demodulate:
-            x = x * dcoefs.to(x.dtype).reshape(batch_size, -1, 1, 1)
-        if noise is not None:
-            x = x + noise.to(x.dtype)
-        return x
-
-    if demodulate:
-        w = w * dcoefs.reshape(batch_size, -1, 1, 1, 1)
-    x = x.reshape(1, -1, *x.shape[2:])
-    w = w.reshape(-1, in_channels, kh, kw)
+            w = w * dcoefs.reshape(batch_size, -1, 1, 1, 1)
+        x = x.reshape(1, -1, *x.shape[2:])
+        w = w.reshape(-1, in_channels, kh, kw)
+    else:
+        x = x * styles.to(x.dtype).reshape(batch_size, -1, 1, 1)
+        w = weight
     x = conv2d_resample(
         x,
         w.to(x.dtype),
@@ -352,11 +338,16 @@ def modulated_conv2d(
         up=up,
         down=down,
         padding=padding,
-        groups=batch_size,
+        groups=batch_size if fused_modconv else 1,
         flip_weight=flip_weight,
         fast=fast,
     )
-    x = x.reshape(batch_size, -1, *x.shape[2:])
+    if fused_modconv:
+        x = x.reshape(batch_size, -1, *x.shape[2:])
+    elif demodulate and noise is not None:
+        return torch.addcmul(noise.to(x.dtype), x, dcoefs.to(x.dtype).reshape(batch_size, -1, 1, 1))
+    elif demodulate:
+        x = x * dcoefs.to(x.dtype).reshape(batch_size, -1, 1, 1)
     if noise is not None:
         x = x + noise.to(x.dtype)
     return x
