@@ -24,6 +24,7 @@ from cli.common import (
     Device,
     Overwrite,
     Quiet,
+    Shared,
     TrainOptions,
     Workers,
     WorldPreset,
@@ -474,16 +475,21 @@ def plot_command(
 RESUMABLE = {"eval_batch_size"}
 
 
-@training_command("train retrieval", data=("world", "data_dir"))
+@training_command(
+    "train retrieval",
+    data=("world", "data_dir"),
+    helps={
+        "preset": "Recipe from training/presets/retrieval.yaml: tiny, bioscan-1m, bioscan-5m.",
+        "weights": "Image tower: imagenet, none or PATH.",
+        "batch_size": "Records per step per process.",
+        "lr": "OneCycle peak learning rate.",
+        "weight_decay": "AdamW weight decay.",
+        "eval_every": "Steps between validations (0: every epoch).",
+    },
+)
 def train_retrieval_command(
     options: TrainOptions,
-    preset: Annotated[
-        str,
-        typer.Option(
-            help="Recipe from training/presets/retrieval.yaml: tiny, bioscan-1m, bioscan-5m.",
-            rich_help_panel=MODEL,
-        ),
-    ] = "tiny",  # fmt: skip
+    preset: Shared = "tiny",
     data: Annotated[
         Path | None,
         typer.Option(
@@ -504,9 +510,7 @@ def train_retrieval_command(
     image_size: Annotated[
         int | None, typer.Option(help="Image side in pixels.", rich_help_panel=MODEL)
     ] = None,
-    weights: Annotated[
-        str | None, typer.Option(help="Image tower: imagenet, none or PATH.", rich_help_panel=MODEL)
-    ] = None,
+    weights: Shared = None,
     dna_weights: Annotated[
         Path | None,
         typer.Option(
@@ -534,21 +538,13 @@ def train_retrieval_command(
         ),
     ] = None,  # fmt: skip
     embed_dim: Annotated[int | None, typer.Option(help="Embedding dimension.", rich_help_panel=MODEL)] = None,
-    batch_size: Annotated[
-        int | None, typer.Option(help="Records per step per process.", rich_help_panel=OPTIM)
-    ] = None,
+    batch_size: Shared = None,
     epochs: Annotated[
         float | None, typer.Option(help="Training epochs (fractions allowed).", rich_help_panel=OPTIM)
     ] = None,
-    lr: Annotated[
-        float | None, typer.Option("--lr", help="OneCycle peak learning rate.", rich_help_panel=OPTIM)
-    ] = None,
-    weight_decay: Annotated[
-        float | None, typer.Option(help="AdamW weight decay.", rich_help_panel=OPTIM)
-    ] = None,
-    eval_every: Annotated[
-        int | None, typer.Option(help="Steps between validations (0: every epoch).", rich_help_panel=OUTPUT)
-    ] = None,  # fmt: skip
+    lr: Shared = None,
+    weight_decay: Shared = None,
+    eval_every: Shared = None,
 ) -> None:
     """Train the image-DNA(-taxonomy) retrieval model contrastively (best/last, log.jsonl, resume, DDP)."""
     from training.retrieval import PRESETS, RetrievalConfig, train_retrieval
