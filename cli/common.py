@@ -399,7 +399,9 @@ def with_options(
     """Give a command shared options, each declared once in SHARED_OPTIONS (or in `table`, the options a family
     of commands shares, same layout): `first` before the command's own options, `names` after them (`helps`
     rewords one for this command, `defaults` changes its default). The function declares only its own options
-    after a first parameter, which receives the shared ones as one object: `wrap(SimpleNamespace(name=value))`."""
+    after a first parameter, which receives the shared ones as one object: `wrap(SimpleNamespace(name=value))`;
+    without `first` and `names` there is no such parameter. An own parameter annotated `Shared` is the table's
+    option of its name, in its place."""
     helps, defaults, options = helps or {}, defaults or {}, {**SHARED_OPTIONS, **(table or {})}
 
     def parameter(name: str, default: Any = REQUIRED) -> inspect.Parameter:
@@ -412,12 +414,15 @@ def with_options(
         return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 
     def decorate(func: Callable) -> Callable:
-        own = list(inspect.signature(func, eval_str=True).parameters.values())[1:]
+        bundled = bool(first or names)  # whether the first parameter receives the shared options
+        own = list(inspect.signature(func, eval_str=True).parameters.values())[bundled:]
         own = [parameter(p.name, p.default) if p.annotation is Shared else p for p in own]
         own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]  # any order of defaults: keywords
         params = [*(parameter(n) for n in first), *own, *(parameter(n) for n in names)]
 
         def run(**kwargs: Any) -> Any:
+            if not bundled:
+                return func(**kwargs)
             shared = SimpleNamespace(**{n: kwargs.pop(n) for n in (*first, *names)})
             return func(wrap(shared), **kwargs)
 
@@ -435,10 +440,12 @@ def training_command(
     data: tuple[str, ...] = DATA_OPTIONS,
     helps: dict[str, str] | None = None,
     datasets: tuple[str, ...] = (),
+    table: dict[str, tuple[Any, Any]] | None = None,
 ):
     """Give a training command the shared options: `data` (a subset of DATA_OPTIONS) first, then the
     bookkeeping, hardware and output options; its first parameter receives them as `TrainOptions`. Its own
-    parameters annotated `Shared` are the settings of TRAINING_OPTIONS (`helps` rewords any of them)."""
+    parameters annotated `Shared` are the settings of TRAINING_OPTIONS or of its family's `table` (`helps`
+    rewords any of them)."""
 
     def wrap(shared: SimpleNamespace) -> TrainOptions:
         values = vars(shared)
@@ -451,7 +458,7 @@ def training_command(
         )
 
     return with_options(*RUN_OPTIONS, *HARDWARE_OPTIONS, *OUTPUT_OPTIONS, first=data, helps=helps,
-                        table=TRAINING_OPTIONS, wrap=wrap)  # fmt: skip
+                        table={**TRAINING_OPTIONS, **(table or {})}, wrap=wrap)  # fmt: skip
 
 
 def results_dir(command: str, options: SimpleNamespace, inputs: Iterable[Any], config: dict) -> Path:

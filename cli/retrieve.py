@@ -19,6 +19,7 @@ from cli.common import (
     MODEL,
     OPTIM,
     OUTPUT,
+    REQUIRED,
     Amp,
     DataDir,
     Device,
@@ -61,7 +62,9 @@ Force = Annotated[bool, typer.Option(help="Rebuild cached embedding indexes.", r
 TRAINED = "the data the model was trained on"
 
 
-# How `index`, `evaluate` and `plot` embed a split (cli.common.with_options)
+# The model and the data that the retrieval commands read (cli.common.with_options)
+INPUTS = {"model": (Model, REQUIRED), "data": (Data, None)}
+# How `index`, `evaluate` and `plot` embed a split
 EMBEDDING = {
     "batch_size": (BatchSize, 256),
     "device": (Device, "auto"),
@@ -306,20 +309,14 @@ def _print_results(results) -> None:
 
 
 @app.command("evaluate")
-@with_options(*EMBEDDING, *RESULTS, table=EMBEDDING)
+@with_options(
+    *EMBEDDING, *RESULTS, table={**INPUTS, **EMBEDDING},
+    helps={"model": "Retrieval weights (.safetensors, a `train retrieval` run directory, or a CLIBD .pth); or "
+           "pass --features."},
+)  # fmt: skip
 def evaluate_command(
     o: SimpleNamespace,
-    model: Annotated[
-        Path | None,
-        typer.Option(
-            "--model",
-            "-m",
-            exists=True,
-            help="Retrieval weights (.safetensors, a `train retrieval` run "
-            "directory, or a CLIBD .pth); or pass --features.",
-            rich_help_panel=MODEL,
-        ),
-    ] = None,  # fmt: skip
+    model: Shared = None,
     features: Annotated[
         Path | None,
         typer.Option(
@@ -478,7 +475,9 @@ RESUMABLE = {"eval_batch_size"}
 @training_command(
     "train retrieval",
     data=("world", "data_dir"),
+    table=INPUTS,
     helps={
+        "data": "BIOSCAN HDF5 file (default: the synthetic world in that layout).",
         "preset": "Recipe from training/presets/retrieval.yaml: tiny, bioscan-1m, bioscan-5m.",
         "weights": "Image tower: imagenet, none or PATH.",
         "batch_size": "Records per step per process.",
@@ -490,17 +489,7 @@ RESUMABLE = {"eval_batch_size"}
 def train_retrieval_command(
     options: TrainOptions,
     preset: Shared = "tiny",
-    data: Annotated[
-        Path | None,
-        typer.Option(
-            "--data",
-            exists=True,
-            dir_okay=False,
-            envvar="BIOVIS_BIOSCAN",
-            help="BIOSCAN HDF5 file (default: the synthetic world in that layout).",
-            rich_help_panel=DATA,
-        ),
-    ] = None,  # fmt: skip
+    data: Shared = None,
     modalities: Annotated[
         str | None, typer.Option(help="image,dna or image,dna,text.", rich_help_panel=MODEL)
     ] = None,
