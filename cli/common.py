@@ -246,7 +246,26 @@ Classifier = Annotated[
     ),
 ]  # fmt: skip
 
+# The data a trained model is evaluated on: a split, and another dataset than its own
+Split = Annotated[str, typer.Option(help="test, val, train or trainval.", rich_help_panel=DATA)]
+EvalDataset = Annotated[
+    str | None,
+    typer.Option(
+        "--dataset", "-d", help="Dataset (default: the one it was trained on).", rich_help_panel=DATA
+    ),
+]
+EVALUATION_OPTIONS: dict[str, tuple[Any, Any]] = {"dataset": (EvalDataset, None), "split": (Split, "test")}
+
 REQUIRED = inspect.Parameter.empty  # the default of an option that has none
+
+
+def reworded(option: Any, help: str) -> Any:
+    """The option type `option` (an Annotated typer option) with another help text: the same option, worded
+    for one command."""
+    info = copy.copy(option.__metadata__[0])
+    info.help = help
+    return Annotated[option.__origin__, info]
+
 
 # name -> (option type, default)
 SHARED_OPTIONS: dict[str, tuple[Any, Any]] = {
@@ -407,9 +426,7 @@ def with_options(
     def parameter(name: str, default: Any = REQUIRED) -> inspect.Parameter:
         annotation, table_default = options[name]
         if name in helps:  # the same option, reworded for this command
-            info = copy.copy(annotation.__metadata__[0])
-            info.help = helps[name]
-            annotation = Annotated[annotation.__origin__, info]
+            annotation = reworded(annotation, helps[name])
         default = defaults.get(name, table_default if default is REQUIRED else default)
         return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 

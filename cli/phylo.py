@@ -12,6 +12,7 @@ import typer
 
 from cli.common import (
     DATA,
+    EVALUATION_OPTIONS,
     MODEL,
     OPTIM,
     OUTPUT,
@@ -233,6 +234,7 @@ def print_report(summary: dict) -> None:
 @with_options(
     "batch_size", "device", "num_workers", "out", "name", "overwrite", "show", "quiet",
     first=("checkpoint",), helps={**HELPS, "checkpoint": "phylo.safetensors or a train phylo run."},
+    table=EVALUATION_OPTIONS,
 )  # fmt: skip
 def test_phylo_command(
     o: SimpleNamespace,
@@ -255,7 +257,7 @@ def test_phylo_command(
     seed: Annotated[
         int, typer.Option(help="Sample i of a condition uses seed + i.", rich_help_panel=OUTPUT)
     ] = 0,
-    split: Annotated[str, typer.Option(help="test, val, train or trainval.", rich_help_panel=DATA)] = "test",
+    split: Shared = "test",
     data_dir: DataDir = None,
 ) -> None:
     """Per tree level, the Spearman correlation between code distances and tree distances across species beside

@@ -10,6 +10,7 @@ import typer
 
 from cli.common import (
     DATA,
+    EVALUATION_OPTIONS,
     HARDWARE,
     MODEL,
     OPTIM,
@@ -154,15 +155,13 @@ def train_viscoin_command(
 
 
 @with_options("batch_size", "device", "amp", "num_workers", "out", "name", "overwrite", "show", "quiet",
-              defaults={"batch_size": 32})  # fmt: skip
+              defaults={"batch_size": 32}, helps={"dataset": "Dataset (default: the bundle's)."},
+              table=EVALUATION_OPTIONS)  # fmt: skip
 def test_viscoin_command(
     o: SimpleNamespace,
     bundle: Bundle,
-    split: Annotated[str, typer.Option(help="test, val, train or trainval.", rich_help_panel=DATA)] = "test",
-    dataset: Annotated[
-        str | None,
-        typer.Option("--dataset", "-d", help="Dataset (default: the bundle's).", rich_help_panel=DATA),
-    ] = None,
+    split: Shared = "test",
+    dataset: Shared = None,
     data_dir: DataDir = None,
     max_images: Annotated[
         int | None, typer.Option(help="Evaluate only the first N images of the split.", rich_help_panel=DATA)
