@@ -9,7 +9,16 @@ from typing import Annotated
 
 import typer
 
-from cli.common import DATA, MODEL, REQUIRED, results_dir, with_options
+from cli.common import (
+    DATA,
+    EVALUATION_OPTIONS,
+    MODEL,
+    REQUIRED,
+    EvalDataset,
+    results_dir,
+    reworded,
+    with_options,
+)
 from core.errors import UserError
 
 SELECT = "Concept selection"
@@ -19,11 +28,6 @@ Bundle = Annotated[
     typer.Option("--bundle", "-b", exists=True, rich_help_panel=MODEL,
                  help="to-pickle bundle (.pt), VisCoIN .safetensors checkpoint, or a training run directory."),
 ]  # fmt: skip
-DatasetOpt = Annotated[
-    str | None,
-    typer.Option("--dataset", "-d", rich_help_panel=DATA, help="Dataset (default: the bundle's; another is refused)."),
-]  # fmt: skip
-Split = Annotated[str, typer.Option(help="test, val, train or trainval.", rich_help_panel=DATA)]
 ImageIndices = Annotated[
     str | None,
     typer.Option(rich_help_panel=DATA,
@@ -36,8 +40,8 @@ Seed = Annotated[
 # The bundle and the images of a split that `amplify` and `concepts heatmaps` read (cli.common.with_options)
 IMAGES = {
     "bundle": (Bundle, REQUIRED),
-    "dataset": (DatasetOpt, None),
-    "split": (Split, "test"),
+    "dataset": (reworded(EvalDataset, "Dataset (default: the bundle's; another is refused)."), None),
+    "split": EVALUATION_OPTIONS["split"],
     "image_indices": (ImageIndices, None),
     "seed": (Seed, 0),
 }

@@ -238,7 +238,34 @@ SkipBadImages = Annotated[
     typer.Option("--skip-bad-images", help="Skip and count unreadable images.", rich_help_panel=DATA),
 ]
 
+Classifier = Annotated[
+    Path | None,
+    typer.Option(
+        exists=True, help="Classifier checkpoint (a train classifier run) that judges the samples.",
+        rich_help_panel=OUTPUT,
+    ),
+]  # fmt: skip
+
+# The data a trained model is evaluated on: a split, and another dataset than its own
+Split = Annotated[str, typer.Option(help="test, val, train or trainval.", rich_help_panel=DATA)]
+EvalDataset = Annotated[
+    str | None,
+    typer.Option(
+        "--dataset", "-d", help="Dataset (default: the one it was trained on).", rich_help_panel=DATA
+    ),
+]
+EVALUATION_OPTIONS: dict[str, tuple[Any, Any]] = {"dataset": (EvalDataset, None), "split": (Split, "test")}
+
 REQUIRED = inspect.Parameter.empty  # the default of an option that has none
+
+
+def reworded(option: Any, help: str) -> Any:
+    """The option type `option` (an Annotated typer option) with another help text: the same option, worded
+    for one command."""
+    info = copy.copy(option.__metadata__[0])
+    info.help = help
+    return Annotated[option.__origin__, info]
+
 
 # name -> (option type, default)
 SHARED_OPTIONS: dict[str, tuple[Any, Any]] = {
@@ -262,11 +289,50 @@ SHARED_OPTIONS: dict[str, tuple[Any, Any]] = {
     "show": (Show, False),
     "batch_size": (BatchSize, 64),
     "checkpoint": (Checkpoint, REQUIRED),
+    "classifier": (Classifier, None),
 }
 DATA_OPTIONS = ("dataset", "data_dir", "world", "image_size", "val_fraction", "bbox_crop", "skip_bad_images")
 HARDWARE_OPTIONS = ("device", "amp", "num_workers")
 RUN_OPTIONS = ("seed", "log_every")
 OUTPUT_OPTIONS = ("out", "name", "overwrite", "resume", "quiet")
+
+
+# The settings that several training commands share (each None: the preset's), in the layout of
+# SHARED_OPTIONS; a command rewords one with `helps` where its meaning narrows there.
+Preset = Annotated[
+    str | None,
+    typer.Option(help="Recipe from the command's file in training/presets/.", rich_help_panel=MODEL),
+]
+StepBatch = Annotated[int | None, typer.Option(help="Samples per optimiser step.", rich_help_panel=OPTIM)]
+Steps = Annotated[int | None, typer.Option(help="Optimiser steps.", rich_help_panel=OPTIM)]
+LearningRate = Annotated[float | None, typer.Option("--lr", help="Learning rate.", rich_help_panel=OPTIM)]
+WeightDecay = Annotated[float | None, typer.Option(help="Weight decay.", rich_help_panel=OPTIM)]
+InitWeights = Annotated[
+    str | None, typer.Option(help="Initial weights: none, imagenet or a weights file.", rich_help_panel=MODEL)
+]
+EvalEvery = Annotated[
+    int | None, typer.Option(help="Steps between evaluations and checkpoints.", rich_help_panel=OUTPUT)
+]
+Mirror = Annotated[
+    bool | None, typer.Option("--mirror/--no-mirror", help="Random left-right flips.", rich_help_panel=DATA)
+]
+TRAINING_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "preset": (Preset, None),
+    "mirror": (Mirror, None),
+    "weights": (InitWeights, None),
+    "batch_size": (StepBatch, None),
+    "steps": (Steps, None),
+    "lr": (LearningRate, None),
+    "weight_decay": (WeightDecay, None),
+    "eval_every": (EvalEvery, None),
+    "compile": (Compile, None),
+}
+
+
+class Shared:
+    """The annotation of a command's own parameter whose option is declared in an option table (SHARED_OPTIONS
+    or with_options' `table`): with_options puts that declaration in its place (reworded by `helps`; the
+    default: `defaults`, else the parameter's, else the table's)."""
 
 
 @dataclass
@@ -352,24 +418,28 @@ def with_options(
     """Give a command shared options, each declared once in SHARED_OPTIONS (or in `table`, the options a family
     of commands shares, same layout): `first` before the command's own options, `names` after them (`helps`
     rewords one for this command, `defaults` changes its default). The function declares only its own options
-    after a first parameter, which receives the shared ones as one object: `wrap(SimpleNamespace(name=value))`."""
+    after a first parameter, which receives the shared ones as one object: `wrap(SimpleNamespace(name=value))`;
+    without `first` and `names` there is no such parameter. An own parameter annotated `Shared` is the table's
+    option of its name, in its place."""
     helps, defaults, options = helps or {}, defaults or {}, {**SHARED_OPTIONS, **(table or {})}
 
-    def parameter(name: str) -> inspect.Parameter:
-        annotation, default = options[name]
+    def parameter(name: str, default: Any = REQUIRED) -> inspect.Parameter:
+        annotation, table_default = options[name]
         if name in helps:  # the same option, reworded for this command
-            info = copy.copy(annotation.__metadata__[0])
-            info.help = helps[name]
-            annotation = Annotated[annotation.__origin__, info]
-        default = defaults.get(name, default)
+            annotation = reworded(annotation, helps[name])
+        default = defaults.get(name, table_default if default is REQUIRED else default)
         return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 
     def decorate(func: Callable) -> Callable:
-        own = list(inspect.signature(func, eval_str=True).parameters.values())[1:]
+        bundled = bool(first or names)  # whether the first parameter receives the shared options
+        own = list(inspect.signature(func, eval_str=True).parameters.values())[bundled:]
+        own = [parameter(p.name, p.default) if p.annotation is Shared else p for p in own]
         own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]  # any order of defaults: keywords
         params = [*(parameter(n) for n in first), *own, *(parameter(n) for n in names)]
 
         def run(**kwargs: Any) -> Any:
+            if not bundled:
+                return func(**kwargs)
             shared = SimpleNamespace(**{n: kwargs.pop(n) for n in (*first, *names)})
             return func(wrap(shared), **kwargs)
 
@@ -387,9 +457,12 @@ def training_command(
     data: tuple[str, ...] = DATA_OPTIONS,
     helps: dict[str, str] | None = None,
     datasets: tuple[str, ...] = (),
+    table: dict[str, tuple[Any, Any]] | None = None,
 ):
     """Give a training command the shared options: `data` (a subset of DATA_OPTIONS) first, then the
-    bookkeeping, hardware and output options; its first parameter receives them as `TrainOptions`."""
+    bookkeeping, hardware and output options; its first parameter receives them as `TrainOptions`. Its own
+    parameters annotated `Shared` are the settings of TRAINING_OPTIONS or of its family's `table` (`helps`
+    rewords any of them)."""
 
     def wrap(shared: SimpleNamespace) -> TrainOptions:
         values = vars(shared)
@@ -401,7 +474,8 @@ def training_command(
             datasets=datasets,
         )
 
-    return with_options(*RUN_OPTIONS, *HARDWARE_OPTIONS, *OUTPUT_OPTIONS, first=data, helps=helps, wrap=wrap)
+    return with_options(*RUN_OPTIONS, *HARDWARE_OPTIONS, *OUTPUT_OPTIONS, first=data, helps=helps,
+                        table={**TRAINING_OPTIONS, **(table or {})}, wrap=wrap)  # fmt: skip
 
 
 def results_dir(command: str, options: SimpleNamespace, inputs: Iterable[Any], config: dict) -> Path:

@@ -13,10 +13,10 @@ from cli.common import (
     DATA,
     MODEL,
     OPTIM,
-    OUTPUT,
     Name,
     Out,
     Overwrite,
+    Shared,
     Show,
     TrainOptions,
     check_classifier_checkpoint,
@@ -33,6 +33,10 @@ RESUMABLE = {"steps", "eval_every"}
     helps={
         "dataset": "world (alias toy), cub, folder, digits, or vectors: gaussian, projected, swissroll, csv.",
         "val_fraction": "Share of train held out for the ELBO.",
+        "preset": "Recipe from training/presets/cvae.yaml: tiny, digits, vectors, cub (default per dataset).",
+        "batch_size": "Samples per step over all processes.",
+        "lr": "Adam learning rate.",
+        "classifier": "Classifier checkpoint: report how often it recognises conditional samples.",
     },
     datasets=("digits", "gaussian", "projected", "swissroll", "csv"),
 )
@@ -72,13 +76,7 @@ def train_cvae_command(
         str | None,
         typer.Option(help="The CSV column naming each row's class (none: no classes).", rich_help_panel=DATA),
     ] = None,
-    preset: Annotated[
-        str | None,
-        typer.Option(
-            help="Recipe from training/presets/cvae.yaml: tiny, digits, vectors, cub (default per dataset).",
-            rich_help_panel=MODEL,
-        ),
-    ] = None,
+    preset: Shared = None,
     arch: Annotated[
         str | None, typer.Option(help="conv (images) or mlp (vectors).", rich_help_panel=MODEL)
     ] = None,
@@ -111,24 +109,11 @@ def train_cvae_command(
         float | None,
         typer.Option(help="Probability that a training sample is given its class.", rich_help_panel=OPTIM),
     ] = None,
-    batch_size: Annotated[
-        int | None, typer.Option(help="Samples per step over all processes.", rich_help_panel=OPTIM)
-    ] = None,
-    steps: Annotated[int | None, typer.Option(help="Optimiser steps.", rich_help_panel=OPTIM)] = None,
-    lr: Annotated[
-        float | None, typer.Option("--lr", help="Adam learning rate.", rich_help_panel=OPTIM)
-    ] = None,
-    classifier: Annotated[
-        Path | None,
-        typer.Option(
-            exists=True,
-            help="Classifier checkpoint: report how often it recognises conditional samples.",
-            rich_help_panel=OUTPUT,
-        ),
-    ] = None,
-    eval_every: Annotated[
-        int | None, typer.Option(help="Steps between evaluations and checkpoints.", rich_help_panel=OUTPUT)
-    ] = None,
+    batch_size: Shared = None,
+    steps: Shared = None,
+    lr: Shared = None,
+    classifier: Shared = None,
+    eval_every: Shared = None,
 ) -> None:
     """Train a conditional VAE (class and any subset of attributes); per-dimension KL in log.jsonl and plotted."""
     from training.cvae import DEFAULT_PRESET, PRESETS, CVAEConfig, train_cvae

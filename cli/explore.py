@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from cli.common import DATA, OUTPUT, DataDir, Device, Quiet
+from cli.common import EVALUATION_OPTIONS, OUTPUT, DataDir, Device, Quiet, Shared, with_options
 from core.errors import UserError
 
 SERVER = "Server"
@@ -28,6 +28,13 @@ def check_server_options(host: str, port: int, token: str | None, max_upload_mb:
         raise UserError(f"--max-upload-mb must be positive, got {max_upload_mb}")
 
 
+@with_options(
+    table=EVALUATION_OPTIONS,
+    helps={
+        "dataset": "VisCoIN: dataset of the image gallery (default: the bundle's).",
+        "split": "VisCoIN: split shown in the gallery (test, val, train).",
+    },
+)
 def explore(
     sources: Annotated[
         list[Path],
@@ -57,20 +64,9 @@ def explore(
     max_upload_mb: Annotated[
         float, typer.Option(help="Largest upload accepted, in MiB.", rich_help_panel=SERVER)
     ] = 8.0,
-    dataset: Annotated[
-        str | None,
-        typer.Option(
-            "--dataset",
-            "-d",
-            rich_help_panel=DATA,
-            help="VisCoIN: dataset of the image gallery (default: the bundle's).",
-        ),
-    ] = None,  # fmt: skip
+    dataset: Shared = None,
     data_dir: DataDir = None,
-    split: Annotated[
-        str,
-        typer.Option(help="VisCoIN: split shown in the gallery (test, val, train).", rich_help_panel=DATA),
-    ] = "test",
+    split: Shared = "test",
     device: Device = "auto",
     verbose: Annotated[
         bool, typer.Option(help="Log every request on the console.", rich_help_panel=OUTPUT)

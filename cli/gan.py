@@ -7,7 +7,15 @@ from typing import Annotated
 
 import typer
 
-from cli.common import DATA, MODEL, OPTIM, OUTPUT, TrainOptions, check_classifier_checkpoint, training_command
+from cli.common import (
+    MODEL,
+    OPTIM,
+    OUTPUT,
+    Shared,
+    TrainOptions,
+    check_classifier_checkpoint,
+    training_command,
+)
 from core.errors import UserError
 
 # Settings a resumed run may change besides the hardware and log cadence; everything else must match.
@@ -17,34 +25,26 @@ RESUMABLE = {"kimg", "snapshot_kimg"}
 @training_command(
     "train gan",
     data=("dataset", "data_dir", "world", "image_size", "skip_bad_images"),
-    helps={"image_size": "Resolution in pixels, a power of two."},
+    helps={
+        "image_size": "Resolution in pixels, a power of two.",
+        "preset": "Recipe from training/presets/gan.yaml: tiny, world, cub (default per dataset: world->world, "
+        "cub and folder->cub).",
+        "batch_size": "Images per step over all processes.",
+        "lr": "Adam learning rate.",
+    },
 )
 def train_gan(
     options: TrainOptions,
-    mirror: Annotated[
-        bool | None,
-        typer.Option("--mirror/--no-mirror", help="Random left-right flips.", rich_help_panel=DATA),
-    ] = None,
-    preset: Annotated[
-        str | None,
-        typer.Option(
-            help="Recipe from training/presets/gan.yaml: tiny, world, cub (default per dataset: world->world, "
-            "cub and folder->cub).",
-            rich_help_panel=MODEL,
-        ),
-    ] = None,
+    mirror: Shared = None,
+    preset: Shared = None,
     channel_base: Annotated[int | None, typer.Option(help="Channel budget.", rich_help_panel=MODEL)] = None,
     channel_max: Annotated[int | None, typer.Option(help="Channels cap.", rich_help_panel=MODEL)] = None,
     mapping_layers: Annotated[int | None, typer.Option(help="Mapping depth.", rich_help_panel=MODEL)] = None,
-    batch_size: Annotated[
-        int | None, typer.Option(help="Images per step over all processes.", rich_help_panel=OPTIM)
-    ] = None,
+    batch_size: Shared = None,
     kimg: Annotated[
         float | None, typer.Option(help="Training length in kimg.", rich_help_panel=OPTIM)
     ] = None,
-    lr: Annotated[
-        float | None, typer.Option("--lr", help="Adam learning rate.", rich_help_panel=OPTIM)
-    ] = None,
+    lr: Shared = None,
     gamma: Annotated[float | None, typer.Option(help="R1 weight.", rich_help_panel=OPTIM)] = None,
     pl_weight: Annotated[
         float | None, typer.Option(help="Path-length weight (0 = off).", rich_help_panel=OPTIM)

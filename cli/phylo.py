@@ -12,10 +12,12 @@ import typer
 
 from cli.common import (
     DATA,
+    EVALUATION_OPTIONS,
     MODEL,
     OPTIM,
     OUTPUT,
     DataDir,
+    Shared,
     TrainOptions,
     check_classifier_checkpoint,
     run_dir_for,
@@ -26,15 +28,11 @@ from cli.common import (
 # Settings a resumed run may change besides the hardware and log cadence; everything else must match.
 RESUMABLE = {"eval_every", "classifier", "fidelity_samples", "top_k"}
 
-Classifier = Annotated[
-    Path | None,
-    typer.Option(
-        exists=True,
-        help="An independent classifier (a train classifier run) that judges the samples: recognition per level, "
-        "diversity, the round trip.",
-        rich_help_panel=OUTPUT,
-    ),
-]
+# How the Phylo-NN commands word the shared options they both have
+HELPS = {
+    "classifier": "An independent classifier (a train classifier run) that judges the samples: recognition per "
+    "level, diversity, the round trip.",
+}
 TopK = Annotated[
     int | None,
     typer.Option(
@@ -58,7 +56,17 @@ def parse_cuts(text: str | None) -> list[float] | None:
         ) from None
 
 
-@training_command("train phylo")
+@training_command(
+    "train phylo",
+    helps={
+        **HELPS,
+        "mirror": "Flip training images left-right.",
+        "preset": "Recipe from training/presets/phylo.yaml: tiny, cub.",
+        "batch_size": "Disentangler samples per step over all processes.",
+        "steps": "Stage-2 (disentangler) steps.",
+        "lr": "Disentangler learning rate.",
+    },
+)
 def train_phylo_command(
     options: TrainOptions,
     tree: Annotated[
@@ -79,14 +87,8 @@ def train_phylo_command(
             rich_help_panel=DATA,
         ),
     ] = None,
-    mirror: Annotated[
-        bool | None,
-        typer.Option("--mirror/--no-mirror", help="Flip training images left-right.", rich_help_panel=DATA),
-    ] = None,
-    preset: Annotated[
-        str | None,
-        typer.Option(help="Recipe from training/presets/phylo.yaml: tiny, cub.", rich_help_panel=MODEL),
-    ] = None,
+    mirror: Shared = None,
+    preset: Shared = None,
     stage1: Annotated[
         Path | None,
         typer.Option(
@@ -124,27 +126,18 @@ def train_phylo_command(
         float | None,
         typer.Option(help="Weight of the free part's adversarial (confusion) loss.", rich_help_panel=OPTIM),
     ] = None,
-    batch_size: Annotated[
-        int | None,
-        typer.Option(help="Disentangler samples per step over all processes.", rich_help_panel=OPTIM),
-    ] = None,
+    batch_size: Shared = None,
     vqgan_steps: Annotated[
         int | None, typer.Option(help="Stage-1 (VQGAN) steps.", rich_help_panel=OPTIM)
     ] = None,
-    steps: Annotated[
-        int | None, typer.Option(help="Stage-2 (disentangler) steps.", rich_help_panel=OPTIM)
-    ] = None,
+    steps: Shared = None,
     prior_steps: Annotated[
         int | None, typer.Option(help="Stage-3 (prior) steps.", rich_help_panel=OPTIM)
     ] = None,
-    lr: Annotated[
-        float | None, typer.Option("--lr", help="Disentangler learning rate.", rich_help_panel=OPTIM)
-    ] = None,
-    classifier: Classifier = None,
+    lr: Shared = None,
+    classifier: Shared = None,
     top_k: TopK = None,
-    eval_every: Annotated[
-        int | None, typer.Option(help="Steps between evaluations and checkpoints.", rich_help_panel=OUTPUT)
-    ] = None,
+    eval_every: Shared = None,
 ) -> None:
     """Train Phylo-NN: a VQGAN (stage 1), the disentangler of per-level phylo codes and adversarial free codes
     on its frozen features (stage 2), the conditional code prior (stage 3); then the analysis (analysis/):
@@ -240,7 +233,8 @@ def print_report(summary: dict) -> None:
 
 @with_options(
     "batch_size", "device", "num_workers", "out", "name", "overwrite", "show", "quiet",
-    first=("checkpoint",), helps={"checkpoint": "phylo.safetensors or a train phylo run."},
+    first=("checkpoint",), helps={**HELPS, "checkpoint": "phylo.safetensors or a train phylo run."},
+    table=EVALUATION_OPTIONS,
 )  # fmt: skip
 def test_phylo_command(
     o: SimpleNamespace,
@@ -252,7 +246,7 @@ def test_phylo_command(
             rich_help_panel=MODEL,
         ),
     ] = None,
-    classifier: Classifier = None,
+    classifier: Shared = None,
     samples: Annotated[
         int, typer.Option(help="Samples per species and per node.", rich_help_panel=OUTPUT)
     ] = 10,
@@ -263,7 +257,7 @@ def test_phylo_command(
     seed: Annotated[
         int, typer.Option(help="Sample i of a condition uses seed + i.", rich_help_panel=OUTPUT)
     ] = 0,
-    split: Annotated[str, typer.Option(help="test, val, train or trainval.", rich_help_panel=DATA)] = "test",
+    split: Shared = "test",
     data_dir: DataDir = None,
 ) -> None:
     """Per tree level, the Spearman correlation between code distances and tree distances across species beside

@@ -19,11 +19,13 @@ from cli.common import (
     MODEL,
     OPTIM,
     OUTPUT,
+    REQUIRED,
     Amp,
     DataDir,
     Device,
     Overwrite,
     Quiet,
+    Shared,
     TrainOptions,
     Workers,
     WorldPreset,
@@ -60,7 +62,9 @@ Force = Annotated[bool, typer.Option(help="Rebuild cached embedding indexes.", r
 TRAINED = "the data the model was trained on"
 
 
-# How `index`, `evaluate` and `plot` embed a split (cli.common.with_options)
+# The model and the data that the retrieval commands read (cli.common.with_options)
+INPUTS = {"model": (Model, REQUIRED), "data": (Data, None)}
+# How `index`, `evaluate` and `plot` embed a split
 EMBEDDING = {
     "batch_size": (BatchSize, 256),
     "device": (Device, "auto"),
@@ -305,20 +309,14 @@ def _print_results(results) -> None:
 
 
 @app.command("evaluate")
-@with_options(*EMBEDDING, *RESULTS, table=EMBEDDING)
+@with_options(
+    *EMBEDDING, *RESULTS, table={**INPUTS, **EMBEDDING},
+    helps={"model": "Retrieval weights (.safetensors, a `train retrieval` run directory, or a CLIBD .pth); or "
+           "pass --features."},
+)  # fmt: skip
 def evaluate_command(
     o: SimpleNamespace,
-    model: Annotated[
-        Path | None,
-        typer.Option(
-            "--model",
-            "-m",
-            exists=True,
-            help="Retrieval weights (.safetensors, a `train retrieval` run "
-            "directory, or a CLIBD .pth); or pass --features.",
-            rich_help_panel=MODEL,
-        ),
-    ] = None,  # fmt: skip
+    model: Shared = None,
     features: Annotated[
         Path | None,
         typer.Option(
@@ -474,27 +472,24 @@ def plot_command(
 RESUMABLE = {"eval_batch_size"}
 
 
-@training_command("train retrieval", data=("world", "data_dir"))
+@training_command(
+    "train retrieval",
+    data=("world", "data_dir"),
+    table=INPUTS,
+    helps={
+        "data": "BIOSCAN HDF5 file (default: the synthetic world in that layout).",
+        "preset": "Recipe from training/presets/retrieval.yaml: tiny, bioscan-1m, bioscan-5m.",
+        "weights": "Image tower: imagenet, none or PATH.",
+        "batch_size": "Records per step per process.",
+        "lr": "OneCycle peak learning rate.",
+        "weight_decay": "AdamW weight decay.",
+        "eval_every": "Steps between validations (0: every epoch).",
+    },
+)
 def train_retrieval_command(
     options: TrainOptions,
-    preset: Annotated[
-        str,
-        typer.Option(
-            help="Recipe from training/presets/retrieval.yaml: tiny, bioscan-1m, bioscan-5m.",
-            rich_help_panel=MODEL,
-        ),
-    ] = "tiny",  # fmt: skip
-    data: Annotated[
-        Path | None,
-        typer.Option(
-            "--data",
-            exists=True,
-            dir_okay=False,
-            envvar="BIOVIS_BIOSCAN",
-            help="BIOSCAN HDF5 file (default: the synthetic world in that layout).",
-            rich_help_panel=DATA,
-        ),
-    ] = None,  # fmt: skip
+    preset: Shared = "tiny",
+    data: Shared = None,
     modalities: Annotated[
         str | None, typer.Option(help="image,dna or image,dna,text.", rich_help_panel=MODEL)
     ] = None,
@@ -504,9 +499,7 @@ def train_retrieval_command(
     image_size: Annotated[
         int | None, typer.Option(help="Image side in pixels.", rich_help_panel=MODEL)
     ] = None,
-    weights: Annotated[
-        str | None, typer.Option(help="Image tower: imagenet, none or PATH.", rich_help_panel=MODEL)
-    ] = None,
+    weights: Shared = None,
     dna_weights: Annotated[
         Path | None,
         typer.Option(
@@ -534,21 +527,13 @@ def train_retrieval_command(
         ),
     ] = None,  # fmt: skip
     embed_dim: Annotated[int | None, typer.Option(help="Embedding dimension.", rich_help_panel=MODEL)] = None,
-    batch_size: Annotated[
-        int | None, typer.Option(help="Records per step per process.", rich_help_panel=OPTIM)
-    ] = None,
+    batch_size: Shared = None,
     epochs: Annotated[
         float | None, typer.Option(help="Training epochs (fractions allowed).", rich_help_panel=OPTIM)
     ] = None,
-    lr: Annotated[
-        float | None, typer.Option("--lr", help="OneCycle peak learning rate.", rich_help_panel=OPTIM)
-    ] = None,
-    weight_decay: Annotated[
-        float | None, typer.Option(help="AdamW weight decay.", rich_help_panel=OPTIM)
-    ] = None,
-    eval_every: Annotated[
-        int | None, typer.Option(help="Steps between validations (0: every epoch).", rich_help_panel=OUTPUT)
-    ] = None,  # fmt: skip
+    lr: Shared = None,
+    weight_decay: Shared = None,
+    eval_every: Shared = None,
 ) -> None:
     """Train the image-DNA(-taxonomy) retrieval model contrastively (best/last, log.jsonl, resume, DDP)."""
     from training.retrieval import PRESETS, RetrievalConfig, train_retrieval

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Annotated
 
 import typer
 
 from cli import phylo, viscoin
-from cli.common import CONTEXT, DATA, DataDir, run_dir_for, with_options
+from cli.common import CONTEXT, EVALUATION_OPTIONS, DataDir, Shared, run_dir_for, with_options
 
 app = typer.Typer(help="Evaluate a trained model.", no_args_is_help=True, context_settings=CONTEXT)
 
@@ -17,16 +16,12 @@ app = typer.Typer(help="Evaluate a trained model.", no_args_is_help=True, contex
 @with_options(
     "batch_size", "device", "amp", "num_workers", "out", "name", "overwrite", "show", "quiet",
     first=("checkpoint",), helps={"checkpoint": "Classifier .safetensors, or a training run directory (uses best)."},
+    table=EVALUATION_OPTIONS,
 )  # fmt: skip
 def classifier(
     o: SimpleNamespace,
-    split: Annotated[str, typer.Option(help="test, val, train or trainval.", rich_help_panel=DATA)] = "test",
-    dataset: Annotated[
-        str | None,
-        typer.Option(
-            "--dataset", "-d", help="Dataset (default: the one it was trained on).", rich_help_panel=DATA
-        ),
-    ] = None,
+    split: Shared = "test",
+    dataset: Shared = None,
     data_dir: DataDir = None,
 ) -> None:
     """Top-1/top-5 accuracy, per-class accuracy CSV and confusion matrix of a classifier."""

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from cli import cvae, gan, phylo, retrieve, viscoin
-from cli.common import CONTEXT, MODEL, OPTIM, AutoResumeGroup, Compile, TrainOptions, training_command
+from cli.common import CONTEXT, MODEL, OPTIM, AutoResumeGroup, Shared, TrainOptions, training_command
 
 app = typer.Typer(help="Train a model.", no_args_is_help=True, context_settings=CONTEXT, cls=AutoResumeGroup)
 
@@ -16,36 +16,30 @@ RESUMABLE = {"epochs", "compile"}
 
 
 @app.command("classifier", no_args_is_help=False)
-@training_command("train classifier")
+@training_command(
+    "train classifier",
+    helps={
+        "preset": "Recipe from training/presets/classifier.yaml (default per dataset: world->tiny, cub->cub).",
+        "weights": "none, imagenet (torchvision) or a weights file for offline use.",
+        "batch_size": "Images per step per process.",
+    },
+)
 def classifier(
     options: TrainOptions,
-    preset: Annotated[
-        str | None,
-        typer.Option(
-            help="Recipe from training/presets/classifier.yaml (default per dataset: world->tiny, cub->cub).",
-            rich_help_panel=MODEL,
-        ),
-    ] = None,
+    preset: Shared = None,
     arch: Annotated[
         str | None, typer.Option(help="tiny, resnet18, resnet34 or resnet50.", rich_help_panel=MODEL)
     ] = None,
-    weights: Annotated[
-        str | None,
-        typer.Option(
-            help="none, imagenet (torchvision) or a weights file for offline use.", rich_help_panel=MODEL
-        ),
-    ] = None,
-    batch_size: Annotated[
-        int | None, typer.Option(help="Images per step per process.", rich_help_panel=OPTIM)
-    ] = None,
+    weights: Shared = None,
+    batch_size: Shared = None,
     epochs: Annotated[int | None, typer.Option(help="Training epochs.", rich_help_panel=OPTIM)] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="Learning rate.", rich_help_panel=OPTIM)] = None,
+    lr: Shared = None,
     optimizer: Annotated[str | None, typer.Option(help="adam or sgd.", rich_help_panel=OPTIM)] = None,
     schedule: Annotated[
         str | None, typer.Option(help="none, step or cosine (per epoch).", rich_help_panel=OPTIM)
     ] = None,
-    weight_decay: Annotated[float | None, typer.Option(help="Weight decay.", rich_help_panel=OPTIM)] = None,
-    compile: Compile = None,
+    weight_decay: Shared = None,
+    compile: Shared = None,
 ) -> None:
     """Train an image classifier (best/last checkpoints, log.jsonl, resume, DDP under torchrun/srun)."""
     from training.classifier import DEFAULT_PRESET, PRESETS, ClassifierConfig, train_classifier

@@ -17,6 +17,7 @@ from cli.common import (
     Device,
     Overwrite,
     Quiet,
+    Shared,
     Show,
     Workers,
     with_options,
@@ -109,6 +110,8 @@ EXTRACTION = {
     "amp": (Amp, True),
 }
 extraction_options = with_options(first=tuple(EXTRACTION), table=EXTRACTION)
+# `vdna compare` builds a VDNA of a source as `vdna make` would
+MAKE = {**EXTRACTION, "distribution": (Distribution, "histogram-1000"), "ranges": (Ranges, None)}
 
 
 def _extract(o: SimpleNamespace) -> dict:
@@ -207,6 +210,13 @@ def calibrate(
 
 
 @app.command("compare")
+@with_options(
+    table=MAKE,
+    helps={
+        "extractor": "For sources (default: A's, else rand_resnet50).",
+        "distribution": "For sources (default: the saved VDNA's, else histogram-1000).",
+    },
+)
 def compare(
     a: Annotated[str, typer.Argument(help="Saved VDNA (path with or without .json/.npz) or a source.")],
     b: Annotated[str, typer.Argument(help="Saved VDNA or a source, built like A.")],
@@ -216,19 +226,9 @@ def compare(
     layer: Annotated[str | None, typer.Option(help="Restrict to one layer.")] = None,
     neuron: Annotated[int | None, typer.Option(help="Restrict to one neuron of --layer.")] = None,
     top_k: Annotated[int, typer.Option(help="Most different neurons to plot.", rich_help_panel=OUTPUT)] = 8,
-    extractor: Annotated[
-        str | None,
-        typer.Option(
-            "--extractor", "-e", help="For sources (default: A's, else rand_resnet50).", rich_help_panel=MODEL
-        ),
-    ] = None,  # fmt: skip
+    extractor: Shared = None,
     weights: Weights = None,
-    distribution: Annotated[
-        str | None,
-        typer.Option(
-            help="For sources (default: the saved VDNA's, else histogram-1000).", rich_help_panel=DIST
-        ),
-    ] = None,  # fmt: skip
+    distribution: Shared = None,
     ranges: Ranges = None,
     image_size: ImageSize = None,
     resize: Resize = None,

@@ -10,13 +10,14 @@ import typer
 
 from cli.common import (
     DATA,
+    EVALUATION_OPTIONS,
     HARDWARE,
     MODEL,
     OPTIM,
     OUTPUT,
-    Compile,
     DataDir,
     Overwrite,
+    Shared,
     TrainOptions,
     run_dir_for,
     training_command,
@@ -41,7 +42,13 @@ Bundle = Annotated[
 @training_command(
     "train viscoin",
     data=("dataset", "data_dir", "world", "val_fraction", "bbox_crop", "skip_bad_images"),
-    helps={"log_every": "Optimiser steps between log lines."},
+    helps={
+        "log_every": "Optimiser steps between log lines.",
+        "preset": "Recipe from training/presets/viscoin.yaml (world->tiny, cub->cub).",
+        "batch_size": "Real images per step (as many generated ones are added).",
+        "lr": "Learning rate of both optimisers.",
+        "eval_every": "Optimiser steps between evaluations.",
+    },
 )
 def train_viscoin_command(
     options: TrainOptions,
@@ -59,12 +66,7 @@ def train_viscoin_command(
             rich_help_panel=MODEL,
         ),
     ] = None,
-    preset: Annotated[
-        str | None,
-        typer.Option(
-            help="Recipe from training/presets/viscoin.yaml (world->tiny, cub->cub).", rich_help_panel=MODEL
-        ),
-    ] = None,
+    preset: Shared = None,
     n_concepts: Annotated[
         int | None, typer.Option("--n-concepts", "-k", help="Number of concepts K.", rich_help_panel=MODEL)
     ] = None,
@@ -85,17 +87,12 @@ def train_viscoin_command(
         str | None,
         typer.Option(help="VGG-16 weights for LPIPS: imagenet, a path, or none.", rich_help_panel=MODEL),
     ] = None,
-    batch_size: Annotated[
-        int | None,
-        typer.Option(help="Real images per step (as many generated ones are added).", rich_help_panel=OPTIM),
-    ] = None,
+    batch_size: Shared = None,
     iterations: Annotated[int | None, typer.Option(help="Optimiser steps.", rich_help_panel=OPTIM)] = None,
     grad_accum: Annotated[
         int | None, typer.Option(help="Micro-batches per optimiser step.", rich_help_panel=OPTIM)
     ] = None,
-    lr: Annotated[
-        float | None, typer.Option("--lr", help="Learning rate of both optimisers.", rich_help_panel=OPTIM)
-    ] = None,
+    lr: Shared = None,
     alpha: Annotated[
         float | None, typer.Option(help="Output-fidelity weight.", rich_help_panel=OPTIM)
     ] = None,
@@ -107,9 +104,7 @@ def train_viscoin_command(
     w_reg: Annotated[
         float | None, typer.Option(help="Weight of the ||w - w_avg||^2 regulariser.", rich_help_panel=OPTIM)
     ] = None,
-    eval_every: Annotated[
-        int | None, typer.Option(help="Optimiser steps between evaluations.", rich_help_panel=OUTPUT)
-    ] = None,
+    eval_every: Shared = None,
     eval_images: Annotated[
         int | None, typer.Option(help="Size of the fixed validation subset.", rich_help_panel=OUTPUT)
     ] = None,
@@ -132,7 +127,7 @@ def train_viscoin_command(
             rich_help_panel=HARDWARE,
         ),
     ] = None,
-    compile: Compile = None,
+    compile: Shared = None,
 ) -> None:
     """Train VisCoIN's concept extractor, explainer and concept decoder around a classifier and a StyleGAN2."""
     from training.viscoin import DEFAULT_PRESET, PRESETS, VisCoINConfig, resolve_inputs, train_viscoin
@@ -160,15 +155,13 @@ def train_viscoin_command(
 
 
 @with_options("batch_size", "device", "amp", "num_workers", "out", "name", "overwrite", "show", "quiet",
-              defaults={"batch_size": 32})  # fmt: skip
+              defaults={"batch_size": 32}, helps={"dataset": "Dataset (default: the bundle's)."},
+              table=EVALUATION_OPTIONS)  # fmt: skip
 def test_viscoin_command(
     o: SimpleNamespace,
     bundle: Bundle,
-    split: Annotated[str, typer.Option(help="test, val, train or trainval.", rich_help_panel=DATA)] = "test",
-    dataset: Annotated[
-        str | None,
-        typer.Option("--dataset", "-d", help="Dataset (default: the bundle's).", rich_help_panel=DATA),
-    ] = None,
+    split: Shared = "test",
+    dataset: Shared = None,
     data_dir: DataDir = None,
     max_images: Annotated[
         int | None, typer.Option(help="Evaluate only the first N images of the split.", rich_help_panel=DATA)
