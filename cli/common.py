@@ -424,6 +424,8 @@ def with_options(
     helps, defaults, options = helps or {}, defaults or {}, {**SHARED_OPTIONS, **(table or {})}
 
     def parameter(name: str, default: Any = REQUIRED) -> inspect.Parameter:
+        if name not in options:  # a mistake in a command's declaration: say which, at import
+            raise TypeError(f"no shared option {name!r} in the option tables ({', '.join(options)})")
         annotation, table_default = options[name]
         if name in helps:  # the same option, reworded for this command
             annotation = reworded(annotation, helps[name])

@@ -7,14 +7,18 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Annotated
 
 import pandas as pd
 import pytest
 import torch
+import typer
 import yaml
 from conftest import ROOT, assert_user_error, run_cli, snapshot
 from helpers_cub import make_mini_cub
 from safetensors.torch import load_file
+
+from cli.common import OPTIM, TRAINING_OPTIONS, Shared, with_options
 
 TRAIN = [
     "train",
@@ -200,3 +204,38 @@ def test_ddp_two_processes_gloo(small_world, tmp_path):
     assert steps == list(range(1, len(steps) + 1))  # one line per step: only rank 0 writes
     val = [e for e in events if e["split"] == "val"]
     assert len(val) == 1 and val[0]["n"] == 8  # the small world's val split: one image per species
+
+
+def test_shared_options_take_the_place_of_their_parameter():
+    """A parameter annotated `Shared` becomes the table's declaration at its own position (order kept),
+    reworded by `helps`, with the parameter's default; the value reaches the function; an unknown name is
+    refused when the command is declared."""
+    from typer.testing import CliRunner
+
+    app, seen = typer.Typer(add_completion=False), {}
+
+    @app.command()
+    @with_options(table=TRAINING_OPTIONS, helps={"lr": "Adam's step size."})
+    def fit(
+        alpha: Annotated[int, typer.Option(help="First own option.")] = 1,
+        lr: Shared = 0.25,
+        beta: Annotated[int, typer.Option(help="Last own option.")] = 2,
+    ) -> None:
+        seen.update(alpha=alpha, lr=lr, beta=beta)
+
+    params = typer.main.get_command(app).params
+    assert [p.name for p in params] == ["alpha", "lr", "beta"]
+    assert (params[1].opts, params[1].help, params[1].rich_help_panel, params[1].default) == (
+        ["--lr"],
+        "Adam's step size.",
+        OPTIM,
+        0.25,
+    )
+    assert CliRunner().invoke(app, ["--lr", "0.5", "--beta", "3"]).exit_code == 0
+    assert seen == {"alpha": 1, "lr": 0.5, "beta": 3}
+
+    def misspelt(learning_rate: Shared = None) -> None:
+        pass
+
+    with pytest.raises(TypeError, match="no shared option 'learning_rate'"):
+        with_options(table=TRAINING_OPTIONS)(misspelt)
