@@ -23,8 +23,7 @@ def timed(fn, device: torch.device, steps: int) -> float:
     """Mean seconds per call over `steps` calls after one warm-up call (bench_gan_training's timer)."""
     from bench.bench_gan_training import _timed
 
-    fn()
-    return _timed(fn, device, steps)
+    return _timed(fn, device, steps, warmup=1)
 
 
 def main(argv: list[str] | None = None) -> None:

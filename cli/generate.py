@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from cli.common import CONTEXT, MODEL, run_dir_for, with_options
+from testing.generation import TOP_K
 
 app = typer.Typer(help="Sample from a trained generator.", no_args_is_help=True, context_settings=CONTEXT)
 
@@ -55,7 +56,6 @@ TopK = Annotated[
         rich_help_panel=SAMPLING,
     ),
 ]
-TOP_K = 5  # Phylo-NN's generation script samples the prior with top-k 5
 
 # The sampling options of the CVAE and Phylo-NN modes (cli.common.with_options)
 SAMPLING_OPTIONS = {

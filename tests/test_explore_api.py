@@ -404,9 +404,9 @@ def test_phylo_node_samples_are_generate_phylo_s_files(server, client, cli, tmp_
     assert out["command"].startswith(
         f"python main.py generate phylo -c {server.sources.phylo} --node '{node}'"
     )
-    from cli.generate import TOP_K  # the tests may look at the CLI; the page may not import it
+    from testing.generation import TOP_K
 
-    assert server.app.describe()["tabs"][2]["top_k"] == TOP_K  # the page's defaults are generate's
+    assert server.app.describe()["tabs"][2]["top_k"] == TOP_K  # the page's default is generate's
     for body, words in (({"node": "Nowhere"}, "no node 'Nowhere'"), ({"node": node, "n": 0}, "n must be in 1..64"),
                         ({"node": node, "temperature": 0}, "temperature must be"), ({}, "click a node")):  # fmt: skip
         status, answer = client.post(f"/api/{t}/sample", body)

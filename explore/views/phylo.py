@@ -8,10 +8,10 @@ from core.errors import UserError
 from explore.media import data_url
 from explore.views import Request, View, integer, number
 from explore.views.collect import MemoryWriter
+from testing.generation import TOP_K
 
 MAX_SAMPLES = 64
 BATCH = 64  # `generate`'s default --batch-size: the same batches, the same bytes
-TOP_K = 5  # `generate`'s default --top-k (cli/generate.py TOP_K; a test checks that they agree)
 
 
 class PhyloView(View):
