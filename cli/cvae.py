@@ -3,6 +3,7 @@ vectors (synthetic sets of known intrinsic dimension, a CSV table); `compare-run
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Annotated
@@ -137,7 +138,9 @@ def train_cvae_command(
             rates = ", ".join(f"{k} {r[k]:.3f}" for k in ("class", "all") if k in r)
             typer.echo(f"samples recognised as their class: {rates} (chance {r['chance']:.3f})")
             spreads = ", ".join(
-                f"{k} {r[f'{k}_spread']:.2f}" for k in ("class", "all") if r.get(f"{k}_spread") is not None
+                f"{k} {r[f'{k}_spread']:.2f}"
+                for k in ("class", "all")
+                if math.isfinite(r.get(f"{k}_spread", math.nan))
             )
             if spreads:
                 typer.echo(f"within-class pixel spread of the samples / the real images': {spreads}")

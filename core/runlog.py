@@ -19,13 +19,16 @@ from core.errors import UserError
 SPLITS = ("train", "val", "test")
 
 
-def _plain(value: Any) -> Any:
-    """Turn tensors and numpy scalars into JSON numbers; non-finite floats become null (also inside lists:
-    a diverged run's per-dimension values)."""
+def json_ready(value: Any) -> Any:
+    """`value` as plain JSON data: tensors and numpy scalars as numbers (or lists), tuples as lists, and every
+    non-finite float as null, inside dicts and lists too (a diverged run's per-dimension values), so that
+    `json.dumps(..., allow_nan=False)` passes."""
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [json_ready(v) for v in value]
     if hasattr(value, "item"):
-        value = value.item() if getattr(value, "ndim", 0) == 0 else _plain(value.tolist())
+        value = value.item() if getattr(value, "ndim", 0) == 0 else json_ready(value.tolist())
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
@@ -69,7 +72,7 @@ class RunLog:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         event = {"step": int(step), "split": split, "time": round(time.time(), 3)}
-        event.update({k: _plain(v) for k, v in metrics.items()})
+        event.update({k: json_ready(v) for k, v in metrics.items()})
         if self.enabled:
             line = json.dumps(event, allow_nan=False) + "\n"
             with open(self.path, "a", encoding="utf-8") as f:

@@ -13,7 +13,6 @@ a `<column>_reason` beside it saying why; JSON files never hold `NaN` literals.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 from core.atomic import write_text
 from core.plotting import pyplot, save_figure, save_table, show_or_close
 from core.progress import Progress
+from core.runlog import json_ready
 from datasets.phylogeny import Levels
 
 
@@ -84,19 +84,6 @@ def undefined_reason(code: np.ndarray, tree: np.ndarray) -> str | None:
     if np.ptp(code[upper]) == 0:
         return "the code distance is the same for every species pair"
     return None
-
-
-def json_ready(value):
-    """`value` with every non-finite float replaced by None (so `json.dumps(..., allow_nan=False)` passes)."""
-    if isinstance(value, dict):
-        return {k: json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_ready(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
 
 
 def present_species(labels: torch.Tensor, n_species: int) -> np.ndarray:

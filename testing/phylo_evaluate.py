@@ -25,11 +25,12 @@ import torch
 
 from core.atomic import write_text
 from core.errors import UserError
+from core.runlog import json_ready
 from datasets.phylogeny import Levels
 from testing.generation import fidelity
-from testing.phylo import correlations, json_ready, write_report
+from testing.phylo import correlations, write_report
 
-__all__ = ["code_usage", "evaluate_run", "evaluate_stage1", "json_ready", "load_judge", "run_phylo_test"]
+__all__ = ["code_usage", "evaluate_run", "evaluate_stage1", "load_judge", "run_phylo_test"]
 
 REAL_PER_CLASS = 50  # real images kept per class for the spread and feature comparisons
 

@@ -18,10 +18,11 @@ from test_gan_cli import cli  # noqa: F401  (the in-process CLI fixture)
 from test_gan_training import one_thread  # noqa: F401  (autouse: small networks on one thread)
 
 from core.checkpoint import load_weights
+from core.runlog import json_ready
 from datasets.phylogeny import Tree, build_levels, levels_from_record, parse_newick
 from datasets.world import load_taxonomy
 from models.phylo import CodePrior, PhyloAutoencoder, VectorQuantizer, load_phylo
-from testing.phylo import code_histograms, correlations, js_distances, json_ready, write_report
+from testing.phylo import code_histograms, correlations, js_distances, write_report
 
 # Ultrametric, height 3: AB at 2, CD at 1.5; cut 0.6 (1.8) and 0.9 (2.7) both give the groups AB and CD.
 TREE = "((A:1,B:1)AB:2,(C:1.5,'D e':1.5)CD:1.5)root;"

@@ -34,7 +34,6 @@ from core.seeding import derive_seed, seed_everything
 from datasets.registry import DataConfig
 from models.cvae import CVAE, PRIORS, RUN_FILE, elbo_terms, save_cvae
 from testing import cvae as evaluation
-from testing.phylo import json_ready
 from testing.sampling import save_grid
 from training.lifecycle import ShuffledSteps, TrainingRun
 
@@ -437,7 +436,7 @@ def train_cvae(cfg: CVAEConfig, run_dir: Path, resume: bool = False, quiet: bool
             }
         if data.dataset_info["name"] in VECTORS:
             summary["sweep"] = kl_sweep(model, data, cfg, run.run_dir)
-    return run.finish(json_ready(summary))
+    return run.finish(summary)
 
 
 def kl_sweep(model: CVAE, data: CVAEData, cfg: CVAEConfig, run_dir: Path) -> list[dict]:

@@ -691,7 +691,7 @@ def train_phylo(cfg: PhyloConfig, run_dir: Path, resume: bool = False, quiet: bo
             summary["stage1"] = phylo_evaluate.evaluate_stage1(
                 stage1, test, run.device, judge, run.run_dir / "analysis"
             )
-        run.finish(phylo_evaluate.json_ready(summary))
+        run.finish(summary)
         run.barrier()
         return summary
     dtype = torch.bfloat16 if run.cuda and cfg.hardware.amp else torch.float32
@@ -711,6 +711,6 @@ def train_phylo(cfg: PhyloConfig, run_dir: Path, resume: bool = False, quiet: bo
             world_root=ctx["meta"].root if cfg.data.dataset == "world" else None, judge=judge,
             judge_name=cfg.classifier, samples=cfg.fidelity_samples, top_k=cfg.top_k, seed=cfg.seed,
             quiet=quiet))  # fmt: skip
-    run.finish(phylo_evaluate.json_ready(summary))
+    run.finish(summary)
     run.barrier()
     return summary

@@ -181,7 +181,7 @@ def write_fidelity(report: dict, out_dir: str | os.PathLike, level_names: list[s
     with the diversity figures in the title) in `out_dir`."""
     import pandas as pd
 
-    from testing.phylo import json_ready
+    from core.runlog import json_ready
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

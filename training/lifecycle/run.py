@@ -5,9 +5,9 @@ stop the run between two steps, see core.preemption), reads the launcher's distr
 device and starts the process group (nccl on CUDA, gloo on CPU). Then, in a trainer's order:
 `prepare(build)` builds the data on rank 0 first (a world is generated once) and on the other ranks after it;
 `load_state()` reads the resume state when resuming; `ddp(module)` / `broadcast(...)` make one set of weights
-for every rank (`all_reduce(tensor)` sums a count over them); `loader(...)` is a DataLoader with the device's settings; `begin()` saves config.yaml, marks the
-run `running` and opens its log (dropping what an interrupted run logged past the resume point, so a resumed
-log holds each event once); `loop(...)` runs the steps (training.lifecycle.loop); `save_state(...)` writes the
+for every rank (`all_reduce(tensor)` sums a count over them); `loader(...)` is a DataLoader with the device's
+settings; `begin()` saves config.yaml, marks the run `running` and opens its log (dropping what an interrupted
+run logged past the resume point, so a resumed log holds each event once); `loop(...)` runs the steps (training.lifecycle.loop); `save_state(...)` writes the
 resume state atomically on rank 0, only once the loss window is known to be finite; `finish(summary)` writes
 summary.json and marks the run `finished` (`failed` is marked by main.py, `preempted` by core.preemption).
 """
@@ -28,7 +28,7 @@ from core.config import to_yaml
 from core.device import autotune, loader_settings, resolve_device
 from core.distributed import all_reduce_sum, barrier, dist_env, init_distributed
 from core.rundir import mark_run
-from core.runlog import RunLog
+from core.runlog import RunLog, json_ready
 from training.lifecycle.loop import EpochLoop, StepLoop
 
 T = TypeVar("T")
@@ -157,8 +157,11 @@ class TrainingRun:
         return EpochLoop(self, loader, epoch, step, **kwargs)
 
     def finish(self, summary: dict) -> dict:
-        """summary.json and run.yaml `finished` (rank 0); returns `summary`."""
+        """summary.json (plain JSON: a non-finite number is null) and run.yaml `finished` (rank 0); returns
+        `summary`."""
         if self.main:
-            write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+            write_text(
+                self.run_dir / "summary.json", json.dumps(json_ready(summary), indent=2, allow_nan=False)
+            )
             mark_run(self.run_dir, status="finished")
         return summary
