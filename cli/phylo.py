@@ -24,6 +24,7 @@ from cli.common import (
     training_command,
     with_options,
 )
+from testing.generation import TOP_K
 
 # Settings a resumed run may change besides the hardware and log cadence; everything else must match.
 RESUMABLE = {"eval_every", "classifier", "fidelity_samples", "top_k"}
@@ -253,7 +254,7 @@ def test_phylo_command(
     top_k: Annotated[
         int,
         typer.Option(help="Samples draw each code from the k most likely (0 = all).", rich_help_panel=OUTPUT),
-    ] = 5,
+    ] = TOP_K,
     seed: Annotated[
         int, typer.Option(help="Sample i of a condition uses seed + i.", rich_help_panel=OUTPUT)
     ] = 0,

@@ -27,7 +27,7 @@ from core.atomic import write_text
 from core.errors import UserError
 from core.runlog import json_ready
 from datasets.phylogeny import Levels
-from testing.generation import fidelity
+from testing.generation import TOP_K, fidelity
 from testing.phylo import correlations, write_report
 
 __all__ = ["code_usage", "evaluate_run", "evaluate_stage1", "load_judge", "run_phylo_test"]
@@ -269,7 +269,7 @@ def plain_baseline(autoencoder, plain):
 
 
 def evaluate_run(model, levels: Levels, loader, device, out_dir: str | os.PathLike, train: tuple | None = None,
-                 world_root=None, judge=None, judge_name=None, plain=None, samples: int = 10, top_k: int = 5,
+                 world_root=None, judge=None, judge_name=None, plain=None, samples: int = 10, top_k: int = TOP_K,
                  seed: int = 0, quiet: bool = True, show: bool = False) -> dict:  # fmt: skip
     """Correlations, traits (a world with `train` codes), the round trip and, with a judge (`load_judge`),
     sample fidelity, written into `out_dir`; returns the summary."""
@@ -322,7 +322,7 @@ def evaluate_stage1(stage1, loader, device, judge=None, out_dir=None) -> dict:
 
 
 def run_phylo_test(checkpoint, run_dir, baseline=None, classifier=None, split: str = "test", data_overrides=None,
-                   samples: int = 10, top_k: int = 5, seed: int = 0, batch_size: int = 64, device: str = "auto",
+                   samples: int = 10, top_k: int = TOP_K, seed: int = 0, batch_size: int = 64, device: str = "auto",
                    num_workers: int | None = None, overwrite: bool = False, show: bool = False,
                    quiet: bool = False) -> dict:  # fmt: skip
     """`test phylo`: the report of `evaluate_run` for a trained model on a split, written into `run_dir`, which

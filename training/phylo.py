@@ -59,6 +59,7 @@ from models.phylo import (
 )
 from models.phylo.checkpoint import RUN_FILE, VQGAN_RUN_FILE
 from testing import phylo_evaluate
+from testing.generation import TOP_K
 from testing.sampling import save_grid
 from training.lifecycle import ShuffledSteps, TrainingRun
 from training.losses_phylo import (
@@ -145,7 +146,7 @@ class PhyloConfig:
     # evaluation and bookkeeping
     classifier: str | None = None  # an independent classifier (train classifier run) that judges the samples
     fidelity_samples: int = 10  # per species and per node
-    top_k: int = 5
+    top_k: int = TOP_K
     eval_every: int = 500
     log_every: int = 50
     hardware: HardwareConfig = field(default_factory=HardwareConfig)

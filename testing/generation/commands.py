@@ -18,6 +18,7 @@ from models.cvae import load_cvae
 from models.phylo import KIND as PHYLO_KIND
 from models.phylo import load_phylo
 from models.phylo.checkpoint import RUN_FILE as PHYLO_FILE
+from testing.generation import TOP_K
 from testing.generation import cvae as gen_cvae
 from testing.generation import phylo as gen_phylo
 from testing.generation.conditions import (
@@ -222,7 +223,7 @@ def parse_ints(text: str | None, option: str, upper: int) -> list[int] | None:
 
 def traverse(common: Common, label: str | None, attrs: list[str], dims: str | None, top: int | None, span: float,
              species: str | None, image: Path | None, positions: str | None, steps: int | None,
-             temperature: float = 1.0, top_k: int = 5) -> dict:  # fmt: skip
+             temperature: float = 1.0, top_k: int = TOP_K) -> dict:  # fmt: skip
     check_seed(common.seed, 1)
     check_positive(batch_size=common.batch_size)
     kind, weights = family(common.checkpoint)
@@ -284,7 +285,7 @@ def traverse(common: Common, label: str | None, attrs: list[str], dims: str | No
 
 def interpolate(common: Common, from_class: str | None, to_class: str | None, attrs: list[str], from_species: str | None,
                 to_species: str | None, from_image: Path | None, to_image: Path | None, steps: int | None, n: int,
-                temperature: float = 1.0, top_k: int = 5) -> dict:  # fmt: skip
+                temperature: float = 1.0, top_k: int = TOP_K) -> dict:  # fmt: skip
     check_positive(n=n, batch_size=common.batch_size)
     check_seed(common.seed, n)
     if (from_image is None) != (to_image is None):
