@@ -469,9 +469,8 @@ def train_vqgan_stage(run: TrainingRun, ctx: dict) -> VQGAN:
     opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.vqgan_lr, betas=ADAM_BETAS)
     state_name = Path(VQGAN_RUN_FILE).parent / "last_vqgan.pt"
     state, step = run.load_state(state_name), 0
-    usage = torch.zeros(
-        cfg.vq_n_embed, device=device
-    )  # how often each entry was chosen since the last restart
+    # how often each entry was chosen since the last restart
+    usage = torch.zeros(cfg.vq_n_embed, device=device)
     if state is not None:
         for module, key in ((model, "model"), (disc, "discriminator")):
             checkpoint.load_state_dict_checked(module, state[key], f"{run.run_dir / state_name} [{key}]")
@@ -617,6 +616,7 @@ def train_prior_stage(run: TrainingRun, ctx: dict, autoencoder: PhyloNN) -> Code
     run.broadcast(prior)
     dis = autoencoder.disentangler
     codes = torch.cat([dis.encode_codes(h.float()) for h in ctx["train_features"].split(256)])
+    ctx["train_codes"] = codes  # the final evaluation's too: the autoencoder is frozen from here on
     labels = ctx["train_feature_labels"]
     val_codes = torch.cat([autoencoder.encode_codes(x) for x in ctx["val_images"].split(128)])
     assignment = ctx["assignment"]
@@ -704,9 +704,7 @@ def train_phylo(cfg: PhyloConfig, run_dir: Path, resume: bool = False, quiet: bo
     if run.main:
         model = PhyloModel(autoencoder, prior, {"phylogeny": ctx["record"]}, run.run_dir / RUN_FILE)
         n_train = len(labels) // (2 if cfg.mirror else 1)  # the training images themselves, not their mirrors
-        dis = autoencoder.disentangler
-        train_codes = torch.cat([dis.encode_codes(h.float()).cpu() for h in features[:n_train].split(256)])
-        train = (train_codes, labels[:n_train].cpu().numpy())
+        train = (ctx["train_codes"][:n_train].cpu(), labels[:n_train].cpu().numpy())
         summary.update(phylo_evaluate.evaluate_run(
             model, levels, test, run.device, run.run_dir / "analysis", train=train,
             world_root=ctx["meta"].root if cfg.data.dataset == "world" else None, judge=judge,
