@@ -32,13 +32,14 @@ from core.device import HardwareConfig, autocast, loader_settings
 from core.errors import UserError
 from core.seeding import derive_seed, seed_everything
 from datasets.registry import DataConfig
+from datasets.vectors import SYNTHETIC, csv_dataset, intrinsic_dimension, synthetic_dataset
 from models.cvae import CVAE, PRIORS, RUN_FILE, elbo_terms, save_cvae
 from testing import cvae as evaluation
 from testing.sampling import save_grid
 from training.lifecycle import ShuffledSteps, TrainingRun
 
 PRESETS = Path(__file__).parent / "presets" / "cvae.yaml"
-VECTORS = ("gaussian", "projected", "swissroll", "csv")  # datasets.vectors
+VECTORS = (*SYNTHETIC, "csv")  # the vector sets of datasets.vectors
 DEFAULT_PRESET = {
     "world": "tiny",
     "cub": "cub",
@@ -151,8 +152,6 @@ def image_spec(cfg: CVAEConfig):
 
 def vector_data(cfg: CVAEConfig) -> CVAEData:
     """A synthetic set or a CSV table as train and val splits of vectors (datasets.vectors)."""
-    from datasets.vectors import csv_dataset, intrinsic_dimension, synthetic_dataset
-
     name, fraction = cfg.data.dataset, cfg.data.val_fraction
     if name == "csv":
         train, val = (csv_dataset(cfg.csv, s, cfg.label_column, fraction, cfg.seed) for s in ("train", "val"))
@@ -279,7 +278,7 @@ def load_recogniser(path: str, num_classes: int, device: torch.device):
 
 def real_images(dataset, per_class: int) -> tuple[torch.Tensor, np.ndarray]:
     """Up to `per_class` images of each class of `dataset` (images in [-1, 1]) and their labels."""
-    labels = np.asarray([dataset[i]["label"] for i in range(len(dataset))])
+    labels = np.asarray(dataset.labels)  # from the split's table: no image is read for its label
     keep = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in np.unique(labels)])
     return torch.stack([torch.as_tensor(dataset[int(i)]["image"]) for i in keep]), labels[keep]
 
