@@ -199,9 +199,11 @@ def plot_kl_per_dim(kl: dict[str, list[float]], path: str | os.PathLike, show: b
         ax.bar(np.arange(dims) + (i - (len(kl) - 1) / 2) * width, values, width, label=f"given: {setting}")
     ax.set_xlabel("latent dimension")
     ax.set_ylabel("KL(q(z|x,c) || p(z|c)), nats")
-    ax.set_title("Which latent dimensions are used, by the conditions given (held-out mean)")
+    ax.set_title("Which latent dimensions are used,\nby the conditions given (held-out mean)")
     ax.set_xticks(range(dims))
-    ax.legend()
+    top = float(np.nanmax(frame.drop(columns="dimension").to_numpy(dtype=float), initial=0.0))
+    ax.set_ylim(0, 1.22 * top if top > 0 else 1.0)  # room above the bars for the legend
+    ax.legend(loc="upper center", ncol=len(kl), fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     save_figure(fig, path)
     show_or_close(fig, show)
