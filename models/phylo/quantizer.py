@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from core.distributed import all_reduce_sum
+
 
 def codebook_commitment(z: torch.Tensor, z_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The VQ-VAE terms (van den Oord et al. 2017), each a mean over elements:
@@ -67,15 +69,12 @@ class VectorQuantizer(nn.Module):
         flat, index = z.detach().reshape(-1, self.embed_dim).float(), indices.flatten()
         counts = torch.bincount(index, minlength=self.n_embed).float()
         sums = torch.zeros_like(self.ema_sum).index_add_(0, index, flat)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(counts)
-            torch.distributed.all_reduce(sums)
+        all_reduce_sum(counts)
+        all_reduce_sum(sums)
         self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
         self.ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
         total = self.ema_count.sum()
-        smoothed = (
-            (self.ema_count + 1e-5) / (total + self.n_embed * 1e-5) * total
-        )  # Laplace: no division by 0
+        smoothed = (self.ema_count + 1e-5) / (total + self.n_embed * 1e-5) * total  # Laplace: never 0
         self.embedding.weight.copy_(self.ema_sum / smoothed[:, None])
 
     @torch.no_grad()
