@@ -14,9 +14,8 @@ the learned prior's class means are right but its encodings spread 1.3 standard 
 variance samples are templates). `fit_latents` stores the training images' aggregate posterior around the prior
 mean as a Gaussian per class and dimension (and one over all images, for conditions without a class), and
 `sample_latent` draws from it (ex-post density estimation, Ghosh et al. 2020); a model without a fit samples its
-prior. The decoder's
-likelihood is a Gaussian of fixed standard deviation `sigma` (a training setting; the testbed's summed squared
-error is sigma^2 = 1/2 without the constant).
+prior. The decoder's likelihood is a Gaussian of fixed standard deviation `sigma` (a training setting; the
+testbed's summed squared error is sigma^2 = 1/2 without the constant).
 """
 
 from __future__ import annotations
