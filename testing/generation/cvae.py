@@ -3,8 +3,8 @@
 Image i of every condition draws its standard-normal `eps` from seed `seed + i` (`z_from_seeds`, NVlabs'
 convention) and decodes z = mean + std * eps of the fitted latents of the condition (models.cvae: the prior
 mean plus the training images' spread around it; the prior p(z | condition) itself for a model without a fit):
-rows of different conditions share
-their draws and differ only by the condition. Traversals sweep `eps` in one dimension (prior standard units).
+rows of different conditions share their draws and differ only by the condition. Traversals sweep `eps` in one
+dimension (prior standard units).
 Every mode decodes and writes `batch_size` images at a time, so memory does not grow with --n or --steps.
 """
 
