@@ -76,13 +76,13 @@ def split_outputs(autoencoder, loader, device, plain=None, judge=None, keep_per_
             if "image" not in batch:
                 continue
             x, y = batch["image"].to(device), batch["label"]
-            codes = autoencoder.encode_codes(x)
+            forward = autoencoder(x)  # in eval mode its codes are encode_codes(x)'s
+            codes = forward["codes"]
             recon = autoencoder.decode_codes(codes).float().clamp(-1, 1)
             out["codes"].append(codes.cpu())
             out["labels"].append(y)
             if plain is not None:
                 out["plain"].append(plain.encode_codes(x).cpu())
-            forward = autoencoder(x)
             if "level_logits" in forward:  # not the plain autoencoder of earlier runs
                 out["heads"].append(_heads(forward))
                 out["heads_round_trip"].append(_heads(autoencoder(recon)))
