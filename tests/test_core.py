@@ -238,3 +238,16 @@ def test_file_hash_changes_with_content(tmp_path):
     a.write_bytes(b"2")
     assert checkpoint.file_hash(a) != first and len(first) == 16
     json.dumps(first)
+
+
+def test_a_safetensors_header_length_ending_in_0x80_is_not_taken_for_a_pickle(tmp_path):
+    """A header of 0x..80 bytes starts the file with byte 0x80, pickle's first opcode: still safetensors."""
+    from core.checkpoint import load_weights, save_weights, sniff_format
+
+    for width in range(1, 300):  # header lengths vary with the tensors' names: find one ending in 0x80
+        path, name = tmp_path / "w.safetensors", "w" * width
+        save_weights(path, {name: torch.zeros(1)}, {})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    assert sniff_format(path) == "safetensors" and torch.equal(load_weights(path)[0][name], torch.zeros(1))

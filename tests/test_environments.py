@@ -9,10 +9,8 @@ import yaml
 from conftest import ROOT, run_cli, run_main
 
 NIX_NAMES = {"torch-bin": "torch", "torchvision-bin": "torchvision", "faiss": "faiss-cpu"}
-SYSTEM_TOOLS = {
-    "chromium",
-    "chromedriver",
-}  # the browser tests' system packages (Debian's on CI), not Python's
+# the browser tests' system packages (Debian's on CI), not Python's
+SYSTEM_TOOLS = {"chromium", "chromedriver"}
 
 
 def _split(spec: str) -> tuple[str, str]:
