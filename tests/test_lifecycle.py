@@ -188,6 +188,34 @@ def test_every_trainer_bounds_the_learning_rate(command, tmp_path, capsys, monke
     assert not (tmp_path / "run").exists()
 
 
+def trainer_configs():
+    from training.classifier import ClassifierConfig
+    from training.cvae import CVAEConfig
+    from training.gan.trainer import GanConfig
+    from training.phylo import PhyloConfig
+    from training.retrieval import RetrievalConfig
+    from training.viscoin import VisCoINConfig
+
+    return [ClassifierConfig, CVAEConfig, GanConfig, PhyloConfig, RetrievalConfig, VisCoINConfig]
+
+
+@pytest.mark.parametrize("cls", trainer_configs(), ids=lambda c: c.__name__)
+def test_every_trainer_config_shares_the_lifecycle_checks(cls):
+    from core.errors import UserError
+    from training.lifecycle import TrainerConfig
+
+    assert issubclass(cls, TrainerConfig)
+    cls().validate()  # the defaults are valid
+    for name in cls.LEARNING_RATES:
+        for bad, message in ((0.0, "must be positive"), (11.0, "must be between 0 and 10.0")):
+            with pytest.raises(UserError, match=f"--{name.replace('_', '-')} {message}"):
+                cls(**{name: bad}).validate()
+    with pytest.raises(UserError, match="--log-every must be positive, got 0"):
+        cls(log_every=0).validate()
+    with pytest.raises(UserError, match="--device must be auto"):
+        cls(hardware=type(cls().hardware)(device="tpu")).validate()
+
+
 def test_an_image_size_out_of_range_is_refused_before_any_folder(tmp_path, capsys, monkeypatch):
     for command in ("classifier", "cvae", "phylo", "retrieval"):
         result = run_main(("train", command, "--image-size", "1", "--out", str(tmp_path / command)), capsys,

@@ -22,15 +22,15 @@ import torch
 import torch.nn.functional as F
 
 from core import checkpoint
-from core.config import MAX_LR, require_positive, require_range, to_dict, validate_blocks
-from core.device import HardwareConfig, autocast
+from core.config import require_positive, require_range, to_dict
+from core.device import autocast
 from core.errors import TrainingDiverged, UserError
 from core.seeding import seed_everything
 from datasets.gpu_transforms import to_model_batch
 from datasets.registry import DataConfig, DataSpec, build_dataset, collate_skipping, resolve_meta
 from models.classifiers import build_classifier
 from testing.metrics import evaluate_classifier
-from training.lifecycle import LossWindow, TrainingRun
+from training.lifecycle import LossWindow, TrainerConfig, TrainingRun
 from training.optim import build_optimizer, build_schedule
 
 PRESETS = Path(__file__).parent / "presets" / "classifier.yaml"
@@ -38,7 +38,7 @@ DEFAULT_PRESET = {"world": "tiny", "cub": "cub", "folder": "folder"}
 
 
 @dataclass
-class ClassifierConfig:
+class ClassifierConfig(TrainerConfig):
     data: DataConfig = field(default_factory=DataConfig)
     # model
     arch: str = "tiny"
@@ -54,16 +54,11 @@ class ClassifierConfig:
     step_size: int = 30
     gamma: float = 0.1
     label_smoothing: float = 0.0
-    # hardware and bookkeeping
-    hardware: HardwareConfig = field(default_factory=HardwareConfig)
-    seed: int = 0
     log_every: int = 20
     compile: bool = False  # torch.compile the model (opt-in: not measured to win yet)
 
-    def validate(self) -> None:
-        validate_blocks(self)
-        require_positive(self, "batch_size", "epochs", "lr", "log_every")
-        require_range(self, "lr", 0, MAX_LR)
+    def check(self) -> None:
+        require_positive(self, "batch_size", "epochs")
         require_range(self, "weight_decay", 0)
         require_range(self, "momentum", 0, 1)
         if not 0 <= self.label_smoothing < 1:

@@ -27,8 +27,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from core import checkpoint
-from core.config import MAX_LR, require_per_process, require_positive, require_range, to_dict, validate_blocks
-from core.device import HardwareConfig, autocast, loader_settings
+from core.config import require_per_process, require_positive, to_dict
+from core.device import autocast, loader_settings
 from core.errors import UserError
 from core.seeding import derive_seed, seed_everything
 from datasets.registry import DataConfig
@@ -36,7 +36,7 @@ from datasets.vectors import SYNTHETIC, csv_dataset, intrinsic_dimension, synthe
 from models.cvae import CVAE, PRIORS, RUN_FILE, elbo_terms, save_cvae
 from testing import cvae as evaluation
 from testing.sampling import save_grid
-from training.lifecycle import ShuffledSteps, TrainingRun
+from training.lifecycle import ShuffledSteps, TrainerConfig, TrainingRun
 
 PRESETS = Path(__file__).parent / "presets" / "cvae.yaml"
 VECTORS = (*SYNTHETIC, "csv")  # the vector sets of datasets.vectors
@@ -53,7 +53,7 @@ REAL_PER_CLASS = 50  # real training images per class the samples' spread is com
 
 
 @dataclass
-class CVAEConfig:
+class CVAEConfig(TrainerConfig):
     data: DataConfig = field(default_factory=lambda: DataConfig(image_size=32))
     attributes: bool = True  # the dataset's attributes as conditions besides the class
     # vector data (datasets.vectors): the synthetic sets' size and dimensions, or a CSV table
@@ -83,19 +83,12 @@ class CVAEConfig:
     lr: float = 1e-3
     # bookkeeping
     eval_every: int = 500
-    log_every: int = 50
     classifier: str | None = None
     recognition_samples: int = 20  # per class
-    hardware: HardwareConfig = field(default_factory=HardwareConfig)
-    seed: int = 0
 
-    def validate(self) -> None:
-        validate_blocks(self)
-        require_positive(self, "batch_size", "steps", "lr", "latent_dim", "channels", "max_channels")
-        require_range(self, "lr", 0, MAX_LR)
-        require_positive(
-            self, "sigma", "hidden", "layers", "depth", "eval_every", "log_every", "recognition_samples"
-        )
+    def check(self) -> None:
+        require_positive(self, "batch_size", "steps", "latent_dim", "channels", "max_channels", "sigma", "hidden",
+                         "layers", "depth", "eval_every", "recognition_samples")  # fmt: skip
         if self.data.dataset not in DATASETS:
             raise UserError(
                 f"--dataset must be one of {', '.join(DATASETS)} for a CVAE, got {self.data.dataset!r}"

@@ -31,15 +31,12 @@ import torch
 from core import checkpoint
 from core.atomic import write_text
 from core.config import (
-    MAX_LR,
     require_per_process,
     require_positive,
-    require_range,
     saved_settings,
     to_dict,
-    validate_blocks,
 )
-from core.device import HardwareConfig, autocast
+from core.device import autocast
 from core.errors import UserError
 from core.seeding import derive_seed, seed_everything
 from datasets.gpu_transforms import mirror
@@ -61,7 +58,7 @@ from models.phylo.checkpoint import RUN_FILE, VQGAN_RUN_FILE
 from testing import phylo_evaluate
 from testing.generation import TOP_K
 from testing.sampling import save_grid
-from training.lifecycle import ShuffledSteps, TrainingRun
+from training.lifecycle import ShuffledSteps, TrainerConfig, TrainingRun
 from training.losses_phylo import (
     adversary_loss,
     cosine_warm_restarts,
@@ -79,7 +76,7 @@ PERCEPTUAL = ("auto", "imagenet", "none")  # or a path to VGG-16 weights
 
 
 @dataclass
-class PhyloConfig:
+class PhyloConfig(TrainerConfig):
     # data and tree
     data: DataConfig = field(default_factory=lambda: DataConfig(image_size=32))
     mirror: bool = True  # flip training images left-right (the world's birds face both ways; fish do not)
@@ -148,9 +145,6 @@ class PhyloConfig:
     fidelity_samples: int = 10  # per species and per node
     top_k: int = TOP_K
     eval_every: int = 500
-    log_every: int = 50
-    hardware: HardwareConfig = field(default_factory=HardwareConfig)
-    seed: int = 0
     # a config.yaml of the one-stage design (a pixel autoencoder trained end to end) names these: such a run
     # cannot be resumed, while its weights still load in generate phylo and test phylo
     RETIRED: ClassVar[dict[str, str]] = dict.fromkeys(
@@ -159,16 +153,15 @@ class PhyloConfig:
         "its weights still load in generate phylo and test phylo, but it cannot be resumed: start a new run",
     )
 
-    def validate(self) -> None:
-        validate_blocks(self)
-        for name in ("vqgan_lr", "lr", "adversary_lr", "prior_lr"):
-            require_range(self, name, 0, MAX_LR)
+    LEARNING_RATES: ClassVar[tuple[str, ...]] = ("vqgan_lr", "lr", "adversary_lr", "prior_lr")
+
+    def check(self) -> None:
         require_positive(self, "latent_size", "channels", "res_blocks", "z_channels", "vq_embed_dim", "vq_n_embed",
-                         "disc_channels", "disc_layers", "vqgan_steps", "vqgan_batch_size", "vqgan_lr",
+                         "disc_channels", "disc_layers", "vqgan_steps", "vqgan_batch_size",
                          "disentangler_channels", "phylo_channels", "embed_dim", "n_embed", "codes_per_level",
-                         "free_codes", "adversary_hidden", "steps", "batch_size", "lr", "adversary_lr",
-                         "prior_width", "prior_layers", "prior_heads", "prior_steps", "prior_batch_size", "prior_lr",
-                         "prior_eval_every", "fidelity_samples", "eval_every", "log_every")  # fmt: skip
+                         "free_codes", "adversary_hidden", "steps", "batch_size", "prior_width", "prior_layers",
+                         "prior_heads", "prior_steps", "prior_batch_size", "prior_eval_every", "fidelity_samples",
+                         "eval_every")  # fmt: skip
         if self.cuts is not None and (
             not self.cuts or any(not 0 < c < 1 for c in self.cuts) or len(set(self.cuts)) != len(self.cuts)
         ):

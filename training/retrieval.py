@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from core import checkpoint
-from core.config import MAX_LR, require_positive, require_range, to_dict, validate_blocks
-from core.device import HardwareConfig, autocast
+from core.config import require_positive, to_dict
+from core.device import autocast
 from core.errors import UserError
 from core.seeding import seed_everything
 from datasets.bioscan.hdf5 import BioscanSplit, check_split
@@ -29,7 +29,7 @@ from models.retrieval import RetrievalModel, RetrievalSpec
 from testing.retrieval.embed import model_inputs
 from testing.retrieval.evaluate import parse_pairs, score_model
 from testing.retrieval.protocol import selection_score
-from training.lifecycle import ShuffledSteps, TrainingRun
+from training.lifecycle import ShuffledSteps, TrainerConfig, TrainingRun
 from training.losses_retrieval import contrastive_loss, modality_pairs
 
 PRESETS = Path(__file__).parent / "presets" / "retrieval.yaml"
@@ -37,7 +37,7 @@ SELECTIONS = ("micro_macro", "micro")
 
 
 @dataclass
-class RetrievalConfig:
+class RetrievalConfig(TrainerConfig):
     # data: a BIOSCAN HDF5 file with its fixed splits (no datasets.registry.DataConfig: no val share, crop or
     # image folder to choose), or the synthetic world exported to that layout
     data: str | None = None
@@ -84,14 +84,10 @@ class RetrievalConfig:
     # bookkeeping
     eval_every: int = 0  # steps between evaluations; 0: once per epoch
     eval_batch_size: int = 256
-    log_every: int = 50
-    hardware: HardwareConfig = field(default_factory=HardwareConfig)
     seed: int = 42
 
-    def validate(self) -> None:
-        validate_blocks(self)
-        require_positive(self, "batch_size", "epochs", "lr", "embed_dim", "log_every", "eval_batch_size")
-        require_range(self, "lr", 0, MAX_LR)
+    def check(self) -> None:
+        require_positive(self, "batch_size", "epochs", "embed_dim", "eval_batch_size")
         check_image_size(self.image_size)
         if self.eval_every < 0:
             raise UserError(f"--eval-every must be >= 0, got {self.eval_every}")

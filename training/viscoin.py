@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from core import checkpoint
-from core.config import MAX_LR, require_positive, require_range, to_dict, validate_blocks
-from core.device import HardwareConfig, autocast
+from core.config import require_positive, to_dict
+from core.device import autocast
 from core.errors import UserError
 from core.seeding import seed_everything
 from datasets.gpu_transforms import to_model_batch
@@ -39,14 +39,14 @@ from testing.viscoin.evaluate import (
     selection_score,
 )
 from training import viscoin_losses as losses
-from training.lifecycle import DrawnSteps, TrainingRun
+from training.lifecycle import DrawnSteps, TrainerConfig, TrainingRun
 
 PRESETS = Path(__file__).parent / "presets" / "viscoin.yaml"
 DEFAULT_PRESET = {"world": "tiny", "cub": "cub", "folder": "cub"}
 
 
 @dataclass
-class VisCoINConfig:
+class VisCoINConfig(TrainerConfig):
     # data.image_size: the classifier's, set when training starts
     data: DataConfig = field(default_factory=DataConfig)
     classifier: str | None = None  # default checkpoints/<dataset>/classifier.safetensors
@@ -74,21 +74,16 @@ class VisCoINConfig:
     eval_images: int = 512
     select_metric: str = "fidelity"  # picks best.safetensors (testing.viscoin.SELECT_METRICS)
     checkpoint_every: int = 10000
-    log_every: int = 50
-    hardware: HardwareConfig = field(default_factory=HardwareConfig)
-    seed: int = 0
     amp_lpips: bool = False  # LPIPS-VGG under bf16 too (its input gradients then differ by 15-25%: opt-in)
     compile: bool = False  # torch.compile f and the trainable trio (opt-in: not measured to win yet)
 
-    def validate(self) -> None:
-        validate_blocks(self)
-        require_positive(self, "batch_size", "iterations", "grad_accum", "lr", "n_concepts", "latent_channels",
-                         "decoder_lr_multiplier",
-                         "eval_every", "eval_images", "checkpoint_every", "log_every", "lr_decay_every")  # fmt: skip
+    def check(self) -> None:
+        require_positive(self, "batch_size", "iterations", "grad_accum", "n_concepts", "latent_channels",
+                         "decoder_lr_multiplier", "eval_every", "eval_images", "checkpoint_every",
+                         "lr_decay_every")  # fmt: skip
         for name in ("alpha", "beta", "gamma", "delta", "w_reg", "warmup"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name} must not be negative")
-        require_range(self, "lr", 0, MAX_LR)
         if self.select_metric not in SELECT_METRICS:
             raise UserError(
                 f"--select-metric must be one of {', '.join(SELECT_METRICS)}, got {self.select_metric!r}"

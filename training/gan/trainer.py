@@ -28,8 +28,8 @@ from torch.utils.data import DataLoader
 
 from core import checkpoint
 from core.atomic import write_text
-from core.config import MAX_LR, require_per_process, require_positive, require_range, to_dict, validate_blocks
-from core.device import HardwareConfig, autocast, loader_settings
+from core.config import require_per_process, require_positive, to_dict
+from core.device import autocast, loader_settings
 from core.errors import TrainingDiverged, UserError
 from core.seeding import derive_seed, seed_everything
 from datasets.gpu_transforms import mirror, to_model_batch
@@ -51,7 +51,7 @@ from training.gan.losses import (
     r1_penalty,
     update_ema,
 )
-from training.lifecycle import ShuffledSteps, TrainingRun
+from training.lifecycle import ShuffledSteps, TrainerConfig, TrainingRun
 from training.optim import optimiser_step
 
 PRESETS = Path(__file__).parents[1] / "presets" / "gan.yaml"
@@ -61,7 +61,7 @@ METRIC_SEED = 1_000_000  # latents of the metric's fakes: seeds METRIC_SEED, MET
 
 
 @dataclass
-class GanConfig:
+class GanConfig(TrainerConfig):
     data: DataConfig = field(default_factory=lambda: DataConfig(val_fraction=0.0))  # trains on all of train
     mirror: bool = True
     # networks
@@ -93,16 +93,12 @@ class GanConfig:
     ada_kimg: float = 500.0
     # bookkeeping
     snapshot_kimg: float = 50.0
-    log_every: int = 50
     metric_images: int = 1000
     metric_classifier: str | None = None
     grid_size: int = 64
-    hardware: HardwareConfig = field(default_factory=HardwareConfig)
-    seed: int = 0
 
-    def validate(self) -> None:
-        validate_blocks(self)
-        require_positive(self, "batch_size", "kimg", "lr", "log_every", "snapshot_kimg")
+    def check(self) -> None:
+        require_positive(self, "batch_size", "kimg", "snapshot_kimg")
         require_positive(self, "z_dim", "w_dim", "mapping_layers", "channel_base", "channel_max", "ema_kimg")
         require_positive(self, "r1_interval", "pl_interval", "pl_batch_shrink", "metric_images", "grid_size")
         size = self.data.image_size
@@ -112,7 +108,6 @@ class GanConfig:
             )
         if self.gamma < 0 or self.pl_weight < 0:
             raise UserError("--gamma and --pl-weight must be >= 0")
-        require_range(self, "lr", 0, MAX_LR)
         if self.aug not in AUG_MODES:
             raise UserError(f"--aug must be one of {', '.join(AUG_MODES)}, got {self.aug!r}")
         if not 0 <= self.aug_p <= 1 or not 0 < self.ada_target < 1:
