@@ -38,6 +38,7 @@
         (lpips.override { torch = torch-bin; torchvision = torchvision-bin; })
         pytorch-fid
         pytest
+        pytest-xdist
         selenium  # explore's browser tests, with chromium and chromedriver below
       ]);
     in {

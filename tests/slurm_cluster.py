@@ -5,11 +5,13 @@ apt-get when they are missing (as root); it returns why it cannot, and the test 
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,6 +41,12 @@ def apt_install(packages, missing: str, timeout: int = 600, options: list[str] =
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
         return f"{missing} and apt-get cannot install them here (needs root and apt)"
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    with open(os.path.join(tempfile.gettempdir(), "biovis-tests-apt.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # pytest-xdist workers install one after the other, never at once
+        return _apt_get(packages, options, env, timeout)
+
+
+def _apt_get(packages, options, env: dict, timeout: int) -> str | None:
     for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *options, *packages]):
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)

@@ -95,7 +95,7 @@ def test_old_run_directory_resumes(small_world, tmp_path):
     assert epochs == [1, 2]
 
 
-@pytest.mark.parametrize("trainer", ["cvae", "phylo"])
+@pytest.mark.parametrize("trainer", ["cvae", pytest.param("phylo", marks=pytest.mark.slow)])
 def test_a_killed_run_resumed_logs_each_event_once(trainer, small_world, tmp_path, monkeypatch):
     """Lines written after the last checkpoint by a run that died are dropped on resume: the log equals the
     uninterrupted run's (times and rates aside)."""

@@ -267,6 +267,7 @@ def stop_after(calls: int):
     return lambda self, step: next(counter) == calls
 
 
+@pytest.mark.slow
 def test_each_stage_resumes_to_the_uninterrupted_weights(small_world, tmp_path, monkeypatch):
     """Stopped in stage 1, resumed and stopped in stage 2, resumed and stopped in stage 3, resumed to the end:
     every weight of the VQGAN, the disentangler and the prior equals an uninterrupted run's, and each stage's

@@ -87,6 +87,7 @@ def test_every_benchmark_the_readme_names_exists_with_its_options():
         assert not [o for o in options if o not in done.stdout], f"{script} lacks some of {options}"
 
 
+@pytest.mark.slow  # trains a world's worth of models in a row; each of its commands also runs in a fast test
 def test_the_tour_runs_as_written(small_world, tmp_path, capsys, monkeypatch):
     """Each line of the tour, in order, in a fresh working folder (in this process, to save start-ups)."""
     monkeypatch.chdir(tmp_path)
