@@ -196,15 +196,14 @@ def run_ref(args) -> None:
 def run_ours(args) -> None:
     sys.path.insert(0, str(ROOT))
     dev = worker_setup(args)
-    from core.config import from_preset
     from core.device import autotune
     from core.seeding import derive_seed
-    from training.gan.trainer import PRESETS, GanConfig, new_state, real_batch, train_step
+    from training.gan.trainer import GanConfig, new_state, real_batch, train_step
 
     overrides = dict(image_size=args.size, batch_size=args.batch, z_dim=args.z_dim, w_dim=args.z_dim,
                      mapping_layers=args.map_layers, channel_base=args.channel_base, channel_max=args.channel_max,
                      mbstd_group=args.mbstd, amp=args.amp, device=str(dev), aug=args.ours_aug)  # fmt: skip
-    cfg = from_preset(GanConfig, PRESETS, "cub", overrides)
+    cfg = GanConfig.preset("cub", overrides)
     cfg.validate()
     autotune(dev)  # as train_gan: cuDNN's fastest algorithms on CUDA
     s = new_state(cfg, dev)

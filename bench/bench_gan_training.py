@@ -49,15 +49,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from core.config import from_preset
     from core.device import resolve_device
-    from training.gan.trainer import PRESETS, GanConfig, new_state, train_step
+    from training.gan.trainer import GanConfig, new_state, train_step
 
     device = resolve_device(args.device)
     cpu = device.type == "cpu"
     overrides = {"batch_size": args.batch or (8 if cpu else None), "device": str(device)}
     steps = args.steps or (1 if cpu else 3)
-    cfg = from_preset(GanConfig, PRESETS, args.preset, overrides)
+    cfg = GanConfig.preset(args.preset, overrides)
     cfg.validate()
     amp = device.type == "cuda" and not args.no_amp
     if device.type == "cuda":

@@ -35,7 +35,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from core.config import from_preset
     from core.device import resolve_device
     from datasets.phylogeny import Tree, build_levels, parse_newick
     from models.phylo import PatchDiscriminator, PhyloNN
@@ -51,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
 
     for preset, x_shape, n_classes, n_attrs in (("tiny", (3, 32, 32), 24, 41), ("digits", (1, 8, 8), 10, 64)):
-        cfg = from_preset(tc.CVAEConfig, tc.PRESETS, preset, {"device": str(device), "amp": amp})
+        cfg = tc.CVAEConfig.preset(preset, {"device": str(device), "amp": amp})
         data = tc.CVAEData(None, None, [str(i) for i in range(n_classes)], [str(i) for i in range(n_attrs)], x_shape,
                            (-1.0, 1.0), {})  # fmt: skip
         model = tc.build_model(cfg, data).to(device)
@@ -71,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         sample = timed(lambda: gen_cvae.decode(model, z, c, (-1.0, 1.0), n), device, args.steps)  # noqa: B023
         rows.append((f"sample cvae ({preset}), batch {n}", n / sample, "images/s"))
 
-    cfg = from_preset(tp.PhyloConfig, tp.PRESETS, "tiny", {"device": str(device), "amp": amp})
+    cfg = tp.PhyloConfig.preset("tiny", {"device": str(device), "amp": amp})
     newick = "(((A:1,B:1)g1:1,(C:1,D:1)g2:1)f1:1,((E:1,F:1)g3:1,(G:1,H:1)g4:1)f2:1)root;"
     levels = build_levels(
         Tree(parse_newick(newick)), list("ABCDEFGH"), [0.5, 0.8]

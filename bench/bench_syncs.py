@@ -83,7 +83,6 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from core.config import from_preset
     from core.device import resolve_device
 
     os.environ.setdefault("BIOVIS_DATA", str(Path(tempfile.gettempdir()) / "biovis-bench-data"))
@@ -94,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         tmp = Path(tmp)
         from training import classifier as tc
 
-        cfg = from_preset(tc.ClassifierConfig, tc.PRESETS, "tiny", {**common, "epochs": 1, "batch_size": 2})
+        cfg = tc.ClassifierConfig.preset("tiny", {**common, "epochs": 1, "batch_size": 2})
         sites = run_counted(tc.train_classifier, cfg, tmp / "clf", device)
         steps = int(__import__("json").loads((tmp / "clf" / "summary.json").read_text())["steps"])
         if "classifier" in args.trainers:
@@ -104,8 +103,8 @@ def main(argv: list[str] | None = None) -> None:
 
             kimg = args.steps * 8 / 1000
             extras = dict(pl_weight=2.0, style_mixing=0.9, aug="ada")  # the `cub` recipe's, at tiny size
-            cfg = from_preset(tg.GanConfig, tg.PRESETS, "tiny",
-                              {**common, **extras, "kimg": kimg, "snapshot_kimg": kimg})  # fmt: skip
+            cfg = tg.GanConfig.preset("tiny",
+                                      {**common, **extras, "kimg": kimg, "snapshot_kimg": kimg})  # fmt: skip
             report(
                 "train gan", run_counted(tg.train_gan, cfg, tmp / "gan", device), args.steps, args.log_every
             )
@@ -119,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
                           mapping_kwargs=dict(num_layers=2),
                           synthesis_kwargs=dict(channel_base=1024, channel_max=64))  # fmt: skip
             save_generator(tmp / "gan.safetensors", G, {"dataset": "world", "source": "random (bench)"})
-            cfg = from_preset(tv.VisCoINConfig, tv.PRESETS, "tiny", {
+            cfg = tv.VisCoINConfig.preset("tiny", {
                 **common, "classifier": str(tmp / "clf"), "generator": str(tmp / "gan.safetensors"),
                 "iterations": args.steps, "eval_every": args.steps, "checkpoint_every": args.steps,
                 "eval_images": 8, "warmup": 0,

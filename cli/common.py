@@ -175,8 +175,7 @@ def check_choice(value: str, choices: tuple[str, ...], option: str) -> str:
 
 def resolve_config(
     cls,
-    presets,
-    preset: str,
+    preset: str | None,
     overrides: dict,
     run_dir: Path,
     resume: bool,
@@ -186,17 +185,17 @@ def resolve_config(
     """The run's config: preset + overrides for a new run; the saved config.yaml for `--resume`, where only
     the `resumable` settings may change (anything else given differently is refused). A run that failed
     before it saved its config is resumed as a fresh start in the same folder."""
-    from core.config import build, flat, from_preset, nest, read_yaml
+    from core.config import build, flat, nest, read_yaml
     from core.rundir import check_resumable
 
     if not resume:
-        return from_preset(cls, presets, preset, overrides)
+        return cls.preset(preset, overrides)
     if command is not None and is_main_process():  # other ranks would see rank 0's own run record
         check_resumable(run_dir, command)
     saved_path = Path(run_dir) / "config.yaml"
     if not saved_path.is_file():
         if command is not None:
-            return from_preset(cls, presets, preset, overrides)
+            return cls.preset(preset, overrides)
         raise UserError(f"--resume: {run_dir} holds no run to resume (no config.yaml)")
     saved = read_yaml(saved_path, {})
     if not isinstance(saved, dict):
@@ -370,8 +369,7 @@ class TrainOptions:
     def train(
         self,
         config: type,
-        presets: Path,
-        preset: str,
+        preset: str | None,
         settings: dict[str, Any],
         resumable: Iterable[str],
         trainer: Callable[..., dict],
@@ -384,7 +382,7 @@ class TrainOptions:
         from core.rundir import prepare_run_dir
 
         run_dir = self.run_dir
-        cfg = resolve_config(config, presets, preset, {**self.overrides(), **_plain_values(settings)}, run_dir,
+        cfg = resolve_config(config, preset, {**self.overrides(), **_plain_values(settings)}, run_dir,
                              self.resume, set(resumable) | ALWAYS_RESUMABLE, command=self.command)  # fmt: skip
         cfg.validate()
         data = getattr(cfg, "data", None)

@@ -117,7 +117,7 @@ def train_cvae_command(
     eval_every: Shared = None,
 ) -> None:
     """Train a conditional VAE (class and any subset of attributes); per-dimension KL in log.jsonl and plotted."""
-    from training.cvae import DEFAULT_PRESET, PRESETS, CVAEConfig, train_cvae
+    from training.cvae import CVAEConfig, train_cvae
 
     settings = dict(
         attributes=attributes, dim=dim, projection_dim=projection_dim, n_points=n_points, csv=csv,
@@ -126,7 +126,7 @@ def train_cvae_command(
         eval_every=eval_every,
     )  # fmt: skip
     cfg, run_dir, summary = options.train(
-        CVAEConfig, PRESETS, preset or DEFAULT_PRESET[options.dataset], settings, RESUMABLE, train_cvae,
+        CVAEConfig, preset, settings, RESUMABLE, train_cvae,
         inputs=lambda cfg: [cfg.classifier, cfg.csv],
         check=lambda cfg: check_classifier_checkpoint(cfg.classifier, "--classifier"),
     )  # fmt: skip

@@ -95,7 +95,7 @@ def train_gan(
     ] = None,
 ) -> None:
     """Train a StyleGAN2 (G_ema.safetensors, sample grids, Fréchet distance in log.jsonl, resume, DDP)."""
-    from training.gan.trainer import DEFAULT_PRESET, PRESETS, GanConfig
+    from training.gan.trainer import GanConfig
     from training.gan.trainer import train_gan as run_training
 
     settings = dict(
@@ -105,7 +105,7 @@ def train_gan(
         snapshot_kimg=snapshot_kimg, metric_images=metric_images, metric_classifier=metric_classifier,
     )  # fmt: skip
     cfg, run_dir, summary = options.train(
-        GanConfig, PRESETS, preset or DEFAULT_PRESET[options.dataset], settings, RESUMABLE, run_training,
+        GanConfig, preset, settings, RESUMABLE, run_training,
         inputs=lambda cfg: [cfg.metric_classifier],
         check=lambda cfg: check_classifier_checkpoint(cfg.metric_classifier, "--metric-classifier"),
     )  # fmt: skip

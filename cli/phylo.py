@@ -144,7 +144,7 @@ def train_phylo_command(
     on its frozen features (stage 2), the conditional code prior (stage 3); then the analysis (analysis/):
     code-tree correlations against the VQGAN's codes, the world's traits, and with --classifier the samples'
     fidelity."""
-    from training.phylo import DEFAULT_PRESET, PRESETS, PhyloConfig, train_phylo
+    from training.phylo import PhyloConfig, train_phylo
 
     settings = dict(
         tree=tree, cuts=parse_cuts(cuts), mirror=mirror, stage1=stage1, vqgan_only=vqgan_only,
@@ -153,7 +153,7 @@ def train_phylo_command(
         steps=steps, prior_steps=prior_steps, lr=lr, classifier=classifier, top_k=top_k, eval_every=eval_every,
     )  # fmt: skip
     cfg, run_dir, summary = options.train(
-        PhyloConfig, PRESETS, preset or DEFAULT_PRESET[options.dataset], settings, RESUMABLE, train_phylo,
+        PhyloConfig, preset, settings, RESUMABLE, train_phylo,
         inputs=lambda cfg: [cfg.tree, cfg.stage1, cfg.classifier],
         check=lambda cfg: check_classifier_checkpoint(cfg.classifier, "--classifier"),
     )  # fmt: skip

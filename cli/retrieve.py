@@ -536,7 +536,7 @@ def train_retrieval_command(
     eval_every: Shared = None,
 ) -> None:
     """Train the image-DNA(-taxonomy) retrieval model contrastively (best/last, log.jsonl, resume, DDP)."""
-    from training.retrieval import PRESETS, RetrievalConfig, train_retrieval
+    from training.retrieval import RetrievalConfig, train_retrieval
 
     if preset.startswith("bioscan") and data is None and not options.resume:
         raise UserError(f"--preset {preset} trains on BIOSCAN: pass --data PATH to its HDF5 file")
@@ -547,7 +547,7 @@ def train_retrieval_command(
         lr=lr, weight_decay=weight_decay, eval_every=eval_every,
     )  # fmt: skip
     cfg, run_dir, summary = options.train(
-        RetrievalConfig, PRESETS, preset, settings, RESUMABLE, train_retrieval,
+        RetrievalConfig, preset, settings, RESUMABLE, train_retrieval,
         inputs=lambda cfg: [cfg.data, cfg.dna_weights],
     )  # fmt: skip
     if summary is not None:

@@ -42,12 +42,12 @@ def classifier(
     compile: Shared = None,
 ) -> None:
     """Train an image classifier (best/last checkpoints, log.jsonl, resume, DDP under torchrun/srun)."""
-    from training.classifier import DEFAULT_PRESET, PRESETS, ClassifierConfig, train_classifier
+    from training.classifier import ClassifierConfig, train_classifier
 
     settings = dict(arch=arch, weights=weights, batch_size=batch_size, epochs=epochs, lr=lr, optimizer=optimizer,
                     schedule=schedule, weight_decay=weight_decay, compile=compile)  # fmt: skip
     cfg, run_dir, summary = options.train(
-        ClassifierConfig, PRESETS, preset or DEFAULT_PRESET[options.dataset], settings, RESUMABLE, train_classifier,
+        ClassifierConfig, preset, settings, RESUMABLE, train_classifier,
         inputs=lambda cfg: [None if cfg.weights in ("none", "imagenet") else cfg.weights],
     )  # fmt: skip
     if summary is not None:

@@ -130,7 +130,7 @@ def train_viscoin_command(
     compile: Shared = None,
 ) -> None:
     """Train VisCoIN's concept extractor, explainer and concept decoder around a classifier and a StyleGAN2."""
-    from training.viscoin import DEFAULT_PRESET, PRESETS, VisCoINConfig, resolve_inputs, train_viscoin
+    from training.viscoin import VisCoINConfig, resolve_inputs, train_viscoin
 
     settings = dict(
         classifier=classifier, generator=generator, n_concepts=n_concepts, learn_w_avg=learn_w_avg,
@@ -145,7 +145,7 @@ def train_viscoin_command(
         return [*resolve_inputs(cfg), lpips_file]
 
     _, run_dir, summary = options.train(
-        VisCoINConfig, PRESETS, preset or DEFAULT_PRESET[options.dataset], settings, RESUMABLE, train_viscoin,
+        VisCoINConfig, preset, settings, RESUMABLE, train_viscoin,
         inputs=inputs, check=resolve_inputs,
     )  # fmt: skip
     if summary is not None:

@@ -1,7 +1,8 @@
 """Dataclass configs with YAML presets and validated overrides.
 
-A preset file maps preset names (`tiny`, `cub`, ...) to field values of one dataclass. CLI options that
-the user gave override preset fields; the resolved config is saved in the run directory.
+A preset file maps preset names (`tiny`, `cub`, ...) to field values of one dataclass, and its `defaults` key
+maps each dataset to the preset it trains with when none is named. CLI options that the user gave override
+preset fields; the resolved config is saved in the run directory.
 
 A config may embed blocks, fields whose default is itself a dataclass (every trainer's `data` and `hardware`).
 Their fields are named without the block wherever values come from (a preset's `image_size: 32`, an option,
@@ -23,6 +24,7 @@ from core.errors import UserError
 
 T = TypeVar("T")
 MAX_LR = 10.0  # no optimiser here trains with a larger step; beyond it the first update overflows
+DEFAULTS = "defaults"  # the key of a preset file that maps each dataset to its preset (not a preset itself)
 
 
 def read_yaml(path: str | os.PathLike, default: Any = None) -> Any:
@@ -45,10 +47,21 @@ def read_yaml(path: str | os.PathLike, default: Any = None) -> Any:
 
 
 def load_presets(path: str | os.PathLike) -> dict[str, dict]:
+    """The presets of a file, by name (without its `defaults`)."""
     presets = read_yaml(path, {})
     if not isinstance(presets, dict):
         raise UserError(f"{path} is not a mapping of preset names to settings")
-    return presets
+    return {k: v for k, v in presets.items() if k != DEFAULTS}
+
+
+def default_preset(path: str | os.PathLike, dataset: str) -> str:
+    """The preset that the file's `defaults` names for `dataset`."""
+    defaults = read_yaml(path, {}).get(DEFAULTS) or {}
+    if dataset not in defaults:
+        raise UserError(
+            f"{Path(path).name} names no preset for --dataset {dataset}: choose one with --preset"
+        )
+    return defaults[dataset]
 
 
 def from_preset(

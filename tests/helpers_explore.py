@@ -30,13 +30,12 @@ class Sources:
 
 
 def retrieval_run(root: Path) -> Path:
-    from core.config import from_preset
-    from training.retrieval import PRESETS, RetrievalConfig, train_retrieval
+    from training.retrieval import RetrievalConfig, train_retrieval
 
     run = root / "retrieval"
     if not (run / "best.safetensors").is_file():
-        cfg = from_preset(RetrievalConfig, PRESETS, "tiny", {"world": "small", "epochs": 2, "batch_size": 16,
-                                                              "eval_every": 3, "device": "cpu", "num_workers": 0})  # fmt: skip
+        cfg = RetrievalConfig.preset("tiny", {"world": "small", "epochs": 2, "batch_size": 16,
+                                     "eval_every": 3, "device": "cpu", "num_workers": 0})  # fmt: skip
         train_retrieval(cfg, run, quiet=True)
     return run
 

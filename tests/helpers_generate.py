@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 
-from core.config import from_preset
 from core.rundir import prepare_run_dir
 
 _BUILT: dict[tuple[str, Path], Path] = {}
@@ -40,9 +39,7 @@ def classifier(root: Path) -> Path:
     from training import classifier as tc
 
     def build(run: Path) -> Path:
-        cfg = from_preset(
-            tc.ClassifierConfig,
-            tc.PRESETS,
+        cfg = tc.ClassifierConfig.preset(
             "tiny",
             {**SMALL, "epochs": 12, "batch_size": 16, "bbox_crop": True},
         )
@@ -57,8 +54,8 @@ def cvae(root: Path, steps: int = 300) -> Path:
     from training import cvae as tv
 
     def build(run: Path) -> Path:
-        cfg = from_preset(tv.CVAEConfig, tv.PRESETS, "tiny", {**SMALL, "steps": steps, "batch_size": 16,
-                                                               "eval_every": steps, "log_every": 50})  # fmt: skip
+        cfg = tv.CVAEConfig.preset("tiny", {**SMALL, "steps": steps, "batch_size": 16,
+                                   "eval_every": steps, "log_every": 50})  # fmt: skip
         tv.train_cvae(cfg, prepare_run_dir(run, "train cvae"), quiet=True)
         return run
 
@@ -74,7 +71,7 @@ def phylo(root: Path, steps: int = 30) -> Path:
         overrides = {**SMALL, "bbox_crop": True, "vqgan_steps": steps, "steps": steps, "prior_steps": steps,
                      "batch_size": 16, "vqgan_batch_size": 16, "prior_batch_size": 16, "disc_start": steps // 2,
                      "eval_every": steps, "log_every": steps, "prior_eval_every": steps}  # fmt: skip
-        cfg = from_preset(tp.PhyloConfig, tp.PRESETS, "tiny", overrides)
+        cfg = tp.PhyloConfig.preset("tiny", overrides)
         tp.train_phylo(cfg, prepare_run_dir(run, "train phylo"), quiet=True)
         return run
 

@@ -38,23 +38,22 @@ def tiny_generator(path: Path, seed: int = 0) -> Path:
 
 def build_tiny_viscoin(root: Path, iterations: int = 6) -> TinyViscoin:
     """Train f (1 epoch) and VisCoIN (`iterations` steps) on the small world; export the bundle."""
-    from core.config import from_preset
     from core.rundir import prepare_run_dir
     from models.viscoin_io import load_viscoin, save_bundle
     from training import classifier as clf_training
     from training import viscoin as vc_training
 
     clf_dir = prepare_run_dir(root / "clf", "train classifier")
-    clf_cfg = from_preset(clf_training.ClassifierConfig, clf_training.PRESETS, "tiny",
-                          dict(dataset="world", world="small", image_size=32, epochs=1, batch_size=16,
-                               device="cpu", amp=False))  # fmt: skip
+    clf_cfg = clf_training.ClassifierConfig.preset("tiny",
+                                                   dict(dataset="world", world="small", image_size=32, epochs=1, batch_size=16,
+                                                        device="cpu", amp=False))  # fmt: skip
     clf_training.train_classifier(clf_cfg, clf_dir, quiet=True)
     generator = tiny_generator(root / "gan.safetensors")
     run_dir = prepare_run_dir(root / "viscoin", "train viscoin")
-    cfg = from_preset(vc_training.VisCoINConfig, vc_training.PRESETS, "tiny",
-                      dict(dataset="world", world="small", classifier=str(clf_dir), generator=str(generator),
-                           iterations=iterations, eval_every=iterations, checkpoint_every=iterations,
-                           warmup=iterations // 2, eval_images=16, device="cpu", amp=False))  # fmt: skip
+    cfg = vc_training.VisCoINConfig.preset("tiny",
+                                           dict(dataset="world", world="small", classifier=str(clf_dir), generator=str(generator),
+                                                iterations=iterations, eval_every=iterations, checkpoint_every=iterations,
+                                                warmup=iterations // 2, eval_images=16, device="cpu", amp=False))  # fmt: skip
     vc_training.train_viscoin(cfg, run_dir, quiet=True)
     bundle = save_bundle(load_viscoin(run_dir), root / "viscoin.pt")
     return TinyViscoin(run_dir, bundle, clf_dir, generator)

@@ -8,10 +8,9 @@ import torch
 import torch.nn.functional as F
 from test_gan_training import one_thread  # noqa: F401  (autouse: these small networks on one thread)
 
-from core.config import from_preset
 from training.gan.augment import AugmentPipe, grid_sample
 from training.gan.losses import d_logistic, r1_penalty
-from training.gan.trainer import PRESETS, GanConfig, build_networks, new_state, train_step
+from training.gan.trainer import GanConfig, build_networks, new_state, train_step
 
 
 def _grid(n: int, h: int, w: int, dtype=torch.float64) -> torch.Tensor:
@@ -73,7 +72,7 @@ def test_transforms_identity_at_p0_and_invariants_at_p1():
 def _ada_on(real_source, fake_source, warmup: int = 40, steps: int = 32) -> list[float]:
     """A tiny 16 px D trained on (real, fake) batches, then `steps` more with the ADA controller (ada_kimg 0.8:
     +-0.04 per adjustment of 4 steps x 8 reals): p after every adjustment."""
-    cfg = from_preset(GanConfig, PRESETS, "tiny", {"device": "cpu", "image_size": 16})
+    cfg = GanConfig.preset("tiny", {"device": "cpu", "image_size": 16})
     torch.manual_seed(0)
     _, D = build_networks(cfg)
     opt = torch.optim.Adam(D.parameters(), lr=0.005, betas=(0.0, 0.99))
@@ -110,8 +109,8 @@ def test_ada_p_rises_when_d_overfits_a_tiny_set_and_stays_near_zero_otherwise(sm
 def test_ada_and_r1_train_together(tmp_path):
     """The training step with ADA and R1 at step 0 (R1's double backward runs through the augmentation); p, its
     statistics and r_t travel with the resume state."""
-    cfg = from_preset(GanConfig, PRESETS, "tiny", {"aug": "ada", "aug_p": 0.5, "ada_interval": 2, "ada_kimg": 0.1,
-                                                  "gamma": 1.0, "device": "cpu"})  # fmt: skip
+    cfg = GanConfig.preset("tiny", {"aug": "ada", "aug_p": 0.5, "ada_interval": 2, "ada_kimg": 0.1,
+                           "gamma": 1.0, "device": "cpu"})  # fmt: skip
     state = new_state(cfg, torch.device("cpu"))
     torch.manual_seed(0)
     real = torch.rand(8, 3, 32, 32) * 2 - 1
@@ -130,7 +129,7 @@ def test_ada_and_r1_train_together(tmp_path):
         float(again.augment.p) == float(state.augment.p)
         and again.augment.sign_count == state.augment.sign_count
     )
-    fixed = from_preset(GanConfig, PRESETS, "tiny", {"aug": "fixed", "aug_p": 0.3, "device": "cpu"})
+    fixed = GanConfig.preset("tiny", {"aug": "fixed", "aug_p": 0.3, "device": "cpu"})
     s = new_state(fixed, torch.device("cpu"))
     for _ in range(3):
         out = train_step(s, real, fixed, world=1, amp=False)

@@ -20,12 +20,11 @@ from helpers_generate import cvae as tiny_cvae
 from test_gan_cli import cli  # noqa: F401  (the in-process CLI fixture)
 from test_gan_training import ONE_THREAD, one_thread  # noqa: F401  (autouse: small networks on one thread)
 
-from core.config import from_preset
 from core.rundir import prepare_run_dir
 from models.classifiers import load_classifier
 from models.cvae import CVAE, condition_vector, elbo_terms, gaussian_kl, load_cvae
 from testing.cvae import class_attributes, recognition
-from training.cvae import PRESETS, CVAEConfig, build_data, condition_masks, train_cvae
+from training.cvae import CVAEConfig, build_data, condition_masks, train_cvae
 
 # ------------------------------------------------------------------------------------------- the ELBO
 
@@ -106,7 +105,7 @@ def test_conditional_samples_are_recognised_by_the_worlds_classifier(trained):
     run, classifier_run = trained
     model, meta, _ = load_cvae(run)
     classifier, clf_meta = load_classifier(classifier_run)
-    data = build_data(from_preset(CVAEConfig, PRESETS, "tiny", meta["config"]), quiet=True)
+    data = build_data(CVAEConfig.preset("tiny", meta["config"]), quiet=True)
     labels = [data.val[i]["label"] for i in range(len(data.val))]
     attributes = torch.stack([torch.as_tensor(data.val[i]["attributes"]) for i in range(len(data.val))])
     per_class = class_attributes(torch.tensor(labels).numpy(), attributes.numpy(), model.num_classes)
@@ -124,8 +123,8 @@ def test_conditional_samples_are_recognised_by_the_worlds_classifier(trained):
 
 
 def test_digits_mlp_reproduces_the_pixels_it_is_given(tmp_path):
-    cfg = from_preset(CVAEConfig, PRESETS, "digits", {"steps": 400, "eval_every": 400, "device": "cpu",
-                                                      "amp": False, "latent_dim": 4})  # fmt: skip
+    cfg = CVAEConfig.preset("digits", {"steps": 400, "eval_every": 400, "device": "cpu",
+                            "amp": False, "latent_dim": 4})  # fmt: skip
     run = prepare_run_dir(tmp_path / "digits", "train cvae")
     train_cvae(cfg, run, quiet=True)
     model, meta, _ = load_cvae(run)
@@ -153,10 +152,10 @@ def test_resume_reaches_the_same_weights(tmp_path):
         "batch_size": 32,
     }
     straight = prepare_run_dir(tmp_path / "straight", "train cvae")
-    train_cvae(from_preset(CVAEConfig, PRESETS, "digits", overrides), straight, quiet=True)
+    train_cvae(CVAEConfig.preset("digits", overrides), straight, quiet=True)
     halves = prepare_run_dir(tmp_path / "halves", "train cvae")
-    train_cvae(from_preset(CVAEConfig, PRESETS, "digits", {**overrides, "steps": 6}), halves, quiet=True)
-    train_cvae(from_preset(CVAEConfig, PRESETS, "digits", overrides), halves, resume=True, quiet=True)
+    train_cvae(CVAEConfig.preset("digits", {**overrides, "steps": 6}), halves, quiet=True)
+    train_cvae(CVAEConfig.preset("digits", overrides), halves, resume=True, quiet=True)
     a, b = (load_cvae(run)[0].state_dict() for run in (straight, halves))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -182,8 +181,8 @@ def test_sigterm_saves_and_resume_auto_matches_uninterrupted(tmp_path):
     result = run_cli(*args, "--out", str(run), "--resume", "auto", "--quiet", env=ONE_THREAD)
     assert result.returncode == 0, result.stderr[-3000:]
     whole = prepare_run_dir(tmp_path / "whole", "train cvae")
-    train_cvae(from_preset(CVAEConfig, PRESETS, "digits", {"steps": 200, "eval_every": 50, "device": "cpu"}),
-               whole, quiet=True)  # fmt: skip
+    train_cvae(CVAEConfig.preset("digits", {"steps": 200, "eval_every": 50, "device": "cpu"}),
+                                 whole, quiet=True)  # fmt: skip
     a, b = (load_cvae(r)[0].state_dict() for r in (whole, run))
     assert all(torch.equal(a[k], b[k]) for k in a)
 

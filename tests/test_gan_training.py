@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from test_gan_cli import cli  # noqa: F401  (fixture: the CLI in this process)
 from test_stylegan2 import randomise_extras, tiny_generator
 
-from core.config import build, from_preset
+from core.config import build
 from core.errors import UserError
 from core.seeding import seed_everything
 from datasets.registry import build_dataset, resolve_meta
@@ -30,7 +30,6 @@ from testing.gan_metrics import feature_statistics, frechet_distance
 from testing.sampling import image_grid
 from training.gan import losses
 from training.gan.trainer import (
-    PRESETS,
     Evaluator,
     GanConfig,
     build_networks,
@@ -149,7 +148,7 @@ def test_step_batches_resume_where_the_step_counter_says() -> None:
 
 def test_train_step_with_path_length_and_style_mixing() -> None:
     """The `world`/`cub` recipes' extras on the tiny networks: both lazy regularisers at step 0, none at 1."""
-    cfg = from_preset(GanConfig, PRESETS, "tiny", {"pl_weight": 2.0, "style_mixing": 0.9, "device": "cpu"})
+    cfg = GanConfig.preset("tiny", {"pl_weight": 2.0, "style_mixing": 0.9, "device": "cpu"})
     state = new_state(cfg, torch.device("cpu"))
     real = torch.rand(8, 3, 32, 32) * 2 - 1
     torch.manual_seed(0)

@@ -12,14 +12,12 @@ import torch
 import yaml
 from conftest import assert_user_error, run_cli, run_main
 
-from core.config import build, flat, from_preset, saved_settings, to_dict
+from core.config import build, flat, saved_settings, to_dict
 from core.errors import TrainingDiverged, UserError
 from training.classifier import ClassifierConfig
-from training.cvae import PRESETS as CVAE_PRESETS
 from training.cvae import CVAEConfig
 from training.gan.trainer import GanConfig
 from training.lifecycle import LossWindow
-from training.phylo import PRESETS as PHYLO_PRESETS
 from training.phylo import PhyloConfig
 from training.retrieval import RetrievalConfig
 from training.viscoin import VisCoINConfig
@@ -62,10 +60,10 @@ def test_configs_written_before_the_blocks_load_into_them():
 
 
 def test_presets_options_and_blocks_combine():
-    cfg = from_preset(CVAEConfig, CVAE_PRESETS, "tiny", {"world": "small", "device": "cpu", "steps": 3})
+    cfg = CVAEConfig.preset("tiny", {"world": "small", "device": "cpu", "steps": 3})
     assert (cfg.data.world, cfg.data.image_size, cfg.data.bbox_crop) == ("small", 32, True)  # preset's
     assert (cfg.hardware.device, cfg.steps) == ("cpu", 3)
-    nested = from_preset(CVAEConfig, CVAE_PRESETS, "tiny", {"data": {"image_size": 16}})
+    nested = CVAEConfig.preset("tiny", {"data": {"image_size": 16}})
     assert nested.data.image_size == 16 and nested.data.bbox_crop is True, "an option block beats the preset"
     with pytest.raises(Exception, match="unknown setting"):
         build(CVAEConfig, {"data": {"colour": 1}})
@@ -103,9 +101,9 @@ def test_a_killed_run_resumed_logs_each_event_once(trainer, small_world, tmp_pat
     import training.phylo as tp
     from core.rundir import prepare_run_dir
 
-    module, cls, presets, step_name = {
-        "cvae": (tc, CVAEConfig, CVAE_PRESETS, "train_step"),
-        "phylo": (tp, PhyloConfig, PHYLO_PRESETS, "disentangler_step"),  # killed in stage 2
+    module, cls, step_name = {
+        "cvae": (tc, CVAEConfig, "train_step"),
+        "phylo": (tp, PhyloConfig, "disentangler_step"),  # killed in stage 2
     }[trainer]
     values = dict(world="small", device="cpu", amp=False, steps=12, eval_every=6, log_every=2, batch_size=8)
     if trainer == "phylo":
@@ -117,7 +115,7 @@ def test_a_killed_run_resumed_logs_each_event_once(trainer, small_world, tmp_pat
             prior_batch_size=8,
             fidelity_samples=1,
         )
-    cfg = from_preset(cls, presets, "tiny", values)
+    cfg = cls.preset("tiny", values)
     train = getattr(module, f"train_{trainer}")
 
     def events(run: Path) -> list[dict]:
@@ -151,8 +149,8 @@ def test_the_guard_writes_the_diverged_line_then_stops(small_world, tmp_path, mo
     import training.cvae as tc
     from core.rundir import prepare_run_dir
 
-    cfg = from_preset(CVAEConfig, CVAE_PRESETS, "tiny", dict(world="small", device="cpu", amp=False, steps=6,
-                                                             eval_every=6, log_every=2, batch_size=8))  # fmt: skip
+    cfg = CVAEConfig.preset("tiny", dict(world="small", device="cpu", amp=False, steps=6,
+                            eval_every=6, log_every=2, batch_size=8))  # fmt: skip
     real = tc.train_step
 
     def nan_after_two(*args, **kwargs):
@@ -214,6 +212,21 @@ def test_every_trainer_config_shares_the_lifecycle_checks(cls):
         cls(log_every=0).validate()
     with pytest.raises(UserError, match="--device must be auto"):
         cls(hardware=type(cls().hardware)(device="tpu")).validate()
+
+
+@pytest.mark.parametrize("cls", trainer_configs(), ids=lambda c: c.__name__)
+def test_every_preset_builds_and_each_dataset_has_its_default(cls):
+    from core.config import DEFAULTS, load_presets, read_yaml
+
+    for name in load_presets(cls.presets_file()):
+        cls.preset(name).validate()
+    for dataset, name in (read_yaml(cls.presets_file()).get(DEFAULTS) or {}).items():
+        assert cls.preset(None, {"dataset": dataset}) == cls.preset(name, {"dataset": dataset})
+    if cls.__name__ == "GanConfig":  # the defaults differ by trainer: the GAN trains the world at 64 px
+        assert (
+            cls.preset(None, {}).data.image_size == 64
+            and cls.preset(None, {"dataset": "cub"}).data.image_size == 256
+        )
 
 
 def test_an_image_size_out_of_range_is_refused_before_any_folder(tmp_path, capsys, monkeypatch):

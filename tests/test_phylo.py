@@ -214,16 +214,15 @@ def test_species_samples_are_recognised_by_an_independent_classifier(small_world
     classifier sees in the test images."""
     from helpers_generate import SMALL, classifier, single_threaded
 
-    from core.config import from_preset
     from core.rundir import prepare_run_dir
     from training import phylo as tp
 
     root = tmp_path_factory.getbasetemp()
     judge = classifier(root)
-    cfg = from_preset(tp.PhyloConfig, tp.PRESETS, "tiny", {**SMALL, "bbox_crop": True, "vqgan_steps": 200,
-                      "steps": 400, "prior_steps": 200, "batch_size": 16, "vqgan_batch_size": 16,
-                      "prior_batch_size": 16, "eval_every": 400, "log_every": 50, "prior_eval_every": 200,
-                      "classifier": str(judge), "fidelity_samples": 4})  # fmt: skip
+    cfg = tp.PhyloConfig.preset("tiny", {**SMALL, "bbox_crop": True, "vqgan_steps": 200,
+                                "steps": 400, "prior_steps": 200, "batch_size": 16, "vqgan_batch_size": 16,
+                                "prior_batch_size": 16, "eval_every": 400, "log_every": 50, "prior_eval_every": 200,
+                                "classifier": str(judge), "fidelity_samples": 4})  # fmt: skip
     with single_threaded():
         summary = tp.train_phylo(cfg, prepare_run_dir(root / "phylo-fidelity", "train phylo"), quiet=True)
     species = {row["level"]: row for row in summary["fidelity"]["species"]["recognition"]}
@@ -245,7 +244,6 @@ def test_print_correlations_says_n_a_for_a_missing_value(capsys):
 
 def test_a_taxonomy_table_stands_for_the_tree(small_world, tmp_path):
     """`--tree taxonomy.csv`: one level per rank (no cuts needed), the same groups as the world's Newick tree."""
-    from core.config import from_preset
     from training import phylo as tp
 
     rows = load_taxonomy(small_world)
@@ -253,9 +251,9 @@ def test_a_taxonomy_table_stands_for_the_tree(small_world, tmp_path):
     table.write_text("id,Order,Family,Genus,Species\n" + "".join(
         f"{r['class_id']},{r['order']},{r['family']},{r['genus']},{r['species']}\n" for r in rows))  # fmt: skip
     overrides = {"dataset": "world", "world": "small", "device": "cpu"}
-    cfg = from_preset(tp.PhyloConfig, tp.PRESETS, "tiny", {**overrides, "tree": str(table)})
+    cfg = tp.PhyloConfig.preset("tiny", {**overrides, "tree": str(table)})
     _, _, cuts, levels, _ = tp.build_data(cfg, quiet=True)
-    newick = tp.build_data(from_preset(tp.PhyloConfig, tp.PRESETS, "tiny", overrides), quiet=True)[3]
+    newick = tp.build_data(tp.PhyloConfig.preset("tiny", overrides), quiet=True)[3]
     assert cuts is None and levels.names == ["order", "family", "genus", "species"]
     assert np.array_equal(levels.assignment, newick.assignment)  # the world's cuts give its ranks
 
@@ -272,7 +270,6 @@ def test_each_stage_resumes_to_the_uninterrupted_weights(small_world, tmp_path, 
     """Stopped in stage 1, resumed and stopped in stage 2, resumed and stopped in stage 3, resumed to the end:
     every weight of the VQGAN, the disentangler and the prior equals an uninterrupted run's, and each stage's
     log lines appear once."""
-    from core.config import from_preset
     from core.preemption import Watch
     from core.rundir import prepare_run_dir
     from training import phylo as tp
@@ -281,7 +278,7 @@ def test_each_stage_resumes_to_the_uninterrupted_weights(small_world, tmp_path, 
                  "vqgan_steps": 4, "steps": 4, "prior_steps": 4, "batch_size": 8, "vqgan_batch_size": 8,
                  "prior_batch_size": 8, "disc_start": 1, "vq_restart_every": 2, "codebook_restart_every": 2,
                  "eval_every": 2, "prior_eval_every": 2, "log_every": 1, "lr_cycle": 3}  # fmt: skip
-    cfg = from_preset(tp.PhyloConfig, tp.PRESETS, "tiny", overrides)
+    cfg = tp.PhyloConfig.preset("tiny", overrides)
     straight = prepare_run_dir(tmp_path / "straight", "train phylo")
     tp.train_phylo(cfg, straight, quiet=True)
     stopped = prepare_run_dir(tmp_path / "stopped", "train phylo")

@@ -8,7 +8,6 @@ import itertools
 import numpy as np
 import pytest
 
-from core.config import from_preset
 from core.errors import UserError
 from datasets.phylogeny import (
     NewickError,
@@ -227,11 +226,11 @@ def test_zero_lengths_cut_by_topology_and_star_trees_refused():
 def test_world_tree_levels_are_its_taxonomy(small_world):
     """The world's tree.nwk, cut at the tiny preset's depths, gives orders, families, genera, species, and
     the group distances are the DNA rates of the ranks between them."""
-    from training.phylo import PRESETS, PhyloConfig, level_cuts
+    from training.phylo import PhyloConfig, level_cuts
 
     taxonomy = load_taxonomy(small_world)
     names = [row["species"] for row in taxonomy]
-    cfg = from_preset(PhyloConfig, PRESETS, "tiny")
+    cfg = PhyloConfig.preset("tiny")
     t = Tree.read(small_world / "tree.nwk")
     assert t.ultrametric and t.height == pytest.approx(sum(DNA_RATES.values()))
     levels = build_levels(t, names, level_cuts(cfg, t))

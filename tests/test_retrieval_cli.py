@@ -14,9 +14,8 @@ import torch
 from conftest import assert_user_error, run_main, snapshot
 
 from core import checkpoint
-from core.config import from_preset
 from datasets.bioscan.hdf5 import read_labels
-from training.retrieval import PRESETS, RetrievalConfig, train_retrieval
+from training.retrieval import RetrievalConfig, train_retrieval
 
 SMALL = {"world": "small", "epochs": 2, "batch_size": 16, "eval_every": 3, "device": "cpu", "num_workers": 0,
          "crop_whole_image": True, "rotation": 45.0, "selection": "micro_macro", "eval_skip_epochs": 1.5}  # fmt: skip
@@ -30,7 +29,7 @@ def trained(small_world, tmp_path_factory) -> dict:
     mp.setenv("BIOVIS_CACHE", str(root / "cache"))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: one thread is faster, and much faster on a busy machine
-    cfg = from_preset(RetrievalConfig, PRESETS, "tiny", SMALL)
+    cfg = RetrievalConfig.preset("tiny", SMALL)
     train_retrieval(cfg, root / "run", quiet=True)
     yield {"root": root, "run": root / "run", "cfg": cfg, "data": cfg.data_path(quiet=True)}
     torch.set_num_threads(threads)

@@ -88,11 +88,10 @@ def test_viscoin_step_makes_no_host_sync():
 @pytest.mark.parametrize("aug", ["none", "ada"])
 def test_gan_train_step_makes_no_host_sync(aug):
     """Step 0 runs all four phases (path length and R1 included), with style mixing and D's augmentation."""
-    from core.config import from_preset
-    from training.gan.trainer import PRESETS, GanConfig, new_state, train_step
+    from training.gan.trainer import GanConfig, new_state, train_step
 
     overrides = dict(pl_weight=2.0, style_mixing=0.9, device="cpu", aug=aug, aug_p=0.2, ada_interval=1)
-    cfg = from_preset(GanConfig, PRESETS, "tiny", overrides)
+    cfg = GanConfig.preset("tiny", overrides)
     state = new_state(cfg, torch.device("cpu"))
     before = copy.deepcopy(state.D.state_dict())
     torch.manual_seed(0)

@@ -191,7 +191,6 @@ def test_attribute_auc_matches_pairwise_definition():
 def test_frozen_parts_receive_no_gradient_and_do_not_change(trained, parts, tmp_path, monkeypatch):
     """f's in-memory state (weights and BatchNorm buffers) and G's synthesis are the same objects' values
     before and after real training steps, while the trainable trio moved."""
-    from core.config import from_preset
     from core.rundir import prepare_run_dir
     from training import viscoin as tv
 
@@ -213,9 +212,9 @@ def test_frozen_parts_receive_no_gradient_and_do_not_change(trained, parts, tmp_
     monkeypatch.setattr(tv, "load_classifier", capture("f", tv.load_classifier))
     monkeypatch.setattr(tv, "load_generator", capture("G", tv.load_generator))
     monkeypatch.setattr(tv, "VisCoINNet", Net)
-    cfg = from_preset(tv.VisCoINConfig, tv.PRESETS, "tiny", dict(world="small", classifier=str(parts / "clf"),
-                      generator=str(parts / "gan.safetensors"), iterations=2, warmup=0, eval_every=2,
-                      checkpoint_every=2, eval_images=8, device="cpu", amp=False, num_workers=0))  # fmt: skip
+    cfg = tv.VisCoINConfig.preset("tiny", dict(world="small", classifier=str(parts / "clf"),
+                                  generator=str(parts / "gan.safetensors"), iterations=2, warmup=0, eval_every=2,
+                                  checkpoint_every=2, eval_images=8, device="cpu", amp=False, num_workers=0))  # fmt: skip
     tv.train_viscoin(cfg, prepare_run_dir(tmp_path / "run", "t"), quiet=True)
     f, f_before = seen["f"]
     assert any("running_mean" in k for k in f_before) and any("num_batches_tracked" in k for k in f_before)
@@ -274,14 +273,13 @@ def test_run_outputs_and_bundle_round_trip(trained, tmp_path):
 
 
 def test_resume_reaches_the_same_weights(parts, tmp_path, monkeypatch):
-    from core.config import from_preset
     from core.rundir import prepare_run_dir
     from training import viscoin as tv
 
     overrides = dict(world="small", classifier=str(parts / "clf"), generator=str(parts / "gan.safetensors"),
                      iterations=8, eval_every=4, checkpoint_every=4, log_every=4, eval_images=8, device="cpu",
                      amp=False, num_workers=0)  # fmt: skip
-    cfg = from_preset(tv.VisCoINConfig, tv.PRESETS, "tiny", overrides)
+    cfg = tv.VisCoINConfig.preset("tiny", overrides)
     whole = prepare_run_dir(tmp_path / "whole", "t")
     tv.train_viscoin(cfg, whole, quiet=True)
 

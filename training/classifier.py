@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -33,12 +34,11 @@ from testing.metrics import evaluate_classifier
 from training.lifecycle import LossWindow, TrainerConfig, TrainingRun
 from training.optim import build_optimizer, build_schedule
 
-PRESETS = Path(__file__).parent / "presets" / "classifier.yaml"
-DEFAULT_PRESET = {"world": "tiny", "cub": "cub", "folder": "folder"}
-
 
 @dataclass
 class ClassifierConfig(TrainerConfig):
+    PRESETS: ClassVar[str] = "classifier"
+
     data: DataConfig = field(default_factory=DataConfig)
     # model
     arch: str = "tiny"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -38,15 +39,7 @@ from testing import cvae as evaluation
 from testing.sampling import save_grid
 from training.lifecycle import ShuffledSteps, TrainerConfig, TrainingRun
 
-PRESETS = Path(__file__).parent / "presets" / "cvae.yaml"
 VECTORS = (*SYNTHETIC, "csv")  # the vector sets of datasets.vectors
-DEFAULT_PRESET = {
-    "world": "tiny",
-    "cub": "cub",
-    "folder": "cub",
-    "digits": "digits",
-    **dict.fromkeys(VECTORS, "vectors"),
-}
 DATASETS = ("world", "cub", "folder", "digits", *VECTORS)
 EVAL_SEED = 1_000_000  # latents of the evaluation grid and recognition samples start here
 REAL_PER_CLASS = 50  # real training images per class the samples' spread is compared with
@@ -54,6 +47,8 @@ REAL_PER_CLASS = 50  # real training images per class the samples' spread is com
 
 @dataclass
 class CVAEConfig(TrainerConfig):
+    PRESETS: ClassVar[str] = "cvae"
+
     data: DataConfig = field(default_factory=lambda: DataConfig(image_size=32))
     attributes: bool = True  # the dataset's attributes as conditions besides the class
     # vector data (datasets.vectors): the synthetic sets' size and dimensions, or a CSV table

@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.config import from_preset
 from core.rundir import mark_run, prepare_run_dir
 from testing.runlogs import plot_run_log
 
@@ -93,9 +92,7 @@ def run_demo(
 
     common = {"dataset": "world", "world": world, "device": device}
     say(1, f"{budget.name} budget, {image_size} px; world '{world}' + classifier -> {out / 'classifier'}")
-    cfg = from_preset(
-        tc.ClassifierConfig,
-        tc.PRESETS,
+    cfg = tc.ClassifierConfig.preset(
         "tiny",
         {**common, "image_size": image_size, "epochs": classifier_epochs or budget.classifier_epochs},
     )
@@ -107,17 +104,17 @@ def run_demo(
 
     say(2, f"StyleGAN2 -> {out / 'gan'}")
     gan_kimg = gan_kimg if gan_kimg is not None else budget.gan_kimg
-    gan_cfg = from_preset(tg.GanConfig, tg.PRESETS, budget.gan_preset,
-                          {**common, **budget.gan_overrides, "image_size": image_size, "kimg": gan_kimg,
-                           "metric_classifier": str(clf_dir / "best.safetensors")})  # fmt: skip
+    gan_cfg = tg.GanConfig.preset(budget.gan_preset,
+                                  {**common, **budget.gan_overrides, "image_size": image_size, "kimg": gan_kimg,
+                                   "metric_classifier": str(clf_dir / "best.safetensors")})  # fmt: skip
     gan_dir = prepare_run_dir(out / "gan", "train gan")
     tg.train_gan(gan_cfg, gan_dir, quiet=quiet)
 
     say(3, f"VisCoIN -> {out / 'viscoin'}")
-    vc_cfg = from_preset(tv.VisCoINConfig, tv.PRESETS, "tiny",
-                         {**common, **budget.viscoin_overrides, "classifier": str(clf_dir), "generator": str(gan_dir),
-                          "iterations": viscoin_iterations or budget.viscoin_iterations,
-                          "lpips_weights": lpips, "beta": 1.0 if lpips != "none" else 0.0})  # fmt: skip
+    vc_cfg = tv.VisCoINConfig.preset("tiny",
+                                     {**common, **budget.viscoin_overrides, "classifier": str(clf_dir), "generator": str(gan_dir),
+                                      "iterations": viscoin_iterations or budget.viscoin_iterations,
+                                      "lpips_weights": lpips, "beta": 1.0 if lpips != "none" else 0.0})  # fmt: skip
     vc_dir = prepare_run_dir(out / "viscoin", "train viscoin")
     tv.train_viscoin(vc_cfg, vc_dir, quiet=quiet)
 

@@ -68,8 +68,6 @@ from training.losses_phylo import (
 )
 from training.optim import optimiser_step
 
-PRESETS = Path(__file__).parent / "presets" / "phylo.yaml"
-DEFAULT_PRESET = {"world": "tiny", "cub": "cub", "folder": "cub"}
 DEFAULT_CUTS = [0.5, 0.8, 0.95]  # a Newick tree without --cuts: the world's orders, families and genera
 ADAM_BETAS = (0.5, 0.9)  # taming-transformers' and Phylo-NN's
 PERCEPTUAL = ("auto", "imagenet", "none")  # or a path to VGG-16 weights
@@ -77,6 +75,8 @@ PERCEPTUAL = ("auto", "imagenet", "none")  # or a path to VGG-16 weights
 
 @dataclass
 class PhyloConfig(TrainerConfig):
+    PRESETS: ClassVar[str] = "phylo"
+
     # data and tree
     data: DataConfig = field(default_factory=lambda: DataConfig(image_size=32))
     mirror: bool = True  # flip training images left-right (the world's birds face both ways; fish do not)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -32,12 +33,13 @@ from testing.retrieval.protocol import selection_score
 from training.lifecycle import ShuffledSteps, TrainerConfig, TrainingRun
 from training.losses_retrieval import contrastive_loss, modality_pairs
 
-PRESETS = Path(__file__).parent / "presets" / "retrieval.yaml"
 SELECTIONS = ("micro_macro", "micro")
 
 
 @dataclass
 class RetrievalConfig(TrainerConfig):
+    PRESETS: ClassVar[str] = "retrieval"
+
     # data: a BIOSCAN HDF5 file with its fixed splits (no datasets.registry.DataConfig: no val share, crop or
     # image folder to choose), or the synthetic world exported to that layout
     data: str | None = None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -41,12 +42,11 @@ from testing.viscoin.evaluate import (
 from training import viscoin_losses as losses
 from training.lifecycle import DrawnSteps, TrainerConfig, TrainingRun
 
-PRESETS = Path(__file__).parent / "presets" / "viscoin.yaml"
-DEFAULT_PRESET = {"world": "tiny", "cub": "cub", "folder": "cub"}
-
 
 @dataclass
 class VisCoINConfig(TrainerConfig):
+    PRESETS: ClassVar[str] = "viscoin"
+
     # data.image_size: the classifier's, set when training starts
     data: DataConfig = field(default_factory=DataConfig)
     classifier: str | None = None  # default checkpoints/<dataset>/classifier.safetensors

@@ -21,6 +21,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -54,14 +55,14 @@ from training.gan.losses import (
 from training.lifecycle import ShuffledSteps, TrainerConfig, TrainingRun
 from training.optim import optimiser_step
 
-PRESETS = Path(__file__).parents[1] / "presets" / "gan.yaml"
-DEFAULT_PRESET = {"world": "world", "cub": "cub", "folder": "cub"}
 ADAM_BETAS = (0.0, 0.99)
 METRIC_SEED = 1_000_000  # latents of the metric's fakes: seeds METRIC_SEED, METRIC_SEED + 1, ...
 
 
 @dataclass
 class GanConfig(TrainerConfig):
+    PRESETS: ClassVar[str] = "gan"
+
     data: DataConfig = field(default_factory=lambda: DataConfig(val_fraction=0.0))  # trains on all of train
     mirror: bool = True
     # networks

@@ -5,16 +5,21 @@ read of any trainer: where it computes (`hardware`), the seed every random draw 
 many steps one log line averages (`log_every`). A trainer's config subclasses it (a dataclass), adds its own
 fields (its `data` block among them) and its own checks in `check()`; a different default is a field
 declared again (`seed: int = 42`). `validate()` checks the blocks, the log cadence and every learning rate
-(`LEARNING_RATES`) the same way for all of them, then calls `check()`.
+(`LEARNING_RATES`) the same way for all of them, then calls `check()`. The trainer's recipes are in
+training/presets/<PRESETS>.yaml: `preset(name, overrides)` builds one, and without a name the one that the
+file's `defaults` names for the dataset.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from pathlib import Path
+from typing import Any, ClassVar
 
-from core.config import MAX_LR, require_positive, require_range, validate_blocks
+from core.config import MAX_LR, default_preset, from_preset, require_positive, require_range, validate_blocks
 from core.device import HardwareConfig
+
+PRESET_DIR = Path(__file__).parents[1] / "presets"
 
 
 @dataclass
@@ -24,6 +29,19 @@ class TrainerConfig:
     log_every: int = 50
 
     LEARNING_RATES: ClassVar[tuple[str, ...]] = ("lr",)  # the fields that are an optimiser's step size
+    PRESETS: ClassVar[str] = ""  # its recipes: training/presets/<PRESETS>.yaml
+
+    @classmethod
+    def presets_file(cls) -> Path:
+        return PRESET_DIR / f"{cls.PRESETS}.yaml"
+
+    @classmethod
+    def preset(cls, name: str | None = None, overrides: dict[str, Any] | None = None):
+        """The config of preset `name` (None: the one its file names for the dataset of `overrides`, by
+        default the world), then the `overrides` that are not None."""
+        path = cls.presets_file()
+        name = name or default_preset(path, (overrides or {}).get("dataset") or "world")
+        return from_preset(cls, path, name, overrides)
 
     def validate(self) -> None:
         validate_blocks(self)
