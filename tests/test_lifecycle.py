@@ -197,6 +197,31 @@ def trainer_configs():
     return [ClassifierConfig, CVAEConfig, GanConfig, PhyloConfig, RetrievalConfig, VisCoINConfig]
 
 
+def test_restore_loads_every_part_and_names_the_file_and_key_of_a_misfit(tmp_path):
+    from core import checkpoint
+    from training.lifecycle import TrainingRun
+
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    net(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    checkpoint.save_state(
+        tmp_path / "last.pt", {"model": net.state_dict(), "opt": opt.state_dict(), "step": 1}
+    )
+    cfg = ClassifierConfig(hardware=type(ClassifierConfig().hardware)(device="cpu"))
+    run = TrainingRun(cfg, tmp_path, resume=True, tune=False)
+    state = run.load_state()
+    twin = torch.nn.Linear(3, 2)
+    twin_opt = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
+    run.restore(state, model=twin, opt=twin_opt, schedule=None)  # None: a part this run does not have
+    assert torch.equal(twin.weight, net.weight) and torch.equal(twin.bias, net.bias)
+    assert torch.equal(
+        twin_opt.state_dict()["state"][0]["momentum_buffer"], opt.state_dict()["state"][0]["momentum_buffer"]
+    )
+    with pytest.raises(UserError, match=r"last\.pt \[model\] does not fit this architecture: shape mismatch"):
+        run.restore(state, model=torch.nn.Linear(4, 2))
+
+
 @pytest.mark.parametrize("cls", trainer_configs(), ids=lambda c: c.__name__)
 def test_every_trainer_config_shares_the_lifecycle_checks(cls):
     from core.errors import UserError

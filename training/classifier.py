@@ -121,9 +121,7 @@ def train_classifier(cfg: ClassifierConfig, run_dir: Path, resume: bool = False,
     state = run.load_state()
     start_epoch, step, best = 0, 0, {"top1": -1.0, "epoch": None}
     if state is not None:
-        checkpoint.load_state_dict_checked(model, state["model"], str(run.run_dir / "last.pt"))
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
+        run.restore(state, model=model, optimizer=optimizer, schedule=schedule)
         start_epoch, step, best = state["epoch"], state["step"], state["best"]
     run.begin(resume_step=step)
 

@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from core import checkpoint
 from core.config import require_per_process, require_positive, to_dict
 from core.device import autocast, loader_settings
 from core.errors import UserError
@@ -370,8 +369,7 @@ def train_cvae(cfg: CVAEConfig, run_dir: Path, resume: bool = False, quiet: bool
             model.fit_latents(
                 *(state["model"][k] for k in ("fit_class_mean", "fit_class_std", "fit_mean", "fit_std"))
             )
-        checkpoint.load_state_dict_checked(model, state["model"], str(run.run_dir / "last.pt"))
-        opt.load_state_dict(state["optimizer"])
+        run.restore(state, model=model, optimizer=opt)
         step = state["step"]
     net = run.ddp(model)
     sampler = ShuffledSteps(data.train, cfg.batch_size // run.world, run.rank, run.world, cfg.seed, step)

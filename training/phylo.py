@@ -28,7 +28,6 @@ from typing import ClassVar
 
 import torch
 
-from core import checkpoint
 from core.atomic import write_text
 from core.config import (
     require_per_process,
@@ -465,10 +464,7 @@ def train_vqgan_stage(run: TrainingRun, ctx: dict) -> VQGAN:
     # how often each entry was chosen since the last restart
     usage = torch.zeros(cfg.vq_n_embed, device=device)
     if state is not None:
-        for module, key in ((model, "model"), (disc, "discriminator")):
-            checkpoint.load_state_dict_checked(module, state[key], f"{run.run_dir / state_name} [{key}]")
-        opt_g.load_state_dict(state["opt_g"])
-        opt_d.load_state_dict(state["opt_d"])
+        run.restore(state, state_name, model=model, discriminator=disc, opt_g=opt_g, opt_d=opt_d)
         step, usage = state["step"], state["usage"].to(device)
     run.broadcast(model, disc)
     lpips, used = perceptual_network(cfg, device, state.get("perceptual") if state is not None else None)
@@ -544,14 +540,11 @@ def train_disentangler_stage(run: TrainingRun, ctx: dict, stage1: VQGAN) -> Phyl
     opt = torch.optim.Adam(trainable, lr=cfg.lr, betas=ADAM_BETAS)
     opt_adv = torch.optim.Adam(model.adversary.parameters(), lr=cfg.adversary_lr, betas=ADAM_BETAS)
     schedule = cosine_warm_restarts(opt, cfg.lr_cycle, cfg.lr_floor) if cfg.lr_cycle else None
-    state, step = run.load_state("last_disentangler.pt"), 0
+    state_name = "last_disentangler.pt"
+    state, step = run.load_state(state_name), 0
     usage = torch.zeros(cfg.n_embed, device=device)
     if state is not None:
-        checkpoint.load_state_dict_checked(model, state["model"], str(run.run_dir / "last_disentangler.pt"))
-        opt.load_state_dict(state["opt"])
-        opt_adv.load_state_dict(state["opt_adv"])
-        if schedule is not None:
-            schedule.load_state_dict(state["schedule"])
+        run.restore(state, state_name, model=model, opt=opt, opt_adv=opt_adv, schedule=schedule)
         step, usage = state["step"], state["usage"].to(device)
     run.broadcast(model)
     features, labels = ctx["train_features"], ctx["train_feature_labels"]
@@ -565,7 +558,7 @@ def train_disentangler_stage(run: TrainingRun, ctx: dict, stage1: VQGAN) -> Phyl
                  "usage": usage, "step": loop.step, "config": to_dict(cfg)}  # fmt: skip
         if schedule is not None:
             state["schedule"] = schedule.state_dict()
-        run.save_state(state, "last_disentangler.pt")
+        run.save_state(state, state_name)
 
     loop = run.steps(cfg.steps, step, name="train phylo: stage 2 (disentangler)", log_every=cfg.log_every,
                      samples_per_step=cfg.batch_size, save=save_resume, seed_key="disentangler",
@@ -601,10 +594,10 @@ def train_prior_stage(run: TrainingRun, ctx: dict, autoencoder: PhyloNN) -> Code
     seed_everything(derive_seed(cfg.seed, "prior"))
     prior = build_prior(cfg, autoencoder.sequence_length, levels).to(device)
     opt = torch.optim.AdamW(prior.parameters(), lr=cfg.prior_lr, betas=(0.9, 0.95), weight_decay=0.01)
-    state, step, best = run.load_state("last_prior.pt"), 0, {"nll": None, "step": None, "model": None}
+    state_name = "last_prior.pt"
+    state, step, best = run.load_state(state_name), 0, {"nll": None, "step": None, "model": None}
     if state is not None:
-        checkpoint.load_state_dict_checked(prior, state["model"], str(run.run_dir / "last_prior.pt"))
-        opt.load_state_dict(state["opt"])
+        run.restore(state, state_name, model=prior, opt=opt)
         step, best = state["step"], state["best"]
     run.broadcast(prior)
     dis = autoencoder.disentangler
@@ -618,7 +611,7 @@ def train_prior_stage(run: TrainingRun, ctx: dict, autoencoder: PhyloNN) -> Code
 
     def save_resume() -> None:
         run.save_state({"model": prior.state_dict(), "opt": opt.state_dict(), "step": loop.step, "best": best,
-                        "config": to_dict(cfg)}, "last_prior.pt")  # fmt: skip
+                        "config": to_dict(cfg)}, state_name)  # fmt: skip
 
     loop = run.steps(cfg.prior_steps, step, name="train phylo: stage 3 (prior)", log_every=cfg.log_every,
                      samples_per_step=cfg.prior_batch_size, save=save_resume, seed_key="prior", stage="prior",

@@ -203,9 +203,7 @@ def train_retrieval(cfg: RetrievalConfig, run_dir: Path, resume: bool = False, q
                                                    pct_start=cfg.pct_start, anneal_strategy="cos", cycle_momentum=False)  # fmt: skip
     state, step, best = run.load_state(), 0, {"score": -1.0, "step": None}
     if state is not None:
-        checkpoint.load_state_dict_checked(model, state["model"], str(run.run_dir / "last.pt"))
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
+        run.restore(state, model=model, optimizer=optimizer, schedule=schedule)
         step, best = state["step"], state["best"]
     sampler.start = step
     batches = iter(run.loader(train_set, batch_sampler=sampler))

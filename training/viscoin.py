@@ -269,9 +269,7 @@ def train_viscoin(cfg: VisCoINConfig, run_dir: Path, resume: bool = False, quiet
 
     state, step, best = run.load_state(), 0, {"score": float("inf"), "step": None}
     if state is not None:
-        checkpoint.load_state_dict_checked(net, state["model"], str(run.run_dir / "last.pt"))
-        opt_concepts.load_state_dict(state["opt_concepts"])
-        opt_decoder.load_state_dict(state["opt_decoder"])
+        run.restore(state, model=net, opt_concepts=opt_concepts, opt_decoder=opt_decoder)
         for schedule, s in zip(schedules, state["schedules"], strict=True):
             schedule.load_state_dict(s)
         step, best = state["step"], state["best"]

@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from core import checkpoint
 from core.atomic import write_text
 from core.config import require_per_process, require_positive, to_dict
 from core.device import autocast, loader_settings
@@ -228,12 +227,9 @@ class GanState:
             "config": to_dict(cfg), "augment": self.augment.state_dict() if self.augment is not None else None,
         }  # fmt: skip
 
-    def load(self, state: dict, source: str) -> None:
-        """Restore a resume state that `to_resume_state` made (read from `source`)."""
-        for key in ("G", "D", "G_ema"):
-            checkpoint.load_state_dict_checked(getattr(self, key), state[key], f"{source} [{key}]")
-        self.opt_G.load_state_dict(state["opt_G"])
-        self.opt_D.load_state_dict(state["opt_D"])
+    def load(self, state: dict) -> None:
+        """The counters, path-length mean and augmentation of a resume state that `to_resume_state` made (the
+        lifecycle's `restore` loads the networks and optimisers)."""
         self.pl_mean = state["pl_mean"].to(self.pl_mean.device)
         self.step, self.nimg, self.best = state["step"], state["nimg"], state["best"]
         if self.augment is not None and state.get("augment") is not None:
@@ -397,7 +393,8 @@ def train_gan(cfg: GanConfig, run_dir: Path, resume: bool = False, quiet: bool =
     s = new_state(cfg, device)
     state = run.load_state()
     if state is not None:
-        s.load(state, str(run.run_dir / "last.pt"))
+        run.restore(state, G=s.G, D=s.D, G_ema=s.G_ema, opt_G=s.opt_G, opt_D=s.opt_D)
+        s.load(state)
     run.broadcast(s.G, s.D, s.G_ema)
     sampler = ShuffledSteps(dataset, per_rank, run.rank, world, cfg.seed, start=s.step)
     batches = iter(run.loader(dataset, batch_sampler=sampler, collate_fn=collate_skipping))

@@ -4,7 +4,8 @@
 stop the run between two steps, see core.preemption), reads the launcher's distributed environment, picks the
 device and starts the process group (nccl on CUDA, gloo on CPU). Then, in a trainer's order:
 `prepare(build)` builds the data on rank 0 first (a world is generated once) and on the other ranks after it;
-`load_state()` reads the resume state when resuming; `ddp(module)` / `broadcast(...)` make one set of weights
+`load_state()` reads the resume state when resuming and `restore(state, ...)` loads modules, optimisers and
+schedules from it; `ddp(module)` / `broadcast(...)` make one set of weights
 for every rank (`all_reduce(tensor)` sums a count over them); `loader(...)` is a DataLoader with the device's
 settings; `begin()` saves config.yaml, marks the run `running` and opens its log (dropping what an interrupted
 run logged past the resume point, so a resumed log holds each event once); `loop(...)` runs the steps (training.lifecycle.loop); `save_state(...)` writes the
@@ -125,6 +126,16 @@ class TrainingRun:
         if not (self.resume and path.is_file()):
             return None
         return checkpoint.load_state(path, device=str(self.device))
+
+    def restore(self, state: dict, name: str | Path = RESUME_FILE, **parts: Any) -> None:
+        """Load each of `parts` (a module, an optimiser, a schedule: anything with `load_state_dict`; None is
+        skipped) from the key of its name in the resume state `state` that `load_state(name)` read. A module
+        whose weights do not fit is a one-line error naming the file and the key."""
+        for key, part in parts.items():
+            if isinstance(part, torch.nn.Module):
+                checkpoint.load_state_dict_checked(part, state[key], f"{self.run_dir / name} [{key}]")
+            elif part is not None:
+                part.load_state_dict(state[key])
 
     def save_state(self, state: dict, name: str | Path = RESUME_FILE) -> None:
         """Write the resume state atomically (call on rank 0): tensors and plain values only, after the running
