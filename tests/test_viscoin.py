@@ -17,7 +17,7 @@ from models.classifiers import Classifier
 from models.stylegan2 import Generator
 from models.viscoin import ConceptDecoder, ConceptExtractor, Explainer, default_concept_slots
 from testing.viscoin import metrics as vm
-from training import viscoin_losses as L
+from training import losses_viscoin as L
 
 TINY_G = dict(z_dim=32, c_dim=0, w_dim=32, img_resolution=32, img_channels=3, mapping_kwargs=dict(num_layers=2),
               synthesis_kwargs=dict(channel_base=512, channel_max=32))  # fmt: skip

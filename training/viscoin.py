@@ -39,7 +39,7 @@ from testing.viscoin.evaluate import (
     load_lpips,
     selection_score,
 )
-from training import viscoin_losses as losses
+from training import losses_viscoin as losses
 from training.lifecycle import DrawnSteps, TrainerConfig, TrainingRun
 
 
