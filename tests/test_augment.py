@@ -124,7 +124,7 @@ def test_ada_and_r1_train_together(tmp_path):
     resume = state.to_resume_state(cfg)
     again = new_state(cfg, torch.device("cpu"))
     torch.save(resume, tmp_path / "last.pt")
-    again.load(torch.load(tmp_path / "last.pt", weights_only=True), "last.pt")
+    again.load(torch.load(tmp_path / "last.pt", weights_only=True))
     assert (
         float(again.augment.p) == float(state.augment.p)
         and again.augment.sign_count == state.augment.sign_count
