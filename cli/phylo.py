@@ -265,7 +265,7 @@ def test_phylo_command(
     the free part's and the plain VQ's; the world's traits per code part; the round trip of real images; with
     --classifier, how often samples of a species or a node are recognised as such, and their diversity."""
     from core.errors import UserError
-    from testing.phylo_evaluate import run_phylo_test
+    from testing.phylo.evaluate import run_phylo_test
 
     check_classifier_checkpoint(str(classifier) if classifier else None, "--classifier")
     if seed < 0:

@@ -90,3 +90,20 @@ def test_the_architecture_document_names_every_package_on_disk():
             if shown not in text and path.name not in text:
                 missing.append(shown)
     assert not missing, "not in docs/ARCHITECTURE.md: " + ", ".join(missing)
+
+
+FAMILIES = ("classifier", "cvae", "gan", "phylo", "retrieval", "stylegan2", "vdna", "viscoin")
+
+
+def test_three_modules_of_one_family_make_a_subpackage():
+    """The layout rule: a folder holds at most two flat modules of one model family (`phylo.py`, `losses_phylo.py`);
+    a third makes the family a subpackage (`testing/phylo/`, `training/gan/`)."""
+    crowded = []
+    for package in PACKAGES:
+        for folder in [ROOT / package, *(p.parent for p in (ROOT / package).rglob("*/__init__.py"))]:
+            names = [p.stem for p in folder.glob("*.py") if not p.name.startswith("_")]
+            for family in FAMILIES:
+                members = sorted(n for n in names if family in n.split("_"))
+                if len(members) >= 3:
+                    crowded.append(f"{folder.relative_to(ROOT)}: {', '.join(members)}")
+    assert not crowded, "make these families subpackages: " + "; ".join(crowded)

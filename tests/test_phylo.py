@@ -22,7 +22,7 @@ from core.runlog import json_ready
 from datasets.phylogeny import Tree, build_levels, levels_from_record, parse_newick
 from datasets.world import load_taxonomy
 from models.phylo import CodePrior, PhyloAutoencoder, VectorQuantizer, load_phylo
-from testing.phylo import code_histograms, correlations, js_distances, write_report
+from testing.phylo.correlations import code_histograms, correlations, js_distances, write_report
 
 # Ultrametric, height 3: AB at 2, CD at 1.5; cut 0.6 (1.8) and 0.9 (2.7) both give the groups AB and CD.
 TREE = "((A:1,B:1)AB:2,(C:1.5,'D e':1.5)CD:1.5)root;"
@@ -68,7 +68,7 @@ def test_weights_of_the_one_stage_design_still_load(tmp_path):
     baseline/) loads as it was saved: the model for generate and test phylo, the twin as test phylo's baseline."""
     from models.phylo import save_phylo, save_plain
     from models.phylo.checkpoint import PLAIN_RUN_FILE, RUN_FILE
-    from testing.phylo_evaluate import load_baseline
+    from testing.phylo.evaluate import load_baseline
 
     ae, plain = tiny_autoencoder(), tiny_autoencoder(plain=True)
     prior = CodePrior(ae.quantizer.n_embed, ae.sequence_length, n_conditions=10, width=16, layers=1, heads=2)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from datasets.world import TRAIT_RANK, load_taxonomy, load_traits
-from testing.phylo_traits import group_oracle, nearest_centroid, trait_probe, write_trait_report
+from testing.phylo.traits import group_oracle, nearest_centroid, trait_probe, write_trait_report
 
 # 8 species: 2 orders x 2 families x 2 species; level 0 = order, 1 = family, 2 = species
 ASSIGNMENT = np.array([[0, 0, 0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 2, 2, 3, 3], list(range(8))])

@@ -13,7 +13,7 @@
 3. Stage 3, the prior (`prior_steps`): every code of the training images' sequences, each sequence
    conditioned on its group at a random level (species included); the prior kept is the one of lowest
    held-out NLL.
-Then the analysis of testing.phylo_evaluate on the test split: code-tree correlations, the world's trait
+Then the analysis of testing.phylo.evaluate on the test split: code-tree correlations, the world's trait
 probe, and with `classifier` the fidelity of samples. Each stage saves its own resume state (at evaluations,
 and between two steps when a preemption signal comes, see core.preemption), logs its own `stage`, and draws
 its randomness from (seed, stage, step, rank), so a resumed run reaches the same weights.
@@ -54,8 +54,8 @@ from models.phylo import (
     save_vqgan,
 )
 from models.phylo.checkpoint import RUN_FILE, VQGAN_RUN_FILE
-from testing import phylo_evaluate
 from testing.generation import TOP_K
+from testing.phylo import evaluate as phylo_evaluate
 from testing.sampling import save_grid
 from training.lifecycle import ShuffledSteps, TrainerConfig, TrainingRun
 from training.losses_phylo import (

@@ -1,8 +1,8 @@
 """What `train phylo` and `test phylo` report about a trained Phylo-NN on a split, in one pass over its images.
 
-- Codes follow the tree (testing.phylo): per level, the Spearman correlation of code distances with tree
+- Codes follow the tree (testing.phylo.correlations): per level, the Spearman correlation of code distances with tree
   distances for the phylo prefix, the free part and the plain VQ baseline (the stage-1 VQGAN's codes).
-- The world's ground truth (testing.phylo_traits): each code part's held-out trait predictions.
+- The world's ground truth (testing.phylo.traits): each code part's held-out trait predictions.
 - The round trip of real images through the codes: an independent classifier's accuracy on the images and on
   their reconstructions, and the model's own level heads on the images and on their re-encoded
   reconstructions (what the issue's 0.72 -> 0.40 measured).
@@ -28,7 +28,7 @@ from core.errors import UserError
 from core.runlog import json_ready
 from datasets.phylogeny import Levels
 from testing.generation import TOP_K, fidelity
-from testing.phylo import correlations, write_report
+from testing.phylo.correlations import correlations, write_report
 
 __all__ = ["code_usage", "evaluate_run", "evaluate_stage1", "load_judge", "run_phylo_test"]
 
@@ -238,7 +238,7 @@ def trait_summary(rows: list[dict]) -> dict:
 def world_traits(autoencoder, levels: Levels, train: tuple, test: tuple, world_root, out_dir: Path) -> dict:
     """The trait probe on a synthetic world: traits.csv/png in `out_dir`; the per-part summary."""
     from datasets.world import load_traits
-    from testing.phylo_traits import code_parts, trait_probe, write_trait_report
+    from testing.phylo.traits import code_parts, trait_probe, write_trait_report
 
     _, traits = load_traits(world_root)
     rows = trait_probe(
@@ -378,7 +378,7 @@ def run_phylo_test(checkpoint, run_dir, baseline=None, classifier=None, split: s
     train = None
     world_root = meta.root if spec.dataset == "world" else None
     if world_root is not None:  # the trait probe is fitted on the training images' codes
-        from testing.phylo import encode_dataset
+        from testing.phylo.correlations import encode_dataset
 
         codes, labels = encode_dataset(ae, loader(build_dataset(spec, "train", False, meta=meta, transform=transform)),
                                        dev)  # fmt: skip
