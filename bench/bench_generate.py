@@ -1,7 +1,7 @@
 """Benchmark the generation models: training steps/s at their presets' sizes and sampling images/s.
 
 Times the trainers' own step functions on random data of the preset's shape (data loading left out):
-`training.cvae.train_step` (tiny: world 32 px; digits: 64-value MLP), `training.phylo.vqgan_step`,
+`training.cvae.train_step` (tiny: world 32 px; digits: 64-value MLP), `training.phylo.stages.vqgan_step`,
 `disentangler_step` and `prior_step` (tiny), and sampling through `testing.generation` (CVAE decode; Phylo-NN prior draw + decode).
 bf16 autocast on CUDA unless `--no-amp`. On a CPU shared with other jobs, `OMP_NUM_THREADS=1` per process
 avoids OpenMP oversubscription (which slowed these small convolutions 5-10x in our runs).
@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> None:
     from testing.generation import cvae as gen_cvae
     from testing.generation import phylo as gen_phylo
     from training import cvae as tc
-    from training import phylo as tp
+    from training.phylo import stages as tp
+    from training.phylo.trainer import PhyloConfig
 
     device = resolve_device(args.device)
     amp = device.type == "cuda" and not args.no_amp
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
         sample = timed(lambda: gen_cvae.decode(model, z, c, (-1.0, 1.0), n), device, args.steps)  # noqa: B023
         rows.append((f"sample cvae ({preset}), batch {n}", n / sample, "images/s"))
 
-    cfg = tp.PhyloConfig.preset("tiny", {"device": str(device), "amp": amp})
+    cfg = PhyloConfig.preset("tiny", {"device": str(device), "amp": amp})
     newick = "(((A:1,B:1)g1:1,(C:1,D:1)g2:1)f1:1,((E:1,F:1)g3:1,(G:1,H:1)g4:1)f2:1)root;"
     levels = build_levels(
         Tree(parse_newick(newick)), list("ABCDEFGH"), [0.5, 0.8]

@@ -144,7 +144,7 @@ def train_phylo_command(
     on its frozen features (stage 2), the conditional code prior (stage 3); then the analysis (analysis/):
     code-tree correlations against the VQGAN's codes, the world's traits, and with --classifier the samples'
     fidelity."""
-    from training.phylo import PhyloConfig, train_phylo
+    from training.phylo.trainer import PhyloConfig, train_phylo
 
     settings = dict(
         tree=tree, cuts=parse_cuts(cuts), mirror=mirror, stage1=stage1, vqgan_only=vqgan_only,

@@ -65,7 +65,7 @@ def cvae(root: Path, steps: int = 300) -> Path:
 def phylo(root: Path, steps: int = 30) -> Path:
     """A few steps of every Phylo-NN stage (VQGAN with its discriminator from half-way, disentangler, prior) on
     the small world's bird crops: enough for shapes and plumbing."""
-    from training import phylo as tp
+    from training.phylo import trainer as tp
 
     def build(run: Path) -> Path:
         overrides = {**SMALL, "bbox_crop": True, "vqgan_steps": steps, "steps": steps, "prior_steps": steps,

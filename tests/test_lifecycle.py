@@ -18,7 +18,7 @@ from training.classifier import ClassifierConfig
 from training.cvae import CVAEConfig
 from training.gan.trainer import GanConfig
 from training.lifecycle import LossWindow
-from training.phylo import PhyloConfig
+from training.phylo.trainer import PhyloConfig
 from training.retrieval import RetrievalConfig
 from training.viscoin import VisCoINConfig
 
@@ -98,12 +98,13 @@ def test_a_killed_run_resumed_logs_each_event_once(trainer, small_world, tmp_pat
     """Lines written after the last checkpoint by a run that died are dropped on resume: the log equals the
     uninterrupted run's (times and rates aside)."""
     import training.cvae as tc
-    import training.phylo as tp
+    import training.phylo.stages as tp_stages
+    import training.phylo.trainer as tp
     from core.rundir import prepare_run_dir
 
-    module, cls, step_name = {
-        "cvae": (tc, CVAEConfig, "train_step"),
-        "phylo": (tp, PhyloConfig, "disentangler_step"),  # killed in stage 2
+    module, cls, steps, step_name = {  # steps: the module whose step function the run calls
+        "cvae": (tc, CVAEConfig, tc, "train_step"),
+        "phylo": (tp, PhyloConfig, tp_stages, "disentangler_step"),  # killed in stage 2
     }[trainer]
     values = dict(world="small", device="cpu", amp=False, steps=12, eval_every=6, log_every=2, batch_size=8)
     if trainer == "phylo":
@@ -127,7 +128,7 @@ def test_a_killed_run_resumed_logs_each_event_once(trainer, small_world, tmp_pat
     whole = prepare_run_dir(tmp_path / "whole", f"train {trainer}")
     train(cfg, whole, quiet=True)
 
-    real_step, calls = getattr(module, step_name), {"n": 0}
+    real_step, calls = getattr(steps, step_name), {"n": 0}
 
     def dies_at_step_10(*args, **kwargs):
         calls["n"] += 1
@@ -136,10 +137,10 @@ def test_a_killed_run_resumed_logs_each_event_once(trainer, small_world, tmp_pat
         return real_step(*args, **kwargs)
 
     killed = prepare_run_dir(tmp_path / "killed", f"train {trainer}")
-    monkeypatch.setattr(module, step_name, dies_at_step_10)
+    monkeypatch.setattr(steps, step_name, dies_at_step_10)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, killed, quiet=True)
-    monkeypatch.setattr(module, step_name, real_step)
+    monkeypatch.setattr(steps, step_name, real_step)
     assert any(e["step"] == 8 for e in events(killed)), "the dead run logged past its checkpoint"
     train(cfg, killed, resume=True, quiet=True)
     assert events(killed) == events(whole)
@@ -190,7 +191,7 @@ def trainer_configs():
     from training.classifier import ClassifierConfig
     from training.cvae import CVAEConfig
     from training.gan.trainer import GanConfig
-    from training.phylo import PhyloConfig
+    from training.phylo.trainer import PhyloConfig
     from training.retrieval import RetrievalConfig
     from training.viscoin import VisCoINConfig
 

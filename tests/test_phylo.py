@@ -215,7 +215,7 @@ def test_species_samples_are_recognised_by_an_independent_classifier(small_world
     from helpers_generate import SMALL, classifier, single_threaded
 
     from core.rundir import prepare_run_dir
-    from training import phylo as tp
+    from training.phylo import trainer as tp
 
     root = tmp_path_factory.getbasetemp()
     judge = classifier(root)
@@ -244,7 +244,7 @@ def test_print_correlations_says_n_a_for_a_missing_value(capsys):
 
 def test_a_taxonomy_table_stands_for_the_tree(small_world, tmp_path):
     """`--tree taxonomy.csv`: one level per rank (no cuts needed), the same groups as the world's Newick tree."""
-    from training import phylo as tp
+    from training.phylo import trainer as tp
 
     rows = load_taxonomy(small_world)
     table = tmp_path / "taxonomy.csv"
@@ -272,7 +272,7 @@ def test_each_stage_resumes_to_the_uninterrupted_weights(small_world, tmp_path, 
     log lines appear once."""
     from core.preemption import Watch
     from core.rundir import prepare_run_dir
-    from training import phylo as tp
+    from training.phylo import trainer as tp
 
     overrides = {"dataset": "world", "world": "small", "bbox_crop": True, "device": "cpu", "amp": False,
                  "vqgan_steps": 4, "steps": 4, "prior_steps": 4, "batch_size": 8, "vqgan_batch_size": 8,

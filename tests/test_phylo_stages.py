@@ -27,7 +27,7 @@ from models.phylo import (
     save_phylo,
     save_vqgan,
 )
-from training.losses_phylo import (
+from training.phylo.losses import (
     adaptive_weight,
     adversary_loss,
     confusion_loss,

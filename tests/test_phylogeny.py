@@ -226,7 +226,7 @@ def test_zero_lengths_cut_by_topology_and_star_trees_refused():
 def test_world_tree_levels_are_its_taxonomy(small_world):
     """The world's tree.nwk, cut at the tiny preset's depths, gives orders, families, genera, species, and
     the group distances are the DNA rates of the ranks between them."""
-    from training.phylo import PhyloConfig, level_cuts
+    from training.phylo.trainer import PhyloConfig, level_cuts
 
     taxonomy = load_taxonomy(small_world)
     names = [row["species"] for row in taxonomy]

@@ -7,7 +7,7 @@ code vectors: `levels x codes_per_level` phylo codes, level-ordered (level 0, th
 SiLU, `conv_out` (1x1) -> h' ~ h, which the frozen VQGAN snaps onto its own codebook and decodes. Heads: the
 level-l head reads the quantised codes of levels 0..l and predicts the species' group at level l (the last
 level is the species); the adversary reads the free codes and predicts the species, and the disentangler is
-trained to leave it uncertain (training/losses_phylo.py), so the free part carries what the tree does not.
+trained to leave it uncertain (training/phylo/losses.py), so the free part carries what the tree does not.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 x -> encoder (residual blocks with group norm, halving per level, attention at the bottom) -> features
 h [z_channels, S, S] -> 1x1 `quant_conv` -> one codebook (n_embed x embed_dim) -> 1x1 `post_quant_conv` ->
 decoder (mirror, nearest-neighbour doubling) -> image. Trained alone with L1 + LPIPS + a patch discriminator
-(training/losses_phylo.py); with `codebook_decay` its entries follow moving averages instead of gradients
+(training/phylo/losses.py); with `codebook_decay` its entries follow moving averages instead of gradients
 (models.phylo.quantizer). Then frozen: stage 2 reads `encode_features(x)` and hands its own reconstruction
 of those features back through `decode_features`, which snaps them onto this codebook before decoding.
 """
