@@ -46,29 +46,31 @@ def read_yaml(path: str | os.PathLike, default: Any = None) -> Any:
     return default if data is None else data
 
 
-def load_presets(path: str | os.PathLike) -> dict[str, dict]:
-    """The presets of a file, by name (without its `defaults`)."""
+def load_presets(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str]]:
+    """(the presets of a file by name, its `defaults`: dataset -> preset name), from one read."""
     presets = read_yaml(path, {})
     if not isinstance(presets, dict):
         raise UserError(f"{path} is not a mapping of preset names to settings")
-    return {k: v for k, v in presets.items() if k != DEFAULTS}
-
-
-def default_preset(path: str | os.PathLike, dataset: str) -> str:
-    """The preset that the file's `defaults` names for `dataset`."""
-    defaults = read_yaml(path, {}).get(DEFAULTS) or {}
-    if dataset not in defaults:
-        raise UserError(
-            f"{Path(path).name} names no preset for --dataset {dataset}: choose one with --preset"
-        )
-    return defaults[dataset]
+    defaults = presets.pop(DEFAULTS, None) or {}
+    return presets, defaults
 
 
 def from_preset(
-    cls: type[T], path: str | os.PathLike, name: str, overrides: dict[str, Any] | None = None
+    cls: type[T],
+    path: str | os.PathLike,
+    name: str | None,
+    overrides: dict[str, Any] | None = None,
+    dataset: str = "world",
 ) -> T:
-    """Build `cls` from preset `name` of the YAML file at `path`, then apply non-None `overrides`."""
-    presets = load_presets(path)
+    """Build `cls` from preset `name` of the YAML file at `path` (None: the preset its `defaults` names for
+    `dataset`), then apply non-None `overrides`."""
+    presets, defaults = load_presets(path)
+    if name is None:
+        if dataset not in defaults:
+            raise UserError(
+                f"{Path(path).name} names no preset for --dataset {dataset}: choose one with --preset"
+            )
+        name = defaults[dataset]
     if name not in presets:
         raise UserError(f"unknown preset {name!r} in {Path(path).name}; choices: {', '.join(presets)}")
     values = nest(cls, dict(presets[name] or {}))

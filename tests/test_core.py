@@ -12,7 +12,7 @@ import torch
 
 from core import checkpoint
 from core.atomic import atomic_path, write_text
-from core.config import default_preset, from_preset, require_positive
+from core.config import from_preset, require_positive
 from core.distributed import dist_env
 from core.errors import UserError
 from core.progress import Progress
@@ -202,9 +202,9 @@ def test_presets_and_overrides(tmp_path):
     assert (cfg.lr, cfg.epochs, cfg.name) == (0.5, 7, "x")
     with pytest.raises(UserError, match="choices: small, broken$"):  # `defaults` is not a preset
         from_preset(Cfg, path, "large")
-    assert default_preset(path, "world") == "small"
+    assert from_preset(Cfg, path, None, {"epochs": 7}, dataset="world") == Cfg(0.5, 7, "x")  # its default
     with pytest.raises(UserError, match="p.yaml names no preset for --dataset cub: choose one with --preset"):
-        default_preset(path, "cub")
+        from_preset(Cfg, path, None, dataset="cub")
     with pytest.raises(UserError, match="unknown setting"):
         from_preset(Cfg, path, "broken")
     with pytest.raises(UserError, match="--epochs must be positive"):

@@ -242,11 +242,12 @@ def test_every_trainer_config_shares_the_lifecycle_checks(cls):
 
 @pytest.mark.parametrize("cls", trainer_configs(), ids=lambda c: c.__name__)
 def test_every_preset_builds_and_each_dataset_has_its_default(cls):
-    from core.config import DEFAULTS, load_presets, read_yaml
+    from core.config import load_presets
 
-    for name in load_presets(cls.presets_file()):
+    presets, defaults = load_presets(cls.presets_file())
+    for name in presets:
         cls.preset(name).validate()
-    for dataset, name in (read_yaml(cls.presets_file()).get(DEFAULTS) or {}).items():
+    for dataset, name in defaults.items():
         assert cls.preset(None, {"dataset": dataset}) == cls.preset(name, {"dataset": dataset})
     if cls.__name__ == "GanConfig":  # the defaults differ by trainer: the GAN trains the world at 64 px
         assert (

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from core.config import MAX_LR, default_preset, from_preset, require_positive, require_range, validate_blocks
+from core.config import MAX_LR, from_preset, require_positive, require_range, validate_blocks
 from core.device import HardwareConfig
 
 PRESET_DIR = Path(__file__).parents[1] / "presets"
@@ -39,9 +39,8 @@ class TrainerConfig:
     def preset(cls, name: str | None = None, overrides: dict[str, Any] | None = None):
         """The config of preset `name` (None: the one its file names for the dataset of `overrides`, by
         default the world), then the `overrides` that are not None."""
-        path = cls.presets_file()
-        name = name or default_preset(path, (overrides or {}).get("dataset") or "world")
-        return from_preset(cls, path, name, overrides)
+        dataset = (overrides or {}).get("dataset") or "world"
+        return from_preset(cls, cls.presets_file(), name, overrides, dataset)
 
     def validate(self) -> None:
         validate_blocks(self)
