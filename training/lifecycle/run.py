@@ -2,15 +2,16 @@
 
 `TrainingRun(cfg, run_dir, resume, quiet)` validates the config, installs the preemption watch (SIGUSR1/SIGTERM
 stop the run between two steps, see core.preemption), reads the launcher's distributed environment, picks the
-device and starts the process group (nccl on CUDA, gloo on CPU). Then, in a trainer's order:
-`prepare(build)` builds the data on rank 0 first (a world is generated once) and on the other ranks after it;
-`load_state()` reads the resume state when resuming and `restore(state, ...)` loads modules, optimisers and
-schedules from it; `ddp(module)` / `broadcast(...)` make one set of weights
-for every rank (`all_reduce(tensor)` sums a count over them); `loader(...)` is a DataLoader with the device's
-settings; `begin()` saves config.yaml, marks the run `running` and opens its log (dropping what an interrupted
-run logged past the resume point, so a resumed log holds each event once); `loop(...)` runs the steps (training.lifecycle.loop); `save_state(...)` writes the
-resume state atomically on rank 0, only once the loss window is known to be finite; `finish(summary)` writes
-summary.json and marks the run `finished` (`failed` is marked by main.py, `preempted` by core.preemption).
+device and starts the process group (nccl on CUDA, gloo on CPU). Then, in a trainer's order: `prepare(build)`
+builds the data on rank 0 first (a world is generated once) and on the other ranks after it; `load_state()`
+reads the resume state when resuming and `restore(state, ...)` loads modules, optimisers and schedules from it;
+`ddp(module)` / `broadcast(...)` make one set of weights for every rank (`all_reduce(tensor)` sums a count over
+them); `loader(...)` is a DataLoader with the device's settings; `begin()` saves config.yaml, marks the run
+`running` and opens its log (dropping what an interrupted run logged past the resume point, so a resumed log
+holds each event once); `steps(...)` and `epoch(...)` run the steps (training.lifecycle.loop); `save_state(...)`
+writes the resume state atomically on rank 0, only once the loss window is known to be finite; `finish(summary)`
+writes summary.json and marks the run `finished` (`failed` is marked by main.py, `preempted` by
+core.preemption).
 """
 
 from __future__ import annotations
