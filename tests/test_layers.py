@@ -96,8 +96,8 @@ FAMILIES = ("classifier", "cvae", "gan", "phylo", "retrieval", "stylegan2", "vdn
 
 
 def test_three_modules_of_one_family_make_a_subpackage():
-    """The layout rule: a folder holds at most two flat modules of one model family (`viscoin.py`, `losses_viscoin.py`);
-    a third makes the family a subpackage (`testing/phylo/`, `training/gan/`)."""
+    """The layout rule: a folder holds at most two flat modules of one model family (`viscoin.py`,
+    `losses_viscoin.py`); a third makes the family a subpackage (`testing/phylo/`, `training/gan/`)."""
     crowded = []
     for package in PACKAGES:
         for folder in [ROOT / package, *(p.parent for p in (ROOT / package).rglob("*/__init__.py"))]:

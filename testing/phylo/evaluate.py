@@ -1,7 +1,7 @@
 """What `train phylo` and `test phylo` report about a trained Phylo-NN on a split, in one pass over its images.
 
-- Codes follow the tree (testing.phylo.correlations): per level, the Spearman correlation of code distances with tree
-  distances for the phylo prefix, the free part and the plain VQ baseline (the stage-1 VQGAN's codes).
+- Codes follow the tree (testing.phylo.correlations): per level, the Spearman correlation of code distances
+  with tree distances for the phylo prefix, the free part and the plain VQ baseline (the stage-1 VQGAN's codes).
 - The world's ground truth (testing.phylo.traits): each code part's held-out trait predictions.
 - The round trip of real images through the codes: an independent classifier's accuracy on the images and on
   their reconstructions, and the model's own level heads on the images and on their re-encoded
