@@ -44,16 +44,29 @@ def build_tiny_viscoin(root: Path, iterations: int = 6) -> TinyViscoin:
     from training import viscoin as vc_training
 
     clf_dir = prepare_run_dir(root / "clf", "train classifier")
-    clf_cfg = clf_training.ClassifierConfig.preset("tiny",
-                                                   dict(dataset="world", world="small", image_size=32, epochs=1, batch_size=16,
-                                                        device="cpu", amp=False))  # fmt: skip
+    clf_cfg = clf_training.ClassifierConfig.preset(
+        "tiny",
+        dict(dataset="world", world="small", image_size=32, epochs=1, batch_size=16, device="cpu", amp=False),
+    )
     clf_training.train_classifier(clf_cfg, clf_dir, quiet=True)
     generator = tiny_generator(root / "gan.safetensors")
     run_dir = prepare_run_dir(root / "viscoin", "train viscoin")
-    cfg = vc_training.VisCoINConfig.preset("tiny",
-                                           dict(dataset="world", world="small", classifier=str(clf_dir), generator=str(generator),
-                                                iterations=iterations, eval_every=iterations, checkpoint_every=iterations,
-                                                warmup=iterations // 2, eval_images=16, device="cpu", amp=False))  # fmt: skip
+    cfg = vc_training.VisCoINConfig.preset(
+        "tiny",
+        dict(
+            dataset="world",
+            world="small",
+            classifier=str(clf_dir),
+            generator=str(generator),
+            iterations=iterations,
+            eval_every=iterations,
+            checkpoint_every=iterations,
+            warmup=iterations // 2,
+            eval_images=16,
+            device="cpu",
+            amp=False,
+        ),
+    )
     vc_training.train_viscoin(cfg, run_dir, quiet=True)
     bundle = save_bundle(load_viscoin(run_dir), root / "viscoin.pt")
     return TinyViscoin(run_dir, bundle, clf_dir, generator)

@@ -43,10 +43,12 @@ def test_budget_follows_the_device(monkeypatch):
     assert demo.demo_budget("cpu") is demo.BUDGETS["cpu"]
     budget = demo.BUDGETS["cuda"]
     assert budget.image_size == 64 and budget.gan_kimg > 5 * demo.BUDGETS["cpu"].gan_kimg
-    gan_cfg = gan.GanConfig.preset(budget.gan_preset,
-                                   {**budget.gan_overrides, "image_size": budget.image_size, "kimg": budget.gan_kimg})  # fmt: skip
+    gan_cfg = gan.GanConfig.preset(
+        budget.gan_preset, {**budget.gan_overrides, "image_size": budget.image_size, "kimg": budget.gan_kimg}
+    )
     gan_cfg.validate()
     assert gan_cfg.channel_max > gan.GanConfig.preset("tiny", {}).channel_max
-    vc_cfg = viscoin.VisCoINConfig.preset("tiny",
-                                          {**budget.viscoin_overrides, "iterations": budget.viscoin_iterations})  # fmt: skip
+    vc_cfg = viscoin.VisCoINConfig.preset(
+        "tiny", {**budget.viscoin_overrides, "iterations": budget.viscoin_iterations}
+    )
     vc_cfg.validate()

@@ -219,10 +219,24 @@ def test_species_samples_are_recognised_by_an_independent_classifier(small_world
 
     root = tmp_path_factory.getbasetemp()
     judge = classifier(root)
-    cfg = tp.PhyloConfig.preset("tiny", {**SMALL, "bbox_crop": True, "vqgan_steps": 200,
-                                "steps": 400, "prior_steps": 200, "batch_size": 16, "vqgan_batch_size": 16,
-                                "prior_batch_size": 16, "eval_every": 400, "log_every": 50, "prior_eval_every": 200,
-                                "classifier": str(judge), "fidelity_samples": 4})  # fmt: skip
+    cfg = tp.PhyloConfig.preset(
+        "tiny",
+        {
+            **SMALL,
+            "bbox_crop": True,
+            "vqgan_steps": 200,
+            "steps": 400,
+            "prior_steps": 200,
+            "batch_size": 16,
+            "vqgan_batch_size": 16,
+            "prior_batch_size": 16,
+            "eval_every": 400,
+            "log_every": 50,
+            "prior_eval_every": 200,
+            "classifier": str(judge),
+            "fidelity_samples": 4,
+        },
+    )
     with single_threaded():
         summary = tp.train_phylo(cfg, prepare_run_dir(root / "phylo-fidelity", "train phylo"), quiet=True)
     species = {row["level"]: row for row in summary["fidelity"]["species"]["recognition"]}

@@ -212,9 +212,22 @@ def test_frozen_parts_receive_no_gradient_and_do_not_change(trained, parts, tmp_
     monkeypatch.setattr(tv, "load_classifier", capture("f", tv.load_classifier))
     monkeypatch.setattr(tv, "load_generator", capture("G", tv.load_generator))
     monkeypatch.setattr(tv, "VisCoINNet", Net)
-    cfg = tv.VisCoINConfig.preset("tiny", dict(world="small", classifier=str(parts / "clf"),
-                                  generator=str(parts / "gan.safetensors"), iterations=2, warmup=0, eval_every=2,
-                                  checkpoint_every=2, eval_images=8, device="cpu", amp=False, num_workers=0))  # fmt: skip
+    cfg = tv.VisCoINConfig.preset(
+        "tiny",
+        dict(
+            world="small",
+            classifier=str(parts / "clf"),
+            generator=str(parts / "gan.safetensors"),
+            iterations=2,
+            warmup=0,
+            eval_every=2,
+            checkpoint_every=2,
+            eval_images=8,
+            device="cpu",
+            amp=False,
+            num_workers=0,
+        ),
+    )
     tv.train_viscoin(cfg, prepare_run_dir(tmp_path / "run", "t"), quiet=True)
     f, f_before = seen["f"]
     assert any("running_mean" in k for k in f_before) and any("num_batches_tracked" in k for k in f_before)

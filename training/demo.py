@@ -104,17 +104,32 @@ def run_demo(
 
     say(2, f"StyleGAN2 -> {out / 'gan'}")
     gan_kimg = gan_kimg if gan_kimg is not None else budget.gan_kimg
-    gan_cfg = tg.GanConfig.preset(budget.gan_preset,
-                                  {**common, **budget.gan_overrides, "image_size": image_size, "kimg": gan_kimg,
-                                   "metric_classifier": str(clf_dir / "best.safetensors")})  # fmt: skip
+    gan_cfg = tg.GanConfig.preset(
+        budget.gan_preset,
+        {
+            **common,
+            **budget.gan_overrides,
+            "image_size": image_size,
+            "kimg": gan_kimg,
+            "metric_classifier": str(clf_dir / "best.safetensors"),
+        },
+    )
     gan_dir = prepare_run_dir(out / "gan", "train gan")
     tg.train_gan(gan_cfg, gan_dir, quiet=quiet)
 
     say(3, f"VisCoIN -> {out / 'viscoin'}")
-    vc_cfg = tv.VisCoINConfig.preset("tiny",
-                                     {**common, **budget.viscoin_overrides, "classifier": str(clf_dir), "generator": str(gan_dir),
-                                      "iterations": viscoin_iterations or budget.viscoin_iterations,
-                                      "lpips_weights": lpips, "beta": 1.0 if lpips != "none" else 0.0})  # fmt: skip
+    vc_cfg = tv.VisCoINConfig.preset(
+        "tiny",
+        {
+            **common,
+            **budget.viscoin_overrides,
+            "classifier": str(clf_dir),
+            "generator": str(gan_dir),
+            "iterations": viscoin_iterations or budget.viscoin_iterations,
+            "lpips_weights": lpips,
+            "beta": 1.0 if lpips != "none" else 0.0,
+        },
+    )
     vc_dir = prepare_run_dir(out / "viscoin", "train viscoin")
     tv.train_viscoin(vc_cfg, vc_dir, quiet=quiet)
 
